@@ -1,0 +1,1 @@
+"""Frozen-backbone embeddings and classical features, cached per settings and image set."""

@@ -1,0 +1,204 @@
+"""Reading and validating a HAM10000 folder and external label CSVs.
+
+A HAM10000 folder holds ``HAM10000_metadata.csv`` and the images ``<image_id>.jpg`` anywhere
+below it (flat, or the official ``HAM10000_images_part_1/`` and ``_part_2/`` folders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from lesionlab.errors import LesionLabError
+
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+CLASS_NAMES: dict[str, str] = {
+    "akiec": "Actinic keratosis / Bowen's disease (intraepithelial carcinoma)",
+    "bcc": "Basal cell carcinoma",
+    "bkl": "Benign keratosis (solar lentigo / seborrheic keratosis / LPLK)",
+    "df": "Dermatofibroma",
+    "mel": "Melanoma",
+    "nv": "Melanocytic nevus",
+    "vasc": "Vascular lesion",
+}
+CLASS_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
+METADATA_FILE = "HAM10000_metadata.csv"
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEFAULT_DATA_DIR = "./data/ham10000"
+ISIC2018_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+
+
+def default_data_dir() -> Path:
+    """The ``--data`` default: env ``LESIONLAB_DATA``, else ``./data/ham10000``."""
+    return Path(os.environ.get("LESIONLAB_DATA", DEFAULT_DATA_DIR))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A validated image set: one row per image with its label, lesion and absolute path."""
+
+    root: Path
+    frame: pd.DataFrame  # columns: image_id, lesion_id, dx, label, path, (+ metadata columns)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer class labels in ``CLASSES`` order."""
+        return self.frame["label"].to_numpy()
+
+    def fingerprint(self) -> str:
+        """Short hash of image ids, labels and file sizes: changes whenever the image set does."""
+        return frame_fingerprint(self.frame)
+
+
+def frame_fingerprint(frame: pd.DataFrame) -> str:
+    """Hash (image_id, dx, file size) rows; cheap enough for 10k images, sensitive to edits."""
+    h = hashlib.sha256()
+    for image_id, dx, path in zip(frame["image_id"], frame["dx"], frame["path"]):
+        h.update(f"{image_id}|{dx}|{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def index_images(root: Path) -> dict[str, Path]:
+    """Map image stem -> path for every image file below ``root`` (first one wins)."""
+    found: dict[str, Path] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTENSIONS and stem not in found:
+                found[stem] = Path(dirpath) / name
+    return found
+
+
+def read_metadata(csv_path: Path) -> pd.DataFrame:
+    """Read and check a HAM10000 metadata CSV: required columns, known classes, unique ids."""
+    if not csv_path.is_file():
+        raise LesionLabError(f"metadata CSV not found: {csv_path}")
+    try:
+        meta = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise LesionLabError(f"cannot parse metadata CSV {csv_path}: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
+    if missing:
+        raise LesionLabError(
+            f"metadata CSV {csv_path} lacks column(s) {missing}; found {list(meta.columns)}")
+    if meta.empty:
+        raise LesionLabError(f"metadata CSV {csv_path} has no rows")
+    _check_classes(meta["dx"], csv_path)
+    dup = meta["image_id"][meta["image_id"].duplicated()]
+    if len(dup):
+        raise LesionLabError(
+            f"metadata CSV {csv_path} lists {len(dup)} image_id(s) twice, e.g. {list(dup[:3])}")
+    return meta
+
+
+def _check_classes(dx: pd.Series, source: Path) -> None:
+    unknown = sorted(set(dx.astype(str)) - set(CLASSES))
+    if unknown:
+        raise LesionLabError(
+            f"{source}: unknown class(es) {unknown} in dx; expected one of {list(CLASSES)}")
+
+
+def _attach_paths(meta: pd.DataFrame, root: Path, source: Path) -> pd.DataFrame:
+    images = index_images(root)
+    if not images:
+        raise LesionLabError(f"no images (*.jpg, *.png) found below {root}")
+    paths = meta["image_id"].astype(str).map(images)
+    missing = meta["image_id"][paths.isna()].tolist()
+    if missing:
+        raise LesionLabError(
+            f"{len(missing)} image(s) listed in {source} are missing below {root}, "
+            f"e.g. {missing[:5]}")
+    out = meta.copy()
+    out["image_id"] = out["image_id"].astype(str)
+    out["path"] = paths.astype(str)
+    out["label"] = out["dx"].map(CLASS_INDEX).astype(int)
+    return out
+
+
+def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
+    """Load and validate a HAM10000 folder; ``verify_images`` also decodes every image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LesionLabError(
+            f"data folder not found: {root} (download it with "
+            f"`python -m featurize.download --dest {root}` or pass --data DIR)")
+    csv_path = root / METADATA_FILE
+    meta = read_metadata(csv_path)
+    frame = _attach_paths(meta, root, csv_path)
+    if verify_images:
+        for path in frame["path"]:
+            load_rgb(path)
+    return Dataset(root=root, frame=frame.reset_index(drop=True))
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """Open any image (RGBA, grayscale, palette, any size) as an RGB PIL image, file closed."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise LesionLabError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
+
+
+def load_external_labels(root: Path | str, csv_path: Path | str | None = None) -> Dataset:
+    """Load an external test folder whose labels come in HAM10000 or ISIC 2018 Task 3 format.
+
+    HAM10000 format: columns image_id, dx (lesion_id, age, sex, localization optional).
+    ISIC 2018 format: column ``image`` plus one-hot MEL, NV, BCC, AKIEC, BKL, DF, VASC.
+    """
+    root = Path(root)
+    if csv_path is None:
+        csvs = sorted(root.glob("*.csv"))
+        if len(csvs) != 1:
+            raise LesionLabError(
+                f"external test folder {root} must hold exactly one label CSV; found "
+                f"{[c.name for c in csvs]}")
+        csv_path = csvs[0]
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise LesionLabError(f"label CSV not found: {csv_path}")
+    try:
+        raw = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise LesionLabError(f"cannot parse label CSV {csv_path}: {exc}") from None
+    if {"image_id", "dx"} <= set(raw.columns):
+        meta = raw.copy()
+    elif {"image", *ISIC2018_COLUMNS} <= set(raw.columns):
+        onehot = raw[list(ISIC2018_COLUMNS)].to_numpy(dtype=float)
+        if not np.all(np.isclose(onehot.sum(axis=1), 1.0)):
+            bad = raw["image"][~np.isclose(onehot.sum(axis=1), 1.0)].tolist()
+            raise LesionLabError(
+                f"{csv_path}: ISIC 2018 rows must be one-hot; not so for {bad[:5]}")
+        meta = pd.DataFrame({
+            "image_id": raw["image"].astype(str),
+            "dx": [ISIC2018_COLUMNS[i].lower() for i in onehot.argmax(axis=1)],
+        })
+    else:
+        raise LesionLabError(
+            f"label CSV {csv_path} is in neither known format: need columns image_id + dx "
+            f"(HAM10000) or image + {list(ISIC2018_COLUMNS)} (ISIC 2018 Task 3); "
+            f"found {list(raw.columns)}")
+    meta["dx"] = meta["dx"].astype(str).str.lower()
+    _check_classes(meta["dx"], csv_path)
+    if "lesion_id" not in meta.columns:
+        meta["lesion_id"] = meta["image_id"]  # unknown grouping: treat each image as a lesion
+    meta["lesion_id"] = meta["lesion_id"].fillna(meta["image_id"])
+    for col in ("age", "sex", "localization"):
+        if col not in meta.columns:
+            meta[col] = np.nan
+    frame = _attach_paths(meta, root, csv_path)
+    return Dataset(root=root, frame=frame.reset_index(drop=True))

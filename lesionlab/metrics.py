@@ -1,0 +1,152 @@
+"""Classification metrics for the 7 HAM10000 classes, with lesion-level bootstrap CIs.
+
+Headline: balanced multiclass accuracy (mean per-class recall; ISIC 2018 Task 3 metric).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support, roc_auc_score)
+
+from lesionlab.data import CLASS_INDEX, CLASSES
+
+N_CLASSES = len(CLASSES)
+MEL = CLASS_INDEX["mel"]
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``y_true``."""
+    return float(balanced_accuracy_score(y_true, y_pred))
+
+
+def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over classes present in ``y_true`` (NaN if fewer than two)."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    aucs = [roc_auc_score(y_true == c, proba[:, c]) for c in present]
+    return float(np.mean(aucs))
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: bin by confidence, weight |accuracy - confidence| by bin size."""
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(ece)
+
+
+def reliability_curve(y_true: np.ndarray, proba: np.ndarray,
+                      n_bins: int = 15) -> dict[str, list[float]]:
+    """Per-bin mean confidence, accuracy and count, for reliability diagrams."""
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            out["confidence"].append(float(conf[mask].mean()))
+            out["accuracy"].append(float(correct[mask].mean()))
+            out["count"].append(int(mask.sum()))
+    return out
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro F1 over the classes present in ``y_true``."""
+    return float(f1_score(y_true, y_pred, labels=list(np.unique(y_true)), average="macro",
+                          zero_division=0))
+
+
+def mel_sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    """Melanoma-vs-rest sensitivity and specificity of the argmax decision."""
+    mel_true = y_true == MEL
+    mel_pred = y_pred == MEL
+    sens = float((mel_pred & mel_true).sum() / mel_true.sum()) if mel_true.any() else float("nan")
+    spec = (float((~mel_pred & ~mel_true).sum() / (~mel_true).sum())
+            if (~mel_true).any() else float("nan"))
+    return sens, spec
+
+
+def point_metrics(y_true: np.ndarray, proba: np.ndarray,
+                  y_pred: np.ndarray | None = None) -> dict[str, float]:
+    """Scalar metrics of one prediction set (no CIs)."""
+    y_true = np.asarray(y_true)
+    if y_pred is None:
+        y_pred = proba.argmax(axis=1)
+    sens, spec = mel_sensitivity_specificity(y_true, y_pred)
+    return {
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred),
+        "macro_auc": macro_auc(y_true, proba),
+        "mel_sensitivity": sens,
+        "mel_specificity": spec,
+        "ece": expected_calibration_error(y_true, proba),
+        "accuracy": float((y_true == y_pred).mean()),
+    }
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
+                 metric: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile CI of ``metric(y_true, proba)`` resampling whole lesions with replacement."""
+    rng = np.random.default_rng(seed)
+    _, group_idx = np.unique(groups, return_inverse=True)
+    order = np.argsort(group_idx, kind="stable")
+    starts = np.searchsorted(group_idx[order], np.arange(group_idx.max() + 1))
+    ends = np.append(starts[1:], len(order))
+    members = [order[s:e] for s, e in zip(starts, ends)]
+    n_groups = len(members)
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, n_groups, n_groups)
+        idx = np.concatenate([members[g] for g in pick])
+        if len(np.unique(y_true[idx])) < 2:
+            continue
+        values.append(metric(y_true[idx], proba[idx]))
+    values_arr = np.asarray([v for v in values if not np.isnan(v)])
+    if len(values_arr) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values_arr, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+_CI_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "balanced_accuracy": lambda y, p: balanced_accuracy(y, p.argmax(axis=1)),
+    "macro_f1": lambda y, p: macro_f1(y, p.argmax(axis=1)),
+    "macro_auc": macro_auc,
+    "mel_sensitivity": lambda y, p: mel_sensitivity_specificity(y, p.argmax(axis=1))[0],
+}
+
+
+def evaluate(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = None,
+             n_boot: int = 1000, seed: int = 0) -> dict:
+    """Full evaluation: scalar metrics, per-class table, confusion matrix, bootstrap 95% CIs."""
+    y_true = np.asarray(y_true)
+    proba = np.asarray(proba, dtype=float)
+    y_pred = proba.argmax(axis=1)
+    result: dict = point_metrics(y_true, proba, y_pred)
+    labels = list(range(N_CLASSES))
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    result["per_class"] = {
+        c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+            "support": int(support[i])}
+        for i, c in enumerate(CLASSES)}
+    result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    result["n"] = int(len(y_true))
+    if groups is not None and n_boot > 0:
+        result["ci95"] = {name: list(bootstrap_ci(y_true, proba, np.asarray(groups), fn,
+                                                  n_boot=n_boot, seed=seed))
+                          for name, fn in _CI_METRICS.items()}
+    return result

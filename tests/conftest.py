@@ -1,0 +1,42 @@
+"""Shared fixtures: the small committed HAM10000 subset and the optional full copy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ham_small"
+FULL = ROOT.parent / "shared" / "data" / "ham10000"
+
+
+@pytest.fixture
+def fixture_dir() -> Path:
+    """The committed 87-image, 7-class fixture (read-only: copy before editing)."""
+    return FIXTURE
+
+
+@pytest.fixture
+def data_copy(tmp_path: Path) -> Path:
+    """A writable copy of the fixture folder."""
+    dest = tmp_path / "ham"
+    shutil.copytree(FIXTURE, dest)
+    return dest
+
+
+@pytest.fixture
+def full_dir() -> Path:
+    """The full HAM10000 copy beside the repo; tests using it skip where it is absent."""
+    if not (FULL / "HAM10000_metadata.csv").exists():
+        pytest.skip("full HAM10000 copy not present")
+    return FULL
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` like a user would; returns the finished process."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout)
