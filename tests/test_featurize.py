@@ -1,0 +1,172 @@
+"""featurize: weight mapping, cache hit/miss/invalidation, kill-and-resume, errors, TTA."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featurize.backbones import Embedder, create_backbone, load_positional
+from featurize.extract import (Extractor, FeaturizeConfig, featurize, resolve_key, tta_views)
+from lesionlab.data import load_dataset
+from lesionlab.errors import LesionLabError
+from tests.conftest import ROOT, run_cli
+
+SMALL = (96, 128)  # small input keeps CPU tests fast
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    model, spec = create_backbone("tf_efficientnet_lite0")
+    return model, spec
+
+
+def _imagenet_top(model, img: np.ndarray, k: int = 5) -> list[int]:
+    from PIL import Image
+
+    x = np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC), dtype=np.float32)
+    x = torch.from_numpy((x / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        return model(x)[0].topk(k).indices.tolist()
+
+
+def test_packaged_weights_map_to_timm(lite0) -> None:
+    from sklearn.datasets import load_sample_images
+
+    model, spec = lite0
+    assert spec.mean == (0.5, 0.5, 0.5) and len(spec.weights_sha256) == 64
+    china, flower = load_sample_images().images
+    assert _imagenet_top(model, flower, 1) == [985]  # daisy
+    # a Chinese temple: bell cote / boathouse / monastery / palace / castle / church
+    assert set(_imagenet_top(model, china, 3)) & {442, 449, 663, 698, 483, 497}
+    import timm
+
+    random = timm.create_model("tf_efficientnet_lite0").eval()
+    assert _imagenet_top(random, flower, 1) != [985] or _imagenet_top(random, china, 1) != \
+        _imagenet_top(model, china, 1)
+
+
+def test_positional_load_checks_shapes(lite0) -> None:
+    model, _ = lite0
+    state = {f"k{i}": v for i, v in enumerate(model.state_dict().values())}
+    first = next(iter(state))
+    state[first] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(LesionLabError, match="does not fit"):
+        load_positional(model, state, "bad.pth")
+
+
+def test_multistage_concatenates_stages(lite0) -> None:
+    model, _ = lite0
+    x = torch.randn(2, 3, *SMALL)
+    with torch.inference_mode():
+        avg = Embedder(model, "avg")(x)
+        multi = Embedder(model, "multistage")(x)
+    assert avg.shape == (2, 1280) and multi.shape == (2, 112 + 320 + 1280)
+    torch.testing.assert_close(multi[:, -1280:], avg, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_engine_matches_eager(fixture_dir: Path) -> None:
+    paths = load_dataset(fixture_dir).frame["path"].tolist()[:6]
+    base = dict(backbone="tf_efficientnet_lite0", image_size=SMALL, num_workers=0)
+    eager = Extractor(FeaturizeConfig(engine="eager", **base)).embed_paths(paths)
+    fast = Extractor(FeaturizeConfig(engine="onnx", **base)).embed_paths(paths)
+    np.testing.assert_allclose(fast, eager, atol=1e-3, rtol=1e-3)
+
+
+def test_flip_tta_averages_flipped_views(fixture_dir: Path) -> None:
+    x = torch.randn(3, 3, *SMALL)
+    assert len(tta_views(x, "d4")) == 8
+    ext = Extractor(FeaturizeConfig(backbone="tf_efficientnet_lite0", image_size=SMALL,
+                                    tta="flip", engine="eager", num_workers=0))
+    got = ext.embed_batch(x)
+    want = (ext.runner(x) + ext.runner(x.flip(3).contiguous())) / 2
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # so an image and its mirror get the same embedding, which 'none' does not give
+    np.testing.assert_allclose(ext.embed_batch(x.flip(3)), got, atol=1e-4)
+    assert not np.allclose(ext.runner(x), ext.runner(x.flip(3).contiguous()), atol=1e-4)
+
+
+def test_cache_hit_miss_invalidation(data_copy: Path, tmp_path: Path) -> None:
+    ds = load_dataset(data_copy)
+    cfg = FeaturizeConfig(backbone="tf_efficientnet_lite0", image_size=SMALL, num_workers=0,
+                          chunk_size=32)
+    calls: list[int] = []
+    first = featurize(ds, tmp_path, cfg, on_chunk=calls.append)
+    assert calls == [0, 1, 2] and first.features.shape == (87, 1280)
+    assert list(first.image_ids) == list(ds.frame["image_id"])
+    assert first.manifest["images_per_s"] > 0 and first.manifest["weights_sha256"]
+    calls.clear()
+    again = featurize(ds, tmp_path, cfg, on_chunk=calls.append)
+    assert calls == [] and again.key == first.key  # cache hit: no work
+    flip = featurize(ds, tmp_path, FeaturizeConfig(**{**cfg.__dict__, "tta": "flip"}),
+                     on_chunk=calls.append)
+    assert flip.key != first.key and calls  # a setting changes the key
+    meta = pd.read_csv(data_copy / "HAM10000_metadata.csv")
+    meta.iloc[:-1].to_csv(data_copy / "HAM10000_metadata.csv", index=False)
+    fewer = featurize(load_dataset(data_copy), tmp_path, cfg)
+    assert fewer.key != first.key and fewer.features.shape[0] == 86  # the images change it
+    np.testing.assert_allclose(fewer.features, first.features[:86], atol=1e-4)
+    assert resolve_key(tmp_path, first.key) == first.path
+    with pytest.raises(LesionLabError, match="several feature sets"):
+        resolve_key(tmp_path, "tf_efficientnet_lite0:none")
+    with pytest.raises(LesionLabError, match="no computed features"):
+        resolve_key(tmp_path, "tf_efficientnet_lite2")
+
+
+def test_kill_and_resume(fixture_dir: Path, tmp_path: Path) -> None:
+    args = ["featurize", "--backbone", "classical", "--data", str(fixture_dir),
+            "--workdir", str(tmp_path), "--chunk-size", "4", "--num-workers", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    chunks: list[Path] = []
+    while time.time() < deadline:
+        chunks = list((tmp_path / "features").glob("*/chunks/0*.npy"))
+        if len(chunks) >= 3:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(chunks) >= 3, "extraction never started"
+    entry = chunks[0].parent.parent
+    assert not (entry / "manifest.json").exists(), "run finished before it could be killed"
+    done = sorted(entry.glob("chunks/0*.npy"))
+    # a half-written chunk is never taken as valid: truncate one, leave a stray temp file
+    done[1].write_bytes(done[1].read_bytes()[:40])
+    (entry / "chunks" / ".00099.npy.x.tmp").write_bytes(b"partial")
+    calls: list[int] = []
+    ds = load_dataset(fixture_dir)
+    cfg = FeaturizeConfig(backbone="classical", num_workers=0, chunk_size=4)
+    resumed = featurize(ds, tmp_path, cfg, on_chunk=calls.append)
+    n_chunks = -(-87 // 4)
+    assert 1 in calls and 0 not in calls
+    assert len(calls) == n_chunks - len(done) + 1
+    fresh = featurize(ds, tmp_path / "fresh", cfg)
+    np.testing.assert_allclose(resumed.features, fresh.features, rtol=1e-6)
+    assert resumed.manifest["resumed_images"] == 4 * (len(done) - 1)
+    assert not (entry / "chunks").exists()
+
+
+def test_unknown_backbone_and_missing_weights(fixture_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LesionLabError, match="unknown backbone 'resnet_nonexistent'"):
+        create_backbone("resnet_nonexistent")
+    env_cmd = ["featurize", "--backbone", "convnext_small", "--data", str(fixture_dir),
+               "--workdir", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", *env_cmd], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "not available" in proc.stderr and "tf_efficientnet_lite0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "features").glob("*/manifest.json"))
+    proc = run_cli("featurize", "--backbone", "nope_net", "--data", str(fixture_dir),
+                   "--workdir", str(tmp_path))
+    assert proc.returncode == 2 and "unknown backbone" in proc.stderr
