@@ -1,0 +1,1 @@
+"""Heads on cached embeddings, fine-tuning, the model folder, predict and explain."""

@@ -1,0 +1,78 @@
+"""Design matrices for the heads: cached feature sets (+ optional metadata), aligned to images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from featurize.extract import FeatureSet, load_feature_set, resolve_key
+from lesionlab.data import Dataset
+from lesionlab.errors import LesionLabError
+
+SEXES = ("male", "female")
+LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
+                 "lower extremity", "neck", "scalp", "trunk", "upper extremity")
+
+
+def metadata_matrix(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """age (NaN kept for imputation), sex and localization one-hot; unknown -> all zeros."""
+    age = pd.to_numeric(frame.get("age"), errors="coerce").to_numpy(dtype=float)
+    cols = [age[:, None]]
+    names = ["age"]
+    sex = frame.get("sex", pd.Series(index=frame.index, dtype=object)).astype(str).str.lower()
+    loc = frame.get("localization", pd.Series(index=frame.index, dtype=object)).astype(
+        str).str.lower()
+    for value in SEXES:
+        cols.append((sex == value).to_numpy(dtype=float)[:, None])
+        names.append(f"sex={value}")
+    for value in LOCALIZATIONS:
+        cols.append((loc == value).to_numpy(dtype=float)[:, None])
+        names.append(f"loc={value}")
+    return np.hstack(cols), names
+
+
+def split_keys(spec: str) -> list[str]:
+    """'a+b' -> ['a', 'b']."""
+    keys = [k.strip() for k in spec.split("+") if k.strip()]
+    if not keys:
+        raise LesionLabError(f"empty --features {spec!r}")
+    return keys
+
+
+@dataclass
+class Design:
+    """Features of every image in ``dataset`` order, with their provenance."""
+
+    x: np.ndarray
+    feature_sets: list[FeatureSet]
+    metadata: bool
+
+    def describe(self) -> list[dict]:
+        """What each feature block is, for the model card (enough to recompute it)."""
+        return [{"key": fs.key, **fs.manifest["settings"],
+                 "weights_sha256": fs.manifest["weights_sha256"], "dim": int(fs.features.shape[1])}
+                for fs in self.feature_sets]
+
+
+def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:
+    """Rows of ``fs`` in the order of ``image_ids``; every id must be present."""
+    pos = pd.Series(np.arange(len(fs.image_ids)), index=fs.image_ids)
+    missing = image_ids[~image_ids.isin(pos.index)]
+    if len(missing):
+        raise LesionLabError(
+            f"feature set {fs.key} lacks {len(missing)} image(s), e.g. {list(missing[:3])}")
+    return fs.features[pos[image_ids].to_numpy()]
+
+
+def load_design(workdir: Path | str, dataset: Dataset, features: str,
+                metadata: bool = False) -> Design:
+    """Concatenate the named feature sets (and metadata) for every image of ``dataset``."""
+    data_fp = dataset.fingerprint()
+    sets = [load_feature_set(resolve_key(workdir, key, data_fp)) for key in split_keys(features)]
+    blocks = [align(fs, dataset.frame["image_id"]) for fs in sets]
+    if metadata:
+        blocks.append(metadata_matrix(dataset.frame)[0])
+    return Design(x=np.hstack(blocks).astype(np.float64), feature_sets=sets, metadata=metadata)

@@ -1,0 +1,230 @@
+"""Light heads on cached embeddings: pipelines, Optuna search spaces, grouped-CV objective.
+
+Every fitted step (imputation, scaling, PCA, SMOTE) lives inside an imblearn ``Pipeline`` that
+is fitted on the training part of a fold only; samplers act during ``fit`` and never touch
+validation or test rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import optuna
+from imblearn.over_sampling import SMOTE
+from imblearn.pipeline import Pipeline
+from sklearn.decomposition import PCA
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from lesionlab.errors import LesionLabError
+from lesionlab.metrics import balanced_accuracy
+
+log = logging.getLogger(__name__)
+
+HEADS = ("logreg", "lightgbm")
+IMBALANCE = ("none", "class_weight", "smote")
+EARLY_STOPPING_ROUNDS = 30
+MAX_TREES = 1000
+
+
+def check_choice(head: str, imbalance: str) -> None:
+    """Reject unknown head / imbalance names."""
+    if head not in HEADS:
+        raise LesionLabError(f"unknown --head {head!r}; expected one of {HEADS}")
+    if imbalance not in IMBALANCE:
+        raise LesionLabError(f"unknown --imbalance {imbalance!r}; expected one of {IMBALANCE}")
+
+
+def suggest_params(trial: optuna.Trial, head: str, n_features: int) -> dict[str, Any]:
+    """The search space of each head."""
+    # Full-width logreg on >1k dims costs ~10 s a fit on 2 cores; PCA keeps a cell in budget.
+    pca_choices = [c for c in (64, 128, 256, 512) if c < n_features]
+    if n_features <= 1024 or not pca_choices:
+        pca_choices = [0, *pca_choices]
+    if head == "logreg":
+        return {
+            "C": trial.suggest_float("C", 1e-4, 10.0, log=True),
+            "pca": trial.suggest_categorical("pca", pca_choices),
+        }
+    lgb_pca = [c for c in (32, 64, 128) if c < n_features] or [0]
+    return {
+        "pca": trial.suggest_categorical("pca", lgb_pca),
+        "learning_rate": trial.suggest_float("learning_rate", 0.03, 0.3, log=True),
+        "num_leaves": trial.suggest_int("num_leaves", 7, 63, log=True),
+        "max_depth": trial.suggest_int("max_depth", 3, 8),
+        "min_child_samples": trial.suggest_int("min_child_samples", 5, 60, log=True),
+        "colsample_bytree": trial.suggest_float("colsample_bytree", 0.3, 1.0),
+        "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+        "reg_alpha": trial.suggest_float("reg_alpha", 1e-3, 10.0, log=True),
+        "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
+    }
+
+
+def default_params(head: str, n_features: int) -> dict[str, Any]:
+    """Untuned reference settings (the first trial enqueued in every study)."""
+    if head == "logreg":
+        return {"C": 0.01, "pca": 0 if n_features <= 1024 else 256}
+    return {"pca": 64 if n_features > 64 else 0, "learning_rate": 0.1, "num_leaves": 15,
+            "max_depth": 6, "min_child_samples": 20, "colsample_bytree": 0.8,
+            "subsample": 0.8, "reg_alpha": 0.01, "reg_lambda": 1.0}
+
+
+def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
+                   n_estimators: int = MAX_TREES) -> Pipeline:
+    """impute -> scale -> [PCA] -> [SMOTE] -> classifier, as one imblearn Pipeline."""
+    steps: list[tuple[str, Any]] = [
+        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+        ("scale", StandardScaler()),
+    ]
+    if params.get("pca"):
+        steps.append(("pca", PCA(n_components=int(params["pca"]), svd_solver="randomized",
+                                    random_state=seed)))
+    if imbalance == "smote":
+        steps.append(("smote", SMOTE(random_state=seed)))
+    weight = "balanced" if imbalance == "class_weight" else None
+    if head == "logreg":
+        clf: Any = LogisticRegression(C=params["C"], class_weight=weight, max_iter=2000,
+                                      random_state=seed)
+    else:
+        import lightgbm as lgb
+
+        clf = lgb.LGBMClassifier(
+            objective="multiclass", n_estimators=n_estimators,
+            learning_rate=params["learning_rate"], num_leaves=params["num_leaves"],
+            max_depth=params["max_depth"], min_child_samples=params["min_child_samples"],
+            colsample_bytree=params["colsample_bytree"], subsample=params["subsample"],
+            subsample_freq=1, reg_alpha=params["reg_alpha"], reg_lambda=params["reg_lambda"],
+            class_weight=weight, random_state=seed, n_jobs=2, verbose=-1, deterministic=True,
+            force_row_wise=True)
+    steps.append(("clf", clf))
+    return Pipeline(steps)
+
+
+def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
+    """Shrink PCA width and SMOTE's k to what this training part allows (tiny folds)."""
+    if "pca" in pipe.named_steps:
+        pca = pipe.named_steps["pca"]
+        pipe.set_params(pca__n_components=min(pca.n_components, *x.shape))
+    if "smote" in pipe.named_steps:
+        rarest = int(np.bincount(y)[np.unique(y)].min())
+        pipe.set_params(smote__k_neighbors=max(1, min(5, rarest - 1)))
+    return pipe
+
+
+def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
+             y_va: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """Fit on the fold's training part (samplers here only) and predict the validation part.
+
+    LightGBM stops early on the validation part; returns (val probabilities, best iteration).
+    """
+    adapt_to_data(pipe, x_tr, y_tr)
+    xt, yt = x_tr, y_tr
+    xv = x_va
+    for _, step in pipe.steps[:-1]:
+        if hasattr(step, "fit_resample"):
+            xt, yt = step.fit_resample(xt, yt)  # training rows only
+        else:
+            xt = step.fit_transform(xt, yt)
+            xv = step.transform(xv)
+    clf = pipe.steps[-1][1]
+    best_iter = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if type(clf).__name__ == "LGBMClassifier":
+            import lightgbm as lgb
+
+            clf.fit(xt, yt, eval_set=[(xv, y_va)],
+                    callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
+            best_iter = int(clf.best_iteration_ or clf.n_estimators)
+        else:
+            clf.fit(xt, yt)
+    return full_proba(clf, xv), best_iter
+
+
+def full_proba(clf: Any, x: np.ndarray, n_classes: int = 7) -> np.ndarray:
+    """``predict_proba`` spread onto all classes (a fold may miss a rare class)."""
+    proba = clf.predict_proba(x)
+    out = np.zeros((len(x), n_classes))
+    out[:, np.asarray(clf.classes_, dtype=int)] = proba
+    return out
+
+
+def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+                 head: str, imbalance: str, seed: int):
+    """Optuna objective: mean balanced accuracy over the grouped folds, pruned per fold."""
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_params(trial, head, x.shape[1])
+        scores, iters = [], []
+        for k, (tr, va) in enumerate(folds):
+            pipe = build_pipeline(head, imbalance, params, seed)
+            proba, best_iter = fit_fold(pipe, x[tr], y[tr], x[va], y[va])
+            scores.append(balanced_accuracy(y[va], proba.argmax(1)))
+            if best_iter is not None:
+                iters.append(best_iter)
+            trial.report(float(np.mean(scores)), k)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        if iters:
+            trial.set_user_attr("best_iteration", int(np.median(iters)))
+        trial.set_user_attr("fold_scores", [float(s) for s in scores])
+        return float(np.mean(scores))
+
+    return objective
+
+
+def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(log p / T) on held-out data."""
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(proba, 1e-12, 1.0))
+
+    def nll(t: float) -> float:
+        z = logp / t
+        z = z - z.max(axis=1, keepdims=True)
+        logq = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logq[np.arange(len(y)), y].mean())
+
+    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+
+
+def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
+    """Rescale probabilities by temperature ``t`` (argmax unchanged)."""
+    z = np.log(np.clip(proba, 1e-12, 1.0)) / t
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def apply_prior_correction(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Divide by the training class prior and renormalise (a balanced-accuracy decision rule)."""
+    q = proba / np.clip(prior, 1e-12, None)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+class HeadModel:
+    """A fitted pipeline plus its chosen decision rule and temperature: what gets saved."""
+
+    def __init__(self, pipeline: Pipeline, prior: np.ndarray | None = None,
+                 temperature: float = 1.0) -> None:
+        self.pipeline = pipeline
+        self.prior = prior
+        self.temperature = temperature
+
+    def raw_proba(self, x: np.ndarray) -> np.ndarray:
+        """Pipeline probabilities on all 7 classes."""
+        return full_proba(self.pipeline, x)
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """Apply the prior correction (if chosen on val) and the temperature."""
+        if self.prior is not None:
+            proba = apply_prior_correction(proba, self.prior)
+        return apply_temperature(proba, self.temperature) if self.temperature != 1.0 else proba
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Final, calibrated probabilities."""
+        return self.decide(self.raw_proba(x))

@@ -1,0 +1,141 @@
+"""Heads: tiny-budget tuning, SMOTE only inside training parts, save/reload, predict CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from featurize.extract import FeaturizeConfig, featurize
+from lesionlab.data import CLASSES, load_dataset
+from lesionlab.errors import LesionLabError
+from models import heads
+from models.bundle import load_card, load_pipeline
+from models.design import load_design
+from models.predict import head_features, predict_images
+from models.train_head import HeadConfig, train_head
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def featurized(tmp_path_factory) -> tuple[Path, Path]:
+    """Fixture data with classical features computed once for this module."""
+    from tests.conftest import FIXTURE
+
+    work = tmp_path_factory.mktemp("work")
+    featurize(load_dataset(FIXTURE), work, FeaturizeConfig(backbone="classical", num_workers=0))
+    return FIXTURE, work
+
+
+class Recorder(LogisticRegression):
+    """Logistic regression that remembers what it was fitted on and asked to predict."""
+
+    fitted: list[int] = []
+    predicted: list[np.ndarray] = []
+
+    def fit(self, x, y, sample_weight=None):
+        Recorder.fitted.append(len(x))
+        return super().fit(x, y, sample_weight)
+
+    def predict_proba(self, x):
+        Recorder.predicted.append(np.asarray(x).copy())
+        return super().predict_proba(x)
+
+
+def test_smote_never_reaches_evaluation(featurized) -> None:
+    data, work = featurized
+    ds = load_dataset(data)
+    x = load_design(work, ds, "classical").x
+    y = ds.labels
+    order = np.random.default_rng(0).permutation(87)
+    tr, va = order[:60], order[60:]
+    pipe = heads.build_pipeline("logreg", "smote", {"C": 1.0, "pca": 0}, seed=0)
+    pipe.steps[-1] = ("clf", Recorder(max_iter=500))
+    Recorder.fitted, Recorder.predicted = [], []
+    proba, _ = heads.fit_fold(pipe, x[tr], y[tr], x[va], y[va])
+    counts = np.bincount(y[tr], minlength=7)
+    assert Recorder.fitted == [(counts > 0).sum() * counts.max()]  # training part oversampled
+    assert Recorder.fitted[0] > len(tr)
+    assert Recorder.predicted[0].shape[0] == len(va)      # evaluation: original rows only
+    want = pipe.named_steps["scale"].transform(pipe.named_steps["impute"].transform(x[va]))
+    np.testing.assert_allclose(Recorder.predicted[0], want)
+    # the saved-model path (imblearn Pipeline) also skips SMOTE at prediction time
+    Recorder.predicted = []
+    pipe.fit(x[tr], y[tr])
+    assert pipe.predict_proba(x[va]).shape == (len(va), len(np.unique(y[tr])))
+    assert Recorder.predicted[-1].shape[0] == len(va)
+    assert proba.shape == (len(va), 7)
+
+
+@pytest.mark.parametrize("head, imbalance", [("logreg", "smote"), ("lightgbm", "class_weight")])
+def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str,
+                                           imbalance: str) -> None:
+    data, work = featurized
+    wd = tmp_path / "w"
+    shutil.copytree(work, wd)
+    ds = load_dataset(data)
+    cfg = HeadConfig(features="classical", head=head, imbalance=imbalance, metadata=True,
+                     trials=3, folds=2, n_boot=50)
+    card = train_head(ds, wd, cfg)
+    folder = wd / "models" / card["name"]
+    assert (folder / "study.db").exists() and (folder / "pipeline.joblib").exists()
+    assert card["n_trials"] == 3 and 0.0 <= card["test"]["balanced_accuracy"] <= 1.0
+    assert set(card["test"]["ci95"]) >= {"balanced_accuracy", "macro_auc"}
+    assert card["n_features"] == 75 + 17  # classical + age/sex/localization
+    # reload predicts identically on the stored test rows
+    model = load_pipeline(folder)
+    design = load_design(wd, ds, "classical", metadata=True)
+    test_rows = ds.frame["image_id"].isin(card["test_image_ids"]).to_numpy()
+    np.testing.assert_allclose(model.predict_proba(design.x[test_rows]),
+                               np.load(folder / "test_proba.npy"), atol=1e-10)
+    # features recomputed from images (predict's path) equal the cached ones
+    paths = ds.frame["path"][test_rows].tolist()
+    recomputed = head_features(load_card(folder), paths, ds.frame[test_rows])
+    np.testing.assert_allclose(recomputed, design.x[test_rows], rtol=1e-5, atol=1e-5)
+    # rerun: study resumes with no new trials, same numbers
+    again = train_head(ds, wd, cfg)
+    assert again["n_trials"] == 3
+    assert again["test"]["balanced_accuracy"] == card["test"]["balanced_accuracy"]
+
+
+def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
+    data, work = featurized
+    wd = tmp_path / "w"
+    shutil.copytree(work, wd)
+    card = train_head(load_dataset(data), wd,
+                      HeadConfig(features="classical", head="logreg", trials=1, folds=2,
+                                 n_boot=0))
+    imgs = sorted((data / "images").glob("*.jpg"))[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"garbage")
+    proc = run_cli("models.predict", "--model", str(wd / "models" / card["name"]),
+                   str(imgs[0]), str(bad), str(imgs[1]))
+    assert proc.returncode == 1
+    lines = [json.loads(l) for l in proc.stdout.strip().splitlines()]
+    assert [l["path"] for l in lines] == [str(imgs[0]), str(bad), str(imgs[1])]
+    assert "error" in lines[1] and "broken.jpg" in lines[1]["error"]
+    for line in (lines[0], lines[2]):
+        assert set(line["probabilities"]) == set(CLASSES)
+        assert abs(sum(line["probabilities"].values()) - 1) < 1e-4
+        assert line["prediction"] == max(line["probabilities"], key=line["probabilities"].get)
+        assert line["name"]
+    assert "broken.jpg" in proc.stderr
+
+
+def test_bad_feature_key_and_options(featurized, tmp_path: Path) -> None:
+    data, work = featurized
+    ds = load_dataset(data)
+    with pytest.raises(LesionLabError, match="no computed features match 'tf_efficientnet_lite1'"):
+        train_head(ds, work, HeadConfig(features="classical+tf_efficientnet_lite1"))
+    with pytest.raises(LesionLabError, match="unknown --head"):
+        train_head(ds, work, HeadConfig(features="classical", head="svm"))
+    proc = run_cli("models.train_head", "--features", "nothing", "--data", str(data),
+                   "--workdir", str(tmp_path))
+    assert proc.returncode == 2 and "no computed features" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with pytest.raises(LesionLabError, match="not a lesionlab model folder"):
+        predict_images(tmp_path, [str(next((data / "images").glob("*.jpg")))])
