@@ -241,11 +241,12 @@ def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume:
             sampler = WeightedRandomSampler(torch.tensor(w, dtype=torch.double), len(tr),
                                             replacement=True, generator=gen)
             loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                                num_workers=cfg.num_workers, drop_last=True, generator=gen,
-                                persistent_workers=False)
+                                num_workers=cfg.num_workers, drop_last=len(tr) > cfg.batch_size,
+                                generator=gen)
         else:
             loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                                num_workers=cfg.num_workers, drop_last=True, generator=gen)
+                                num_workers=cfg.num_workers,
+                                drop_last=len(tr) > cfg.batch_size, generator=gen)
         model.train()
         t0 = time.perf_counter()
         seen, loss_sum = 0, 0.0

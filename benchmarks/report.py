@@ -1,0 +1,255 @@
+"""REPORT.md writer: leaderboards between markers (prose untouched) and figures on disk."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lesionlab.artifacts import read_json, write_text  # noqa: E402
+from lesionlab.data import CLASSES, Dataset  # noqa: E402
+from lesionlab.metrics import reliability_curve  # noqa: E402
+
+MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->"),
+           "external": ("<!-- external:start -->", "<!-- external:end -->"),
+           "figures": ("<!-- figures:start -->", "<!-- figures:end -->")}
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def leaderboard_md(rows: list[dict], title: str = "") -> str:
+    """Markdown table sorted by test balanced accuracy, one row per cell."""
+    head = ("| # | features | head | imbalance | metadata | train frac | balanced acc [95% CI] "
+            "| macro F1 | macro AUC | mel sens | ECE | val bal.acc | fit time (s) |\n"
+            "|---:|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for i, r in enumerate(sorted(rows, key=lambda r: -r["balanced_accuracy"]), 1):
+        ci = r.get("ci95") or [None, None]
+        lines.append(
+            f"| {i} | {r['features']} | {r['head']} | {r['imbalance']} | "
+            f"{'yes' if r.get('metadata') else 'no'} | {r.get('train_fraction', 1.0):g} | "
+            f"**{_fmt(r['balanced_accuracy'])}** [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+            f"{_fmt(r['macro_f1'])} | {_fmt(r['macro_auc'])} | {_fmt(r['mel_sensitivity'])} | "
+            f"{_fmt(r['ece'])} | {_fmt(r.get('val_balanced_accuracy'))} | "
+            f"{_fmt(r.get('fit_time_s'), 0)} |")
+    return (title + "\n\n" if title else "") + head + "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Replace what lies between a marker pair (appending the pair if absent)."""
+    start, end = MARKERS[name]
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig_class_distribution(dataset: Dataset, split: pd.DataFrame, out: Path) -> None:
+    """Images per class and split (log scale shows the 58:1 imbalance)."""
+    table = pd.crosstab(split["dx"], split["split"]).reindex(list(CLASSES))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    table[["train", "val", "test"]].plot.bar(ax=ax, logy=True)
+    ax.set_ylabel("images (log)")
+    ax.set_title("HAM10000 class distribution per split")
+    _save(fig, out)
+
+
+def fig_images_per_lesion(dataset: Dataset, out: Path) -> None:
+    """How many photos each lesion has: why splits must group by lesion."""
+    per = dataset.frame.groupby("lesion_id").size()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    counts = per.value_counts().sort_index()
+    ax.bar(counts.index.astype(str), counts.values)
+    ax.set_xlabel("images of the same lesion")
+    ax.set_ylabel("lesions")
+    ax.set_title(f"{len(per)} lesions, {len(dataset)} images")
+    _save(fig, out)
+
+
+def fig_confusion(row: dict, out: Path) -> None:
+    """Row-normalised confusion matrix (recall on the diagonal)."""
+    cm = np.asarray(row["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{row['name'][:48]}\nbal.acc {row['balanced_accuracy']:.3f}", fontsize=9)
+    _save(fig, out)
+
+
+def fig_recall_bars(rows: list[dict], out: Path) -> None:
+    """Per-class recall of the chosen models side by side."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
+    width = 0.8 / max(len(rows), 1)
+    for k, row in enumerate(rows):
+        vals = [row["per_class_recall"][c] for c in CLASSES]
+        ax.bar(np.arange(len(CLASSES)) + k * width, vals, width, label=row["label"])
+    ax.set_xticks(np.arange(len(CLASSES)) + width * (len(rows) - 1) / 2, CLASSES)
+    ax.set_ylabel("test recall")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def fig_reliability(models: list[tuple[str, np.ndarray, np.ndarray]], out: Path) -> None:
+    """Reliability diagram (top-label confidence vs accuracy) on the test split."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    for label, y, proba in models:
+        rc = reliability_curve(y, proba, n_bins=10)
+        ax.plot(rc["confidence"], rc["accuracy"], "o-", label=label)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    _save(fig, out)
+
+
+def fig_learning_curves(rows: list[dict], out: Path) -> None:
+    """Test balanced accuracy vs train fraction, frozen+head vs fine-tuning."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for kind, label in (("head", "frozen embeddings + head"), ("finetune", "fine-tuning")):
+        pts = sorted((r["train_fraction"], r["balanced_accuracy"], r.get("ci95"))
+                     for r in rows if r["kind"] == kind)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        err = np.array([[y - (p[2] or [y, y])[0], (p[2] or [y, y])[1] - y]
+                        for y, p in zip(ys, pts)]).T
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks([0.1, 0.25, 0.5, 1.0], ["10%", "25%", "50%", "100%"])
+    ax.set_xlabel("fraction of the train split (lesion-grouped)")
+    ax.set_ylabel("test balanced accuracy")
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def fig_gradcam(model_dir: Path, dataset: Dataset, out: Path, tiles: Path,
+                per_class: int = 1) -> None:
+    """Grad-CAM grid: one correct and one wrong test case per class where they exist."""
+    from PIL import Image
+
+    from models.explain import explain_images
+
+    card = read_json(model_dir / "card.json")
+    proba = np.load(model_dir / "test_proba.npy")
+    frame = dataset.frame.set_index("image_id").loc[card["test_image_ids"]]
+    pred = proba.argmax(1)
+    truth = frame["label"].to_numpy()
+    picks = []
+    for c in range(len(CLASSES)):
+        for correct in (True, False):
+            idx = np.flatnonzero((truth == c) & ((pred == c) == correct))[:per_class]
+            picks += [(i, correct) for i in idx]
+    if not picks:
+        return
+    res = explain_images(model_dir, [frame["path"].iloc[i] for i, _ in picks], tiles)
+    cols = 4
+    rows = int(np.ceil(len(picks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.3))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, (i, correct), r in zip(np.ravel(axes), picks, res):
+        ax.imshow(Image.open(r["overlay"]))
+        ax.set_title(f"true {CLASSES[truth[i]]} / pred {CLASSES[pred[i]]}",
+                     fontsize=8, color="green" if correct else "red")
+    _save(fig, out)
+
+
+def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
+            fig_dir: Path) -> list[tuple[str, str]]:
+    """Make every figure; returns (caption, path) pairs relative to the report."""
+    made = []
+    fig_class_distribution(dataset, split, fig_dir / "class_distribution.png")
+    made.append(("Class distribution per split", "class_distribution.png"))
+    fig_images_per_lesion(dataset, fig_dir / "images_per_lesion.png")
+    made.append(("Images per lesion", "images_per_lesion.png"))
+    main = [r for r in summary["rows"] if r.get("group", "main") == "main"]
+    chosen = []
+    for kind, label in (("head", "best frozen + head"), ("finetune", "best fine-tuned")):
+        cands = [r for r in main if r["kind"] == kind]
+        if cands:
+            best = max(cands, key=lambda r: r["val_balanced_accuracy"])  # chosen on val
+            chosen.append({**best, "label": label})
+            fname = f"confusion_{kind}.png"
+            fig_confusion(best, fig_dir / fname)
+            made.append((f"Confusion matrix, {label} (chosen on val)", fname))
+    if chosen:
+        fig_recall_bars(chosen, fig_dir / "per_class_recall.png")
+        made.append(("Per-class test recall", "per_class_recall.png"))
+        rel = []
+        for row in chosen:
+            card = read_json(Path(row["model_dir"]) / "card.json")
+            ids = card["test_image_ids"]
+            y = dataset.frame.set_index("image_id").loc[ids, "label"].to_numpy()
+            rel.append((row["label"], y, np.load(Path(row["model_dir"]) / "test_proba.npy")))
+        fig_reliability(rel, fig_dir / "reliability.png")
+        made.append(("Reliability diagram (test, after temperature scaling on val)",
+                     "reliability.png"))
+    curve_rows = [r for r in summary["rows"] if r.get("group") == "curve"]
+    if curve_rows:
+        base = {r["name"] for r in curve_rows}
+        full = []
+        for row in chosen:
+            full.append(row)
+        fig_learning_curves(curve_rows + [r for r in full if r["name"] not in base],
+                            fig_dir / "learning_curves.png")
+        made.append(("Learning curves: test balanced accuracy vs training data",
+                     "learning_curves.png"))
+    ft = [r for r in chosen if r["kind"] == "finetune"]
+    if ft:
+        fig_gradcam(Path(ft[0]["model_dir"]), dataset, fig_dir / "gradcam_examples.png",
+                    workdir / "gradcam")
+        made.append(("Grad-CAM of the fine-tuned model on test images (green: correct, red: "
+                     "wrong)", "gradcam_examples.png"))
+    return made
+
+
+def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.DataFrame,
+                 workdir: Path | str, fig_dir: Path | str | None = None) -> None:
+    """Regenerate the marked blocks of ``report`` and the figures; prose stays as written."""
+    report = Path(report)
+    fig_dir = Path(fig_dir) if fig_dir else report.parent / "reports" / "figures"
+    text = report.read_text(encoding="utf-8") if report.exists() else "# lesionlab report\n"
+    main_rows = [r for r in summary["rows"] if r.get("group", "main") == "main"]
+    curve_rows = [r for r in summary["rows"] if r.get("group") == "curve"]
+    body = leaderboard_md(main_rows)
+    if curve_rows:
+        body += "\n" + leaderboard_md(curve_rows, "Learning-curve cells (train fractions):")
+    body += (f"\n_Preset `{summary['preset']}`, seed {summary['seed']}, {summary['n_images']} "
+             f"images; wall time of this run {summary['wall_time_s'] / 60:.1f} min (cells "
+             f"reused from earlier runs count as 0). Test split: lesion-grouped, touched once "
+             f"per cell; CIs: 1,000 lesion-level bootstrap resamples._\n")
+    text = replace_block(text, "leaderboard", body)
+    ext = summary.get("external")
+    text = replace_block(text, "external", leaderboard_md(ext) if ext else
+                         "_No external test set was given (`--external-test DIR`)._\n")
+    made = figures(summary, dataset, split, Path(workdir), fig_dir)
+    rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
+    figs = "\n\n".join(f"**{cap}**\n\n![{cap}]({rel}/{name})" for cap, name in made)
+    text = replace_block(text, "figures", figs)
+    write_text(report, text)

@@ -1,0 +1,287 @@
+"""``python -m benchmarks.run_all``: the whole study, resumable cell by cell, then REPORT.md.
+
+Stages: data (download on first use) -> split -> featurize -> tuned heads -> fine-tuning ->
+learning curves -> optional external test -> leaderboard and figures in the report. Every
+cell's result is saved as ``<workdir>/results/<cell>.json`` as soon as it is done; a rerun skips
+finished cells, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from featurize.extract import FeaturizeConfig, featurize
+from lesionlab.artifacts import read_json, write_json
+from lesionlab.cli import add_data_args, resolve_data, run_main
+from lesionlab.data import Dataset, load_external_labels
+from lesionlab.download import ensure_data
+from lesionlab.errors import LesionLabError
+from lesionlab.metrics import evaluate
+from lesionlab.splits import class_counts, load_or_make_split
+from models.finetune import FinetuneConfig, finetune
+from models.train_head import HeadConfig, train_head
+
+log = logging.getLogger(__name__)
+
+LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class Cell:
+    """One unit of the study: a name, what it runs, and how to run it."""
+
+    cell_id: str
+    kind: str  # head | finetune
+    config: Any
+    group: str = "main"  # main | curve
+    after: str | None = None  # name of a selection rule this cell depends on
+
+
+@dataclass
+class Plan:
+    """What a preset runs."""
+
+    featurize: list[FeaturizeConfig]
+    cells: list[Cell] = field(default_factory=list)
+    curve_fractions: tuple[float, ...] = FRACTIONS
+    curve_finetune: FinetuneConfig | None = None
+    curve_head_trials: int = 10
+
+
+def plan_for(preset: str, seed: int) -> Plan:
+    """The cells of the ``quick`` or ``full`` preset."""
+    if preset == "quick":
+        feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none")]
+        plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0), curve_head_trials=4)
+        for head in ("logreg", "lightgbm"):
+            cfg = HeadConfig(features="tf_efficientnet_lite0:none", head=head,
+                             imbalance="class_weight", trials=4, folds=3, seed=seed, n_boot=200)
+            plan.cells.append(_head_cell(cfg))
+        ft = FinetuneConfig(image_size=(96, 128), epochs=1, train_fraction=0.25, seed=seed,
+                            n_boot=200, tta="none")
+        plan.cells.append(Cell(ft.model_name(), "finetune", ft))
+        plan.curve_finetune = None
+        return plan
+    if preset != "full":
+        raise LesionLabError(f"unknown --preset {preset!r}; expected quick or full")
+    feats = [FeaturizeConfig(backbone=b, tta="flip", pool="multistage") for b in LITE]
+    feats += [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="flip"),
+              FeaturizeConfig(backbone="classical", num_workers=2)]
+    plan = Plan(featurize=feats)
+    lite0 = "tf_efficientnet_lite0:flip"
+    for head in ("logreg", "lightgbm"):
+        for imb in ("none", "class_weight", "smote"):
+            plan.cells.append(_head_cell(HeadConfig(features=lite0, head=head, imbalance=imb,
+                                                    seed=seed)))
+    ms = [f"{b}:multistage" for b in LITE]
+    combos = [ms[0], ms[1], ms[2], "classical", "+".join(ms), "+".join(ms) + "+classical"]
+    for feats_name in combos:
+        for head in ("logreg", "lightgbm"):
+            plan.cells.append(_head_cell(HeadConfig(features=feats_name, head=head,
+                                                    imbalance="class_weight", seed=seed)))
+    for feats_name in (ms[0], "+".join(ms) + "+classical"):
+        for head in ("logreg", "lightgbm"):
+            plan.cells.append(_head_cell(HeadConfig(features=feats_name, head=head,
+                                                    imbalance="class_weight", metadata=True,
+                                                    seed=seed)))
+    ft = FinetuneConfig(seed=seed)
+    plan.cells.append(Cell(ft.model_name(), "finetune", ft))
+    plan.curve_finetune = ft
+    return plan
+
+
+def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
+    return Cell(cfg.model_name(), "head", cfg, group)
+
+
+def summarize(card: dict) -> dict:
+    """The leaderboard row of a model card."""
+    cfg = card["config"]
+    t = card["test"]
+    row = {
+        "name": card["name"], "kind": card["kind"],
+        "features": cfg.get("features") or f"{cfg['backbone']} (fine-tuned)",
+        "head": cfg.get("head") or "fine-tune",
+        "imbalance": cfg.get("imbalance") or f"{cfg['sampler']} sampler, {cfg['loss']}",
+        "metadata": bool(card.get("metadata", False)),
+        "train_fraction": cfg.get("train_fraction", 1.0),
+        "balanced_accuracy": t["balanced_accuracy"],
+        "ci95": t.get("ci95", {}).get("balanced_accuracy"),
+        "macro_f1": t["macro_f1"], "macro_auc": t["macro_auc"],
+        "mel_sensitivity": t["mel_sensitivity"], "ece": t["ece"],
+        "ece_uncalibrated": t.get("ece_uncalibrated"),
+        "per_class_recall": {c: v["recall"] for c, v in t["per_class"].items()},
+        "confusion_matrix": t["confusion_matrix"],
+        "val_balanced_accuracy": card["val"]["balanced_accuracy"],
+        "cv_balanced_accuracy": card.get("cv_balanced_accuracy"),
+        "fit_time_s": card.get("total_time_s"),
+        "epoch_time_s": card.get("epoch_time_s"),
+        "train_img_per_s": card.get("train_img_per_s"),
+        "model_dir": None,
+    }
+    return row
+
+
+def results_dir(workdir: Path | str) -> Path:
+    """``<workdir>/results``."""
+    return Path(workdir) / "results"
+
+
+def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
+    """Run one cell (or load its saved result) and return its leaderboard row."""
+    out = results_dir(workdir) / f"{cell.cell_id}.json"
+    if out.exists():
+        return read_json(out)
+    if cell.kind == "head":
+        card = train_head(dataset, workdir, cell.config)
+    else:
+        card = finetune(dataset, workdir, cell.config, resume=True)
+    row = summarize(card)
+    row["group"] = cell.group
+    row["model_dir"] = str(Path(workdir) / "models" / card["name"])
+    write_json(out, row)
+    return row
+
+
+def _eta(done_s: list[float], left: int) -> str:
+    if not done_s:
+        return "?"
+    return f"{np.mean(done_s) * left / 60:.1f} min"
+
+
+def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
+               rows: list[dict], durations: list[float]) -> None:
+    for i, cell in enumerate(cells):
+        ts = time.perf_counter()
+        cached = (results_dir(workdir) / f"{cell.cell_id}.json").exists()
+        row = run_cell(cell, dataset, workdir)
+        took = time.perf_counter() - ts
+        if not cached:
+            durations.append(took)
+        rows.append(row)
+        lo, hi = row["ci95"] or (float("nan"), float("nan"))
+        print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc {row['balanced_accuracy']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}] {'(cached) ' if cached else ''}{took:.0f} s | elapsed "
+              f"{(time.perf_counter() - t0) / 60:.1f} min, remaining ~"
+              f"{_eta(durations, len(cells) - i - 1)}", flush=True)
+
+
+def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
+    """Learning-curve cells for the best frozen recipe (chosen on val, not test) and fine-tuning."""
+    heads_rows = [r for r in main_rows if r["kind"] == "head"]
+    cells: list[Cell] = []
+    if heads_rows:
+        best = max(heads_rows, key=lambda r: r["val_balanced_accuracy"])
+        card = read_json(Path(best["model_dir"]) / "card.json")
+        base = card["config"]
+        for frac in plan.curve_fractions:
+            if frac >= 1.0:
+                continue
+            cfg = HeadConfig(**{**base, "train_fraction": frac, "name": None,
+                                "trials": plan.curve_head_trials})
+            cells.append(_head_cell(cfg, group="curve"))
+    if plan.curve_finetune is not None:
+        for frac in plan.curve_fractions:
+            if frac >= 1.0:
+                continue
+            cfg = FinetuneConfig(**{**asdict(plan.curve_finetune), "train_fraction": frac})
+            cells.append(Cell(cfg.model_name(), "finetune", cfg, group="curve"))
+    return cells
+
+
+def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
+    """Evaluate every model on an external labelled folder (features cached per image set)."""
+    from models.bundle import load_card, load_pipeline
+    from models.design import metadata_matrix
+    from models.finetune import predict_finetuned
+
+    out = []
+    groups = external.frame["lesion_id"].astype(str).to_numpy()
+    for row in rows:
+        folder = Path(row["model_dir"])
+        card = load_card(folder)
+        if card["kind"] == "finetune":
+            proba = predict_finetuned(folder, external.frame["path"].tolist())
+        else:
+            blocks = []
+            for b in card["features"]:
+                fs = featurize(external, workdir, FeaturizeConfig(
+                    backbone=b["backbone"], image_size=tuple(b["image_size"]), tta=b["tta"],
+                    pool=b["pool"], weights=b["weights"]))
+                blocks.append(fs.features)
+            if card["metadata"]:
+                blocks.append(metadata_matrix(external.frame)[0])
+            proba = load_pipeline(folder).predict_proba(np.hstack(blocks).astype(np.float64))
+        res = evaluate(external.labels, proba, groups, n_boot=500)
+        out.append({**{k: row[k] for k in ("name", "kind", "features", "head", "imbalance",
+                                            "metadata", "train_fraction", "fit_time_s")},
+                    "balanced_accuracy": res["balanced_accuracy"],
+                    "ci95": res["ci95"]["balanced_accuracy"], "macro_f1": res["macro_f1"],
+                    "macro_auc": res["macro_auc"], "mel_sensitivity": res["mel_sensitivity"],
+                    "ece": res["ece"]})
+    return out
+
+
+def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
+            external: Path | None = None, report: Path | None = Path("REPORT.md"),
+            download: bool = True) -> dict:
+    """The whole study; returns the rows written to the report."""
+    t0 = time.perf_counter()
+    plan = plan_for(preset, seed)
+    dataset = ensure_data(data, download=download)
+    split = load_or_make_split(dataset, workdir, seed)
+    print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
+          f"split seed {seed}:\n{class_counts(split).to_string()}", flush=True)
+    ext_ds = load_external_labels(external) if external else None
+    for cfg in plan.featurize:
+        ts = time.perf_counter()
+        fs = featurize(dataset, workdir, cfg)
+        print(f"features {fs.key}: {fs.features.shape[1]} dims, "
+              f"{time.perf_counter() - ts:.0f} s", flush=True)
+    rows: list[dict] = []
+    durations: list[float] = []
+    _run_cells(plan.cells, dataset, workdir, t0, rows, durations)
+    curve = curve_cells(plan, rows, seed)
+    _run_cells(curve, dataset, workdir, t0, rows, durations)
+    ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
+                             workdir) if ext_ds is not None else None
+    wall = time.perf_counter() - t0
+    summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
+               "rows": rows, "external": ext_rows, "n_images": len(dataset)}
+    write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
+    if report is not None:
+        from benchmarks.report import write_report
+
+        write_report(report, summary, dataset, split, workdir)
+    best = max((r for r in rows if r.get("group", "main") == "main"),
+               key=lambda r: r["val_balanced_accuracy"])
+    print(f"done in {wall / 60:.1f} min; {len(rows)} cells; best by val: {best['name']} "
+          f"test bal.acc {best['balanced_accuracy']:.3f}; report: {report}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run the study."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
+    p.add_argument("--preset", default="quick", help="quick (<= 10 min) | full (<= 2 h)")
+    p.add_argument("--external-test", type=Path, default=None,
+                   help="folder of images + one label CSV (HAM10000 or ISIC 2018 format)")
+    p.add_argument("--report", type=Path, default=Path("REPORT.md"))
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
+    add_data_args(p)
+    args = p.parse_args(argv)
+    run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
+            args.report, download=not args.no_download)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

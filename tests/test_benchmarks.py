@@ -1,0 +1,86 @@
+"""run_all on the fixture (quick preset), resume, report markers, external test sets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks import run_all as ra
+from benchmarks.report import leaderboard_md, replace_block
+from lesionlab.errors import LesionLabError
+
+PROSE = "# Report\n\nHand-written intro.\n\n<!-- leaderboard:start -->\nold table\n" \
+        "<!-- leaderboard:end -->\n\nHand-written conclusions.\n"
+
+
+def _isic_copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    meta = pd.read_csv(dest / "HAM10000_metadata.csv")
+    (dest / "HAM10000_metadata.csv").unlink()
+    cols = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    gt = pd.DataFrame({"image": meta["image_id"]})
+    for c in cols:
+        gt[c] = (meta["dx"].str.upper() == c).astype(float)
+    gt.to_csv(dest / "ISIC2018_Task3_Training_GroundTruth.csv", index=False)
+    return dest
+
+
+def test_quick_pipeline_end_to_end(fixture_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    report = tmp_path / "REPORT.md"
+    report.write_text(PROSE)
+    external = _isic_copy(fixture_dir, tmp_path / "ext")
+    work = tmp_path / "runs"
+    summary = ra.run_all(fixture_dir, work, "quick", external=external, report=report,
+                         download=False)
+    kinds = {r["kind"] for r in summary["rows"]}
+    assert kinds == {"head", "finetune"}
+    assert any(r["group"] == "curve" for r in summary["rows"])
+    assert len(list((work / "results").glob("*.json"))) == len(summary["rows"]) + 1
+    assert summary["external"] and len(summary["external"]) == 3
+    text = report.read_text()
+    assert "Hand-written intro." in text and "Hand-written conclusions." in text
+    assert "old table" not in text and "balanced acc [95% CI]" in text
+    assert "<!-- external:start -->" in text and "ISIC" not in text.split("external:start")[0]
+    for fig in ("class_distribution", "confusion_head", "confusion_finetune",
+                "learning_curves", "reliability", "per_class_recall", "gradcam_examples"):
+        assert (tmp_path / "reports" / "figures" / f"{fig}.png").is_file(), fig
+        assert f"{fig}.png" in text
+
+    # resume: every cell is cached now, so nothing is trained again
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(ra, "train_head", boom)
+    monkeypatch.setattr(ra, "finetune", boom)
+    again = ra.run_all(fixture_dir, work, "quick", report=None, download=False)
+    assert [r["balanced_accuracy"] for r in again["rows"]] == \
+        [r["balanced_accuracy"] for r in summary["rows"]]
+
+
+def test_markers_regenerate_without_touching_prose() -> None:
+    rows = [{"features": "f", "head": "logreg", "imbalance": "smote", "metadata": False,
+             "balanced_accuracy": 0.5, "ci95": [0.4, 0.6], "macro_f1": 0.4, "macro_auc": 0.8,
+             "mel_sensitivity": 0.5, "ece": 0.05, "val_balanced_accuracy": 0.5,
+             "fit_time_s": 12.0}]
+    once = replace_block(PROSE, "leaderboard", leaderboard_md(rows))
+    twice = replace_block(once, "leaderboard", leaderboard_md(rows))
+    assert once == twice
+    assert once.replace(leaderboard_md(rows).rstrip(), "old table") == PROSE
+    added = replace_block("# R\n\nprose\n", "external", "table")
+    assert added.startswith("# R\n\nprose\n") and "<!-- external:end -->" in added
+
+
+def test_unknown_preset_and_bad_external(fixture_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LesionLabError, match="unknown --preset"):
+        ra.plan_for("medium", 0)
+    bad = tmp_path / "bad"
+    shutil.copytree(fixture_dir, bad)
+    (bad / "HAM10000_metadata.csv").rename(bad / "labels.csv")
+    pd.read_csv(bad / "labels.csv").rename(columns={"dx": "diagnosis"}).to_csv(
+        bad / "labels.csv", index=False)
+    with pytest.raises(LesionLabError, match="neither known format"):
+        ra.run_all(fixture_dir, tmp_path / "w", "quick", external=bad, report=None,
+                   download=False)
