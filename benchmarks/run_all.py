@@ -58,20 +58,26 @@ class Plan:
 
 def plan_for(preset: str, seed: int) -> Plan:
     """The cells of the ``quick`` or ``full`` preset."""
-    if preset == "quick":
-        feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none")]
-        plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0), curve_head_trials=4)
+    if preset in ("quick", "smoke"):
+        # smoke: the quick pipeline with tiny budgets, for tests on the fixture
+        smoke = preset == "smoke"
+        size = (72, 96) if smoke else (168, 224)
+        feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none", image_size=size)]
+        plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0),
+                    curve_head_trials=2 if smoke else 4)
         for head in ("logreg", "lightgbm"):
             cfg = HeadConfig(features="tf_efficientnet_lite0:none", head=head,
-                             imbalance="class_weight", trials=4, folds=3, seed=seed, n_boot=200)
+                             imbalance="class_weight", trials=2 if smoke else 6, folds=3,
+                             seed=seed, n_boot=50 if smoke else 500)
             plan.cells.append(_head_cell(cfg))
-        ft = FinetuneConfig(image_size=(96, 128), epochs=1, train_fraction=0.25, seed=seed,
-                            n_boot=200, tta="none")
+        ft = FinetuneConfig(image_size=(48, 64) if smoke else (96, 128), epochs=1,
+                            train_fraction=0.25 if not smoke else 1.0, seed=seed,
+                            n_boot=50 if smoke else 500, tta="none", num_workers=0 if smoke else 2)
         plan.cells.append(Cell(ft.model_name(), "finetune", ft))
         plan.curve_finetune = None
         return plan
     if preset != "full":
-        raise LesionLabError(f"unknown --preset {preset!r}; expected quick or full")
+        raise LesionLabError(f"unknown --preset {preset!r}; expected quick or full (or smoke)")
     feats = [FeaturizeConfig(backbone=b, tta="flip", pool="multistage") for b in LITE]
     feats += [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="flip"),
               FeaturizeConfig(backbone="classical", num_workers=2)]

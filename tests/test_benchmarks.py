@@ -28,12 +28,12 @@ def _isic_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_quick_pipeline_end_to_end(fixture_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Path, monkeypatch) -> None:
     report = tmp_path / "REPORT.md"
     report.write_text(PROSE)
     external = _isic_copy(fixture_dir, tmp_path / "ext")
     work = tmp_path / "runs"
-    summary = ra.run_all(fixture_dir, work, "quick", external=external, report=report,
+    summary = ra.run_all(fixture_dir, work, "smoke", external=external, report=report,
                          download=False)
     kinds = {r["kind"] for r in summary["rows"]}
     assert kinds == {"head", "finetune"}
@@ -55,7 +55,7 @@ def test_quick_pipeline_end_to_end(fixture_dir: Path, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(ra, "train_head", boom)
     monkeypatch.setattr(ra, "finetune", boom)
-    again = ra.run_all(fixture_dir, work, "quick", report=None, download=False)
+    again = ra.run_all(fixture_dir, work, "smoke", report=None, download=False)
     assert [r["balanced_accuracy"] for r in again["rows"]] == \
         [r["balanced_accuracy"] for r in summary["rows"]]
 
