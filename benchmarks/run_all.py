@@ -87,6 +87,9 @@ def plan_for(preset: str, seed: int) -> Plan:
         for imb in ("none", "class_weight", "smote"):
             plan.cells.append(_head_cell(HeadConfig(features=lite0, head=head, imbalance=imb,
                                                     seed=seed)))
+    ft = FinetuneConfig(seed=seed)  # early in the order: the comparison point of the study
+    plan.cells.append(Cell(ft.model_name(), "finetune", ft))
+    plan.curve_finetune = ft
     ms = [f"{b}:multistage" for b in LITE]
     combos = [ms[0], ms[1], ms[2], "classical", "+".join(ms), "+".join(ms) + "+classical"]
     for feats_name in combos:
@@ -98,9 +101,6 @@ def plan_for(preset: str, seed: int) -> Plan:
             plan.cells.append(_head_cell(HeadConfig(features=feats_name, head=head,
                                                     imbalance="class_weight", metadata=True,
                                                     seed=seed)))
-    ft = FinetuneConfig(seed=seed)
-    plan.cells.append(Cell(ft.model_name(), "finetune", ft))
-    plan.curve_finetune = ft
     return plan
 
 
