@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -42,7 +42,6 @@ class Cell:
     kind: str  # head | finetune
     config: Any
     group: str = "main"  # main | curve
-    after: str | None = None  # name of a selection rule this cell depends on
 
 
 @dataclass

@@ -12,12 +12,14 @@ from lesionlab.splits import load_or_make_split
 
 def list_backbones() -> None:
     """Print the known offline backbones, their default input size and weight availability."""
-    from featurize.backbones import CLASSICAL, OFFLINE_WEIGHTS, default_image_size, weights_available
+    from featurize.backbones import (CLASSICAL, OFFLINE_WEIGHTS, default_image_size,
+                                     weights_available)
 
     print(f"{'backbone':28s} {'H x W':>10s}  weights here")
     for name in [*OFFLINE_WEIGHTS, "convnext_small", "resnet50", "efficientnet_b0", CLASSICAL]:
         h, w = default_image_size(name)
-        print(f"{name:28s} {h:>4d} x {w:<4d}  {'yes' if weights_available(name) else 'no (needs hub)'}")
+        here = "yes" if weights_available(name) else "no (needs hub)"
+        print(f"{name:28s} {h:>4d} x {w:<4d}  {here}")
     print("Any timm model name is accepted; hub weights need a network or a --weights file.")
 
 
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m featurize", description=__doc__)
     p.add_argument("--backbone", help="timm model name, or 'classical'")
     p.add_argument("--list", action="store_true", help="list backbones and exit")
-    p.add_argument("--weights", default=None, help="local checkpoint instead of packaged/hub weights")
+    p.add_argument("--weights", default=None,
+                   help="local checkpoint instead of packaged/hub weights")
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=None)
     p.add_argument("--tta", default="none", help="none | flip | d4")
     p.add_argument("--pool", default="avg", help="avg | multistage")

@@ -36,7 +36,8 @@ def full_dir() -> Path:
     return FULL
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m ...`` like a user would; returns the finished process."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout)

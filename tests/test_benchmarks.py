@@ -28,7 +28,8 @@ def _isic_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Path,
+                                                 monkeypatch) -> None:
     report = tmp_path / "REPORT.md"
     report.write_text(PROSE)
     external = _isic_copy(fixture_dir, tmp_path / "ext")

@@ -115,8 +115,8 @@ def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
     proc = run_cli("models.predict", "--model", str(wd / "models" / card["name"]),
                    str(imgs[0]), str(bad), str(imgs[1]))
     assert proc.returncode == 1
-    lines = [json.loads(l) for l in proc.stdout.strip().splitlines()]
-    assert [l["path"] for l in lines] == [str(imgs[0]), str(bad), str(imgs[1])]
+    lines = [json.loads(text) for text in proc.stdout.strip().splitlines()]
+    assert [line["path"] for line in lines] == [str(imgs[0]), str(bad), str(imgs[1])]
     assert "error" in lines[1] and "broken.jpg" in lines[1]["error"]
     for line in (lines[0], lines[2]):
         assert set(line["probabilities"]) == set(CLASSES)
