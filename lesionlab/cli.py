@@ -28,6 +28,14 @@ def resolve_data(args: argparse.Namespace) -> Path:
     return Path(args.data) if args.data is not None else default_data_dir()
 
 
+def one_line(exc: LesionLabError) -> str:
+    """The user-facing line of an error, also when a DataLoader worker wrapped it."""
+    msg = str(exc).strip()
+    if "Original Traceback" in msg:  # torch re-raises worker errors with the traceback text
+        msg = msg.splitlines()[-1].split("LesionLabError: ", 1)[-1]
+    return msg
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None],
              argv: Sequence[str] | None = None) -> None:
     """Run ``main``; a ``LesionLabError`` prints ``error: ...`` on one line and exits 2."""
@@ -35,7 +43,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None],
     try:
         code = main(argv)
     except LesionLabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

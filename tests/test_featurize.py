@@ -170,3 +170,31 @@ def test_unknown_backbone_and_missing_weights(fixture_dir: Path, tmp_path: Path)
     proc = run_cli("featurize", "--backbone", "nope_net", "--data", str(fixture_dir),
                    "--workdir", str(tmp_path))
     assert proc.returncode == 2 and "unknown backbone" in proc.stderr
+
+
+def test_corrupt_image_stops_featurize_cleanly(data_copy: Path, tmp_path: Path) -> None:
+    victim = sorted((data_copy / "images").glob("*.jpg"))[40]
+    victim.write_bytes(b"\xff\xd8 truncated")
+    proc = run_cli("featurize", "--backbone", "classical", "--data", str(data_copy),
+                   "--workdir", str(tmp_path), "--num-workers", "1", "--chunk-size", "16")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: corrupt or unreadable image") and victim.name in last
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "features").glob("*/manifest.json"))
+    # chunks before the bad image are kept for the rerun once the file is fixed
+    assert list((tmp_path / "features").glob("*/chunks/00000.npy"))
+
+
+def test_local_weights_file(lite0, tmp_path: Path) -> None:
+    model, spec = lite0
+    path = tmp_path / "mine.pth"
+    torch.save(model.state_dict(), path)
+    again, spec2 = create_backbone("tf_efficientnet_lite0", weights=path)
+    assert spec2.weights_source == str(path) and spec2.weights_sha256 != spec.weights_sha256
+    x = torch.randn(1, 3, *SMALL)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), model(x))
+    path.write_bytes(b"junk")
+    with pytest.raises(LesionLabError, match="cannot read weights file"):
+        create_backbone("tf_efficientnet_lite0", weights=path)
