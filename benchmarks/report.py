@@ -243,7 +243,10 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     body += (f"\n_Preset `{summary['preset']}`, seed {summary['seed']}, {summary['n_images']} "
              f"images; wall time of this run {summary['wall_time_s'] / 60:.1f} min (cells "
              f"reused from earlier runs count as 0). Test split: lesion-grouped, touched once "
-             f"per cell; CIs: 1,000 lesion-level bootstrap resamples._\n")
+             f"per cell; CIs: lesion-level bootstrap resamples._\n")
+    if summary.get("unfinished"):
+        body += ("\n_Cells of this preset not finished yet: "
+                 + ", ".join(f"`{m}`" for m in summary["unfinished"]) + "._\n")
     text = replace_block(text, "leaderboard", body)
     ext = summary.get("external")
     text = replace_block(text, "external", leaderboard_md(ext) if ext else

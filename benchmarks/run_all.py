@@ -237,8 +237,11 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
 
 def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             external: Path | None = None, report: Path | None = Path("REPORT.md"),
-            download: bool = True) -> dict:
-    """The whole study; returns the rows written to the report."""
+            download: bool = True, report_only: bool = False) -> dict:
+    """The whole study; returns the rows written to the report.
+
+    ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
+    """
     t0 = time.perf_counter()
     plan = plan_for(preset, seed)
     dataset = ensure_data(data, download=download)
@@ -246,6 +249,8 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
           f"split seed {seed}:\n{class_counts(split).to_string()}", flush=True)
     ext_ds = load_external_labels(external) if external else None
+    if report_only:
+        return _report_from_saved(plan, dataset, split, workdir, report, preset, seed)
     for cfg in plan.featurize:
         ts = time.perf_counter()
         fs = featurize(dataset, workdir, cfg)
@@ -273,6 +278,27 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     return summary
 
 
+def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
+                       report: Path | None, preset: str, seed: int) -> dict:
+    """Rebuild the report from finished cells (no training); unfinished cells are listed."""
+    rows = []
+    for path in sorted(results_dir(workdir).glob("*.json")):
+        if not path.name.startswith("summary_"):
+            rows.append(read_json(path))
+    planned = {c.cell_id for c in plan.cells}
+    missing = sorted(planned - {r["name"] for r in rows})
+    prev = results_dir(workdir) / f"summary_{preset}.json"
+    wall = read_json(prev)["wall_time_s"] if prev.exists() else float("nan")
+    summary = {"preset": preset, "seed": seed, "wall_time_s": wall, "rows": rows,
+               "external": None, "n_images": len(dataset), "unfinished": missing}
+    if report is not None:
+        from benchmarks.report import write_report
+
+        write_report(report, summary, dataset, split, workdir)
+    print(f"report rebuilt from {len(rows)} finished cells; unfinished: {missing or 'none'}")
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run the study."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
@@ -281,10 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="folder of images + one label CSV (HAM10000 or ISIC 2018 format)")
     p.add_argument("--report", type=Path, default=Path("REPORT.md"))
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from finished cells without running anything")
     add_data_args(p)
     args = p.parse_args(argv)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
-            args.report, download=not args.no_download)
+            args.report, download=not args.no_download, report_only=args.report_only)
     return 0
 
 

@@ -59,6 +59,11 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     again = ra.run_all(fixture_dir, work, "smoke", report=None, download=False)
     assert [r["balanced_accuracy"] for r in again["rows"]] == \
         [r["balanced_accuracy"] for r in summary["rows"]]
+    (work / "results" / f"{summary['rows'][0]['name']}.json").unlink()
+    rebuilt = ra.run_all(fixture_dir, work, "smoke", report=report, download=False,
+                         report_only=True)
+    assert rebuilt["unfinished"] == [summary["rows"][0]["name"]]
+    assert "not finished yet" in report.read_text()
 
 
 def test_markers_regenerate_without_touching_prose() -> None:
