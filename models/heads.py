@@ -138,7 +138,8 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
         if type(clf).__name__ == "LGBMClassifier":
             import lightgbm as lgb
 
-            clf.fit(xt, yt, eval_set=[(xv, y_va)],
+            seen = np.isin(y_va, np.unique(yt))  # LightGBM rejects classes it never trained on
+            clf.fit(xt, yt, eval_set=[(xv[seen], y_va[seen])],
                     callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
             best_iter = int(clf.best_iteration_ or clf.n_estimators)
         else:
