@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 HEADS = ("logreg", "lightgbm")
 IMBALANCE = ("none", "class_weight", "smote")
-EARLY_STOPPING_ROUNDS = 30
-MAX_TREES = 1000
+EARLY_STOPPING_ROUNDS = 20
+# With class weights the early-stopping loss kept improving to ~1,000 trees (2 min a fit on
+# 2 cores); 300 trees at learning rate >= 0.05 keeps a tuned cell near 3 minutes.
+MAX_TREES = 300
 
 
 def check_choice(head: str, imbalance: str) -> None:
@@ -53,7 +55,7 @@ def suggest_params(trial: optuna.Trial, head: str, n_features: int) -> dict[str,
     lgb_pca = [c for c in (32, 64, 128) if c < n_features] or [0]
     return {
         "pca": trial.suggest_categorical("pca", lgb_pca),
-        "learning_rate": trial.suggest_float("learning_rate", 0.03, 0.3, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", 0.05, 0.3, log=True),
         "num_leaves": trial.suggest_int("num_leaves", 7, 63, log=True),
         "max_depth": trial.suggest_int("max_depth", 3, 8),
         "min_child_samples": trial.suggest_int("min_child_samples", 5, 60, log=True),
