@@ -50,6 +50,7 @@ class Plan:
 
     featurize: list[FeaturizeConfig]
     cells: list[Cell] = field(default_factory=list)
+    late_cells: list[Cell] = field(default_factory=list)  # run after the learning curves
     curve_fractions: tuple[float, ...] = FRACTIONS
     curve_finetune: FinetuneConfig | None = None
     curve_head_trials: int = 10
@@ -90,16 +91,20 @@ def plan_for(preset: str, seed: int) -> Plan:
     plan.cells.append(Cell(ft.model_name(), "finetune", ft))
     plan.curve_finetune = ft
     ms = [f"{b}:multistage" for b in LITE]
-    combos = [ms[0], ms[1], ms[2], "classical", "+".join(ms), "+".join(ms) + "+classical"]
-    for feats_name in combos:
+    # The learning curves (the study's main question) run before the single-backbone cells.
+    for feats_name, late in ((ms[0], False), ("+".join(ms), False),
+                             ("+".join(ms) + "+classical", False), (ms[1], True),
+                             (ms[2], True), ("classical", True)):
         for head in ("logreg", "lightgbm"):
-            plan.cells.append(_head_cell(HeadConfig(features=feats_name, head=head,
-                                                    imbalance="class_weight", seed=seed)))
+            cell = _head_cell(HeadConfig(features=feats_name, head=head,
+                                         imbalance="class_weight", seed=seed))
+            early = not late and (head == "logreg" or feats_name == ms[0])
+            (plan.cells if early else plan.late_cells).append(cell)
     for feats_name in (ms[0], "+".join(ms) + "+classical"):
         for head in ("logreg", "lightgbm"):
-            plan.cells.append(_head_cell(HeadConfig(features=feats_name, head=head,
-                                                    imbalance="class_weight", metadata=True,
-                                                    seed=seed)))
+            cell = _head_cell(HeadConfig(features=feats_name, head=head,
+                                         imbalance="class_weight", metadata=True, seed=seed))
+            (plan.cells if head == "logreg" else plan.late_cells).append(cell)
     return plan
 
 
@@ -261,6 +266,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     _run_cells(plan.cells, dataset, workdir, t0, rows, durations)
     curve = curve_cells(plan, rows, seed)
     _run_cells(curve, dataset, workdir, t0, rows, durations)
+    _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations)
     ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
                              workdir) if ext_ds is not None else None
     wall = time.perf_counter() - t0
@@ -285,7 +291,7 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     for path in sorted(results_dir(workdir).glob("*.json")):
         if not path.name.startswith("summary_"):
             rows.append(read_json(path))
-    planned = {c.cell_id for c in plan.cells}
+    planned = {c.cell_id for c in plan.cells + plan.late_cells}
     missing = sorted(planned - {r["name"] for r in rows})
     prev = results_dir(workdir) / f"summary_{preset}.json"
     wall = read_json(prev)["wall_time_s"] if prev.exists() else float("nan")
