@@ -80,14 +80,19 @@ def index_images(root: Path) -> dict[str, Path]:
     return found
 
 
+def _read_csv(csv_path: Path, what: str) -> pd.DataFrame:
+    """``pd.read_csv`` with user-facing errors for a missing or unparsable file."""
+    if not csv_path.is_file():
+        raise LesionLabError(f"{what} not found: {csv_path}")
+    try:
+        return pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise LesionLabError(f"cannot parse {what} {csv_path}: {exc}") from None
+
+
 def read_metadata(csv_path: Path) -> pd.DataFrame:
     """Read and check a HAM10000 metadata CSV: required columns, known classes, unique ids."""
-    if not csv_path.is_file():
-        raise LesionLabError(f"metadata CSV not found: {csv_path}")
-    try:
-        meta = pd.read_csv(csv_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise LesionLabError(f"cannot parse metadata CSV {csv_path}: {exc}") from None
+    meta = _read_csv(csv_path, "metadata CSV")
     missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
     if missing:
         raise LesionLabError(
@@ -168,13 +173,7 @@ def load_external_labels(root: Path | str, csv_path: Path | str | None = None) -
                 f"external test folder {root} must hold exactly one label CSV; found "
                 f"{[c.name for c in csvs]}")
         csv_path = csvs[0]
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise LesionLabError(f"label CSV not found: {csv_path}")
-    try:
-        raw = pd.read_csv(csv_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise LesionLabError(f"cannot parse label CSV {csv_path}: {exc}") from None
+    raw = _read_csv(Path(csv_path), "label CSV")
     if {"image_id", "dx"} <= set(raw.columns):
         meta = raw.copy()
     elif {"image", *ISIC2018_COLUMNS} <= set(raw.columns):
