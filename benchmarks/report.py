@@ -240,10 +240,14 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     body = leaderboard_md(main_rows)
     if curve_rows:
         body += "\n" + leaderboard_md(curve_rows, "Learning-curve cells (train fractions):")
+    compute = sum(r.get("fit_time_s") or 0 for r in summary["rows"]) / 60
+    wall = summary["wall_time_s"]
+    wall_txt = (f"wall time of the last run {wall / 60:.1f} min (cells reused from earlier "
+                f"runs count as 0)" if wall == wall else "rebuilt from saved cells")
     body += (f"\n_Preset `{summary['preset']}`, seed {summary['seed']}, {summary['n_images']} "
-             f"images; wall time of this run {summary['wall_time_s'] / 60:.1f} min (cells "
-             f"reused from earlier runs count as 0). Test split: lesion-grouped, touched once "
-             f"per cell; CIs: lesion-level bootstrap resamples._\n")
+             f"images; {wall_txt}; the cells above took {compute:.0f} min of compute in all, "
+             f"plus feature extraction. Test split: lesion-grouped, touched once per cell; "
+             f"CIs: lesion-level bootstrap resamples._\n")
     if summary.get("unfinished"):
         body += ("\n_Cells of this preset not finished yet: "
                  + ", ".join(f"`{m}`" for m in summary["unfinished"]) + "._\n")
