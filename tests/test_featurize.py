@@ -94,7 +94,7 @@ def test_flip_tta_averages_flipped_views(fixture_dir: Path) -> None:
     assert not np.allclose(ext.runner(x), ext.runner(x.flip(3).contiguous()), atol=1e-4)
 
 
-def test_cache_hit_miss_invalidation(data_copy: Path, tmp_path: Path) -> None:
+def test_cache_hit_miss_invalidation(data_copy: Path, tmp_path: Path, monkeypatch) -> None:
     ds = load_dataset(data_copy)
     cfg = FeaturizeConfig(backbone="tf_efficientnet_lite0", image_size=SMALL, num_workers=0,
                           chunk_size=32)
@@ -104,7 +104,11 @@ def test_cache_hit_miss_invalidation(data_copy: Path, tmp_path: Path) -> None:
     assert list(first.image_ids) == list(ds.frame["image_id"])
     assert first.manifest["images_per_s"] > 0 and first.manifest["weights_sha256"]
     calls.clear()
-    again = featurize(ds, tmp_path, cfg, on_chunk=calls.append)
+    import featurize.extract as fx
+
+    with monkeypatch.context() as m:  # a hit must not even load the model
+        m.setattr(fx, "Extractor", lambda *a, **k: pytest.fail("model loaded on a cache hit"))
+        again = featurize(ds, tmp_path, cfg, on_chunk=calls.append)
     assert calls == [] and again.key == first.key  # cache hit: no work
     flip = featurize(ds, tmp_path, FeaturizeConfig(**{**cfg.__dict__, "tta": "flip"}),
                      on_chunk=calls.append)
