@@ -210,7 +210,7 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
 def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
     """Evaluate every model on an external labelled folder (features cached per image set)."""
     from models.bundle import load_card, load_pipeline
-    from models.design import metadata_matrix
+    from models.design import block_config, metadata_matrix
     from models.finetune import predict_finetuned
 
     out = []
@@ -223,9 +223,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         else:
             blocks = []
             for b in card["features"]:
-                fs = featurize(external, workdir, FeaturizeConfig(
-                    backbone=b["backbone"], image_size=tuple(b["image_size"]), tta=b["tta"],
-                    pool=b["pool"], weights=b["weights"]))
+                fs = featurize(external, workdir, block_config(b))
                 blocks.append(fs.features)
             if card["metadata"]:
                 blocks.append(metadata_matrix(external.frame)[0])

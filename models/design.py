@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featurize.extract import FeatureSet, load_feature_set, resolve_key
+from featurize.extract import FeaturizeConfig, FeatureSet, load_feature_set, resolve_key
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
 
@@ -55,6 +55,13 @@ class Design:
         return [{"key": fs.key, **fs.manifest["settings"],
                  "weights_sha256": fs.manifest["weights_sha256"], "dim": int(fs.features.shape[1])}
                 for fs in self.feature_sets]
+
+
+def block_config(block: dict, **runtime) -> FeaturizeConfig:
+    """The featurize settings that made one feature block of a model card (to recompute it)."""
+    return FeaturizeConfig(backbone=block["backbone"], image_size=tuple(block["image_size"]),
+                           tta=block["tta"], pool=block["pool"], weights=block["weights"],
+                           **runtime)
 
 
 def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:

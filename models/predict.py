@@ -19,20 +19,17 @@ from lesionlab.cli import run_main
 from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import load_card, load_pipeline
-from models.design import metadata_matrix
+from models.design import block_config, metadata_matrix
 
 
 def head_features(card: dict, paths: Sequence[str], meta: pd.DataFrame | None,
                   device: str = "auto") -> np.ndarray:
     """Recompute a head model's input features for new images."""
-    from featurize.extract import Extractor, FeaturizeConfig
+    from featurize.extract import Extractor
 
     blocks = []
     for block in card["features"]:
-        cfg = FeaturizeConfig(backbone=block["backbone"], image_size=tuple(block["image_size"]),
-                              tta=block["tta"], pool=block["pool"], weights=block["weights"],
-                              device=device, num_workers=0)
-        ext = Extractor(cfg)
+        ext = Extractor(block_config(block, device=device, num_workers=0))
         try:
             if ext.spec.weights_sha256 != block["weights_sha256"]:
                 raise LesionLabError(

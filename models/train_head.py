@@ -110,9 +110,9 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig) -> dict:
 
     # The test split: touched once, here.
     raw_te = model.raw_proba(x[te])
-    uncal_te = model.decide(raw_te) if model.prior is None else heads.apply_prior_correction(
-        raw_te, prior)
-    proba_te = model.predict_proba(x[te])
+    # Before temperature scaling: the decision rule alone.
+    uncal_te = raw_te if model.prior is None else heads.apply_prior_correction(raw_te, prior)
+    proba_te = model.decide(raw_te)
     test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
     test["ece_uncalibrated"] = expected_calibration_error(y[te], uncal_te)
     val = evaluate(y[va], model.predict_proba(x[va]), n_boot=0)

@@ -90,6 +90,15 @@ def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str
     model = load_pipeline(folder)
     design = load_design(wd, ds, "classical", metadata=True)
     test_rows = ds.frame["image_id"].isin(card["test_image_ids"]).to_numpy()
+    # "uncalibrated" ECE is measured before the temperature, after the decision rule only
+    from lesionlab.metrics import expected_calibration_error
+    from models.heads import apply_prior_correction
+
+    raw = model.raw_proba(design.x[test_rows])
+    if model.prior is not None:
+        raw = apply_prior_correction(raw, model.prior)
+    assert card["test"]["ece_uncalibrated"] == pytest.approx(
+        expected_calibration_error(ds.labels[test_rows], raw))
     np.testing.assert_allclose(model.predict_proba(design.x[test_rows]),
                                np.load(folder / "test_proba.npy"), atol=1e-10)
     # features recomputed from images (predict's path) equal the cached ones
