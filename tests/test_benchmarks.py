@@ -90,3 +90,24 @@ def test_unknown_preset_and_bad_external(fixture_dir: Path, tmp_path: Path) -> N
     with pytest.raises(LesionLabError, match="neither known format"):
         ra.run_all(fixture_dir, tmp_path / "w", "quick", external=bad, report=None,
                    download=False)
+
+
+def test_full_plan_covers_the_study() -> None:
+    """The full preset holds every comparison the study claims, each cell once."""
+    plan = ra.plan_for("full", 0)
+    cells = plan.cells + plan.late_cells
+    ids = [c.cell_id for c in cells]
+    assert len(ids) == len(set(ids))
+    assert {f.backbone for f in plan.featurize} == set(ra.LITE) | {"classical"}
+    heads = [c.config for c in cells if c.kind == "head"]
+    grid = {(h.head, h.imbalance) for h in heads if h.features == f"{ra.LITE[0]}:multistage"}
+    assert grid == {(h, i) for h in ("logreg", "lightgbm")
+                    for i in ("none", "class_weight", "smote")}
+    for h in ("logreg", "lightgbm"):
+        feats = {c.features for c in heads if c.head == h and not c.metadata}
+        assert {f"{b}:multistage" for b in ra.LITE} | {"classical"} <= feats
+        assert any("+" in f for f in feats)  # concatenated feature sets
+        assert any(c.metadata for c in heads if c.head == h)
+    assert all(c.train_fraction == 1.0 for c in heads)
+    assert sum(c.kind == "finetune" for c in cells) == 1 and plan.curve_finetune is not None
+    assert plan.curve_fractions == (0.1, 0.25, 0.5, 1.0)
