@@ -307,20 +307,32 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     return summary
 
 
+def default_report(preset: str, workdir: Path | str) -> Path:
+    """Where a run writes its report when ``--report`` is not given.
+
+    Only the full study rewrites the committed REPORT.md; the quick preset writes beside its
+    artifacts, so a first try never replaces the study's tables with small-budget numbers.
+    """
+    return Path("REPORT.md") if preset == "full" else Path(workdir) / f"REPORT_{preset}.md"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run the study."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
     p.add_argument("--preset", default="quick", help="quick (<= 10 min) | full (<= 2 h)")
     p.add_argument("--external-test", type=Path, default=None,
                    help="folder of images + one label CSV (HAM10000 or ISIC 2018 format)")
-    p.add_argument("--report", type=Path, default=Path("REPORT.md"))
+    p.add_argument("--report", type=Path, default=None,
+                   help="markdown file to update (default: REPORT.md for --preset full, "
+                        "WORKDIR/REPORT_<preset>.md otherwise)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from finished cells without running anything")
     add_data_args(p)
     args = p.parse_args(argv)
+    report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
-            args.report, download=not args.no_download, report_only=args.report_only)
+            report, download=not args.no_download, report_only=args.report_only)
     return 0
 
 

@@ -111,3 +111,9 @@ def test_full_plan_covers_the_study() -> None:
     assert all(c.train_fraction == 1.0 for c in heads)
     assert sum(c.kind == "finetune" for c in cells) == 1 and plan.curve_finetune is not None
     assert plan.curve_fractions == (0.1, 0.25, 0.5, 1.0)
+
+
+def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
+    """Only the full preset rewrites REPORT.md; quick runs report beside their artifacts."""
+    assert ra.default_report("full", tmp_path) == Path("REPORT.md")
+    assert ra.default_report("quick", tmp_path) == tmp_path / "REPORT_quick.md"
