@@ -75,7 +75,8 @@ def fig_images_per_lesion(dataset: Dataset, out: Path) -> None:
     per = dataset.frame.groupby("lesion_id").size()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     counts = per.value_counts().sort_index()
-    ax.bar(counts.index.astype(str), counts.values)
+    ax.bar(np.arange(len(counts)), counts.values)  # positions + labels: no categorical axis
+    ax.set_xticks(np.arange(len(counts)), [str(k) for k in counts.index])
     ax.set_xlabel("images of the same lesion")
     ax.set_ylabel("lesions")
     ax.set_title(f"{len(per)} lesions, {len(dataset)} images")
