@@ -9,6 +9,7 @@ finished cells, so a killed run resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,27 +89,27 @@ def plan_for(preset: str, seed: int) -> Plan:
     plan = Plan(featurize=feats)
     ms = [f"{b}:multistage" for b in LITE]
 
-    def head(features: str, head: str, imbalance: str = "class_weight",
+    def cell(features: str, head: str, imbalance: str = "class_weight",
              metadata: bool = False) -> Cell:
         return _head_cell(HeadConfig(features=features, head=head, imbalance=imbalance,
                                      metadata=metadata, seed=seed, timeout=FULL_HEAD_TIMEOUT))
 
-    for name in ("logreg", "lightgbm"):  # the imbalance grid on the cheapest backbone
+    for head in ("logreg", "lightgbm"):  # the imbalance grid on the cheapest backbone
         for imb in ("none", "class_weight", "smote"):
-            plan.cells.append(head(ms[0], name, imb))
+            plan.cells.append(cell(ms[0], head, imb))
     ft = FinetuneConfig(seed=seed, epochs=10, patience=3)  # the comparison point, run early
     plan.cells.append(Cell(ft.model_name(), "finetune", ft))
     plan.curve_finetune = ft
     # The learning curves (the study's main question) run before the single-backbone cells.
     concat = "+".join(ms)
-    plan.cells += [head(concat, "logreg"), head(concat + "+classical", "logreg"),
-                   head(ms[0], "logreg", metadata=True),
-                   head(concat + "+classical", "logreg", metadata=True)]
+    plan.cells += [cell(concat, "logreg"), cell(concat + "+classical", "logreg"),
+                   cell(ms[0], "logreg", metadata=True),
+                   cell(concat + "+classical", "logreg", metadata=True)]
     for feats_name in (ms[1], ms[2], "classical"):
-        plan.late_cells += [head(feats_name, "logreg"), head(feats_name, "lightgbm")]
-    plan.late_cells += [head(concat, "lightgbm"), head(concat + "+classical", "lightgbm"),
-                        head(ms[0], "lightgbm", metadata=True),
-                        head(concat + "+classical", "lightgbm", metadata=True)]
+        plan.late_cells += [cell(feats_name, "logreg"), cell(feats_name, "lightgbm")]
+    plan.late_cells += [cell(concat, "lightgbm"), cell(concat + "+classical", "lightgbm"),
+                        cell(ms[0], "lightgbm", metadata=True),
+                        cell(concat + "+classical", "lightgbm", metadata=True)]
     return plan
 
 
@@ -219,6 +220,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
 
     out = []
     groups = external.frame["lesion_id"].astype(str).to_numpy()
+    blocks_by_key: dict[str, np.ndarray] = {}  # models share feature blocks: read each once
     for row in rows:
         folder = Path(row["model_dir"])
         card = load_card(folder)
@@ -227,8 +229,10 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         else:
             blocks = []
             for b in card["features"]:
-                fs = featurize(external, workdir, block_config(b))
-                blocks.append(fs.features)
+                key = json.dumps(b, sort_keys=True)
+                if key not in blocks_by_key:
+                    blocks_by_key[key] = featurize(external, workdir, block_config(b)).features
+                blocks.append(blocks_by_key[key])
             if card["metadata"]:
                 blocks.append(metadata_matrix(external.frame)[0])
             proba = load_pipeline(folder).predict_proba(np.hstack(blocks).astype(np.float64))

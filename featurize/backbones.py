@@ -103,6 +103,11 @@ def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(mapped)
 
 
+def weights_file(name: str, weights: Path | str | None = None) -> Path | None:
+    """The local weights file a backbone loads: ``weights`` if given, else the packaged one."""
+    return Path(weights) if weights is not None else offline_weights_path(name)
+
+
 def create_backbone(name: str, weights: Path | str | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Create timm model ``name`` with real pretrained weights, in eval mode.
 
@@ -116,7 +121,7 @@ def create_backbone(name: str, weights: Path | str | None = None) -> tuple[nn.Mo
     spec_kwargs = dict(name=name, image_size=default_image_size(name),
                        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
-    path = Path(weights) if weights is not None else offline_weights_path(name)
+    path = weights_file(name, weights)
     if path is not None:
         if not path.is_file():
             raise LesionLabError(f"weights file not found: {path}")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 from tqdm import tqdm
 
 from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, create_backbone,
-                                 default_image_size, offline_weights_path, sha256_file)
+                                 default_image_size, sha256_file, weights_file)
 from featurize.classical import FEATURE_NAMES, classical_features
 from lesionlab.artifacts import (atomic_path, features_dir, library_versions, read_json,
                                  save_npy, write_json)
@@ -293,27 +293,33 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     data_fp = frame_fingerprint(frame)
     known = _weights_sha_without_model(cfg)
     if known is not None:  # a cache hit then costs no model load or graph export
-        out = features_dir(workdir) / cache_key(cfg, known, data_fp)
-        if (out / "manifest.json").exists():
-            log.info("features cached: %s", out)
-            return load_feature_set(out)
+        hit = _cached(features_dir(workdir) / cache_key(cfg, known, data_fp))
+        if hit is not None:
+            return hit
     extractor = Extractor(cfg)
     try:
         key = cache_key(cfg, extractor.spec.weights_sha256, data_fp)
         out = features_dir(workdir) / key
-        if (out / "manifest.json").exists():
-            log.info("features cached: %s", out)
-            return load_feature_set(out)
-        return _extract(frame, out, key, cfg, extractor, data_fp, on_chunk)
+        hit = _cached(out)
+        return hit if hit is not None else _extract(frame, out, key, cfg, extractor, data_fp,
+                                                    on_chunk)
     finally:
         extractor.close()
+
+
+def _cached(out: Path) -> FeatureSet | None:
+    """The finished feature set in ``out`` (its manifest is written last), or None."""
+    if not (out / "manifest.json").exists():
+        return None
+    log.info("features cached: %s", out)
+    return load_feature_set(out)
 
 
 def _weights_sha_without_model(cfg: FeaturizeConfig) -> str | None:
     """The weights checksum when it can be had from a file alone (None for hub weights)."""
     if cfg.backbone == CLASSICAL:
         return _classical_code_hash()
-    path = Path(cfg.weights) if cfg.weights else offline_weights_path(cfg.backbone)
+    path = weights_file(cfg.backbone, cfg.weights)
     return sha256_file(path) if path is not None and path.is_file() else None
 
 

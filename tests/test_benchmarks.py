@@ -28,7 +28,7 @@ def _isic_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-# A 25% learning-curve subset of the 87-image fixture leaves a single image of the rarest class: expected here.
+# A 25% learning-curve subset of the 87-image fixture holds one image of the rarest class.
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
 def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Path,
                                                  monkeypatch) -> None:
