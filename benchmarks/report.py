@@ -13,9 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lesionlab.artifacts import read_json, write_text  # noqa: E402
+from lesionlab.artifacts import write_text  # noqa: E402
 from lesionlab.data import CLASSES, Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
+from models.bundle import load_card  # noqa: E402
 
 MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->"),
            "external": ("<!-- external:start -->", "<!-- external:end -->"),
@@ -157,9 +158,9 @@ def fig_gradcam(model_dir: Path, dataset: Dataset, out: Path, tiles: Path,
 
     from models.explain import explain_images
 
-    card = read_json(model_dir / "card.json")
+    card = load_card(model_dir)
     proba = np.load(model_dir / "test_proba.npy")
-    frame = dataset.frame.set_index("image_id").loc[card["test_image_ids"]]
+    frame = dataset.frame.set_index("image_id").loc[card.test_image_ids]
     pred = proba.argmax(1)
     truth = frame["label"].to_numpy()
     picks = []
@@ -205,8 +206,7 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
         made.append(("Per-class test recall", "per_class_recall.png"))
         rel = []
         for row in chosen:
-            card = read_json(Path(row["model_dir"]) / "card.json")
-            ids = card["test_image_ids"]
+            ids = load_card(row["model_dir"]).test_image_ids
             y = dataset.frame.set_index("image_id").loc[ids, "label"].to_numpy()
             rel.append((row["label"], y, np.load(Path(row["model_dir"]) / "test_proba.npy")))
         fig_reliability(rel, fig_dir / "reliability.png")

@@ -9,7 +9,6 @@ finished cells, so a killed run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,12 +19,13 @@ import numpy as np
 
 from featurize.extract import FeaturizeConfig, featurize
 from lesionlab.artifacts import read_json, write_json
-from lesionlab.cli import add_data_args, resolve_data, run_main
+from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.metrics import evaluate
 from lesionlab.splits import class_counts, load_or_make_split
+from models.bundle import ModelCard, load_card, load_head
 from models.finetune import FinetuneConfig, finetune
 from models.train_head import HeadConfig, train_head
 
@@ -92,7 +92,7 @@ def plan_for(preset: str, seed: int) -> Plan:
     def cell(features: str, head: str, imbalance: str = "class_weight",
              metadata: bool = False) -> Cell:
         return _head_cell(HeadConfig(features=features, head=head, imbalance=imbalance,
-                                     metadata=metadata, seed=seed, timeout=FULL_HEAD_TIMEOUT))
+                                     metadata=metadata, seed=seed, tune_timeout=FULL_HEAD_TIMEOUT))
 
     for head in ("logreg", "lightgbm"):  # the imbalance grid on the cheapest backbone
         for imb in ("none", "class_weight", "smote"):
@@ -117,32 +117,28 @@ def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
     return Cell(cfg.model_name(), "head", cfg, group)
 
 
-def summarize(card: dict) -> dict:
+def summarize(card: ModelCard) -> dict:
     """The leaderboard row of a model card."""
-    cfg = card["config"]
-    t = card["test"]
-    row = {
-        "name": card["name"], "kind": card["kind"],
-        "features": cfg.get("features") or f"{cfg['backbone']} (fine-tuned)",
-        "head": cfg.get("head") or "fine-tune",
-        "imbalance": cfg.get("imbalance") or f"{cfg['sampler']} sampler, {cfg['loss']}",
-        "metadata": bool(card.get("metadata", False)),
-        "train_fraction": cfg.get("train_fraction", 1.0),
+    t = card.test
+    return {
+        "name": card.name, "kind": card.kind,
+        "features": card.features_label, "head": card.head_label,
+        "imbalance": card.imbalance_label, "metadata": card.metadata,
+        "train_fraction": card.config["train_fraction"],
         "balanced_accuracy": t["balanced_accuracy"],
         "ci95": t.get("ci95", {}).get("balanced_accuracy"),
         "macro_f1": t["macro_f1"], "macro_auc": t["macro_auc"],
         "mel_sensitivity": t["mel_sensitivity"], "ece": t["ece"],
-        "ece_uncalibrated": t.get("ece_uncalibrated"),
+        "ece_uncalibrated": t["ece_uncalibrated"],
         "per_class_recall": {c: v["recall"] for c, v in t["per_class"].items()},
         "confusion_matrix": t["confusion_matrix"],
-        "val_balanced_accuracy": card["val"]["balanced_accuracy"],
-        "cv_balanced_accuracy": card.get("cv_balanced_accuracy"),
-        "fit_time_s": card.get("total_time_s"),
-        "epoch_time_s": card.get("epoch_time_s"),
-        "train_img_per_s": card.get("train_img_per_s"),
+        "val_balanced_accuracy": card.val["balanced_accuracy"],
+        "cv_balanced_accuracy": card.details.get("cv_balanced_accuracy"),
+        "fit_time_s": card.total_time_s,
+        "epoch_time_s": card.details.get("epoch_time_s"),
+        "train_img_per_s": card.details.get("train_img_per_s"),
         "model_dir": None,
     }
-    return row
 
 
 def results_dir(workdir: Path | str) -> Path:
@@ -161,7 +157,7 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
         card = finetune(dataset, workdir, cell.config, resume=True)
     row = summarize(card)
     row["group"] = cell.group
-    row["model_dir"] = str(Path(workdir) / "models" / card["name"])
+    row["model_dir"] = str(Path(workdir) / "models" / card.name)
     write_json(out, row)
     return row
 
@@ -195,8 +191,7 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
     cells: list[Cell] = []
     if heads_rows:
         best = max(heads_rows, key=lambda r: r["val_balanced_accuracy"])
-        card = read_json(Path(best["model_dir"]) / "card.json")
-        base = card["config"]
+        base = load_card(best["model_dir"]).config
         for frac in plan.curve_fractions:
             if frac >= 1.0:
                 continue
@@ -214,28 +209,18 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
 
 def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
     """Evaluate every model on an external labelled folder (features cached per image set)."""
-    from models.bundle import load_card, load_pipeline
-    from models.design import block_config, metadata_matrix
+    from models.design import card_design
     from models.finetune import predict_finetuned
 
     out = []
     groups = external.frame["lesion_id"].astype(str).to_numpy()
-    blocks_by_key: dict[str, np.ndarray] = {}  # models share feature blocks: read each once
     for row in rows:
         folder = Path(row["model_dir"])
         card = load_card(folder)
-        if card["kind"] == "finetune":
+        if card.kind == "finetune":
             proba = predict_finetuned(folder, external.frame["path"].tolist())
         else:
-            blocks = []
-            for b in card["features"]:
-                key = json.dumps(b, sort_keys=True)
-                if key not in blocks_by_key:
-                    blocks_by_key[key] = featurize(external, workdir, block_config(b)).features
-                blocks.append(blocks_by_key[key])
-            if card["metadata"]:
-                blocks.append(metadata_matrix(external.frame)[0])
-            proba = load_pipeline(folder).predict_proba(np.hstack(blocks).astype(np.float64))
+            proba = load_head(folder).predict_proba(card_design(card, external, workdir))
         res = evaluate(external.labels, proba, groups, n_boot=500)
         out.append({**{k: row[k] for k in ("name", "kind", "features", "head", "imbalance",
                                             "metadata", "train_fraction", "fit_time_s")},
@@ -320,20 +305,30 @@ def default_report(preset: str, workdir: Path | str) -> Path:
     return Path("REPORT.md") if preset == "full" else Path(workdir) / f"REPORT_{preset}.md"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and run the study."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
-    p.add_argument("--preset", default="quick", help="quick (<= 10 min) | full (<= 2 h)")
+PRESETS = ("quick", "full", "smoke")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m benchmarks.run_all", __doc__)
+    p.add_argument("--preset", default="quick", choices=PRESETS,
+                   help="quick (<= 10 min) | full (the study, <= 2.5 h) | smoke (tests)")
     p.add_argument("--external-test", type=Path, default=None,
                    help="folder of images + one label CSV (HAM10000 or ISIC 2018 format)")
     p.add_argument("--report", type=Path, default=None,
-                   help="markdown file to update (default: REPORT.md for --preset full, "
-                        "WORKDIR/REPORT_<preset>.md otherwise)")
+                   help="markdown file to update; None: REPORT.md for --preset full, "
+                        "WORKDIR/REPORT_<preset>.md otherwise")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from finished cells without running anything")
+    p.add_argument("--seed", type=int, default=0, help="model seed of every cell")
     add_data_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run the study."""
+    args = build_parser().parse_args(argv)
     report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only)

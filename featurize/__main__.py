@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from lesionlab.cli import add_data_args, resolve_data, run_main
+from lesionlab.cli import (add_config_args, add_data_args, config_from_args, make_parser,
+                           resolve_data, run_main)
 from lesionlab.download import ensure_data
-from lesionlab.splits import load_or_make_split
 
 
 def list_backbones() -> None:
@@ -24,40 +24,29 @@ def list_backbones() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser for the featurize entry point."""
-    p = argparse.ArgumentParser(prog="python -m featurize", description=__doc__)
-    p.add_argument("--backbone", help="timm model name, or 'classical'")
+    """Argument parser for the featurize entry point (flags from ``FeaturizeConfig``)."""
+    from featurize.extract import FeaturizeConfig
+
+    p = make_parser("python -m featurize", __doc__)
     p.add_argument("--list", action="store_true", help="list backbones and exit")
-    p.add_argument("--weights", default=None,
-                   help="local checkpoint instead of packaged/hub weights")
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=None)
-    p.add_argument("--tta", default="none", help="none | flip | d4")
-    p.add_argument("--pool", default="avg", help="avg | multistage")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--engine", default="auto", help="auto | eager | onnx (CPU)")
-    p.add_argument("--num-workers", type=int, default=1, help="image decoding workers")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
-    add_data_args(p, seed=True)
+    add_config_args(p, FeaturizeConfig, optional=("backbone",))
+    add_data_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run the cached extraction."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.list:
         list_backbones()
         return 0
     if not args.backbone:
-        build_parser().error("--backbone is required (or --list)")
+        parser.error("--backbone is required (or --list)")
     from featurize.extract import FeaturizeConfig, featurize
 
+    cfg = config_from_args(FeaturizeConfig, args)
     dataset = ensure_data(resolve_data(args))
-    load_or_make_split(dataset, args.workdir, args.seed)
-    cfg = FeaturizeConfig(backbone=args.backbone, image_size=args.image_size, tta=args.tta,
-                          pool=args.pool, weights=args.weights, batch_size=args.batch_size,
-                          device=args.device, engine=args.engine, num_workers=args.num_workers,
-                          chunk_size=args.chunk_size)
     fs = featurize(dataset, args.workdir, cfg)
     man = fs.manifest
     print(f"{fs.path}  {fs.features.shape[0]} x {fs.features.shape[1]}  "

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights_source: str
     weights_sha256: str
+    interpolation: str = "bicubic"
     extra: dict = field(default_factory=dict)
 
 
@@ -75,32 +77,42 @@ def offline_weights_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _check_known(name: str) -> None:
+def check_backbone(name: str) -> str:
+    """``name`` if timm knows it (tagged names such as ``resnet50.a1_in1k`` too) or classical."""
     import timm
 
-    if name != CLASSICAL and name not in timm.list_models():
-        close = timm.list_models(f"*{name}*")[:8]
+    if name != CLASSICAL and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:8]
         raise LesionLabError(
             f"unknown backbone {name!r}: not a timm model name"
             + (f" (close: {close})" if close else "")
             + f"; offline backbones: {sorted(OFFLINE_WEIGHTS)} and {CLASSICAL!r}")
+    return name
 
 
-def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` by position, checking every tensor's shape."""
-    target = model.state_dict()
-    if len(target) != len(state):
+def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                    skip: Sequence[str] = ()) -> None:
+    """Load ``state`` into ``model`` by position, checking every tensor's shape.
+
+    Keys in ``skip`` (a new classifier) keep their fresh values; the same number of trailing
+    tensors of ``state`` (the old classifier) are left out.
+    """
+    target = [(k, v) for k, v in model.state_dict().items() if k not in skip]
+    items = list(state.items())
+    if skip:
+        items = items[:len(items) - len(skip)]
+    if len(target) != len(items):
         raise LesionLabError(
-            f"weights {source} hold {len(state)} tensors, {type(model).__name__} expects "
+            f"weights {source} hold {len(items)} tensors, {type(model).__name__} expects "
             f"{len(target)}")
     mapped = {}
-    for (key, want), (src_key, got) in zip(target.items(), state.items()):
+    for (key, want), (src_key, got) in zip(target, items):
         if tuple(want.shape) != tuple(got.shape):
             raise LesionLabError(
                 f"weights {source}: tensor {src_key} {tuple(got.shape)} does not fit {key} "
                 f"{tuple(want.shape)}")
         mapped[key] = got
-    model.load_state_dict(mapped)
+    model.load_state_dict(mapped, strict=not skip)
 
 
 def weights_file(name: str, weights: Path | str | None = None) -> Path | None:
@@ -108,51 +120,110 @@ def weights_file(name: str, weights: Path | str | None = None) -> Path | None:
     return Path(weights) if weights is not None else offline_weights_path(name)
 
 
-def create_backbone(name: str, weights: Path | str | None = None) -> tuple[nn.Module, BackboneSpec]:
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file, loaded without running code from it."""
+    if not path.is_file():
+        raise LesionLabError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise LesionLabError(f"cannot read weights file {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise LesionLabError(f"weights file {path} holds no state dict")
+    return state
+
+
+def _classifier_keys(model: nn.Module, num_classes: int | None) -> list[str]:
+    """State keys of the classifier when it is built new (a class count other than 1000)."""
+    if num_classes is None or num_classes == 1000:
+        return []
+    name = model.pretrained_cfg.get("classifier", "classifier")
+    return [k for k in model.state_dict() if k.startswith(name + ".")]
+
+
+def _load_local(model: nn.Module, path: Path, skip: list[str]) -> None:
+    state = _read_state(path)
+    wanted = {k for k in model.state_dict() if k not in skip}
+    if wanted <= set(state) and all(state[k].shape == model.state_dict()[k].shape
+                                    for k in wanted):
+        model.load_state_dict({k: state[k] for k in wanted}, strict=not skip)
+    else:
+        load_positional(model, state, str(path), skip)
+
+
+def _spec(name: str, model: nn.Module, source: str, sha256: str) -> BackboneSpec:
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    return BackboneSpec(name=name, image_size=default_image_size(name),
+                        mean=tuple(float(v) for v in cfg["mean"]),
+                        std=tuple(float(v) for v in cfg["std"]),
+                        interpolation=cfg.get("interpolation", "bicubic"),
+                        weights_source=source, weights_sha256=sha256)
+
+
+def create_backbone(name: str, weights: Path | str | None = None, num_classes: int | None = None,
+                    drop_rate: float = 0.0) -> tuple[nn.Module, BackboneSpec]:
     """Create timm model ``name`` with real pretrained weights, in eval mode.
 
     ``weights`` is an optional local checkpoint (a state dict, timm keys or packaged keys).
+    With ``num_classes`` the classifier is new (seeded by the caller's torch RNG state).
     """
     import timm
 
-    _check_known(name)
-    model = timm.create_model(name, pretrained=False)
-    cfg = model.pretrained_cfg
-    spec_kwargs = dict(name=name, image_size=default_image_size(name),
-                       mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                       std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    check_backbone(name)
+    extra = {"num_classes": num_classes} if num_classes is not None else {}
     path = weights_file(name, weights)
-    if path is not None:
-        if not path.is_file():
-            raise LesionLabError(f"weights file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad file
-            raise LesionLabError(f"cannot read weights file {path}: {exc}") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if isinstance(state, dict) and set(state) == set(model.state_dict()):
-            model.load_state_dict(state)
-        else:
-            load_positional(model, state, str(path))
-        spec = BackboneSpec(weights_source=str(path), weights_sha256=sha256_file(path),
-                            **spec_kwargs)
-    else:
-        try:
-            model = timm.create_model(name, pretrained=True)
-        except Exception as exc:  # hub/network errors come in many types
-            raise LesionLabError(
-                f"pretrained weights for {name!r} are not available on this machine "
-                f"({type(exc).__name__}: {str(exc)[:200]}); pass --weights PATH, or use a "
-                f"backbone that works offline: {sorted(OFFLINE_WEIGHTS)} or {CLASSICAL!r}"
-            ) from None
+    if path is None:
+        model = _hub_model(name, drop_rate=drop_rate, **extra)
         digest = hashlib.sha256()
         for tensor in model.state_dict().values():
             digest.update(tensor.detach().cpu().numpy().tobytes())
-        spec = BackboneSpec(weights_source=f"timm:{cfg.get('hf_hub_id') or name}",
-                            weights_sha256=digest.hexdigest(), **spec_kwargs)
-    model.eval()
-    return model, spec
+        source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+        return model.eval(), _spec(name, model, source, digest.hexdigest())
+    model = timm.create_model(name, pretrained=False, drop_rate=drop_rate, **extra)
+    _load_local(model, path, _classifier_keys(model, num_classes))
+    return model.eval(), _spec(name, model, str(path), sha256_file(path))
+
+
+def _hub_model(name: str, **kwargs) -> nn.Module:
+    """timm's own pretrained download, tried once only when the weights can be had."""
+    import timm
+
+    if not weights_available(name) and not _hub_reachable(name):
+        raise LesionLabError(
+            f"pretrained weights for {name!r} are not available on this machine (not in the "
+            f"hub cache, and the hub cannot be reached); pass --weights PATH, or use a backbone "
+            f"that works offline: {sorted(OFFLINE_WEIGHTS)} or {CLASSICAL!r}")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # hub/network errors come in many types
+        raise LesionLabError(
+            f"pretrained weights for {name!r} could not be loaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); pass --weights PATH"
+        ) from None
+
+
+def _hub_reachable(name: str, timeout: float = 10.0) -> bool:
+    """One quiet request for the weights file's metadata (no retries, no logging)."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        import timm
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        cfg = timm.get_pretrained_cfg(name)
+        hub_id = cfg.hf_hub_id if cfg is not None else None
+        if not hub_id:
+            return False
+        get_hf_file_metadata(hf_hub_url(hub_id, "model.safetensors"), timeout=timeout)
+        return True
+    except Exception:  # any failure means: not reachable now
+        return False
 
 
 def weights_available(name: str) -> bool:

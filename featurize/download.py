@@ -1,25 +1,30 @@
-"""``python -m featurize.download --dest DIR``: fetch the official HAM10000 files."""
+"""``python -m featurize.download --data DIR``: fetch, unzip and verify the HAM10000 files."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
-from lesionlab.cli import run_main
-from lesionlab.data import default_data_dir
+from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.download import BASE_URL, download_ham10000
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Download, unzip and validate HAM10000 into --dest."""
-    p = argparse.ArgumentParser(prog="python -m featurize.download", description=__doc__)
-    p.add_argument("--dest", type=Path, default=default_data_dir())
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of the download entry point."""
+    p = make_parser("python -m featurize.download", __doc__)
+    add_data_args(p, workdir=False)
     p.add_argument("--base-url", default=BASE_URL, help=argparse.SUPPRESS)
-    p.add_argument("--timeout", type=float, default=60.0)
-    args = p.parse_args(argv)
-    ds = download_ham10000(args.dest, base_url=args.base_url, timeout=args.timeout)
-    print(f"{args.dest}: {len(ds)} images, {ds.frame['lesion_id'].nunique()} lesions")
+    p.add_argument("--http-timeout", type=float, default=60.0,
+                   help="seconds to wait for the server before a download counts as failed")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Download, unzip and verify HAM10000 into --data."""
+    args = build_parser().parse_args(argv)
+    dest = resolve_data(args)
+    ds = download_ham10000(dest, base_url=args.base_url, http_timeout=args.http_timeout)
+    print(f"{dest}: {len(ds)} images, {ds.frame['lesion_id'].nunique()} lesions")
     return 0
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,11 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 from tqdm import tqdm
 
-from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, create_backbone,
-                                 default_image_size, sha256_file, weights_file)
+from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, check_backbone,
+                                 create_backbone, default_image_size, sha256_file, weights_file)
 from featurize.classical import FEATURE_NAMES, classical_features
-from lesionlab.artifacts import (atomic_path, features_dir, library_versions, read_json,
-                                 save_npy, write_json)
+from lesionlab.artifacts import (atomic_path, exclusive_lock, features_dir, library_versions,
+                                 read_json, save_npy, write_json)
+from lesionlab.cli import check_choices, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
 from lesionlab.errors import LesionLabError
 
@@ -37,34 +38,42 @@ log = logging.getLogger(__name__)
 TTA_MODES = ("none", "flip", "d4")
 POOL_MODES = ("avg", "multistage")
 ENGINES = ("auto", "eager", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _image_size(text: str) -> int:
+    value = int(text)
+    if value < 16:
+        raise LesionLabError(f"image sides must be at least 16 pixels, got {value}")
+    return value
 
 
 @dataclass
 class FeaturizeConfig:
     """Settings of one extraction; all but the runtime ones enter the cache key."""
 
-    backbone: str
-    image_size: tuple[int, int] | None = None  # (H, W); None: the backbone's default
-    tta: str = "none"
-    pool: str = "avg"
-    weights: str | None = None
+    backbone: str = option(help="timm model name (tagged names too), or 'classical'",
+                           parse=lambda v: check_backbone(v))
+    image_size: tuple[int, int] | None = option(
+        None, "input (H, W); default: the backbone's size, 4:3", metavar=("H", "W"))
+    tta: str = option("none", "test-time views averaged per image", choices=TTA_MODES)
+    pool: str = option("avg", "pooling: final layer, or the last stages too", choices=POOL_MODES)
+    weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     # runtime only (do not change the numbers beyond float tolerance):
-    batch_size: int = 64
-    device: str = "auto"
-    engine: str = "auto"
-    num_workers: int = 1
-    chunk_size: int = 1024
+    batch_size: int = option(64, "images per forward pass")
+    device: str = option("auto", "where the network runs", choices=DEVICES)
+    engine: str = option("auto", "CPU engine (auto: ONNX Runtime when installed)",
+                         choices=ENGINES)
+    num_workers: int = option(1, "image decoding worker processes")
+    chunk_size: int = option(1024, "images per resumable chunk")
 
     def validate(self) -> None:
         """Reject unknown option values with a message naming them."""
-        if self.tta not in TTA_MODES:
-            raise LesionLabError(f"unknown --tta {self.tta!r}; expected one of {TTA_MODES}")
-        if self.pool not in POOL_MODES:
-            raise LesionLabError(f"unknown --pool {self.pool!r}; expected one of {POOL_MODES}")
-        if self.engine not in ENGINES:
-            raise LesionLabError(f"unknown --engine {self.engine!r}; expected one of {ENGINES}")
+        check_choices(self)
         if self.backbone == CLASSICAL and (self.tta != "none" or self.pool != "avg"):
             raise LesionLabError("the classical backbone takes no --tta or --pool options")
+        if self.chunk_size < 1 or self.batch_size < 1:
+            raise LesionLabError("--chunk-size and --batch-size must be at least 1")
 
     def size(self) -> tuple[int, int]:
         """(H, W) actually used."""
@@ -77,21 +86,23 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise LesionLabError("--device cuda asked for, but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise LesionLabError(f"unknown --device {device!r}; expected auto, cpu or cuda")
+    if device not in DEVICES:
+        raise LesionLabError(f"unknown --device {device!r}; expected one of {DEVICES}")
     return torch.device(device)
 
 
-class ImageFolderSet(TorchDataset):
-    """Decodes and resizes images in DataLoader workers; returns (tensor or vector, index)."""
+class ImagePathDataset(TorchDataset):
+    """A list of image paths, decoded and resized in DataLoader workers: (tensor, index)."""
 
     def __init__(self, paths: Sequence[str], size: tuple[int, int], mean: Sequence[float],
-                 std: Sequence[float], classical: bool = False) -> None:
+                 std: Sequence[float], classical: bool = False,
+                 interpolation: str = "bicubic") -> None:
         self.paths = list(paths)
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.classical = classical
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -100,15 +111,17 @@ class ImageFolderSet(TorchDataset):
         img = load_rgb(self.paths[i])
         if self.classical:
             return torch.from_numpy(classical_features(img, self.size)), i
-        return eval_tensor(img, self.size, self.mean, self.std), i
+        return eval_tensor(img, self.size, self.mean, self.std, self.interpolation), i
 
 
-def eval_tensor(img, size: tuple[int, int], mean: torch.Tensor,
-                std: torch.Tensor) -> torch.Tensor:
-    """Deterministic eval transform: bicubic resize to (H, W), scale to [0,1], normalise."""
+def eval_tensor(img, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
+                interpolation: str = "bicubic") -> torch.Tensor:
+    """Deterministic eval transform: resize to (H, W), scale to [0,1], normalise."""
     from PIL import Image
 
-    img = img.resize((size[1], size[0]), Image.BICUBIC)
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR,
+                "nearest": Image.NEAREST}.get(interpolation, Image.BICUBIC)
+    img = img.resize((size[1], size[0]), resample)
     arr = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     return (arr - mean) / std
 
@@ -119,6 +132,8 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
         return [x]
     if mode == "flip":
         return [x, x.flip(3)]
+    if mode != "d4":
+        raise LesionLabError(f"unknown test-time augmentation {mode!r}; expected {TTA_MODES}")
     views = []
     for base in (x, x.flip(3)):
         views += [torch.rot90(base, k, dims=(2, 3)) for k in range(4)]
@@ -209,8 +224,9 @@ class Extractor:
 
     def loader(self, paths: Sequence[str]) -> DataLoader:
         """A DataLoader decoding ``paths`` in workers, order preserved."""
-        ds = ImageFolderSet(paths, self.size, self.spec.mean, self.spec.std,
-                            classical=self.runner is None)
+        ds = ImagePathDataset(paths, self.size, self.spec.mean, self.spec.std,
+                              classical=self.runner is None,
+                              interpolation=self.spec.interpolation)
         workers = self.cfg.num_workers
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -287,7 +303,11 @@ def _read_chunk(path: Path, rows: int) -> np.ndarray | None:
 
 def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
               on_chunk: Callable[[int], None] | None = None) -> FeatureSet:
-    """Compute (or reuse) the cached features of every image in ``dataset``."""
+    """Compute (or reuse) the cached features of every image in ``dataset``.
+
+    One process at a time fills a cache entry (a lock file beside it); a second one waits,
+    then finds the finished entry.
+    """
     cfg.validate()
     frame = dataset.frame
     data_fp = frame_fingerprint(frame)
@@ -300,9 +320,11 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     try:
         key = cache_key(cfg, extractor.spec.weights_sha256, data_fp)
         out = features_dir(workdir) / key
-        hit = _cached(out)
-        return hit if hit is not None else _extract(frame, out, key, cfg, extractor, data_fp,
-                                                    on_chunk)
+        with exclusive_lock(out.with_name(f".{key}.lock"), f"feature set {key}"):
+            hit = _cached(out)
+            if hit is not None:
+                return hit
+            return _extract(frame, out, key, cfg, extractor, data_fp, on_chunk)
     finally:
         extractor.close()
 
@@ -323,49 +345,63 @@ def _weights_sha_without_model(cfg: FeaturizeConfig) -> str | None:
     return sha256_file(path) if path is not None and path.is_file() else None
 
 
-def _chunk_bounds(n: int, size: int) -> Iterator[tuple[int, int, int]]:
-    for i, start in enumerate(range(0, n, size)):
-        yield i, start, min(n, start + size)
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) row ranges of ``n`` rows in chunks of ``size``."""
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
 
 
-def _extract(frame: pd.DataFrame, out: Path, key: str, cfg: FeaturizeConfig,
-             extractor: Extractor, data_fp: str,
-             on_chunk: Callable[[int], None] | None) -> FeatureSet:
-    chunks = out / "chunks"
+def chunk_file(chunks: Path, start: int, end: int) -> Path:
+    """A chunk is named by its row range, so a rerun with another chunk size reuses none."""
+    return chunks / f"rows_{start:08d}_{end:08d}.npy"
+
+
+def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor: Extractor,
+                 on_chunk: Callable[[int], None] | None) -> tuple[int, int, float]:
+    """Compute every missing chunk; returns (rows resumed, rows computed, seconds)."""
     chunks.mkdir(parents=True, exist_ok=True)
-    for stale in chunks.glob(".*.tmp"):
-        stale.unlink()
-    paths = frame["path"].tolist()
-    n = len(paths)
-    bounds = list(_chunk_bounds(n, cfg.chunk_size))
-    done = {i for i, s, e in bounds if _read_chunk(chunks / f"{i:05d}.npy", e - s) is not None}
-    todo = [(i, s, e) for i, s, e in bounds if i not in done]
-    resumed = sum(e - s for i, s, e in bounds if i in done)
+    bounds = chunk_bounds(len(paths), cfg.chunk_size)
+    wanted = {chunk_file(chunks, s, e).name for s, e in bounds}
+    for stale in chunks.iterdir():  # temp files and chunks of another chunk size
+        if stale.name not in wanted:
+            stale.unlink()
+    todo = [(i, s, e) for i, (s, e) in enumerate(bounds)
+            if _read_chunk(chunk_file(chunks, s, e), e - s) is None]
+    resumed = len(paths) - sum(e - s for _, s, e in todo)
     if resumed:
-        log.info("resuming %s: %d of %d images already done", key, resumed, n)
+        log.info("resuming: %d of %d images already done", resumed, len(paths))
     t0 = time.perf_counter()
-    computed = 0
-    with tqdm(total=n, initial=resumed, unit="img", desc=cfg.backbone, smoothing=0.1) as bar:
+    with tqdm(total=len(paths), initial=resumed, unit="img", desc=cfg.backbone,
+              smoothing=0.1) as bar:
         for i, s, e in todo:
             parts = []
             for x, _ in extractor.loader(paths[s:e]):
                 parts.append(extractor.embed_batch(x))
                 bar.update(len(x))
-            save_npy(chunks / f"{i:05d}.npy", np.concatenate(parts))
-            computed += e - s
+            save_npy(chunk_file(chunks, s, e), np.concatenate(parts))
             if on_chunk is not None:
                 on_chunk(i)
-    wall = time.perf_counter() - t0
-    dim = _read_chunk(chunks / "00000.npy", bounds[0][2]).shape[1]
+    return resumed, len(paths) - resumed, time.perf_counter() - t0
+
+
+def _assemble(chunks: Path, out: Path, n: int, chunk_size: int) -> int:
+    """Concatenate the chunks into ``features.npy`` (atomically); returns the dimension."""
+    bounds = chunk_bounds(n, chunk_size)
+    first = _read_chunk(chunk_file(chunks, *bounds[0]), bounds[0][1] - bounds[0][0])
+    dim = first.shape[1]
     with atomic_path(out / "features.npy") as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-        for i, s, e in bounds:
-            mm[s:e] = _read_chunk(chunks / f"{i:05d}.npy", e - s)
+        for s, e in bounds:
+            mm[s:e] = _read_chunk(chunk_file(chunks, s, e), e - s)
         mm.flush()
         del mm
-    with atomic_path(out / "index.csv") as tmp:
-        frame[["image_id"]].to_csv(tmp, index=False)
-    manifest = {
+    return int(dim)
+
+
+def _manifest(key: str, cfg: FeaturizeConfig, extractor: Extractor, data_fp: str, n: int,
+              dim: int, timing: tuple[int, int, float]) -> dict:
+    """What made a cache entry: settings, weights, data fingerprint, versions, speed."""
+    resumed, computed, wall = timing
+    return {
         "key": key,
         "settings": {k: v for k, v in asdict(cfg).items()
                      if k in ("backbone", "tta", "pool", "weights")} | {
@@ -377,13 +413,25 @@ def _extract(frame: pd.DataFrame, out: Path, key: str, cfg: FeaturizeConfig,
         "weights_sha256": extractor.spec.weights_sha256,
         "mean": list(extractor.spec.mean), "std": list(extractor.spec.std),
         "data_fingerprint": data_fp,
-        "n_images": n, "dim": int(dim),
+        "n_images": n, "dim": dim,
         "feature_names": FEATURE_NAMES if cfg.backbone == CLASSICAL else None,
         "wall_time_s": round(wall, 2),
         "images_per_s": round(computed / wall, 2) if wall > 0 and computed else None,
         "resumed_images": resumed,
         "versions": library_versions(),
     }
+
+
+def _extract(frame: pd.DataFrame, out: Path, key: str, cfg: FeaturizeConfig,
+             extractor: Extractor, data_fp: str,
+             on_chunk: Callable[[int], None] | None) -> FeatureSet:
+    chunks = out / "chunks"
+    n = len(frame)
+    timing = _fill_chunks(frame["path"].tolist(), chunks, cfg, extractor, on_chunk)
+    dim = _assemble(chunks, out, n, cfg.chunk_size)
+    with atomic_path(out / "index.csv") as tmp:
+        frame[["image_id"]].to_csv(tmp, index=False)
+    manifest = _manifest(key, cfg, extractor, data_fp, n, dim, timing)
     write_json(out / "manifest.json", manifest)
     shutil.rmtree(chunks, ignore_errors=True)
     log.info("features written: %s (%d x %d, %.1f img/s)", out, n, dim,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -13,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 DEFAULT_WORKDIR = "./runs"
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -29,6 +32,33 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); wait, saying who holds it.
+
+    Two processes filling one cache entry would overwrite each other's chunks; the second one
+    waits here until the first is done, then finds the finished entry.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            log.warning("%s is being written by %s; waiting for it to finish", what, holder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {platform.node()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_text(dest: Path | str, text: str) -> None:

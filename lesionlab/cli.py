@@ -1,26 +1,142 @@
-"""Common CLI options and the entry-point wrapper that turns user errors into one line."""
+"""Configs that are their CLIs: a stage's dataclass builds its argparse parser.
+
+Each config field carries its help text and (where the values are a fixed set) its choices in
+``dataclasses.field(metadata=...)``, made with :func:`option`. :func:`add_config_args` turns the
+fields into flags with ``choices=`` and defaults, so a bad value fails in argparse (exit 2)
+before any data is read; :func:`check_choices` applies the same choices to configs built in
+Python. One source for defaults, choices and help.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from lesionlab.artifacts import DEFAULT_WORKDIR
 from lesionlab.data import default_data_dir
 from lesionlab.errors import LesionLabError
 
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
+QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm")
 
-def add_data_args(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
-    """Add ``--data``, ``--workdir`` and (optionally) ``--seed``, shared by every entry point."""
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse name
+           choices: Sequence[Any] | None = None, cli: bool = True, metavar: Any = None,
+           parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field that knows its CLI flag: help text, choices, parser of one value."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "cli": cli,
+            "metavar": metavar, "parse": parse}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def safe_name(value: str) -> str:
+    """A model folder name: letters, digits and ``_.+-`` only, never a path."""
+    if not value or value in (".", "..") or not NAME_PATTERN.match(value):
+        raise LesionLabError(
+            f"invalid name {value!r}: use letters, digits and _ . + - only (no path separators)")
+    return value
+
+
+def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap a value parser so its LesionLabError becomes an argparse error (exit 2)."""
+    def parse(text: str) -> Any:
+        try:
+            return fn(text)
+        except LesionLabError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(type without Optional, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _field_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one config field."""
+    base, _ = _base_type(hint)
+    meta = f.metadata
+    kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help") or " "}
+    if f.default is dataclasses.MISSING:
+        kw["required"] = True
+    else:
+        kw["default"] = f.default
+    if base is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+        return kw
+    if typing.get_origin(base) is tuple:
+        kw.update(nargs=2, type=int, metavar=meta.get("metavar") or ("H", "W"))
+        return kw
+    parse = meta.get("parse") or (base if base in (int, float) else str)
+    kw["type"] = _argtype(parse)
+    if meta.get("choices"):
+        kw["choices"] = meta["choices"]
+    if meta.get("metavar"):
+        kw["metavar"] = meta["metavar"]
+    return kw
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
+                    optional: Sequence[str] = ()) -> None:
+    """Add one flag per CLI field of dataclass ``cls``; names in ``optional`` are not required."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kw = _field_kwargs(f, hints[f.name])
+        if f.name in optional and kw.pop("required", False):
+            kw["default"] = None
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """Build ``cls`` from parsed arguments (fields argparse did not see keep their default)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**{**values, **extra})
+
+
+def check_choices(cfg: Any) -> None:
+    """Apply the fields' choices and value parsers to a config built in Python."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise LesionLabError(f"unknown {flag} {value!r}; expected one of {list(choices)}")
+        parse = f.metadata.get("parse")
+        if parse is not None and value is not None:
+            parse(str(value))
+
+
+def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A parser whose help shows every default."""
+    return argparse.ArgumentParser(prog=prog, description=doc,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
+    """Add ``--data`` (and ``--workdir``), shared by every entry point that reads HAM10000."""
     parser.add_argument("--data", type=Path, default=None,
                         help="HAM10000 folder (default: $LESIONLAB_DATA, else ./data/ham10000)")
-    parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR),
-                        help="folder for all artifacts (default: ./runs)")
-    if seed:
-        parser.add_argument("--seed", type=int, default=0, help="split / model seed (default 0)")
+    if workdir:
+        parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR),
+                            help="folder for all artifacts")
 
 
 def resolve_data(args: argparse.Namespace) -> Path:
@@ -40,6 +156,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None],
              argv: Sequence[str] | None = None) -> None:
     """Run ``main``; a ``LesionLabError`` prints ``error: ...`` on one line and exits 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in QUIET_LOGGERS:  # network retries and hub chatter are not the user's business
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         code = main(argv)
     except LesionLabError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_DATA_DIR = "./data/ham10000"
 ISIC2018_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+# Decoded-pixel limit against decompression bombs: 100 MP is 4x the largest ISIC originals.
+MAX_IMAGE_PIXELS = 100_000_000
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def default_data_dir() -> Path:
@@ -100,6 +104,13 @@ def read_metadata(csv_path: Path) -> pd.DataFrame:
     if meta.empty:
         raise LesionLabError(f"metadata CSV {csv_path} has no rows")
     _check_classes(meta["dx"], csv_path)
+    blank = meta["lesion_id"].isna() | (meta["lesion_id"].astype(str).str.strip() == "")
+    if blank.any():
+        raise LesionLabError(
+            f"metadata CSV {csv_path}: {int(blank.sum())} row(s) have a blank lesion_id, e.g. "
+            f"image_id(s) {meta['image_id'][blank].astype(str).tolist()[:5]} (CSV rows "
+            f"{[int(i) + 2 for i in meta.index[blank][:5]]}); lesion-grouped splits need every "
+            f"image's lesion: fill them in (the image_id if the image is its own lesion)")
     dup = meta["image_id"][meta["image_id"].duplicated()]
     if len(dup):
         raise LesionLabError(
@@ -137,7 +148,7 @@ def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
     if not root.is_dir():
         raise LesionLabError(
             f"data folder not found: {root} (download it with "
-            f"`python -m featurize.download --dest {root}` or pass --data DIR)")
+            f"`python -m featurize.download --data {root}` or pass --data DIR)")
     csv_path = root / METADATA_FILE
     meta = read_metadata(csv_path)
     frame = _attach_paths(meta, root, csv_path)
@@ -148,15 +159,41 @@ def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
 
 
 def load_rgb(path: Path | str) -> Image.Image:
-    """Open any image (RGBA, grayscale, palette, any size) as an RGB PIL image, file closed."""
+    """Open any image (RGBA, grayscale, palette, 16-bit, any size) as 8-bit RGB, file closed.
+
+    Images over ``MAX_IMAGE_PIXELS`` are refused before decoding (decompression bombs).
+    """
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise LesionLabError(
+                        f"image too large: {path} is {w}x{h} pixels (limit "
+                        f"{MAX_IMAGE_PIXELS:,}); downscale it first")
+                img.load()
+                return _to_rgb8(img, path)
     except FileNotFoundError:
         raise LesionLabError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise LesionLabError(f"image too large: {path} ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
+
+
+def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:
+    """8-bit RGB; 16-bit grey is scaled (PIL's ``convert`` would clip it to white)."""
+    if img.mode in HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise LesionLabError(f"unsupported pixel values in {path} (mode {img.mode}, range "
+                                 f"{arr.min():g}..{arr.max():g}); save it as 8-bit RGB")
+        grey = np.round(arr / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        raise LesionLabError(f"unsupported floating-point image {path}; save it as 8-bit RGB")
+    return img.convert("RGB")
 
 
 def load_external_labels(root: Path | str, csv_path: Path | str | None = None) -> Dataset:

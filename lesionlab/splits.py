@@ -7,8 +7,6 @@ split groups by ``lesion_id``: no lesion ever sits on both sides of a split.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
@@ -79,14 +77,6 @@ def load_or_make_split(dataset: Dataset, workdir: Path | str, seed: int = 0) -> 
     return split
 
 
-def split_frame(dataset: Dataset, split: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Rows of ``dataset.frame`` in split ``name`` (train/val/test), original order kept."""
-    if name not in SPLITS:
-        raise LesionLabError(f"unknown split {name!r}; expected one of {SPLITS}")
-    ids = set(split.loc[split["split"] == name, "image_id"])
-    return dataset.frame[dataset.frame["image_id"].isin(ids)].reset_index(drop=True)
-
-
 def class_counts(split: pd.DataFrame) -> pd.DataFrame:
     """Per-split class counts table (rows: split, columns: classes + total)."""
     table = pd.crosstab(split["split"], split["dx"]).reindex(
@@ -113,8 +103,15 @@ def train_fraction(labels: np.ndarray, groups: np.ndarray, fraction: float,
     return np.flatnonzero(_grouped_holdout(labels, groups, fraction, seed))
 
 
-def iter_folds(frame: pd.DataFrame, n_folds: int,
-               seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Grouped folds over a frame with ``label`` and ``lesion_id`` columns."""
-    yield from grouped_folds(frame["label"].to_numpy(), frame["lesion_id"].astype(str).to_numpy(),
-                             n_folds, seed)
+def split_indices(dataset: Dataset, split: pd.DataFrame, train_frac: float = 1.0,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of ``dataset`` in train, val and test; train optionally subsampled by lesion.
+
+    The one place heads and fine-tuning turn a split file into rows, so both see the same sets.
+    """
+    where = dataset.frame["image_id"].map(split.set_index("image_id")["split"]).to_numpy()
+    tr, va, te = (np.flatnonzero(where == s) for s in SPLITS)
+    if train_frac < 1.0:
+        groups = dataset.frame["lesion_id"].astype(str).to_numpy()
+        tr = tr[train_fraction(dataset.labels[tr], groups[tr], train_frac, seed)]
+    return tr, va, te

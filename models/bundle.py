@@ -1,18 +1,104 @@
-"""The model folder: fitted estimator + ``card.json``; shared by heads and fine-tuned models."""
+"""The model folder: fitted model + ``card.json`` (one schema for heads and fine-tuned networks).
+
+Nothing in a model folder runs code when loaded: heads are stored with skops and only the
+types this project writes are trusted; network weights and checkpoints load with
+``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import joblib
-
 from lesionlab.artifacts import atomic_path, models_dir, read_json, write_json
+from lesionlab.cli import safe_name
 from lesionlab.errors import LesionLabError
 
 CARD = "card.json"
-PIPELINE = "pipeline.joblib"
+HEAD_FILE = "head.skops"
+KINDS = ("head", "finetune")
+# Every type a saved head holds (skops refuses anything else without running it).
+TRUSTED_TYPES = (
+    "models.heads.HeadModel", "imblearn.pipeline.Pipeline",
+    "imblearn.over_sampling._smote.base.SMOTE", "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64", "lightgbm.sklearn.LGBMClassifier",
+    "lightgbm.basic.Booster", "collections.OrderedDict", "numpy.dtype",
+)
+
+
+@dataclass
+class ModelCard:
+    """What a model is, how it was made and how it scored; ``card.json`` of every model folder.
+
+    Times: ``tune_time_s`` is the hyper-parameter search (0 without one), ``fit_time_s`` the
+    training of the final model, ``total_time_s`` the whole stage's wall time (data, tuning,
+    training, calibration and evaluation).
+    """
+
+    kind: str  # head | finetune
+    name: str
+    config: dict
+    classes: list[str]
+    val: dict
+    test: dict
+    temperature: float
+    decision_rule: str  # argmax | prior_corrected
+    train_image_ids: list[str]
+    test_image_ids: list[str]
+    n_train: int
+    n_val: int
+    n_test: int
+    tune_time_s: float
+    fit_time_s: float
+    total_time_s: float
+    data_fingerprint: str
+    versions: dict
+    features: list[dict] = field(default_factory=list)  # head: the feature blocks it reads
+    metadata: bool = False  # head: age, sex and site appended to the features
+    details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
+
+    @property
+    def features_label(self) -> str:
+        """What the model reads, for tables."""
+        if self.kind == "finetune":
+            return f"{self.config['backbone']} (fine-tuned)"
+        return self.config["features"]
+
+    @property
+    def head_label(self) -> str:
+        """The classifier, for tables."""
+        return "fine-tune" if self.kind == "finetune" else self.config["head"]
+
+    @property
+    def imbalance_label(self) -> str:
+        """How the class imbalance was handled, for tables."""
+        if self.kind == "finetune":
+            return f"{self.config['sampler']} sampler, {self.config['loss']}"
+        return self.config["imbalance"]
+
+
+def save_card(folder: Path, card: ModelCard) -> None:
+    """Write ``card.json`` (last, so a folder with a card is complete)."""
+    write_json(folder / CARD, asdict(card))
+
+
+def load_card(folder: Path | str) -> ModelCard:
+    """Read a model folder's card, with a clear error when it is not a model folder."""
+    folder = Path(folder)
+    if not (folder / CARD).exists():
+        raise LesionLabError(f"{folder} is not a lesionlab model folder (no {CARD})")
+    raw = read_json(folder / CARD)
+    names = {f.name for f in dataclasses.fields(ModelCard)}
+    missing = {f.name for f in dataclasses.fields(ModelCard)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not isinstance(raw, dict) or missing - set(raw) or raw.get("kind") not in KINDS:
+        raise LesionLabError(
+            f"{folder / CARD} is not a card this version reads (retrain the model); "
+            f"missing: {sorted(missing - set(raw)) if isinstance(raw, dict) else 'all'}")
+    return ModelCard(**{k: v for k, v in raw.items() if k in names})
 
 
 def model_name(*parts: str) -> str:
@@ -21,33 +107,32 @@ def model_name(*parts: str) -> str:
 
 
 def model_path(workdir: Path | str, name: str) -> Path:
-    """``<workdir>/models/<name>``."""
-    return models_dir(workdir) / name
+    """``<workdir>/models/<name>``; a name with a path separator is refused."""
+    return models_dir(workdir) / safe_name(name)
 
 
-def save_pipeline(folder: Path, pipeline: Any) -> None:
-    """Pickle the fitted pipeline atomically."""
+def save_head(folder: Path, model: Any) -> None:
+    """Store a fitted head with skops (a format that loads without running code)."""
+    import skops.io as sio
+
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / PIPELINE) as tmp:
-        joblib.dump(pipeline, tmp)
+    with atomic_path(folder / HEAD_FILE) as tmp:
+        sio.dump(model, tmp)
 
 
-def save_card(folder: Path, card: dict) -> None:
-    """Write ``card.json`` (last, so a folder with a card is complete)."""
-    write_json(folder / CARD, card)
+def load_head(folder: Path | str) -> Any:
+    """Load a fitted head; types other than the ones this project writes are refused."""
+    import skops.io as sio
 
-
-def load_card(folder: Path | str) -> dict:
-    """Read a model folder's card, with a clear error when it is not a model folder."""
-    folder = Path(folder)
-    if not (folder / CARD).exists():
-        raise LesionLabError(f"{folder} is not a lesionlab model folder (no {CARD})")
-    return read_json(folder / CARD)
-
-
-def load_pipeline(folder: Path | str) -> Any:
-    """Load a head model's fitted pipeline."""
-    path = Path(folder) / PIPELINE
+    path = Path(folder) / HEAD_FILE
     if not path.exists():
-        raise LesionLabError(f"model folder {folder} has no {PIPELINE}")
-    return joblib.load(path)
+        raise LesionLabError(f"model folder {folder} has no {HEAD_FILE}")
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # a damaged file fails in many ways
+        raise LesionLabError(f"cannot read {path}: {exc}") from None
+    unknown = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if unknown:
+        raise LesionLabError(
+            f"{path} holds types lesionlab does not write ({unknown[:5]}); refusing to load it")
+    return sio.load(path, trusted=list(untrusted))

@@ -11,6 +11,7 @@ import pandas as pd
 from featurize.extract import FeaturizeConfig, FeatureSet, load_feature_set, resolve_key
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
+from models.bundle import ModelCard
 
 SEXES = ("male", "female")
 LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
@@ -74,12 +75,54 @@ def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:
     return fs.features[pos[image_ids].to_numpy()]
 
 
+def build_design(blocks: list[np.ndarray], frame: pd.DataFrame, metadata: bool) -> np.ndarray:
+    """The head's input matrix: feature blocks side by side, then metadata if the model uses it.
+
+    The one builder used by training, prediction and external evaluation.
+    """
+    parts = list(blocks)
+    if metadata:
+        parts.append(metadata_matrix(frame.reset_index(drop=True))[0])
+    return np.hstack(parts).astype(np.float64)
+
+
 def load_design(workdir: Path | str, dataset: Dataset, features: str,
                 metadata: bool = False) -> Design:
-    """Concatenate the named feature sets (and metadata) for every image of ``dataset``."""
+    """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``."""
     data_fp = dataset.fingerprint()
     sets = [load_feature_set(resolve_key(workdir, key, data_fp)) for key in split_keys(features)]
     blocks = [align(fs, dataset.frame["image_id"]) for fs in sets]
-    if metadata:
-        blocks.append(metadata_matrix(dataset.frame)[0])
-    return Design(x=np.hstack(blocks).astype(np.float64), feature_sets=sets, metadata=metadata)
+    return Design(x=build_design(blocks, dataset.frame, metadata), feature_sets=sets,
+                  metadata=metadata)
+
+
+def _check_weights(block: dict, sha256: str) -> None:
+    if sha256 != block["weights_sha256"]:
+        raise LesionLabError(
+            f"backbone {block['backbone']} weights here ({sha256[:12]}) differ from the ones "
+            f"the model was trained on ({block['weights_sha256'][:12]})")
+
+
+def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = None,
+                device: str = "auto") -> np.ndarray:
+    """A head model's input for the images of ``dataset``, made as its training features were.
+
+    With ``workdir`` the features are cached there (external test sets); without, they are
+    computed in memory (a few new images).
+    """
+    from featurize.extract import Extractor, featurize
+
+    blocks = []
+    for block in card.features:
+        if workdir is not None:
+            fs = featurize(dataset, workdir, block_config(block, device=device))
+            _check_weights(block, fs.manifest["weights_sha256"])
+            blocks.append(align(fs, dataset.frame["image_id"]))
+            continue
+        ext = Extractor(block_config(block, device=device, num_workers=0))
+        try:
+            _check_weights(block, ext.spec.weights_sha256)
+            blocks.append(ext.embed_paths(dataset.frame["path"].tolist()))
+        finally:
+            ext.close()
+    return build_design(blocks, dataset.frame, card.metadata)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,9 +19,10 @@ from PIL import Image
 from torch import nn
 
 from featurize.extract import eval_tensor
-from lesionlab.cli import run_main
+from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
+from models.bundle import ModelCard, load_card
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None = None
@@ -56,46 +58,80 @@ def overlay(img: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Ima
     return Image.fromarray(np.uint8(255 * ((1 - alpha) * base + alpha * heat)))
 
 
-def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
-                   target: str | None = None) -> list[dict]:
-    """Write ``<out>/<stem>_gradcam.png`` for each image; return what was explained."""
-    from models.finetune import load_finetuned
+def overlay_names(paths: Sequence[str]) -> list[str]:
+    """``<stem>_gradcam.png`` per image; repeated stems get ``-2``, ``-3``... (never overwrite)."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}_gradcam.png" if seen[stem] == 1 else
+                     f"{stem}-{seen[stem]}_gradcam.png")
+    return names
 
-    model, card, spec = load_finetuned(model_dir, "cpu")
-    if card["kind"] != "finetune":
-        raise LesionLabError("Grad-CAM needs a fine-tuned model folder (kind 'finetune')")
-    if target is not None and target not in CLASSES:
-        raise LesionLabError(f"unknown class {target!r}; expected one of {list(CLASSES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    size = tuple(card["image_size"])
+
+def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path,
+                target: int | None) -> dict:
+    """Grad-CAM overlay of one image written to ``dest``; returns what was explained."""
+    img = load_rgb(path)
+    size = tuple(card.details["image_size"])
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
+    x = eval_tensor(img, size, mean, std, spec.interpolation)[None]
+    cam, cls, proba = grad_cam(model, x.to(next(model.parameters()).device), target)
+    big = np.asarray(Image.fromarray(np.uint8(cam * 255)).resize(img.size, Image.BILINEAR),
+                     np.float32) / 255
+    overlay(img, big).save(dest)
+    return {"path": str(path), "overlay": str(dest), "class": CLASSES[cls],
+            "probability": float(proba[cls])}
+
+
+def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
+                   target: str | None = None, device: str = "cpu") -> list[dict]:
+    """Write one overlay PNG per image; an unreadable image gets ``{"path", "error"}``."""
+    from models.finetune import load_finetuned
+
+    card = load_card(model_dir)
+    if card.kind != "finetune":
+        raise LesionLabError(
+            f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {card.kind!r} model "
+            f"(a head on embeddings)")
+    if target is not None and target not in CLASSES:
+        raise LesionLabError(f"unknown class {target!r}; expected one of {list(CLASSES)}")
+    model, card, spec = load_finetuned(model_dir, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cls = None if target is None else CLASSES.index(target)
     results = []
-    for path in paths:
-        img = load_rgb(path)
-        cam, cls, proba = grad_cam(model, eval_tensor(img, size, mean, std)[None],
-                                   None if target is None else CLASSES.index(target))
-        dest = out / f"{Path(path).stem}_gradcam.png"
-        big = np.asarray(Image.fromarray(np.uint8(cam * 255)).resize(img.size, Image.BILINEAR),
-                         np.float32) / 255
-        overlay(img, big).save(dest)
-        results.append({"path": str(path), "overlay": str(dest), "class": CLASSES[cls],
-                        "probability": float(proba[cls])})
+    for path, name in zip(paths, overlay_names(paths)):
+        try:
+            results.append(explain_one(model, card, spec, path, out / name, cls))
+        except LesionLabError as exc:
+            results.append({"path": str(path), "error": str(exc)})
     return results
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m models.explain", __doc__)
+    p.add_argument("--model", required=True, type=Path, help="a fine-tuned model folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, type=Path, help="folder for the overlay PNGs")
+    p.add_argument("--target", default=None, choices=CLASSES,
+                   help="class to explain; None: the predicted one")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write one overlay per image and print a JSON line for each."""
-    p = argparse.ArgumentParser(prog="python -m models.explain", description=__doc__)
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--target", default=None, help="class to explain (default: predicted)")
-    args = p.parse_args(argv)
-    for res in explain_images(args.model, args.images, args.out, args.target):
+    """Write one overlay per image and print a JSON line for each; exit 1 if any failed."""
+    args = build_parser().parse_args(argv)
+    results = explain_images(args.model, args.images, args.out, args.target, args.device)
+    for res in results:
         print(json.dumps(res))
-    return 0
+        if "error" in res:
+            print(f"error: {res['error']}", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Same lesion-grouped split as the heads: train on train, pick the epoch by val balanced
 accuracy (early stopping), calibrate the temperature on val, score test once. Checkpoints are
-written atomically every epoch and ``--resume`` continues a killed run exactly.
+written atomically every epoch and ``--resume`` continues a killed run exactly. The loop has
+the shape of torchvision's classification reference: ``train_one_epoch`` and ``evaluate``.
 """
 
 from __future__ import annotations
@@ -22,65 +23,78 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset, WeightedRandom
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from featurize.backbones import create_backbone
-from featurize.extract import ImageFolderSet, resolve_device, tta_views
+from featurize.backbones import BackboneSpec, check_backbone, create_backbone
+from featurize.extract import DEVICES, TTA_MODES, ImagePathDataset, resolve_device, tta_views
+from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions
-from lesionlab.cli import add_data_args, resolve_data, run_main
+from lesionlab.cli import (add_config_args, add_data_args, check_choices, config_from_args,
+                           make_parser, option, resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import balanced_accuracy, evaluate, expected_calibration_error
-from lesionlab.splits import load_or_make_split, train_fraction
-from models.bundle import load_card, model_name, model_path, save_card
+from lesionlab.splits import load_or_make_split, split_indices
+from models.bundle import ModelCard, load_card, model_name, model_path, save_card
 from models.heads import apply_temperature, fit_temperature
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
+SAMPLERS = ("balanced", "none")
+LOSSES = ("ce", "weighted_ce", "focal")
 
 
 @dataclass
 class FinetuneConfig:
     """Settings of one fine-tuning run (defaults finish in < 40 min on a 2-core CPU)."""
 
-    backbone: str = "tf_efficientnet_lite0"
-    image_size: tuple[int, int] = (120, 160)  # (H, W), 4:3 like the images
-    epochs: int = 12
-    batch_size: int = 32
-    lr: float = 5e-4           # backbone; the new head gets head_lr_mult x this
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    sampler: str = "balanced"  # balanced | none
-    loss: str = "ce"           # ce | weighted_ce | focal
-    label_smoothing: float = 0.1
-    train_fraction: float = 1.0
-    patience: int = 4
-    tta: str = "flip"          # eval views: none | flip | d4
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 2
-    bf16: bool = True          # CPU autocast (AMX/AVX512-BF16); CUDA always uses fp16 AMP
-    weights: str | None = None
-    name: str | None = None
-    n_boot: int = 1000
+    backbone: str = option("tf_efficientnet_lite0", "timm model name",
+                           parse=lambda v: check_backbone(v))
+    image_size: tuple[int, int] = option((120, 160), "training and evaluation (H, W), 4:3",
+                                         metavar=("H", "W"))
+    epochs: int = option(12, "most epochs to train")
+    batch_size: int = option(32, "images per step")
+    lr: float = option(5e-4, "peak learning rate of the backbone")
+    head_lr_mult: float = option(10.0, "the new classifier's learning rate is this x --lr")
+    weight_decay: float = option(1e-4, "AdamW decay (none on norms and biases)")
+    warmup_epochs: float = option(1.0, "linear warm-up before the cosine decay")
+    drop_rate: float = option(0.2, "dropout before the classifier")
+    sampler: str = option("balanced", "class-balanced sampling of training images",
+                          choices=SAMPLERS)
+    loss: str = option("ce", "training loss", choices=LOSSES)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
+    patience: int = option(4, "epochs without a better val score before stopping")
+    tta: str = option("flip", "test-time views at evaluation", choices=TTA_MODES)
+    seed: int = option(0, "model seed")
+    split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed")
+    device: str = option("auto", "where training runs", choices=DEVICES)
+    num_workers: int = option(2, "image decoding worker processes")
+    bf16: bool = option(True, "bf16 autocast on CPU (CUDA always uses fp16 AMP)")
+    weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
+    name: str | None = option(None, "model folder name; None: made from the settings",
+                              parse=safe_name)
+    n_boot: int = option(1000, "bootstrap resamples for the test CIs")
 
     def validate(self) -> None:
         """Reject unknown option values."""
-        if self.sampler not in ("balanced", "none"):
-            raise LesionLabError(f"unknown --sampler {self.sampler!r}; expected balanced or none")
-        if self.loss not in ("ce", "weighted_ce", "focal"):
-            raise LesionLabError(f"unknown --loss {self.loss!r}; expected ce, weighted_ce, focal")
+        check_choices(self)
         if self.epochs < 1:
             raise LesionLabError("--epochs must be at least 1")
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the train/val/test split (and train subsets): ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def model_name(self) -> str:
         """Default folder name from the defining settings."""
         frac = f"frac{self.train_fraction:g}" if self.train_fraction < 1 else ""
+        split = f"split{self.split_seed}" if self.split_seed not in (None, self.seed) else ""
         h, w = self.image_size
         return self.name or model_name("finetune", self.backbone, f"{h}x{w}", self.sampler,
-                                       self.loss, f"ep{self.epochs}", frac, f"seed{self.seed}")
+                                       self.loss, f"ep{self.epochs}", frac, split,
+                                       f"seed{self.seed}")
 
 
 class TrainSet(TorchDataset):
@@ -135,55 +149,36 @@ def make_loss(cfg: FinetuneConfig, counts: np.ndarray) -> nn.Module:
                                label_smoothing=cfg.label_smoothing)
 
 
-def build_model(cfg: FinetuneConfig) -> tuple[nn.Module, object]:
-    """Pretrained backbone with a fresh 7-class head (seeded)."""
-    model, spec = create_backbone(cfg.backbone, cfg.weights)
+def build_model(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec]:
+    """Pretrained backbone with a fresh, seeded 7-class head and dropout before it."""
     torch.manual_seed(cfg.seed)
-    model.reset_classifier(len(CLASSES))
-    model.drop_rate = 0.2
-    return model, spec
+    return create_backbone(cfg.backbone, cfg.weights, num_classes=len(CLASSES),
+                           drop_rate=cfg.drop_rate)
 
 
-def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    head = set(id(p) for p in model.get_classifier().parameters())
-    backbone = [p for p in model.parameters() if id(p) not in head]
-    return torch.optim.AdamW(
-        [{"params": backbone, "lr": cfg.lr},
-         {"params": list(model.get_classifier().parameters()), "lr": cfg.lr * cfg.head_lr_mult}],
-        weight_decay=cfg.weight_decay)
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """timm's groups (no weight decay on norms and biases), split again: the head gets its LR."""
+    from timm.optim import param_groups_weight_decay
+
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for group in param_groups_weight_decay(model, cfg.weight_decay):
+        for is_head, lr in ((False, cfg.lr), (True, cfg.lr * cfg.head_lr_mult)):
+            params = [p for p in group["params"] if (id(p) in head) == is_head]
+            if params:
+                groups.append({**group, "params": params, "lr": lr})
+    return groups
 
 
-def _schedule(opt: torch.optim.Optimizer, steps_per_epoch: int,
-              cfg: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(opt: torch.optim.Optimizer, steps_per_epoch: int,
+                    cfg: FinetuneConfig) -> torch.optim.lr_scheduler.SequentialLR:
+    """Per-step linear warm-up, then cosine decay to zero at the last epoch."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
     warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     total = max(warm + 1, cfg.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, paths: Sequence[str], size: tuple[int, int], spec,
-                   device: torch.device, tta: str = "none", batch_size: int = 64,
-                   num_workers: int = 0, progress: bool = False) -> np.ndarray:
-    """Softmax probabilities averaged over TTA views, with the deterministic eval transform."""
-    model.eval()
-    ds = ImageFolderSet(paths, size, spec.mean, spec.std)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    out = []
-    for x, _ in tqdm(loader, disable=not progress, desc="eval", unit="batch", leave=False):
-        x = x.to(device)
-        probs = []
-        for view in tta_views(x, tta):
-            with _autocast(device, True):
-                probs.append(torch.softmax(model(view.contiguous(
-                    memory_format=torch.channels_last)).float(), dim=1))
-        out.append(torch.stack(probs).mean(0).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
+    return SequentialLR(opt, [LinearLR(opt, 1.0 / warm, 1.0, total_iters=max(1, warm - 1)),
+                              CosineAnnealingLR(opt, T_max=total - warm)], milestones=[warm])
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -192,154 +187,263 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
-def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume: bool = False,
-             on_epoch_end: Callable[[int], None] | None = None) -> dict:
-    """Train, select by val, evaluate once on test; write the model folder; return its card."""
-    cfg.validate()
-    t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    split = load_or_make_split(dataset, workdir, cfg.seed)
-    where = dataset.frame["image_id"].map(split.set_index("image_id")["split"]).to_numpy()
-    y = dataset.labels
-    groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    paths = dataset.frame["path"].to_numpy()
-    tr, va, te = (np.flatnonzero(where == s) for s in ("train", "val", "test"))
-    if cfg.train_fraction < 1.0:
-        tr = tr[train_fraction(y[tr], groups[tr], cfg.train_fraction, cfg.seed)]
-    folder = model_path(workdir, cfg.model_name())
-    folder.mkdir(parents=True, exist_ok=True)
+def train_loader(data: TorchDataset, labels: np.ndarray, cfg: FinetuneConfig,
+                 epoch: int) -> DataLoader:
+    """This epoch's loader: seeded per epoch, so a resumed run draws the same batches."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  drop_last=len(labels) > cfg.batch_size, generator=gen)
+    if cfg.sampler == "balanced":
+        counts = np.bincount(labels, minlength=len(CLASSES))
+        weights = torch.tensor(1.0 / counts[labels], dtype=torch.double)
+        sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
+        return DataLoader(data, sampler=sampler, **common)
+    return DataLoader(data, shuffle=True, **common)
 
-    model, spec = build_model(cfg)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    counts = np.bincount(y[tr], minlength=len(CLASSES))
-    criterion = make_loss(cfg, counts).to(device)
-    train_ds = TrainSet(paths[tr], y[tr], cfg.image_size, spec.mean, spec.std)
-    steps = math.ceil(len(tr) / cfg.batch_size)
-    opt = _optimizer(model, cfg)
-    sched = _schedule(opt, steps, cfg)
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_state": None,
-             "history": [], "bad_epochs": 0}
-    ckpt = folder / CHECKPOINT
-    if resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
-        if saved["config"] != asdict(cfg):
-            raise LesionLabError(f"checkpoint {ckpt} was made with other settings; "
-                                 f"drop --resume or use another --name")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        torch.set_rng_state(saved["torch_rng"])
-        log.info("resumed %s at epoch %d", folder.name, state["epoch"])
 
+def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Optimizer,
+                    sched, loader: DataLoader, device: torch.device, bf16: bool,
+                    desc: str) -> dict:
+    """One pass over ``loader``; the scheduler steps per batch. Returns loss and speed."""
+    model.train()
+    t0 = time.perf_counter()
+    seen, loss_sum = 0, 0.0
+    for x, target in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        target = target.to(device)
+        with _autocast(device, bf16):
+            loss = criterion(model(x).float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen += len(x)
+        loss_sum += float(loss.detach()) * len(x)
+    took = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(seen, 1), "train_s": round(took, 1),
+            "train_img_per_s": round(seen / took, 1)}
+
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
+                  size: tuple[int, int], device: torch.device, tta: str = "none",
+                  batch_size: int = 64, num_workers: int = 0,
+                  progress: bool = False) -> np.ndarray:
+    """Softmax probabilities averaged over TTA views, with the deterministic eval transform."""
+    model.eval()
+    data = ImagePathDataset(paths, size, spec.mean, spec.std, interpolation=spec.interpolation)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
+    out = []
+    for x, _ in tqdm(loader, disable=not progress, desc="eval", unit="batch", leave=False):
+        x = x.to(device)
+        probs = []
+        for view in tta_views(x, tta):
+            with _autocast(device, True):
+                logits = model(view.contiguous(memory_format=torch.channels_last))
+            probs.append(torch.softmax(logits.float(), dim=1))
+        out.append(torch.stack(probs).mean(0).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
+
+
+def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: BackboneSpec,
+             device: torch.device, cfg: FinetuneConfig, tta: str = "none",
+             progress: bool = False) -> tuple[float, np.ndarray]:
+    """Balanced accuracy and probabilities of ``model`` on labelled images."""
+    proba = predict_proba(model, paths, spec, cfg.image_size, device, tta=tta,
+                          num_workers=cfg.num_workers, progress=progress)
+    return metrics.balanced_accuracy(labels, proba.argmax(1)), proba
+
+
+def save_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
+                    opt: torch.optim.Optimizer, sched, state: dict) -> None:
+    """Everything a resume needs, written atomically: weights, optimiser, schedule, RNG."""
+    with atomic_path(path) as tmp:
+        torch.save({"config": asdict(cfg), "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "state": state, "torch_rng": torch.get_rng_state()}, tmp)
+
+
+def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
+                    opt: torch.optim.Optimizer, sched, device: torch.device) -> dict:
+    """Restore a checkpoint into ``model``, ``opt`` and ``sched``; returns the loop state.
+
+    Loaded with ``weights_only=True``: a crafted file cannot run code.
+    """
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a damaged or crafted file fails in many ways
+        raise LesionLabError(f"cannot load checkpoint {path} safely: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    if saved.get("config") != asdict(cfg):
+        raise LesionLabError(f"checkpoint {path} was made with other settings; "
+                             f"drop --resume or use another --name")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    log.info("resumed %s at epoch %d", path.parent.name, saved["state"]["epoch"])
+    return saved["state"]
+
+
+@dataclass
+class Run:
+    """What the training loop works on: data, model and the optimisation objects."""
+
+    cfg: FinetuneConfig
+    model: nn.Module
+    spec: BackboneSpec
+    device: torch.device
+    paths: np.ndarray
+    labels: np.ndarray
+    tr: np.ndarray
+    va: np.ndarray
+    te: np.ndarray
+    criterion: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+
+
+def new_state() -> dict:
+    """The loop state a checkpoint stores (plain types and tensors only)."""
+    return {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_state": None,
+            "history": [], "bad_epochs": 0}
+
+
+def fit(run: Run, state: dict, ckpt: Path,
+        on_epoch_end: Callable[[int], None] | None = None) -> dict:
+    """Train until the last epoch or early stop; keep the best val epoch's weights."""
+    cfg = run.cfg
+    data = TrainSet(run.paths[run.tr], run.labels[run.tr], cfg.image_size, run.spec.mean,
+                    run.spec.std)
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        if cfg.sampler == "balanced":
-            w = 1.0 / counts[y[tr]]
-            sampler = WeightedRandomSampler(torch.tensor(w, dtype=torch.double), len(tr),
-                                            replacement=True, generator=gen)
-            loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                                num_workers=cfg.num_workers, drop_last=len(tr) > cfg.batch_size,
-                                generator=gen)
-        else:
-            loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                                num_workers=cfg.num_workers,
-                                drop_last=len(tr) > cfg.batch_size, generator=gen)
-        model.train()
-        t0 = time.perf_counter()
-        seen, loss_sum = 0, 0.0
-        for x, target in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                              leave=False):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            target = target.to(device)
-            with _autocast(device, cfg.bf16):
-                loss = criterion(model(x).float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(x)
-            loss_sum += float(loss.detach()) * len(x)
-        train_s = time.perf_counter() - t0
-        proba_va = predict_logits(model, paths[va].tolist(), cfg.image_size, spec, device,
-                                  tta="none", num_workers=cfg.num_workers)
-        score = balanced_accuracy(y[va], proba_va.argmax(1))
-        state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                                 "val_balanced_accuracy": score, "train_s": round(train_s, 1),
-                                 "train_img_per_s": round(seen / train_s, 1)})
+        loader = train_loader(data, run.labels[run.tr], cfg, epoch)
+        record = train_one_epoch(run.model, run.criterion, run.opt, run.sched, loader,
+                                 run.device, cfg.bf16, f"epoch {epoch + 1}/{cfg.epochs}")
+        score, _ = evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va],
+                            run.spec, run.device, cfg)
+        state["history"].append({"epoch": epoch + 1, "train_loss": record["train_loss"],
+                                 "val_balanced_accuracy": score, "train_s": record["train_s"],
+                                 "train_img_per_s": record["train_img_per_s"]})
         if score > state["best_score"]:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
                          best_state={k: v.detach().cpu().clone()
-                                     for k, v in model.state_dict().items()})
+                                     for k, v in run.model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         log.info("epoch %d: loss %.4f  val bal.acc %.4f  %.0f s (%.1f img/s)", epoch + 1,
-                 state["history"][-1]["train_loss"], score, train_s, seen / train_s)
-        with atomic_path(ckpt) as tmp:
-            torch.save({"config": asdict(cfg), "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "state": state, "torch_rng": torch.get_rng_state()}, tmp)
+                 record["train_loss"], score, record["train_s"], record["train_img_per_s"])
+        save_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, state)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
+    run.model.load_state_dict(state["best_state"])
+    return state
 
-    model.load_state_dict(state["best_state"])
-    proba_va = predict_logits(model, paths[va].tolist(), cfg.image_size, spec, device,
-                              tta=cfg.tta, num_workers=cfg.num_workers)
-    temperature = fit_temperature(proba_va, y[va])
-    t_eval = time.perf_counter()
-    raw_te = predict_logits(model, paths[te].tolist(), cfg.image_size, spec, device,
-                            tta=cfg.tta, num_workers=cfg.num_workers, progress=True)
-    eval_s = time.perf_counter() - t_eval
-    proba_te = apply_temperature(raw_te, temperature)
-    test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
-    test["ece_uncalibrated"] = expected_calibration_error(y[te], raw_te)
-    with atomic_path(folder / WEIGHTS) as tmp:
-        torch.save(model.state_dict(), tmp)
-    np.save(folder / "test_proba.npy", proba_te)
-    hist = state["history"]
-    card = {
-        "kind": "finetune",
-        "name": folder.name,
-        "config": asdict(cfg),
-        "classes": list(CLASSES),
-        "backbone": cfg.backbone,
-        "image_size": list(cfg.image_size),
-        "mean": list(spec.mean), "std": list(spec.std),
-        "weights_source": spec.weights_source, "weights_sha256": spec.weights_sha256,
-        "tta": cfg.tta,
-        "temperature": temperature,
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "history": hist,
-        "val_balanced_accuracy": state["best_score"],
-        "val": evaluate(y[va], apply_temperature(proba_va, temperature), n_boot=0),
-        "test": test,
-        "test_image_ids": dataset.frame["image_id"].to_numpy()[te].tolist(),
-        "n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(te)),
-        "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1) if hist else None,
-        "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1)
-        if hist else None,
-        "eval_img_per_s": round(len(te) / eval_s, 1),
-        "device": str(device),
-        "fit_time_s": round(time.perf_counter() - t_start, 1),
-        "total_time_s": round(time.perf_counter() - t_start, 1),
-        "data_fingerprint": dataset.fingerprint(),
-        "versions": library_versions(),
-    }
+
+def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple[Run, Path]:
+    """Split, model, loss, optimiser and schedule for one run; returns it and its folder."""
+    device = resolve_device(cfg.device)
+    split = load_or_make_split(dataset, workdir, cfg.data_seed)
+    tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
+    folder = model_path(workdir, cfg.model_name())
+    folder.mkdir(parents=True, exist_ok=True)
+    model, spec = build_model(cfg)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    labels = dataset.labels
+    criterion = make_loss(cfg, np.bincount(labels[tr], minlength=len(CLASSES))).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    sched = build_scheduler(opt, math.ceil(len(tr) / cfg.batch_size), cfg)
+    run = Run(cfg, model, spec, device, dataset.frame["path"].to_numpy(), labels, tr, va, te,
+              criterion, opt, sched)
+    return run, folder
+
+
+def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume: bool = False,
+             on_epoch_end: Callable[[int], None] | None = None) -> ModelCard:
+    """Train, select by val, evaluate once on test; write the model folder; return its card."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    run, folder = prepare(dataset, workdir, cfg)
+    ckpt = folder / CHECKPOINT
+    state = new_state()
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, run.device)
+    state = fit(run, state, ckpt, on_epoch_end)
+    card = calibrate_and_test(run, state, dataset, folder, t_start)
     save_card(folder, card)
     return card
 
 
-def load_finetuned(model_dir: Path | str, device: str = "cpu") -> tuple[nn.Module, dict, object]:
+def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
+                       t_start: float) -> ModelCard:
+    """Temperature on val, the one look at test, weights saved; returns the model's card."""
+    cfg, paths, y = run.cfg, run.paths, run.labels
+    _, proba_va = evaluate(run.model, paths[run.va].tolist(), y[run.va], run.spec, run.device,
+                           cfg, tta=cfg.tta)
+    temperature = fit_temperature(proba_va, y[run.va])
+    t_eval = time.perf_counter()
+    _, raw_te = evaluate(run.model, paths[run.te].tolist(), y[run.te], run.spec, run.device,
+                         cfg, tta=cfg.tta, progress=True)
+    eval_s = time.perf_counter() - t_eval
+    proba_te = apply_temperature(raw_te, temperature)
+    groups = dataset.frame["lesion_id"].astype(str).to_numpy()
+    test = metrics.evaluate(y[run.te], proba_te, groups[run.te], n_boot=cfg.n_boot,
+                            seed=cfg.seed)
+    test["ece_uncalibrated"] = metrics.expected_calibration_error(y[run.te], raw_te)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        torch.save(run.model.state_dict(), tmp)
+    np.save(folder / "test_proba.npy", proba_te)
+    val = metrics.evaluate(y[run.va], apply_temperature(proba_va, temperature), n_boot=0)
+    return build_card(run, state, dataset, folder, val, test, temperature,
+                      {"eval_img_per_s": round(len(run.te) / eval_s, 1),
+                       "total_time_s": round(time.perf_counter() - t_start, 1)})
+
+
+def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict, test: dict,
+               temperature: float, timing: dict) -> ModelCard:
+    """The fine-tuned model's card: settings, preprocessing, training record, scores."""
+    hist, spec = state["history"], run.spec
+    ids = dataset.frame["image_id"].to_numpy()
+    details = {
+        "backbone": run.cfg.backbone, "image_size": list(run.cfg.image_size),
+        "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
+        "weights_source": spec.weights_source, "weights_sha256": spec.weights_sha256,
+        "tta": run.cfg.tta, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "history": hist, "val_balanced_accuracy": state["best_score"],
+        "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1),
+        "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
+        "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device)}
+    return ModelCard(
+        kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(CLASSES),
+        val=val, test=test, temperature=temperature, decision_rule="argmax",
+        train_image_ids=ids[run.tr].tolist(), test_image_ids=ids[run.te].tolist(),
+        n_train=len(run.tr), n_val=len(run.va), n_test=len(run.te), tune_time_s=0.0,
+        fit_time_s=round(sum(h["train_s"] for h in hist), 1),
+        total_time_s=timing["total_time_s"], data_fingerprint=dataset.fingerprint(),
+        versions=library_versions(), details=details)
+
+
+def finetune_config(card: ModelCard) -> FinetuneConfig:
+    """The config a fine-tuned model's card was made with."""
+    raw = dict(card.config)
+    raw["image_size"] = tuple(raw["image_size"])
+    return FinetuneConfig(**raw)
+
+
+def load_finetuned(model_dir: Path | str,
+                   device: str = "cpu") -> tuple[nn.Module, ModelCard, BackboneSpec]:
     """A fine-tuned model folder -> (model in eval mode, card, backbone spec)."""
     card = load_card(model_dir)
-    cfg = FinetuneConfig(**{**card["config"], "image_size": tuple(card["config"]["image_size"])})
-    model, spec = build_model(cfg)
-    model.load_state_dict(torch.load(Path(model_dir) / WEIGHTS, map_location="cpu",
-                                     weights_only=True))
+    if card.kind != "finetune":
+        raise LesionLabError(f"{model_dir} holds a {card.kind!r} model, not a fine-tuned network")
+    model, spec = build_model(finetune_config(card))
+    try:
+        state = torch.load(Path(model_dir) / WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, damaged or crafted file
+        raise LesionLabError(f"cannot load {Path(model_dir) / WEIGHTS}: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    model.load_state_dict(state)
     return model.to(resolve_device(device)).eval(), card, spec
 
 
@@ -348,32 +452,15 @@ def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
     """Calibrated probabilities of a fine-tuned model for image ``paths``."""
     model, card, spec = load_finetuned(model_dir, device)
     dev = next(model.parameters()).device
-    raw = predict_logits(model.to(memory_format=torch.channels_last), list(paths),
-                         tuple(card["image_size"]), spec, dev, tta=card["tta"])
-    return apply_temperature(raw, card["temperature"])
+    raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
+                        tuple(card.details["image_size"]), dev, tta=card.details["tta"])
+    return apply_temperature(raw, card.temperature)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    d = FinetuneConfig()
-    p = argparse.ArgumentParser(prog="python -m models.finetune", description=__doc__)
-    p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=d.image_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--head-lr-mult", type=float, default=d.head_lr_mult)
-    p.add_argument("--sampler", default=d.sampler, help="balanced | none")
-    p.add_argument("--loss", default=d.loss, help="ce | weighted_ce | focal")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--train-fraction", type=float, default=d.train_fraction)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--tta", default=d.tta, help="none | flip | d4 at evaluation")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--no-bf16", action="store_true", help="fp32 on CPU")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--name", default=None)
+    """CLI arguments, from ``FinetuneConfig``."""
+    p = make_parser("python -m models.finetune", __doc__)
+    add_config_args(p, FinetuneConfig)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     add_data_args(p)
     return p
@@ -384,19 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.train_head import summary_line
 
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = config_from_args(FinetuneConfig, args)
     dataset = ensure_data(resolve_data(args))
-    cfg = FinetuneConfig(backbone=args.backbone, image_size=tuple(args.image_size),
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         head_lr_mult=args.head_lr_mult, sampler=args.sampler, loss=args.loss,
-                         label_smoothing=args.label_smoothing,
-                         train_fraction=args.train_fraction, patience=args.patience,
-                         tta=args.tta, seed=args.seed, device=args.device,
-                         num_workers=args.num_workers, bf16=not args.no_bf16,
-                         weights=args.weights, name=args.name)
     card = finetune(dataset, args.workdir, cfg, resume=args.resume)
-    print(summary_line(card) + f"  epoch {card['epoch_time_s']} s, "
-          f"{card['train_img_per_s']} img/s train")
+    print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
+          f"{card.details['train_img_per_s']} img/s train")
     return 0
 
 

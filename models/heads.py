@@ -15,13 +15,15 @@ import numpy as np
 import optuna
 from imblearn.over_sampling import SMOTE
 from imblearn.pipeline import Pipeline
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import balanced_accuracy
+from lesionlab.metrics import N_CLASSES, balanced_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
     best_iter = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if type(clf).__name__ == "LGBMClassifier":
+        if _is_lightgbm(clf):
             import lightgbm as lgb
 
             seen = np.isin(y_va, np.unique(yt))  # LightGBM rejects classes it never trained on
@@ -147,6 +149,14 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
         else:
             clf.fit(xt, yt)
     return full_proba(clf, xv), best_iter
+
+
+def _is_lightgbm(clf: Any) -> bool:
+    """True for a LightGBM classifier (imported only when LightGBM is in use)."""
+    import sys
+
+    lgb = sys.modules.get("lightgbm")
+    return lgb is not None and isinstance(clf, lgb.LGBMClassifier)
 
 
 def full_proba(clf: Any, x: np.ndarray, n_classes: int = 7) -> np.ndarray:
@@ -182,7 +192,13 @@ def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.
 
 
 def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
-    """Temperature T minimising the NLL of softmax(log p / T) on held-out data."""
+    """Temperature T minimising the NLL of softmax(log p / T) on held-out data.
+
+    scikit-learn's ``CalibratedClassifierCV(FrozenEstimator(...), method="temperature")``
+    finds the same T (to 1e-6, pinned by a test) but cannot fit when the held-out rows lack a
+    class or hold fewer rows of a class than its internal CV folds (small val splits, learning-
+    curve subsets), so the one-parameter fit stays here.
+    """
     from scipy.optimize import minimize_scalar
 
     logp = np.log(np.clip(proba, 1e-12, 1.0))
@@ -210,25 +226,70 @@ def apply_prior_correction(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return q / q.sum(axis=1, keepdims=True)
 
 
-class HeadModel:
-    """A fitted pipeline plus its chosen decision rule and temperature: what gets saved."""
+class HeadModel(ClassifierMixin, BaseEstimator):
+    """A light head on embeddings as one scikit-learn estimator.
 
-    def __init__(self, pipeline: Pipeline, prior: np.ndarray | None = None,
-                 temperature: float = 1.0) -> None:
-        self.pipeline = pipeline
-        self.prior = prior
-        self.temperature = temperature
+    ``fit`` fits the imblearn pipeline on training rows; ``choose_rule`` (argmax or class-prior
+    correction) and ``calibrate`` (temperature) use held-out rows. Fitted state lives in
+    ``pipeline_``, ``classes_``, ``prior_``, ``decision_rule_`` and ``temperature_``.
+    """
+
+    def __init__(self, head: str = "logreg", imbalance: str = "class_weight",
+                 params: dict[str, Any] | None = None, seed: int = 0,
+                 n_estimators: int = MAX_TREES) -> None:
+        self.head = head
+        self.imbalance = imbalance
+        self.params = params
+        self.seed = seed
+        self.n_estimators = n_estimators
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "HeadModel":
+        """Fit the pipeline (samplers act here only); the rule starts as argmax, T as 1."""
+        params = self.params or default_params(self.head, x.shape[1])
+        pipe = build_pipeline(self.head, self.imbalance, params, self.seed, self.n_estimators)
+        self.pipeline_ = adapt_to_data(pipe, x, y).fit(x, y)
+        self.classes_ = np.arange(N_CLASSES)
+        self.prior_ = np.bincount(y, minlength=N_CLASSES) / len(y)
+        self.decision_rule_ = "argmax"
+        self.temperature_ = 1.0
+        return self
 
     def raw_proba(self, x: np.ndarray) -> np.ndarray:
-        """Pipeline probabilities on all 7 classes."""
-        return full_proba(self.pipeline, x)
+        """Pipeline probabilities on all 7 classes (no decision rule, no temperature)."""
+        check_is_fitted(self, "pipeline_")
+        return full_proba(self.pipeline_, x)
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
-        """Apply the prior correction (if chosen on val) and the temperature."""
-        if self.prior is not None:
-            proba = apply_prior_correction(proba, self.prior)
-        return apply_temperature(proba, self.temperature) if self.temperature != 1.0 else proba
+        """Apply the decision rule chosen on held-out rows (before any temperature)."""
+        if self.decision_rule_ == "prior_corrected":
+            return apply_prior_correction(proba, self.prior_)
+        return proba
+
+    def choose_rule(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Keep the class-prior correction if it beats argmax in balanced accuracy on (x, y)."""
+        raw = self.raw_proba(x)
+        scores = {"argmax": balanced_accuracy(y, raw.argmax(1)),
+                  "prior_corrected": balanced_accuracy(
+                      y, apply_prior_correction(raw, self.prior_).argmax(1))}
+        better = scores["prior_corrected"] > scores["argmax"]
+        self.decision_rule_ = "prior_corrected" if better else "argmax"
+        return scores
+
+    def calibrate(self, x: np.ndarray, y: np.ndarray) -> "HeadModel":
+        """Fit the temperature on held-out rows (argmax unchanged)."""
+        self.temperature_ = fit_temperature(self.decide(self.raw_proba(x)), y)
+        return self
+
+    def uncalibrated_proba(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities after the decision rule, before the temperature."""
+        return self.decide(self.raw_proba(x))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Final, calibrated probabilities."""
-        return self.decide(self.raw_proba(x))
+        proba = self.uncalibrated_proba(x)
+        t = self.temperature_
+        return apply_temperature(proba, t) if t != 1.0 else proba
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices under the chosen decision rule."""
+        return self.predict_proba(x).argmax(1)

@@ -2,6 +2,7 @@
 
 Features are computed with the same code path and settings that made the model's training
 features (any image size); an unreadable image gets an error line, the others are predicted.
+Model folders hold trained models: load only folders you trust or made yourself.
 """
 
 from __future__ import annotations
@@ -15,51 +16,48 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lesionlab.cli import run_main
-from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
+from lesionlab.cli import make_parser, run_main
+from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
-from models.bundle import load_card, load_pipeline
-from models.design import block_config, metadata_matrix
+from models.bundle import load_card, load_head
+from models.design import LOCALIZATIONS, SEXES, card_design
+
+RESULT_KEYS = ("path", "prediction", "name", "probabilities")
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def head_features(card: dict, paths: Sequence[str], meta: pd.DataFrame | None,
-                  device: str = "auto") -> np.ndarray:
-    """Recompute a head model's input features for new images."""
-    from featurize.extract import Extractor
-
-    blocks = []
-    for block in card["features"]:
-        ext = Extractor(block_config(block, device=device, num_workers=0))
-        try:
-            if ext.spec.weights_sha256 != block["weights_sha256"]:
-                raise LesionLabError(
-                    f"backbone {block['backbone']} weights here ({ext.spec.weights_sha256[:12]}) "
-                    f"differ from the ones the model was trained on "
-                    f"({block['weights_sha256'][:12]})")
-            blocks.append(ext.embed_paths(paths))
-        finally:
-            ext.close()
-    if card["metadata"]:
-        frame = meta if meta is not None else pd.DataFrame(index=range(len(paths)))
-        blocks.append(metadata_matrix(frame.reset_index(drop=True))[0])
-    return np.hstack(blocks).astype(np.float64)
+def images_dataset(paths: Sequence[str], meta: pd.DataFrame | None = None) -> Dataset:
+    """Unlabelled images (and optional age/sex/localization) in the shape the design expects."""
+    frame = pd.DataFrame({"image_id": [Path(p).stem for p in paths],
+                          "path": [str(p) for p in paths]})
+    if meta is not None:
+        frame = pd.concat([frame, meta.reset_index(drop=True)], axis=1)
+    return Dataset(root=Path("."), frame=frame)
 
 
 def predict_proba(model_dir: Path | str, paths: Sequence[str],
                   meta: pd.DataFrame | None = None, device: str = "auto") -> np.ndarray:
     """Calibrated class probabilities (N x 7) of readable images ``paths``."""
     card = load_card(model_dir)
-    if card["kind"] == "finetune":
+    if card.kind == "finetune":
         from models.finetune import predict_finetuned
 
         return predict_finetuned(model_dir, paths, device=device)
-    model = load_pipeline(model_dir)
-    return model.predict_proba(head_features(card, paths, meta, device))
+    model = load_head(model_dir)
+    return model.predict_proba(card_design(card, images_dataset(paths, meta), device=device))
+
+
+def result_line(path: str, proba: np.ndarray) -> dict:
+    """The JSON record of one predicted image (keys: ``RESULT_KEYS``)."""
+    code = CLASSES[int(proba.argmax())]
+    return {"path": str(path), "prediction": code, "name": CLASS_NAMES[code],
+            "probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, proba)}}
 
 
 def predict_images(model_dir: Path | str, paths: Sequence[str],
                    meta: pd.DataFrame | None = None, device: str = "auto") -> list[dict]:
-    """One result dict per path, in order; unreadable images get an ``error`` entry."""
+    """One result dict per path, in order; unreadable images get ``{"path", "error"}``."""
+    load_card(model_dir)  # a wrong folder fails before any image is read
     results: list[dict] = [{"path": str(p)} for p in paths]
     ok = []
     for i, p in enumerate(paths):
@@ -72,26 +70,35 @@ def predict_images(model_dir: Path | str, paths: Sequence[str],
         sub_meta = meta.iloc[ok] if meta is not None else None
         proba = predict_proba(model_dir, [str(paths[i]) for i in ok], sub_meta, device)
         for i, row in zip(ok, proba):
-            code = CLASSES[int(row.argmax())]
-            results[i].update({"prediction": code, "name": CLASS_NAMES[code],
-                               "probabilities": {c: round(float(v), 6)
-                                                 for c, v in zip(CLASSES, row)}})
+            results[i] = result_line(paths[i], row)
     return results
+
+
+def _age(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 120:
+        raise argparse.ArgumentTypeError(f"age must be between 0 and 120, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m models.predict", __doc__)
+    p.add_argument("--model", required=True, type=Path, help="a model folder (with card.json)")
+    p.add_argument("images", nargs="+", help="image files (JPEG or PNG, any size)")
+    p.add_argument("--age", type=_age, default=None, help="for models trained with --metadata")
+    p.add_argument("--sex", default=None, choices=(*SEXES, "unknown"))
+    p.add_argument("--localization", default=None, choices=(*LOCALIZATIONS, "unknown"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print one JSON line per image; exit 1 if any image could not be read."""
-    p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__)
-    p.add_argument("--model", required=True, type=Path, help="a model folder (with card.json)")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--age", type=float, default=None, help="for models trained with --metadata")
-    p.add_argument("--sex", default=None)
-    p.add_argument("--localization", default=None)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    meta = pd.DataFrame({"age": [args.age] * len(args.images),
-                         "sex": [args.sex] * len(args.images),
-                         "localization": [args.localization] * len(args.images)})
+    args = build_parser().parse_args(argv)
+    n = len(args.images)
+    meta = pd.DataFrame({"age": [args.age] * n, "sex": [args.sex] * n,
+                         "localization": [args.localization] * n})
     results = predict_images(args.model, args.images, meta, args.device)
     for res in results:
         print(json.dumps(res))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lesionlab.download import download_ham10000, fetch
+from lesionlab.data import load_dataset
+from lesionlab.download import download_ham10000, fetch, release_counts
 from lesionlab.errors import LesionLabError
 
 
@@ -61,15 +62,55 @@ def server(tmp_path: Path, fixture_dir: Path):
     httpd.shutdown()
 
 
-def test_download_unzip_validate(server, tmp_path: Path) -> None:
+def _fixture_counts(fixture_dir: Path) -> dict[str, int]:
+    return release_counts(load_dataset(fixture_dir))
+
+
+def test_download_unzip_validate(server, tmp_path: Path, fixture_dir: Path) -> None:
     url, _ = server
-    ds = download_ham10000(tmp_path / "data", base_url=url, timeout=10)
+    expected = _fixture_counts(fixture_dir)
+    ds = download_ham10000(tmp_path / "data", base_url=url, http_timeout=10, expected=expected)
     assert len(ds) == 87
     assert (tmp_path / "data" / "HAM10000_images_part_2").is_dir()
     # second call downloads nothing
     n = len(RangeHandler.requests_seen)
-    download_ham10000(tmp_path / "data", base_url=url, timeout=10)
+    download_ham10000(tmp_path / "data", base_url=url, http_timeout=10, expected=expected)
     assert len(RangeHandler.requests_seen) == n
+
+
+def test_release_counts_are_checked(server, tmp_path: Path) -> None:
+    """A valid download of the wrong release is refused: the official counts do not match."""
+    url, _ = server
+    with pytest.raises(LesionLabError, match="does not match the published release") as err:
+        download_ham10000(tmp_path / "data", base_url=url, http_timeout=10)
+    assert "'images': (87, 10015)" in str(err.value)
+
+
+def test_zip_with_other_images_is_refused(server, tmp_path: Path, fixture_dir: Path) -> None:
+    """Images that the metadata does not list mean zips and CSV from different releases."""
+    url, root = server
+    with zipfile.ZipFile(root / "HAM10000_images_part_1.zip", "a") as zf:
+        zf.writestr("ISIC_9999999.jpg", (fixture_dir / "images").glob("*.jpg").__next__()
+                    .read_bytes())
+    with pytest.raises(LesionLabError, match="1 image.* not in HAM10000_metadata.csv"):
+        download_ham10000(tmp_path / "d", base_url=url, http_timeout=10,
+                          expected=_fixture_counts(fixture_dir))
+
+
+def test_undecodable_image_in_zip_is_refused(server, tmp_path: Path,
+                                             fixture_dir: Path) -> None:
+    url, root = server
+    part = root / "HAM10000_images_part_2.zip"
+    with zipfile.ZipFile(part) as zf:
+        first = zf.namelist()[0]
+        items = {n: zf.read(n) for n in zf.namelist()}
+    items[first] = b"\xff\xd8 not an image"
+    with zipfile.ZipFile(part, "w") as zf:
+        for n, data in items.items():
+            zf.writestr(n, data)
+    with pytest.raises(LesionLabError, match=f"corrupt or unreadable image.*{first}"):
+        download_ham10000(tmp_path / "d", base_url=url, http_timeout=10,
+                          expected=_fixture_counts(fixture_dir))
 
 
 def test_resume_partial_download(server, tmp_path: Path) -> None:
@@ -87,6 +128,6 @@ def test_bad_zip_and_unreachable(server, tmp_path: Path) -> None:
     url, root = server
     (root / "HAM10000_images_part_1.zip").write_bytes(b"not a zip")
     with pytest.raises(LesionLabError, match="not a valid zip"):
-        download_ham10000(tmp_path / "d", base_url=url, timeout=10)
+        download_ham10000(tmp_path / "d", base_url=url, http_timeout=10)
     with pytest.raises(LesionLabError, match="failed"):
         fetch(url + "nothing_here.zip", tmp_path / "x.zip", timeout=5)

@@ -133,7 +133,7 @@ def test_kill_and_resume(fixture_dir: Path, tmp_path: Path) -> None:
     deadline = time.time() + 120
     chunks: list[Path] = []
     while time.time() < deadline:
-        chunks = list((tmp_path / "features").glob("*/chunks/0*.npy"))
+        chunks = list((tmp_path / "features").glob("*/chunks/rows_*.npy"))
         if len(chunks) >= 3:
             break
         time.sleep(0.02)
@@ -142,10 +142,10 @@ def test_kill_and_resume(fixture_dir: Path, tmp_path: Path) -> None:
     assert len(chunks) >= 3, "extraction never started"
     entry = chunks[0].parent.parent
     assert not (entry / "manifest.json").exists(), "run finished before it could be killed"
-    done = sorted(entry.glob("chunks/0*.npy"))
+    done = sorted(entry.glob("chunks/rows_*.npy"))
     # a half-written chunk is never taken as valid: truncate one, leave a stray temp file
     done[1].write_bytes(done[1].read_bytes()[:40])
-    (entry / "chunks" / ".00099.npy.x.tmp").write_bytes(b"partial")
+    (entry / "chunks" / ".rows_x.npy.x.tmp").write_bytes(b"partial")
     calls: list[int] = []
     ds = load_dataset(fixture_dir)
     cfg = FeaturizeConfig(backbone="classical", num_workers=0, chunk_size=4)
@@ -187,7 +187,7 @@ def test_corrupt_image_stops_featurize_cleanly(data_copy: Path, tmp_path: Path) 
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "features").glob("*/manifest.json"))
     # chunks before the bad image are kept for the rerun once the file is fixed
-    assert list((tmp_path / "features").glob("*/chunks/00000.npy"))
+    assert list((tmp_path / "features").glob("*/chunks/rows_00000000_*.npy"))
 
 
 def test_local_weights_file(lite0, tmp_path: Path) -> None:

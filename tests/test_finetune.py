@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurize.extract import ImageFolderSet
+from featurize.extract import ImagePathDataset
 from lesionlab.data import load_dataset
 from models.explain import explain_images, grad_cam
 from models.finetune import FinetuneConfig, finetune, load_finetuned
@@ -26,17 +26,18 @@ class Interrupted(Exception):
 def test_tiny_run_writes_loadable_model(fixture_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset(fixture_dir)
     card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
-    folder = tmp_path / "models" / card["name"]
-    assert card["kind"] == "finetune" and card["epochs_run"] == 1
-    assert card["train_img_per_s"] > 0 and "ci95" in card["test"]
+    folder = tmp_path / "models" / card.name
+    assert card.kind == "finetune" and card.details["epochs_run"] == 1
+    assert card.details["train_img_per_s"] > 0 and "ci95" in card.test
+    assert card.tune_time_s == 0.0 and 0 < card.fit_time_s <= card.total_time_s
     model, _, _ = load_finetuned(folder)
     assert model.get_classifier().out_features == 7
     # predict reloads the folder and reproduces the stored calibrated test probabilities
-    ids = card["test_image_ids"][:3]
+    ids = card.test_image_ids[:3]
     paths = ds.frame.set_index("image_id").loc[ids, "path"].tolist()
     got = [r["probabilities"] for r in predict_images(folder, paths)]
     want = np.load(folder / "test_proba.npy")[:3]
-    np.testing.assert_allclose([[g[c] for c in card["classes"]] for g in got], want, atol=2e-3)
+    np.testing.assert_allclose([[g[c] for c in card.classes] for g in got], want, atol=2e-3)
 
 
 def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path) -> None:
@@ -51,19 +52,19 @@ def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(Interrupted):
         finetune(ds, tmp_path / "b", cfg, on_epoch_end=stop)
     resumed = finetune(ds, tmp_path / "b", cfg, resume=True)
-    assert [h["val_balanced_accuracy"] for h in resumed["history"]] == \
-        [h["val_balanced_accuracy"] for h in straight["history"]]
-    assert resumed["history"][1]["train_loss"] == pytest.approx(
-        straight["history"][1]["train_loss"], rel=1e-6)
-    a = torch.load(tmp_path / "a" / "models" / straight["name"] / "model.pt")
-    b = torch.load(tmp_path / "b" / "models" / resumed["name"] / "model.pt")
+    hist_a, hist_b = straight.details["history"], resumed.details["history"]
+    assert [h["val_balanced_accuracy"] for h in hist_b] == \
+        [h["val_balanced_accuracy"] for h in hist_a]
+    assert hist_b[1]["train_loss"] == pytest.approx(hist_a[1]["train_loss"], rel=1e-6)
+    a = torch.load(tmp_path / "a" / "models" / straight.name / "model.pt")
+    b = torch.load(tmp_path / "b" / "models" / resumed.name / "model.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
 
 
 def test_eval_transform_is_deterministic(fixture_dir: Path) -> None:
     paths = load_dataset(fixture_dir).frame["path"].tolist()[:2]
-    ds = ImageFolderSet(paths, (48, 64), (0.5,) * 3, (0.5,) * 3)
+    ds = ImagePathDataset(paths, (48, 64), (0.5,) * 3, (0.5,) * 3)
     torch.manual_seed(0)
     a = ds[0][0]
     torch.manual_seed(123)
@@ -73,7 +74,7 @@ def test_eval_transform_is_deterministic(fixture_dir: Path) -> None:
 def test_grad_cam_map(fixture_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset(fixture_dir)
     card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
-    folder = tmp_path / "models" / card["name"]
+    folder = tmp_path / "models" / card.name
     model, _, _ = load_finetuned(folder)
     x = torch.randn(1, 3, 48, 64)
     cam, cls, proba = grad_cam(model, x)
@@ -87,3 +88,111 @@ def test_grad_cam_map(fixture_dir: Path, tmp_path: Path) -> None:
                    str(tmp_path / "cli"), "--target", "mel")
     assert proc.returncode == 0, proc.stderr[-400:]
     assert json.loads(proc.stdout.splitlines()[0])["class"] == "mel"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, object]:
+    """One tiny fine-tuned model folder shared by the tests below."""
+    from tests.conftest import FIXTURE
+
+    work = tmp_path_factory.mktemp("ft")
+    card = finetune(load_dataset(FIXTURE), work, FinetuneConfig(epochs=1, **TINY))
+    return work / "models" / card.name, card
+
+
+def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Path) -> None:
+    folder, _ = tiny_model
+    imgs = sorted((fixture_dir / "images").glob("*.jpg"))[:2]
+    proc = run_cli("models.predict", "--model", str(folder), *map(str, imgs), "--age", "45",
+                   "--sex", "female", "--localization", "back")
+    assert proc.returncode == 0, proc.stderr[-400:]
+    lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    for line, img in zip(lines, imgs):
+        assert set(line) == {"path", "prediction", "name", "probabilities"}
+        assert line["path"] == str(img)
+        assert list(line["probabilities"]) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+        assert abs(sum(line["probabilities"].values()) - 1) < 1e-4
+
+
+def test_crafted_checkpoint_does_not_run_code(fixture_dir: Path, tmp_path: Path) -> None:
+    """--resume loads checkpoints with weights_only=True: a pickle payload is refused."""
+    import pickle
+
+    from lesionlab.errors import LesionLabError
+
+    cfg = FinetuneConfig(epochs=1, **TINY)
+    folder = tmp_path / "models" / cfg.model_name()
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (folder / "checkpoint.pt").write_bytes(pickle.dumps({"config": Payload()}, protocol=2))
+    with pytest.raises(LesionLabError, match="cannot load checkpoint"):
+        finetune(load_dataset(fixture_dir), tmp_path, cfg, resume=True)
+    assert not marker.exists()
+
+
+def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Path,
+                                                    tmp_path: Path) -> None:
+    folder, _ = tiny_model
+    img = sorted((fixture_dir / "images").glob("*.jpg"))[0]
+    twin = tmp_path / "other" / img.name
+    twin.parent.mkdir()
+    twin.write_bytes(img.read_bytes())
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"garbage")
+    proc = run_cli("models.explain", "--model", str(folder), str(bad), str(img), str(twin),
+                   "--out", str(tmp_path / "cams"))
+    assert proc.returncode == 1
+    lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
+    assert "error" in lines[0] and "broken.jpg" in lines[0]["error"]
+    overlays = [Path(line["overlay"]) for line in lines[1:]]
+    assert len(set(overlays)) == 2 and all(p.is_file() for p in overlays)
+    head_card = json.loads((folder / "card.json").read_text())
+    head_dir = tmp_path / "head_model"
+    head_dir.mkdir()
+    (head_dir / "card.json").write_text(json.dumps({**head_card, "kind": "head"}))
+    proc = run_cli("models.explain", "--model", str(head_dir), str(img), "--out",
+                   str(tmp_path / "x"))
+    assert proc.returncode == 2 and "needs a fine-tuned network" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_schedule_is_warmup_then_cosine() -> None:
+    """SequentialLR(LinearLR, CosineAnnealingLR) gives (s+1)/warm, then a cosine to zero."""
+    import math
+
+    from models.finetune import build_scheduler
+
+    cfg = FinetuneConfig(epochs=3, warmup_epochs=1.0, lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, 10, cfg)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [(s + 1) / 10 for s in range(10)] + [
+        0.5 * (1 + math.cos(math.pi * k / 20)) for k in range(20)]
+    np.testing.assert_allclose(lrs, want, atol=1e-9)
+
+
+def test_param_groups_no_decay_on_norms_and_head_lr() -> None:
+    from models.finetune import build_model, param_groups
+
+    cfg = FinetuneConfig(lr=1e-3, head_lr_mult=10.0, weight_decay=0.05)
+    model, _ = build_model(cfg)
+    groups = param_groups(model, cfg)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1
+        assert g["lr"] == (1e-2 if in_head == {True} else 1e-3)
+        if g["weight_decay"]:
+            assert all(p.ndim > 1 for p in g["params"])  # no decay on norms and biases
+    assert any(g["weight_decay"] == 0 for g in groups)

@@ -14,9 +14,10 @@ from featurize.extract import FeaturizeConfig, featurize
 from lesionlab.data import CLASSES, load_dataset
 from lesionlab.errors import LesionLabError
 from models import heads
-from models.bundle import load_card, load_pipeline
+from models.bundle import load_card, load_head
 from models.design import load_design
-from models.predict import head_features, predict_images
+from models.design import card_design
+from models.predict import images_dataset, predict_images
 from models.train_head import HeadConfig, train_head
 from tests.conftest import run_cli
 
@@ -74,6 +75,9 @@ def test_smote_never_reaches_evaluation(featurized) -> None:
 @pytest.mark.parametrize("head, imbalance", [("logreg", "smote"), ("lightgbm", "class_weight")])
 def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str,
                                            imbalance: str) -> None:
+    from lesionlab.metrics import balanced_accuracy, expected_calibration_error
+    from models.heads import HeadModel, apply_prior_correction
+
     data, work = featurized
     wd = tmp_path / "w"
     shutil.copytree(work, wd)
@@ -81,34 +85,38 @@ def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str
     cfg = HeadConfig(features="classical", head=head, imbalance=imbalance, metadata=True,
                      trials=3, folds=2, n_boot=50)
     card = train_head(ds, wd, cfg)
-    folder = wd / "models" / card["name"]
-    assert (folder / "study.db").exists() and (folder / "pipeline.joblib").exists()
-    assert card["n_trials"] == 3 and 0.0 <= card["test"]["balanced_accuracy"] <= 1.0
-    assert set(card["test"]["ci95"]) >= {"balanced_accuracy", "macro_auc"}
-    assert card["n_features"] == 75 + 17  # classical + age/sex/localization
-    # reload predicts identically on the stored test rows
-    model = load_pipeline(folder)
+    folder = wd / "models" / card.name
+    assert (folder / "study.db").exists() and (folder / "head.skops").exists()
+    assert not list(folder.glob("*.joblib")) and not list(folder.glob("*.pkl"))
+    assert card.details["n_trials"] == 3 and card.tune_time_s > 0
+    assert set(card.test["ci95"]) >= {"balanced_accuracy", "macro_auc"}
+    assert card.details["n_features"] == 75 + 17  # classical + age/sex/localization
+    model = load_head(folder)
+    assert isinstance(model, HeadModel) and model.decision_rule_ == card.decision_rule
+    assert model.temperature_ == pytest.approx(card.temperature)
     design = load_design(wd, ds, "classical", metadata=True)
-    test_rows = ds.frame["image_id"].isin(card["test_image_ids"]).to_numpy()
+    test_rows = ds.frame["image_id"].isin(card.test_image_ids).to_numpy()
+    y_test = ds.labels[test_rows]
+    # the card's headline numbers are those of the stored probabilities
+    stored = np.load(folder / "test_proba.npy")
+    assert card.test["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy(y_test, stored.argmax(1)))
+    assert card.test["n"] == int(test_rows.sum())
     # "uncalibrated" ECE is measured before the temperature, after the decision rule only
-    from lesionlab.metrics import expected_calibration_error
-    from models.heads import apply_prior_correction
-
     raw = model.raw_proba(design.x[test_rows])
-    if model.prior is not None:
-        raw = apply_prior_correction(raw, model.prior)
-    assert card["test"]["ece_uncalibrated"] == pytest.approx(
-        expected_calibration_error(ds.labels[test_rows], raw))
-    np.testing.assert_allclose(model.predict_proba(design.x[test_rows]),
-                               np.load(folder / "test_proba.npy"), atol=1e-10)
+    if model.decision_rule_ == "prior_corrected":
+        raw = apply_prior_correction(raw, model.prior_)
+    assert card.test["ece_uncalibrated"] == pytest.approx(expected_calibration_error(y_test, raw))
+    # reload predicts identically on the stored test rows
+    np.testing.assert_allclose(model.predict_proba(design.x[test_rows]), stored, atol=1e-10)
     # features recomputed from images (predict's path) equal the cached ones
-    paths = ds.frame["path"][test_rows].tolist()
-    recomputed = head_features(load_card(folder), paths, ds.frame[test_rows])
+    sub = ds.frame[test_rows]
+    recomputed = card_design(load_card(folder), images_dataset(sub["path"].tolist(), sub))
     np.testing.assert_allclose(recomputed, design.x[test_rows], rtol=1e-5, atol=1e-5)
     # rerun: study resumes with no new trials, same numbers
     again = train_head(ds, wd, cfg)
-    assert again["n_trials"] == 3
-    assert again["test"]["balanced_accuracy"] == card["test"]["balanced_accuracy"]
+    assert again.details["n_trials"] == 3 and again.tune_time_s == 0.0
+    assert again.test["balanced_accuracy"] == card.test["balanced_accuracy"]
 
 
 def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
@@ -121,7 +129,7 @@ def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
     imgs = sorted((data / "images").glob("*.jpg"))[:2]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"garbage")
-    proc = run_cli("models.predict", "--model", str(wd / "models" / card["name"]),
+    proc = run_cli("models.predict", "--model", str(wd / "models" / card.name),
                    str(imgs[0]), str(bad), str(imgs[1]))
     assert proc.returncode == 1
     lines = [json.loads(text) for text in proc.stdout.strip().splitlines()]
