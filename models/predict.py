@@ -31,7 +31,8 @@ def images_dataset(paths: Sequence[str], meta: pd.DataFrame | None = None) -> Da
     frame = pd.DataFrame({"image_id": [Path(p).stem for p in paths],
                           "path": [str(p) for p in paths]})
     if meta is not None:
-        frame = pd.concat([frame, meta.reset_index(drop=True)], axis=1)
+        cols = [c for c in ("age", "sex", "localization") if c in meta.columns]
+        frame = pd.concat([frame, meta[cols].reset_index(drop=True)], axis=1)
     return Dataset(root=Path("."), frame=frame)
 
 
