@@ -17,7 +17,7 @@ import torch
 
 from featurize.backbones import Embedder, create_backbone
 from featurize.extract import Extractor, FeaturizeConfig, Runner
-from lesionlab.cli import run_main
+from lesionlab.cli import make_parser, run_main
 from lesionlab.data import default_data_dir, load_dataset
 
 
@@ -29,58 +29,82 @@ def _rate(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -
     return repeats * len(x) / (time.perf_counter() - t0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the comparison and print the table."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.featurize_speed", description=__doc__)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0")
-    p.add_argument("--image-size", nargs=2, type=int, default=(168, 224), metavar=("H", "W"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--data", type=Path, default=None)
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m benchmarks.featurize_speed", __doc__)
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
+    p.add_argument("--image-size", nargs=2, type=int, default=(168, 224), metavar=("H", "W"),
+                   help="input (H, W)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per row")
+    p.add_argument("--data", type=Path, default=None, help="HAM10000 folder for the end-to-end "
+                                                             "row; None: the default folder")
     p.add_argument("--n-images", type=int, default=1024, help="for the end-to-end row")
-    args = p.parse_args(argv)
-    size = tuple(args.image_size)
-    model, _ = create_backbone(args.backbone)
-    embedder = Embedder(model).eval()
-    x = torch.randn(args.batch_size, 3, *size)
+    return p
+
+
+def _eager_rows(backbone: str, x: torch.Tensor, repeats: int) -> tuple[list, np.ndarray]:
+    """Rows for eager PyTorch (NCHW, channels_last, bf16) and the reference output."""
+    embedder = Embedder(create_backbone(backbone)[0]).eval()
     rows = []
     with torch.inference_mode():
         ref = embedder(x).numpy()
-        rows.append(("eager NCHW fp32", _rate(embedder, x, args.repeats), 0.0))
-        cl = Embedder(create_backbone(args.backbone)[0]).eval().to(
-            memory_format=torch.channels_last)
+        rows.append(("eager NCHW fp32", _rate(embedder, x, repeats), 0.0))
+        cl = Embedder(create_backbone(backbone)[0]).eval().to(memory_format=torch.channels_last)
         xc = x.contiguous(memory_format=torch.channels_last)
-        rows.append(("eager channels_last fp32", _rate(cl, xc, args.repeats),
+        rows.append(("eager channels_last fp32", _rate(cl, xc, repeats),
                      float(np.abs(cl(xc).numpy() - ref).max())))
 
         def bf16(t: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return cl(t).float()
 
-        rows.append(("eager channels_last bf16 autocast", _rate(bf16, xc, args.repeats),
+        rows.append(("eager channels_last bf16 autocast", _rate(bf16, xc, repeats),
                      float(np.abs(bf16(xc).numpy() - ref).max())))
-    runner = Runner(Embedder(create_backbone(args.backbone)[0]), torch.device("cpu"), "onnx", x)
+    return rows, ref
+
+
+def _runner_rows(backbone: str, x: torch.Tensor, repeats: int, ref: np.ndarray) -> list:
+    """Rows for the engines featurize uses: ONNX Runtime on CPU, fp16 on CUDA when present."""
+    rows = []
+    runner = Runner(Embedder(create_backbone(backbone)[0]), torch.device("cpu"), "onnx", x)
     try:
         rows.append(("featurize path: ONNX Runtime fp32 (used)",
-                     _rate(runner, x, args.repeats), float(np.abs(runner(x) - ref).max())))
+                     _rate(runner, x, repeats), float(np.abs(runner(x) - ref).max())))
     finally:
         runner.close()
     if torch.cuda.is_available():
-        gpu = Runner(Embedder(create_backbone(args.backbone)[0]), torch.device("cuda"), "auto", x)
-        rows.append(("CUDA fp16 autocast", _rate(gpu, x, args.repeats),
+        gpu = Runner(Embedder(create_backbone(backbone)[0]), torch.device("cuda"), "auto", x)
+        rows.append(("CUDA fp16 autocast", _rate(gpu, x, repeats),
                      float(np.abs(gpu(x) - ref).max())))
+    return rows
+
+
+def _end_to_end_row(args: argparse.Namespace, size: tuple[int, int]) -> list:
+    """Images/s of the whole featurize path (JPEG decode in a worker) on real images."""
     data = args.data or default_data_dir()
-    if (Path(data) / "HAM10000_metadata.csv").exists():
-        paths = load_dataset(data).frame["path"].tolist()[: args.n_images]
-        ext = Extractor(FeaturizeConfig(backbone=args.backbone, image_size=size,
-                                        batch_size=args.batch_size, num_workers=1))
-        try:
-            t0 = time.perf_counter()
-            ext.embed_paths(paths)
-            rows.append((f"end-to-end featurize ({len(paths)} JPEGs, decode in worker)",
-                         len(paths) / (time.perf_counter() - t0), float("nan")))
-        finally:
-            ext.close()
+    if not (Path(data) / "HAM10000_metadata.csv").exists():
+        return []
+    paths = load_dataset(data).frame["path"].tolist()[: args.n_images]
+    ext = Extractor(FeaturizeConfig(backbone=args.backbone, image_size=size,
+                                    batch_size=args.batch_size, num_workers=1))
+    try:
+        t0 = time.perf_counter()
+        ext.embed_paths(paths)
+        return [(f"end-to-end featurize ({len(paths)} JPEGs, decode in worker)",
+                 len(paths) / (time.perf_counter() - t0), float("nan"))]
+    finally:
+        ext.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison and print the table."""
+    args = build_parser().parse_args(argv)
+    size = tuple(args.image_size)
+    x = torch.randn(args.batch_size, 3, *size)
+    rows, ref = _eager_rows(args.backbone, x, args.repeats)
+    rows += _runner_rows(args.backbone, x, args.repeats, ref)
+    rows += _end_to_end_row(args, size)
     eager = rows[0][1]
     print(f"\n{args.backbone} at {size[1]}x{size[0]} (WxH), batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads\n")

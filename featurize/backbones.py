@@ -206,6 +206,14 @@ def _hub_model(name: str, **kwargs) -> nn.Module:
         ) from None
 
 
+def _hub_id(name: str) -> str | None:
+    """The Hugging Face repository timm loads ``name``'s weights from, if any."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    return cfg.hf_hub_id if cfg is not None else None
+
+
 def _hub_reachable(name: str, timeout: float = 10.0) -> bool:
     """One quiet request for the weights file's metadata (no retries, no logging)."""
     import os
@@ -213,11 +221,9 @@ def _hub_reachable(name: str, timeout: float = 10.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return False
     try:
-        import timm
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-        cfg = timm.get_pretrained_cfg(name)
-        hub_id = cfg.hf_hub_id if cfg is not None else None
+        hub_id = _hub_id(name)
         if not hub_id:
             return False
         get_hf_file_metadata(hf_hub_url(hub_id, "model.safetensors"), timeout=timeout)
@@ -231,11 +237,9 @@ def weights_available(name: str) -> bool:
     if name == CLASSICAL or offline_weights_path(name) is not None:
         return True
     try:
-        import timm
         from huggingface_hub import try_to_load_from_cache
 
-        cfg = timm.get_pretrained_cfg(name)
-        hub_id = cfg.hf_hub_id if cfg is not None else None
+        hub_id = _hub_id(name)
         if not hub_id:
             return False
         for fname in ("model.safetensors", "pytorch_model.bin"):

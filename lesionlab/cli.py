@@ -130,6 +130,14 @@ def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def config_parser(prog: str, doc: str | None, cls: type) -> argparse.ArgumentParser:
+    """A stage's parser: one flag per field of its config, then ``--data`` and ``--workdir``."""
+    parser = make_parser(prog, doc)
+    add_config_args(parser, cls)
+    add_data_args(parser)
+    return parser
+
+
 def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
     """Add ``--data`` (and ``--workdir``), shared by every entry point that reads HAM10000."""
     parser.add_argument("--data", type=Path, default=None,

@@ -8,8 +8,6 @@ sum, ReLU'd, upsampled to the input size and scaled to [0, 1].
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from featurize.extract import eval_tensor
-from lesionlab.cli import make_parser, run_main
+from lesionlab.cli import run_main
 from lesionlab.data import CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard, load_card
@@ -113,9 +111,9 @@ def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments."""
-    p = make_parser("python -m models.explain", __doc__)
-    p.add_argument("--model", required=True, type=Path, help="a fine-tuned model folder")
-    p.add_argument("images", nargs="+", help="image files")
+    from models.predict import model_parser
+
+    p = model_parser("python -m models.explain", __doc__, "a fine-tuned model folder")
     p.add_argument("--out", required=True, type=Path, help="folder for the overlay PNGs")
     p.add_argument("--target", default=None, choices=CLASSES,
                    help="class to explain; None: the predicted one")
@@ -126,12 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one overlay per image and print a JSON line for each; exit 1 if any failed."""
     args = build_parser().parse_args(argv)
-    results = explain_images(args.model, args.images, args.out, args.target, args.device)
-    for res in results:
-        print(json.dumps(res))
-        if "error" in res:
-            print(f"error: {res['error']}", file=sys.stderr)
-    return 1 if any("error" in r for r in results) else 0
+    from models.predict import print_results
+
+    return print_results(explain_images(args.model, args.images, args.out, args.target,
+                                        args.device))
 
 
 if __name__ == "__main__":

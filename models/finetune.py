@@ -27,8 +27,8 @@ from featurize.backbones import BackboneSpec, check_backbone, create_backbone
 from featurize.extract import DEVICES, TTA_MODES, ImagePathDataset, resolve_device, tta_views
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions
-from lesionlab.cli import (add_config_args, add_data_args, check_choices, config_from_args,
-                           make_parser, option, resolve_data, run_main, safe_name)
+from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
+                           resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -150,10 +150,16 @@ def make_loss(cfg: FinetuneConfig, counts: np.ndarray) -> nn.Module:
 
 
 def build_model(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec]:
-    """Pretrained backbone with a fresh, seeded 7-class head and dropout before it."""
+    """Pretrained backbone with a fresh 7-class head and dropout before it.
+
+    The head is initialised from ``cfg.seed`` after the backbone is built, so its start does
+    not depend on how many random draws building the backbone took.
+    """
+    model, spec = create_backbone(cfg.backbone, cfg.weights, num_classes=len(CLASSES),
+                                  drop_rate=cfg.drop_rate)
     torch.manual_seed(cfg.seed)
-    return create_backbone(cfg.backbone, cfg.weights, num_classes=len(CLASSES),
-                           drop_rate=cfg.drop_rate)
+    model.reset_classifier(len(CLASSES))
+    return model, spec
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
@@ -459,10 +465,8 @@ def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``FinetuneConfig``."""
-    p = make_parser("python -m models.finetune", __doc__)
-    add_config_args(p, FinetuneConfig)
+    p = config_parser("python -m models.finetune", __doc__, FinetuneConfig)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    add_data_args(p)
     return p
 
 

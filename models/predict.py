@@ -82,11 +82,26 @@ def _age(text: str) -> float:
     return value
 
 
+def model_parser(prog: str, doc: str | None, what: str) -> argparse.ArgumentParser:
+    """A parser with ``--model DIR`` and the image files, shared by predict and explain."""
+    p = make_parser(prog, doc)
+    p.add_argument("--model", required=True, type=Path, help=what)
+    p.add_argument("images", nargs="+", help="image files (JPEG or PNG, any size)")
+    return p
+
+
+def print_results(results: list[dict]) -> int:
+    """One JSON line per image on stdout, errors also on stderr; 1 if any image failed."""
+    for res in results:
+        print(json.dumps(res))
+        if "error" in res:
+            print(f"error: {res['error']}", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments."""
-    p = make_parser("python -m models.predict", __doc__)
-    p.add_argument("--model", required=True, type=Path, help="a model folder (with card.json)")
-    p.add_argument("images", nargs="+", help="image files (JPEG or PNG, any size)")
+    p = model_parser("python -m models.predict", __doc__, "a model folder (with card.json)")
     p.add_argument("--age", type=_age, default=None, help="for models trained with --metadata")
     p.add_argument("--sex", default=None, choices=(*SEXES, "unknown"))
     p.add_argument("--localization", default=None, choices=(*LOCALIZATIONS, "unknown"))
@@ -100,12 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = len(args.images)
     meta = pd.DataFrame({"age": [args.age] * n, "sex": [args.sex] * n,
                          "localization": [args.localization] * n})
-    results = predict_images(args.model, args.images, meta, args.device)
-    for res in results:
-        print(json.dumps(res))
-        if "error" in res:
-            print(f"error: {res['error']}", file=sys.stderr)
-    return 1 if any("error" in r for r in results) else 0
+    return print_results(predict_images(args.model, args.images, meta, args.device))
 
 
 if __name__ == "__main__":

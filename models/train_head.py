@@ -21,8 +21,8 @@ import numpy as np
 import optuna
 
 from lesionlab.artifacts import library_versions
-from lesionlab.cli import (add_config_args, add_data_args, check_choices, config_from_args,
-                           make_parser, option, resolve_data, run_main, safe_name)
+from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
+                           resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.metrics import evaluate, expected_calibration_error
@@ -201,9 +201,7 @@ def summary_line(card: ModelCard) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``HeadConfig``."""
-    p = make_parser("python -m models.train_head", __doc__)
-    add_config_args(p, HeadConfig)
-    add_data_args(p)
+    p = config_parser("python -m models.train_head", __doc__, HeadConfig)
     return p
 
 

@@ -46,7 +46,12 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     text = report.read_text()
     assert "Hand-written intro." in text and "Hand-written conclusions." in text
     assert "old table" not in text and "balanced acc [95% CI]" in text
-    assert "<!-- external:start -->" in text and "ISIC" not in text.split("external:start")[0]
+    external_block = text.split("<!-- external:start -->")[1].split("<!-- external:end -->")[0]
+    names = {r["name"] for r in summary["external"]}
+    rows = [line for line in external_block.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) - 1 == 3  # header separator + one row per main model
+    assert all(0.0 <= r["balanced_accuracy"] <= 1.0 for r in summary["external"])
+    assert names == {r["name"] for r in summary["rows"] if r["group"] == "main"}
     for fig in ("class_distribution", "confusion_head", "confusion_finetune",
                 "learning_curves", "reliability", "per_class_recall", "gradcam_examples"):
         assert (tmp_path / "reports" / "figures" / f"{fig}.png").is_file(), fig

@@ -135,6 +135,22 @@ def test_external_malformed_csv(data_copy: Path) -> None:
         load_external_labels(data_copy)
 
 
-def test_labels_array_matches_classes(fixture_dir: Path) -> None:
+def test_labels_follow_the_isic_class_order(fixture_dir: Path) -> None:
+    """Label k is the k-th class of the ISIC 2018 order, written out here, not recomputed."""
+    assert CLASSES == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
     ds = load_dataset(fixture_dir)
-    assert np.array_equal(ds.labels, ds.frame["dx"].map(CLASSES.index).to_numpy())
+    expected = {"akiec": 0, "bcc": 1, "bkl": 2, "df": 3, "mel": 4, "nv": 5, "vasc": 6}
+    for dx, label in zip(ds.frame["dx"], ds.labels):
+        assert label == expected[dx]
+    assert np.bincount(ds.labels, minlength=7).min() > 0
+
+
+def test_external_needs_exactly_one_label_csv(data_copy: Path) -> None:
+    (data_copy / "HAM10000_metadata.csv").rename(data_copy / "a.csv")
+    pd.read_csv(data_copy / "a.csv").to_csv(data_copy / "b.csv", index=False)
+    with pytest.raises(LesionLabError, match=r"exactly one label CSV; found \['a.csv', 'b.csv'\]"):
+        load_external_labels(data_copy)
+    (data_copy / "a.csv").unlink()
+    (data_copy / "b.csv").unlink()
+    with pytest.raises(LesionLabError, match=r"exactly one label CSV; found \[\]"):
+        load_external_labels(data_copy)

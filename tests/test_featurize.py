@@ -170,6 +170,7 @@ def test_unknown_backbone_and_missing_weights(fixture_dir: Path, tmp_path: Path)
     assert proc.returncode == 2, proc.stderr[-500:]
     assert "not available" in proc.stderr and "tf_efficientnet_lite0" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no hub retry noise
     assert not list((tmp_path / "features").glob("*/manifest.json"))
     proc = run_cli("featurize", "--backbone", "nope_net", "--data", str(fixture_dir),
                    "--workdir", str(tmp_path))

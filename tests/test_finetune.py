@@ -196,3 +196,11 @@ def test_param_groups_no_decay_on_norms_and_head_lr() -> None:
         if g["weight_decay"]:
             assert all(p.ndim > 1 for p in g["params"])  # no decay on norms and biases
     assert any(g["weight_decay"] == 0 for g in groups)
+
+
+def test_finetuned_card_train_and_test_lesions_are_disjoint(tiny_model,
+                                                            fixture_dir: Path) -> None:
+    _, card = tiny_model
+    lesion = load_dataset(fixture_dir).frame.set_index("image_id")["lesion_id"]
+    train, test = set(lesion[card.train_image_ids]), set(lesion[card.test_image_ids])
+    assert train and test and not train & test

@@ -156,3 +156,47 @@ def test_bad_feature_key_and_options(featurized, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     with pytest.raises(LesionLabError, match="not a lesionlab model folder"):
         predict_images(tmp_path, [str(next((data / "images").glob("*.jpg")))])
+
+
+def test_card_train_and_test_lesions_are_disjoint(featurized, tmp_path: Path) -> None:
+    """Leakage check on a real model card: no lesion on both sides."""
+    data, work = featurized
+    wd = tmp_path / "w"
+    shutil.copytree(work, wd)
+    ds = load_dataset(data)
+    card = train_head(ds, wd, HeadConfig(features="classical", trials=1, folds=2, n_boot=0))
+    lesion = ds.frame.set_index("image_id")["lesion_id"]
+    train_lesions = set(lesion[card.train_image_ids])
+    test_lesions = set(lesion[card.test_image_ids])
+    assert train_lesions and test_lesions and not train_lesions & test_lesions
+    assert card.n_train == len(card.train_image_ids) and card.n_test == len(card.test_image_ids)
+
+
+def test_temperature_equals_scikit_learns() -> None:
+    """fit_temperature finds the T of CalibratedClassifierCV(method='temperature')."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+
+    class Given(ClassifierMixin, BaseEstimator):
+        def fit(self, x, y=None):
+            self.classes_ = np.arange(7)
+            return self
+
+        def predict_proba(self, x):
+            return np.asarray(x)
+
+        def predict(self, x):
+            return np.asarray(x).argmax(1)
+
+    rng = np.random.default_rng(0)
+    for true_t in (0.3, 2.5):
+        z = rng.normal(size=(400, 7)) * 3
+        q = np.exp(z / true_t)
+        y = np.array([rng.choice(7, p=r / r.sum()) for r in q])
+        proba = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        cal = CalibratedClassifierCV(FrozenEstimator(Given().fit(None)), method="temperature")
+        cal.fit(proba, y)
+        beta = float(cal.calibrated_classifiers_[0].calibrators[0].beta_)
+        assert heads.fit_temperature(proba, y) == pytest.approx(1 / beta, rel=1e-4)
+        assert heads.fit_temperature(proba, y) == pytest.approx(true_t, rel=0.25)

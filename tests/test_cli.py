@@ -1,0 +1,62 @@
+"""Every CLI: --help works, and an invalid choice fails in argparse (exit 2) before any data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+CLIS = ("featurize", "featurize.split", "featurize.download", "models.train_head",
+        "models.finetune", "models.predict", "models.explain", "benchmarks.run_all",
+        "benchmarks.featurize_speed")
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_help(module: str) -> None:
+    proc = run_cli(module, "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-300:]
+    assert proc.stdout.startswith("usage: python -m " + module.replace(".__main__", ""))
+
+
+# Each line: a command with one bad value; --data points nowhere, so reaching the data would
+# print "data folder not found" instead of argparse's message.
+BAD = [
+    ("featurize", ["--backbone", "classical", "--tta", "rot"], "invalid choice: 'rot'"),
+    ("featurize", ["--backbone", "tf_efficientnet_lite0", "--pool", "max"], "invalid choice"),
+    ("featurize", ["--backbone", "resnet_nonexistent"], "unknown backbone"),
+    ("featurize", ["--backbone", "classical", "--device", "tpu"], "invalid choice"),
+    ("models.train_head", ["--features", "classical", "--head", "svm"], "invalid choice: 'svm'"),
+    ("models.train_head", ["--features", "classical", "--imbalance", "adasyn"], "invalid choice"),
+    ("models.train_head", ["--features", "classical", "--name", "../../../x"], "invalid name"),
+    ("models.finetune", ["--tta", "rot"], "invalid choice: 'rot'"),
+    ("models.finetune", ["--loss", "hinge"], "invalid choice"),
+    ("models.finetune", ["--sampler", "smote"], "invalid choice"),
+    ("models.finetune", ["--name", "a/b"], "invalid name"),
+    ("benchmarks.run_all", ["--preset", "medium"], "invalid choice: 'medium'"),
+]
+
+
+@pytest.mark.parametrize("module, args, message", BAD)
+def test_invalid_choice_fails_in_argparse(module: str, args: list[str], message: str,
+                                          tmp_path: Path) -> None:
+    proc = run_cli(module, *args, "--data", str(tmp_path / "nowhere"), "--workdir",
+                   str(tmp_path / "w"), timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "data folder not found" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("models.predict", ["--sex", "other"], "invalid choice: 'other'"),
+    ("models.predict", ["--localization", "elbow"], "invalid choice"),
+    ("models.predict", ["--age", "300"], "age must be between"),
+    ("models.explain", ["--out", "o", "--target", "melanoma"], "invalid choice"),
+])
+def test_predict_explain_reject_bad_values_before_loading(module: str, args: list[str],
+                                                         message: str, tmp_path: Path) -> None:
+    proc = run_cli(module, "--model", str(tmp_path / "no_model"), "x.jpg", *args, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "not a lesionlab model folder" not in proc.stderr
