@@ -134,7 +134,7 @@ def summarize(card: ModelCard) -> dict:
         "confusion_matrix": t["confusion_matrix"],
         "val_balanced_accuracy": card.val["balanced_accuracy"],
         "cv_balanced_accuracy": card.details.get("cv_balanced_accuracy"),
-        "fit_time_s": card.total_time_s,
+        "total_time_s": card.total_time_s,
         "epoch_time_s": card.details.get("epoch_time_s"),
         "train_img_per_s": card.details.get("train_img_per_s"),
         "model_dir": None,
@@ -223,7 +223,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
             proba = load_head(folder).predict_proba(card_design(card, external, workdir))
         res = evaluate(external.labels, proba, groups, n_boot=500)
         out.append({**{k: row[k] for k in ("name", "kind", "features", "head", "imbalance",
-                                            "metadata", "train_fraction", "fit_time_s")},
+                                            "metadata", "train_fraction", "total_time_s")},
                     "balanced_accuracy": res["balanced_accuracy"],
                     "ci95": res["ci95"]["balanced_accuracy"], "macro_f1": res["macro_f1"],
                     "macro_auc": res["macro_auc"], "mel_sensitivity": res["mel_sensitivity"],

@@ -77,7 +77,7 @@ def test_markers_regenerate_without_touching_prose() -> None:
     rows = [{"features": "f", "head": "logreg", "imbalance": "smote", "metadata": False,
              "balanced_accuracy": 0.5, "ci95": [0.4, 0.6], "macro_f1": 0.4, "macro_auc": 0.8,
              "mel_sensitivity": 0.5, "ece": 0.05, "val_balanced_accuracy": 0.5,
-             "fit_time_s": 12.0}]
+             "total_time_s": 12.0}]
     once = replace_block(PROSE, "leaderboard", leaderboard_md(rows))
     twice = replace_block(once, "leaderboard", leaderboard_md(rows))
     assert once == twice
