@@ -55,7 +55,7 @@ class FeaturizeConfig:
     backbone: str = option(help="timm model name (tagged names too), or 'classical'",
                            parse=lambda v: check_backbone(v))
     image_size: tuple[int, int] | None = option(
-        None, "input (H, W); default: the backbone's size, 4:3", metavar=("H", "W"))
+        None, "input (H, W); None: the backbone's size, 4:3", metavar=("H", "W"))
     tta: str = option("none", "test-time views averaged per image", choices=TTA_MODES)
     pool: str = option("avg", "pooling: final layer, or the last stages too", choices=POOL_MODES)
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")

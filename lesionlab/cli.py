@@ -141,7 +141,7 @@ def config_parser(prog: str, doc: str | None, cls: type) -> argparse.ArgumentPar
 def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
     """Add ``--data`` (and ``--workdir``), shared by every entry point that reads HAM10000."""
     parser.add_argument("--data", type=Path, default=None,
-                        help="HAM10000 folder (default: $LESIONLAB_DATA, else ./data/ham10000)")
+                        help="HAM10000 folder; None: $LESIONLAB_DATA, else ./data/ham10000")
     if workdir:
         parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR),
                             help="folder for all artifacts")

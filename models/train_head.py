@@ -50,9 +50,9 @@ class HeadConfig:
                                                "reproducible when --trials ends the study)")
     folds: int = option(3, "lesion-grouped CV folds of the train split")
     seed: int = option(0, "model and tuning seed")
-    split_seed: int | None = option(None, "seed of the train/val/test split (default: --seed)")
+    split_seed: int | None = option(None, "seed of the train/val/test split; None: the same as --seed")
     train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
-    name: str | None = option(None, "model folder name (default: from the settings)",
+    name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
     n_boot: int = option(1000, "bootstrap resamples for the test CIs")
 
