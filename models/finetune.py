@@ -24,7 +24,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from featurize.backbones import BackboneSpec, check_backbone, create_backbone
-from featurize.extract import DEVICES, TTA_MODES, ImagePathDataset, resolve_device, tta_views
+from featurize.extract import (DEVICES, PRECISIONS, TTA_MODES, ImagePathDataset,
+                               resolve_device, tta_views, use_bf16)
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions
 from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
@@ -70,7 +71,9 @@ class FinetuneConfig:
     split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed")
     device: str = option("auto", "where training runs", choices=DEVICES)
     num_workers: int = option(2, "image decoding worker processes")
-    bf16: bool = option(True, "bf16 autocast on CPU (CUDA always uses fp16 AMP)")
+    precision: str = option("auto", "CPU arithmetic; auto: bf16 autocast where the CPU has "
+                                    "avx512_bf16 or AMX, else fp32 (CUDA: fp16 AMP)",
+                            choices=PRECISIONS)
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
@@ -233,7 +236,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Opt
 @torch.inference_mode()
 def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
                   size: tuple[int, int], device: torch.device, tta: str = "none",
-                  batch_size: int = 64, num_workers: int = 0,
+                  batch_size: int = 64, num_workers: int = 0, bf16: bool = False,
                   progress: bool = False) -> np.ndarray:
     """Softmax probabilities averaged over TTA views, with the deterministic eval transform."""
     model.eval()
@@ -244,7 +247,7 @@ def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
         x = x.to(device)
         probs = []
         for view in tta_views(x, tta):
-            with _autocast(device, True):
+            with _autocast(device, bf16):
                 logits = model(view.contiguous(memory_format=torch.channels_last))
             probs.append(torch.softmax(logits.float(), dim=1))
         out.append(torch.stack(probs).mean(0).cpu().numpy())
@@ -256,7 +259,8 @@ def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: B
              progress: bool = False) -> tuple[float, np.ndarray]:
     """Balanced accuracy and probabilities of ``model`` on labelled images."""
     proba = predict_proba(model, paths, spec, cfg.image_size, device, tta=tta,
-                          num_workers=cfg.num_workers, progress=progress)
+                          num_workers=cfg.num_workers, progress=progress,
+                          bf16=use_bf16(cfg.precision, device))
     return metrics.balanced_accuracy(labels, proba.argmax(1)), proba
 
 
@@ -325,7 +329,8 @@ def fit(run: Run, state: dict, ckpt: Path,
         epoch = state["epoch"]
         loader = train_loader(data, run.labels[run.tr], cfg, epoch)
         record = train_one_epoch(run.model, run.criterion, run.opt, run.sched, loader,
-                                 run.device, cfg.bf16, f"epoch {epoch + 1}/{cfg.epochs}")
+                                 run.device, use_bf16(cfg.precision, run.device),
+                                 f"epoch {epoch + 1}/{cfg.epochs}")
         score, _ = evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va],
                             run.spec, run.device, cfg)
         state["history"].append({"epoch": epoch + 1, "train_loss": record["train_loss"],
@@ -419,7 +424,8 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         "history": hist, "val_balanced_accuracy": state["best_score"],
         "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1),
         "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
-        "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device)}
+        "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device),
+        "bf16_autocast": use_bf16(run.cfg.precision, run.device)}
     return ModelCard(
         kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(CLASSES),
         val=val, test=test, temperature=temperature, decision_rule="argmax",
@@ -459,7 +465,8 @@ def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
     model, card, spec = load_finetuned(model_dir, device)
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
-                        tuple(card.details["image_size"]), dev, tta=card.details["tta"])
+                        tuple(card.details["image_size"]), dev, tta=card.details["tta"],
+                        bf16=use_bf16(card.config["precision"], dev))
     return apply_temperature(raw, card.temperature)
 
 

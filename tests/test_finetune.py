@@ -204,3 +204,17 @@ def test_finetuned_card_train_and_test_lesions_are_disjoint(tiny_model,
     lesion = load_dataset(fixture_dir).frame.set_index("image_id")["lesion_id"]
     train, test = set(lesion[card.train_image_ids]), set(lesion[card.test_image_ids])
     assert train and test and not train & test
+
+
+def test_cpu_features_choose_fp32_or_bf16() -> None:
+    """auto: bf16 only where the CPU has it natively (a VNNI-only Xeon stays in fp32)."""
+    from featurize.extract import cpu_flags, use_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_bf16("auto", cpu, {"avx512f", "avx512_vnni"})
+    assert use_bf16("auto", cpu, {"avx512f", "avx512_bf16"})
+    assert use_bf16("auto", cpu, {"amx_bf16", "amx_tile"})
+    assert not use_bf16("auto", cpu, set())
+    assert not use_bf16("fp32", cpu, {"avx512_bf16"}) and use_bf16("bf16", cpu, set())
+    assert not use_bf16("auto", cuda, {"avx512_bf16"})  # CUDA uses fp16 AMP instead
+    assert use_bf16("auto", cpu) == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
