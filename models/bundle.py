@@ -101,6 +101,28 @@ def load_card(folder: Path | str) -> ModelCard:
     return ModelCard(**{k: v for k, v in raw.items() if k in names})
 
 
+class TrainingRun:
+    """Shared by the head and fine-tuning configs: the data seed and the name's tail parts.
+
+    Subclasses are dataclasses with ``seed``, ``split_seed`` and ``train_fraction`` fields.
+    """
+
+    seed: int
+    split_seed: int | None
+    train_fraction: float
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the train/val/test split (and train subsets): ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
+
+    def name_tail(self) -> list[str]:
+        """The folder-name parts every run has: train fraction, split seed, model seed."""
+        frac = f"frac{self.train_fraction:g}" if self.train_fraction < 1 else ""
+        split = f"split{self.split_seed}" if self.split_seed not in (None, self.seed) else ""
+        return [frac, split, f"seed{self.seed}"]
+
+
 def model_name(*parts: str) -> str:
     """A filesystem-safe model folder name from its defining parts."""
     return "__".join(re.sub(r"[^A-Za-z0-9_.+-]", "_", p) for p in parts if p)

@@ -34,7 +34,8 @@ from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
-from models.bundle import ModelCard, load_card, model_name, model_path, save_card
+from models.bundle import (ModelCard, TrainingRun, load_card, model_name, model_path,
+                           save_card)
 from models.heads import apply_temperature, fit_temperature
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ LOSSES = ("ce", "weighted_ce", "focal")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingRun):
     """Settings of one fine-tuning run (defaults finish in < 40 min on a 2-core CPU)."""
 
     backbone: str = option("tf_efficientnet_lite0", "timm model name",
@@ -85,19 +86,11 @@ class FinetuneConfig:
         if self.epochs < 1:
             raise LesionLabError("--epochs must be at least 1")
 
-    @property
-    def data_seed(self) -> int:
-        """Seed of the train/val/test split (and train subsets): ``split_seed``, else ``seed``."""
-        return self.seed if self.split_seed is None else self.split_seed
-
     def model_name(self) -> str:
         """Default folder name from the defining settings."""
-        frac = f"frac{self.train_fraction:g}" if self.train_fraction < 1 else ""
-        split = f"split{self.split_seed}" if self.split_seed not in (None, self.seed) else ""
         h, w = self.image_size
         return self.name or model_name("finetune", self.backbone, f"{h}x{w}", self.sampler,
-                                       self.loss, f"ep{self.epochs}", frac, split,
-                                       f"seed{self.seed}")
+                                       self.loss, f"ep{self.epochs}", *self.name_tail())
 
 
 class TrainSet(TorchDataset):

@@ -28,7 +28,7 @@ from lesionlab.download import ensure_data
 from lesionlab.metrics import evaluate, expected_calibration_error
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
-from models.bundle import ModelCard, model_name, model_path, save_card, save_head
+from models.bundle import ModelCard, TrainingRun, model_name, model_path, save_card, save_head
 from models.design import Design, load_design
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ STUDY_FILE = "study.db"
 
 
 @dataclass
-class HeadConfig:
+class HeadConfig(TrainingRun):
     """One cell of the study: features x head x imbalance strategy x metadata."""
 
     features: str = option(help="feature set key(s) or backbone name(s) joined by '+', e.g. "
@@ -60,18 +60,10 @@ class HeadConfig:
         """Reject unknown option values with a message naming them."""
         check_choices(self)
 
-    @property
-    def data_seed(self) -> int:
-        """Seed of the train/val/test split (and train subsets): ``split_seed``, else ``seed``."""
-        return self.seed if self.split_seed is None else self.split_seed
-
     def model_name(self) -> str:
         """Default folder name: the defining settings."""
-        frac = f"frac{self.train_fraction:g}" if self.train_fraction < 1 else ""
-        split = f"split{self.split_seed}" if self.split_seed not in (None, self.seed) else ""
         return self.name or model_name(self.features, self.head, self.imbalance,
-                                       "meta" if self.metadata else "", frac, split,
-                                       f"seed{self.seed}")
+                                       "meta" if self.metadata else "", *self.name_tail())
 
 
 def study_fingerprint(design: Design, cfg: HeadConfig, n_train: int) -> str:
