@@ -103,26 +103,46 @@ def _check_weights(block: dict, sha256: str) -> None:
             f"the model was trained on ({block['weights_sha256'][:12]})")
 
 
+def card_extractors(card: ModelCard, device: str = "auto") -> list:
+    """One loaded ``Extractor`` per feature block of a head's card (weights checked)."""
+    from featurize.extract import Extractor
+
+    extractors = []
+    try:
+        for block in card.features:
+            ext = Extractor(block_config(block, device=device, num_workers=0))
+            extractors.append(ext)
+            _check_weights(block, ext.spec.weights_sha256)
+    except BaseException:
+        for ext in extractors:
+            ext.close()
+        raise
+    return extractors
+
+
 def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = None,
-                device: str = "auto") -> np.ndarray:
+                device: str = "auto", extractors: list | None = None) -> np.ndarray:
     """A head model's input for the images of ``dataset``, made as its training features were.
 
     With ``workdir`` the features are cached there (external test sets); without, they are
-    computed in memory (a few new images).
+    computed in memory by ``extractors`` (loaded here and closed after, when not given).
     """
-    from featurize.extract import Extractor, featurize
+    from featurize.extract import featurize
 
-    blocks = []
-    for block in card.features:
-        if workdir is not None:
+    if workdir is not None:
+        blocks = []
+        for block in card.features:
             fs = featurize(dataset, workdir, block_config(block, device=device))
             _check_weights(block, fs.manifest["weights_sha256"])
             blocks.append(align(fs, dataset.frame["image_id"]))
-            continue
-        ext = Extractor(block_config(block, device=device, num_workers=0))
-        try:
-            _check_weights(block, ext.spec.weights_sha256)
-            blocks.append(ext.embed_paths(dataset.frame["path"].tolist()))
-        finally:
-            ext.close()
+        return build_design(blocks, dataset.frame, card.metadata)
+    owned = extractors is None
+    extractors = card_extractors(card, device) if owned else extractors
+    try:
+        paths = dataset.frame["path"].tolist()
+        blocks = [ext.embed_paths(paths) for ext in extractors]
+    finally:
+        if owned:
+            for ext in extractors:
+                ext.close()
     return build_design(blocks, dataset.frame, card.metadata)

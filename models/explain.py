@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path,
+def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path | BinaryIO,
                 target: int | None) -> dict:
     """Grad-CAM overlay of one image written to ``dest``; returns what was explained."""
     img = load_rgb(path)
@@ -79,7 +79,7 @@ def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path,
     cam, cls, proba = grad_cam(model, x.to(next(model.parameters()).device), target)
     big = np.asarray(Image.fromarray(np.uint8(cam * 255)).resize(img.size, Image.BILINEAR),
                      np.float32) / 255
-    overlay(img, big).save(dest)
+    overlay(img, big).save(dest, format="PNG")
     return {"path": str(path), "overlay": str(dest), "class": CLASSES[cls],
             "probability": float(proba[cls])}
 

@@ -431,7 +431,13 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
 
 def finetune_config(card: ModelCard) -> FinetuneConfig:
     """The config a fine-tuned model's card was made with."""
+    import dataclasses
+
     raw = dict(card.config)
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(FinetuneConfig)})
+    if unknown:
+        raise LesionLabError(f"model {card.name} was made by another lesionlab version "
+                             f"(settings {unknown} are unknown here); retrain it")
     raw["image_size"] = tuple(raw["image_size"])
     return FinetuneConfig(**raw)
 
@@ -452,15 +458,21 @@ def load_finetuned(model_dir: Path | str,
     return model.to(resolve_device(device)).eval(), card, spec
 
 
-def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
-                      device: str = "auto") -> np.ndarray:
-    """Calibrated probabilities of a fine-tuned model for image ``paths``."""
-    model, card, spec = load_finetuned(model_dir, device)
+def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
+                  paths: Sequence[str]) -> np.ndarray:
+    """Calibrated probabilities of a loaded fine-tuned network for image ``paths``."""
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
                         tuple(card.details["image_size"]), dev, tta=card.details["tta"],
                         bf16=use_bf16(card.config["precision"], dev))
     return apply_temperature(raw, card.temperature)
+
+
+def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
+                      device: str = "auto") -> np.ndarray:
+    """Calibrated probabilities of a fine-tuned model folder for image ``paths``."""
+    model, card, spec = load_finetuned(model_dir, device)
+    return network_proba(model, card, spec, paths)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import load_card, load_head
-from models.design import LOCALIZATIONS, SEXES, card_design
+from models.design import LOCALIZATIONS, SEXES, card_design, card_extractors
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities")
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,16 +36,65 @@ def images_dataset(paths: Sequence[str], meta: pd.DataFrame | None = None) -> Da
     return Dataset(root=Path("."), frame=frame)
 
 
+class Predictor:
+    """A model folder loaded once, to predict many batches of images (predict, the server)."""
+
+    def __init__(self, model_dir: Path | str, device: str = "auto") -> None:
+        self.model_dir = Path(model_dir)
+        self.card = load_card(model_dir)
+        self.network = self.spec = self.head = None
+        self.extractors: list = []
+        if self.card.kind == "finetune":
+            from models.finetune import load_finetuned
+
+            self.network, _, self.spec = load_finetuned(model_dir, device)
+        else:
+            self.head = load_head(model_dir)
+            self.extractors = card_extractors(self.card, device)
+
+    def predict_proba(self, paths: Sequence[str],
+                      meta: pd.DataFrame | None = None) -> np.ndarray:
+        """Calibrated class probabilities (N x 7) of readable images ``paths``."""
+        if self.network is not None:
+            from models.finetune import network_proba
+
+            return network_proba(self.network, self.card, self.spec, paths)
+        design = card_design(self.card, images_dataset(paths, meta),
+                             extractors=self.extractors)
+        return self.head.predict_proba(design)
+
+    def predict_images(self, paths: Sequence[str],
+                       meta: pd.DataFrame | None = None) -> list[dict]:
+        """One result dict per path, in order; unreadable images get ``{"path", "error"}``."""
+        results: list[dict] = [{"path": str(p)} for p in paths]
+        ok = []
+        for i, p in enumerate(paths):
+            try:
+                load_rgb(p)
+                ok.append(i)
+            except LesionLabError as exc:
+                results[i]["error"] = str(exc)
+        if ok:
+            sub_meta = meta.iloc[ok] if meta is not None else None
+            proba = self.predict_proba([str(paths[i]) for i in ok], sub_meta)
+            for i, row in zip(ok, proba):
+                results[i] = result_line(paths[i], row)
+        return results
+
+    def close(self) -> None:
+        """Free the feature extractors' engines."""
+        for ext in self.extractors:
+            ext.close()
+
+
 def predict_proba(model_dir: Path | str, paths: Sequence[str],
                   meta: pd.DataFrame | None = None, device: str = "auto") -> np.ndarray:
     """Calibrated class probabilities (N x 7) of readable images ``paths``."""
-    card = load_card(model_dir)
-    if card.kind == "finetune":
-        from models.finetune import predict_finetuned
-
-        return predict_finetuned(model_dir, paths, device=device)
-    model = load_head(model_dir)
-    return model.predict_proba(card_design(card, images_dataset(paths, meta), device=device))
+    predictor = Predictor(model_dir, device)
+    try:
+        return predictor.predict_proba(paths, meta)
+    finally:
+        predictor.close()
 
 
 def result_line(path: str, proba: np.ndarray) -> dict:
@@ -58,21 +107,11 @@ def result_line(path: str, proba: np.ndarray) -> dict:
 def predict_images(model_dir: Path | str, paths: Sequence[str],
                    meta: pd.DataFrame | None = None, device: str = "auto") -> list[dict]:
     """One result dict per path, in order; unreadable images get ``{"path", "error"}``."""
-    load_card(model_dir)  # a wrong folder fails before any image is read
-    results: list[dict] = [{"path": str(p)} for p in paths]
-    ok = []
-    for i, p in enumerate(paths):
-        try:
-            load_rgb(p)
-            ok.append(i)
-        except LesionLabError as exc:
-            results[i]["error"] = str(exc)
-    if ok:
-        sub_meta = meta.iloc[ok] if meta is not None else None
-        proba = predict_proba(model_dir, [str(paths[i]) for i in ok], sub_meta, device)
-        for i, row in zip(ok, proba):
-            results[i] = result_line(paths[i], row)
-    return results
+    predictor = Predictor(model_dir, device)
+    try:
+        return predictor.predict_images(paths, meta)
+    finally:
+        predictor.close()
 
 
 def _age(text: str) -> float:

@@ -1,0 +1,116 @@
+"""``python -m benchmarks.serve_load --model DIR``: latency and throughput of the local server.
+
+Starts ``python -m serve`` on a free loopback port, fires ``--requests`` POST /api/predict
+calls from ``--concurrency`` client threads, prints p50/p95 latency and requests/s with the
+CPU model, then stops the server. Traffic goes to 127.0.0.1 only; the loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lesionlab.cli import make_parser, run_main
+from lesionlab.errors import LesionLabError
+
+FIXTURE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ham_small"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for every timing printed)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def start_server(model: Path, threads: int, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """``python -m serve`` on a free loopback port; returns the process and its URL."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--port",
+                             str(port), "--threads", str(threads)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise LesionLabError(f"the server stopped (exit {proc.returncode})")
+        try:
+            httpx.get(url + "/healthz", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise LesionLabError(f"the server did not answer within {timeout:.0f} s")
+
+
+def fire(url: str, image: Path, n: int, concurrency: int, gradcam: bool) -> tuple[list, int]:
+    """``n`` requests from ``concurrency`` threads; returns latencies (s) and the error count."""
+    import httpx
+
+    data = image.read_bytes()
+    query = "?gradcam=true" if gradcam else ""
+
+    def one(_: int) -> tuple[float, bool]:
+        t0 = time.perf_counter()
+        res = httpx.post(url + "/api/predict" + query, timeout=300,
+                         files={"image": (image.name, data, "image/jpeg")})
+        return time.perf_counter() - t0, res.status_code == 200
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(one, range(n)))
+    return [t for t, _ in out], sum(not ok for _, ok in out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m benchmarks.serve_load", __doc__)
+    p.add_argument("--model", required=True, type=Path, help="a model folder to serve")
+    p.add_argument("--image", type=Path, default=None, help="image to send; None: a fixture")
+    p.add_argument("--requests", type=int, default=64, help="requests in all")
+    p.add_argument("--concurrency", type=int, default=8, help="client threads")
+    p.add_argument("--threads", type=int, default=2, help="the server's inference threads")
+    p.add_argument("--gradcam", action="store_true", help="ask for Grad-CAM overlays too")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve, load, print the figures, stop."""
+    args = build_parser().parse_args(argv)
+    image = args.image or sorted((FIXTURE_IMAGE / "images").glob("*.jpg"))[0]
+    proc, url = start_server(args.model, args.threads)
+    try:
+        fire(url, image, 2, 1, args.gradcam)  # warm-up
+        t0 = time.perf_counter()
+        lat, errors = fire(url, image, args.requests, args.concurrency, args.gradcam)
+        wall = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    p50, p95 = np.percentile(np.asarray(lat) * 1000, [50, 95])
+    print(f"\n{cpu_model()}; model {args.model.name}; {args.requests} requests, "
+          f"{args.concurrency} clients, {args.threads} server threads"
+          f"{', with Grad-CAM' if args.gradcam else ''}\n")
+    print("| p50 latency (ms) | p95 latency (ms) | requests/s | errors |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {p50:.0f} | {p95:.0f} | {args.requests / wall:.1f} | {errors} |")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

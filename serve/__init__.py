@@ -1,0 +1,1 @@
+"""Local web page and HTTP API over a lesionlab model folder (FastAPI + uvicorn)."""

@@ -1,0 +1,141 @@
+"""The FastAPI app: the page, ``POST /api/predict``, ``GET /api/model``, ``GET /healthz``.
+
+The model folder is loaded once at start-up. Inference runs in a bounded thread pool so the
+event loop keeps serving; Grad-CAM (it back-propagates through the shared network) runs one
+at a time. Uploads are checked before any model sees them: size, decodability, pixel count.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import threading
+from pathlib import Path
+
+import anyio
+import pandas as pd
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
+from lesionlab.errors import LesionLabError
+from models.bundle import ModelCard
+from models.design import LOCALIZATIONS, SEXES
+from models.predict import Predictor, result_line
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_MB = 20.0
+DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagnose, treat or "
+              "rule out any disease.")
+
+
+def model_summary(card: ModelCard) -> dict:
+    """What the page and ``GET /api/model`` show about the model (from its card)."""
+    test = card.test
+    return {
+        "name": card.name, "kind": card.kind, "features": card.features_label,
+        "head": card.head_label, "imbalance": card.imbalance_label,
+        "uses_metadata": card.metadata, "has_gradcam": card.kind == "finetune",
+        "classes": {c: CLASS_NAMES[c] for c in CLASSES},
+        "decision_rules": {"balanced_accuracy": card.decision_rule},
+        "test": {"balanced_accuracy": test["balanced_accuracy"],
+                 "ci95": test.get("ci95", {}).get("balanced_accuracy"),
+                 "macro_auc": test["macro_auc"], "mel_sensitivity": test["mel_sensitivity"],
+                 "n": test["n"]},
+        "external": card.details.get("external"),
+        "sexes": [*SEXES, "unknown"], "localizations": [*LOCALIZATIONS, "unknown"],
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def check_metadata(age: float | None, sex: str | None, localization: str | None) -> None:
+    """422 for metadata values the model cannot have seen."""
+    if age is not None and not 0 <= age <= 120:
+        raise HTTPException(422, f"age must be between 0 and 120, got {age:g}")
+    if sex not in (None, "", *SEXES, "unknown"):
+        raise HTTPException(422, f"unknown sex {sex!r}; expected one of {[*SEXES, 'unknown']}")
+    if localization not in (None, "", *LOCALIZATIONS, "unknown"):
+        raise HTTPException(422, f"unknown localization {localization!r}; expected one of "
+                                 f"{[*LOCALIZATIONS, 'unknown']}")
+
+
+async def read_upload(image: UploadFile, max_bytes: int) -> bytes:
+    """The upload's bytes; 413 past ``max_bytes``, 400 when empty."""
+    data = await image.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image over the size limit of {max_bytes / 2**20:g} MB")
+    if not data:
+        raise HTTPException(400, f"empty file {image.filename!r}: no image to predict")
+    return data
+
+
+class Service:
+    """The loaded model and what guards it: the thread-pool bound and the Grad-CAM lock."""
+
+    def __init__(self, model_dir: Path | str, device: str, threads: int) -> None:
+        self.predictor = Predictor(model_dir, device)
+        self.limiter = anyio.CapacityLimiter(threads)
+        self.cam_lock = threading.Lock()
+
+    def predict(self, data: bytes, filename: str, meta: pd.DataFrame, gradcam: bool) -> dict:
+        """Check the image, predict, and add a Grad-CAM overlay (PNG, base64) when asked."""
+        suffix = Path(filename or "upload").suffix or ".img"
+        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+            tmp.write(data)
+            tmp.flush()
+            try:
+                load_rgb(tmp.name)
+            except LesionLabError as exc:
+                raise HTTPException(400, str(exc).replace(tmp.name, repr(filename))) from None
+            proba = self.predictor.predict_proba([tmp.name], meta)[0]
+            result = result_line(filename, proba)
+            if gradcam and self.predictor.network is not None:
+                result["gradcam_png"] = self._gradcam(tmp.name)
+        return result
+
+    def _gradcam(self, path: str) -> str:
+        from models.explain import explain_one
+
+        buf = io.BytesIO()
+        with self.cam_lock:
+            p = self.predictor
+            explain_one(p.network, p.card, p.spec, path, buf, None)
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def create_app(model_dir: Path | str, device: str = "cpu", max_mb: float = DEFAULT_MAX_MB,
+               threads: int = 2) -> FastAPI:
+    """The app over one model folder (loaded here: a bad folder fails before serving)."""
+    service = Service(model_dir, device, threads)
+    max_bytes = int(max_mb * 2**20)
+    app = FastAPI(title="lesionlab", description=DISCLAIMER)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "model": service.predictor.card.name}
+
+    @app.get("/api/model")
+    def model() -> dict:
+        return model_summary(service.predictor.card)
+
+    @app.post("/api/predict")
+    async def predict(image: UploadFile = File(...), age: float | None = Form(None),
+                      sex: str | None = Form(None), localization: str | None = Form(None),
+                      gradcam: bool = Query(False)) -> dict:
+        check_metadata(age, sex, localization)
+        data = await read_upload(image, max_bytes)
+        meta = pd.DataFrame({"age": [age], "sex": [sex or None],
+                             "localization": [localization or None]})
+        return await anyio.to_thread.run_sync(
+            service.predict, data, image.filename or "upload", meta, gradcam,
+            limiter=service.limiter)
+
+    app.state.service = service
+    return app

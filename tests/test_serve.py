@@ -1,0 +1,181 @@
+"""serve/: the HTTP API (FastAPI TestClient) and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from featurize.extract import FeaturizeConfig, featurize
+from lesionlab import data as data_mod
+from lesionlab.data import CLASSES, load_dataset
+from models.finetune import FinetuneConfig, finetune
+from models.predict import predict_images
+from models.train_head import HeadConfig, train_head
+from serve.app import create_app
+from tests.conftest import FIXTURE, ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> dict[str, Path]:
+    """A head with metadata and a tiny fine-tuned network, both trained on the fixture."""
+    work = tmp_path_factory.mktemp("serve")
+    ds = load_dataset(FIXTURE)
+    featurize(ds, work, FeaturizeConfig(backbone="classical", num_workers=0))
+    head = train_head(ds, work, HeadConfig(features="classical", metadata=True, trials=1,
+                                           folds=2, n_boot=20))
+    net = finetune(ds, work, FinetuneConfig(epochs=1, image_size=(48, 64), batch_size=16,
+                                            num_workers=0, n_boot=20, tta="none"))
+    return {"head": work / "models" / head.name, "finetune": work / "models" / net.name}
+
+
+@pytest.fixture
+def image() -> Path:
+    return sorted((FIXTURE / "images").glob("*.jpg"))[3]
+
+
+def _post(client: TestClient, data: bytes, name: str = "x.jpg", query: str = "",
+          **form) -> object:
+    return client.post("/api/predict" + query, files={"image": (name, data, "image/jpeg")},
+                       data={k: str(v) for k, v in form.items()})
+
+
+def test_head_api_schema_and_metadata(models_dir, image: Path) -> None:
+    client = TestClient(create_app(models_dir["head"]))
+    assert client.get("/healthz").json()["status"] == "ok"
+    info = client.get("/api/model").json()
+    assert info["uses_metadata"] is True and info["has_gradcam"] is False
+    assert list(info["classes"]) == list(CLASSES) and "not a medical device" in info["disclaimer"]
+    res = _post(client, image.read_bytes(), image.name, age=55, sex="male", localization="back")
+    assert res.status_code == 200, res.text
+    out = res.json()
+    assert set(out) == {"path", "prediction", "name", "probabilities"}
+    assert abs(sum(out["probabilities"].values()) - 1) < 1e-4
+    meta = __import__("pandas").DataFrame({"age": [55.0], "sex": ["male"],
+                                           "localization": ["back"]})
+    cli = predict_images(models_dir["head"], [str(image)], meta)[0]
+    np.testing.assert_allclose(list(out["probabilities"].values()),
+                               list(cli["probabilities"].values()), atol=1e-6)
+    assert out["prediction"] == cli["prediction"]
+    page = client.get("/")
+    assert page.status_code == 200 and 'type="file"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_finetuned_api_gradcam(models_dir, image: Path) -> None:
+    client = TestClient(create_app(models_dir["finetune"]))
+    out = _post(client, image.read_bytes(), image.name, "?gradcam=true").json()
+    assert out["prediction"] in CLASSES
+    png = base64.b64decode(out["gradcam_png"].split(",", 1)[1])
+    with Image.open(io.BytesIO(png)) as overlay:
+        assert overlay.format == "PNG" and overlay.size == Image.open(image).size
+
+
+def test_bad_inputs_get_4xx_and_the_server_keeps_serving(models_dir, image: Path,
+                                                          monkeypatch) -> None:
+    client = TestClient(create_app(models_dir["head"], max_mb=0.05))
+    good = image.read_bytes()
+    cases = [
+        (_post(client, b"this is a text file", "notes.txt"), 400, "notes.txt"),
+        (_post(client, b"", "empty.jpg"), 400, "empty file"),
+        (_post(client, good[: len(good) // 2], "half.jpg"), 400, "half.jpg"),
+        (_post(client, good + b"\0" * 60_000, "huge.jpg"), 413, "size limit"),
+        (_post(client, good, sex="other"), 422, "unknown sex"),
+        (_post(client, good, localization="elbow"), 422, "unknown localization"),
+        (_post(client, good, age=300), 422, "age must be between"),
+    ]
+    monkeypatch.setattr(data_mod, "MAX_IMAGE_PIXELS", 1000)
+    cases.append((_post(client, good, "bomb.jpg"), 400, "image too large"))
+    monkeypatch.undo()
+    for res, status, text in cases:
+        assert res.status_code == status, (status, res.text)
+        assert text in res.json()["detail"], res.json()
+    assert _post(client, good, image.name).status_code == 200  # still serving
+    assert client.post("/api/predict").status_code == 422  # no file at all
+
+
+def test_missing_model_folder_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("serve", "--model", str(tmp_path / "nope"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model folder not found or not a lesionlab model: {tmp_path / 'nope'}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _browser() -> str | None:
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture
+def server(models_dir):
+    """``python -m serve`` on a free loopback port, stopped after the test."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model",
+                             str(models_dir["finetune"]), "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-500:])
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_page_in_a_real_browser(server: str, models_dir, image: Path, tmp_path: Path) -> None:
+    browser_path = _browser()
+    if browser_path is None:
+        pytest.skip("no Chromium installed (apt-get install chromium-headless-shell)")
+    pw = pytest.importorskip("playwright.sync_api")
+    want = predict_images(models_dir["finetune"], [str(image)])[0]["prediction"]
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not an image at all")
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path,
+                                    args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        page = browser.new_page(viewport={"width": 1000, "height": 1100})
+        page.goto(server)
+        page.wait_for_function("document.getElementById('model-name').textContent"
+                               ".startsWith('Model:')")
+        assert "not a medical device" in page.text_content("#disclaimer")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#bars .bar >> nth=6")
+        assert page.locator("#bars .bar").count() == 7
+        assert page.text_content("#top-class").startswith(want + " (")
+        page.wait_for_function("() => { const i = document.getElementById('overlay');"
+                               " return i.complete && i.naturalWidth > 0; }")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        page.set_input_files("#file", str(not_image))
+        page.wait_for_selector("#error:not([hidden])")
+        assert "Error 400" in page.text_content("#error")
+        assert "notes.jpg" in page.text_content("#error")
+        browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
