@@ -25,7 +25,7 @@ from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.metrics import evaluate
 from lesionlab.splits import class_counts, load_or_make_split
-from models.bundle import ModelCard, load_card, load_head
+from models.bundle import ModelCard, load_card, load_head, save_card
 from models.finetune import FinetuneConfig, finetune
 from models.train_head import HeadConfig, train_head
 
@@ -222,6 +222,12 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         else:
             proba = load_head(folder).predict_proba(card_design(card, external, workdir))
         res = evaluate(external.labels, proba, groups, n_boot=500)
+        card.details["external"] = {  # the page and GET /api/model show it
+            "data": str(external.root), "n": res["n"],
+            "balanced_accuracy": res["balanced_accuracy"],
+            "ci95": res["ci95"]["balanced_accuracy"], "macro_auc": res["macro_auc"],
+            "mel_sensitivity": res["mel_sensitivity"]}
+        save_card(folder, card)
         out.append({**{k: row[k] for k in ("name", "kind", "features", "head", "imbalance",
                                             "metadata", "train_fraction", "total_time_s")},
                     "balanced_accuracy": res["balanced_accuracy"],

@@ -52,6 +52,11 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     assert len(rows) == 3  # one row per main model (header dropped)
     assert all(0.0 <= r["balanced_accuracy"] <= 1.0 for r in summary["external"])
     assert names == {r["name"] for r in summary["rows"] if r["group"] == "main"}
+    from models.bundle import load_card
+
+    for r in summary["external"]:  # the card carries its external score (the page shows it)
+        ext = load_card(work / "models" / r["name"]).details["external"]
+        assert ext["balanced_accuracy"] == r["balanced_accuracy"] and ext["n"] == 87
     for fig in ("class_distribution", "confusion_head", "confusion_finetune",
                 "learning_curves", "reliability", "per_class_recall", "gradcam_examples"):
         assert (tmp_path / "reports" / "figures" / f"{fig}.png").is_file(), fig

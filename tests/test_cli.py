@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 CLIS = ("featurize", "featurize.split", "featurize.download", "models.train_head",
         "models.finetune", "models.predict", "models.explain", "benchmarks.run_all",
-        "benchmarks.featurize_speed")
+        "benchmarks.featurize_speed", "benchmarks.serve_load", "serve")
 
 
 @pytest.mark.parametrize("module", CLIS)
@@ -36,6 +36,12 @@ BAD = [
     ("models.finetune", ["--name", "a/b"], "invalid name"),
     ("benchmarks.run_all", ["--preset", "medium"], "invalid choice: 'medium'"),
 ]
+
+
+def test_serve_rejects_bad_values_before_loading(tmp_path: Path) -> None:
+    proc = run_cli("serve", "--model", str(tmp_path / "no_model"), "--device", "tpu",
+                   timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'tpu'" in proc.stderr
 
 
 @pytest.mark.parametrize("module, args, message", BAD)
