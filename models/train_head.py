@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from lesionlab.cli import (check_choices, config_from_args, config_parser, optio
                            resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
+from lesionlab.errors import LesionLabError
 from lesionlab.metrics import evaluate, expected_calibration_error
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
@@ -33,6 +35,9 @@ from models.design import Design, load_design
 
 log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
+HEARTBEAT_S = 20
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+STAGES = ("all", "tune", "refit")
 
 
 @dataclass
@@ -55,6 +60,11 @@ class HeadConfig(TrainingRun):
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
     n_boot: int = option(1000, "bootstrap resamples for the test CIs")
+    storage: str | None = option(None, "Optuna storage shared by workers: a SQLAlchemy URL "
+                                       "(postgresql+psycopg2://user@host/db) or "
+                                       "journal:///path/file.log; None: study.db in the "
+                                       "model folder")
+    study_name: str | None = option(None, "study name in --storage; None: the model name")
 
     def validate(self) -> None:
         """Reject unknown option values with a message naming them."""
@@ -76,50 +86,87 @@ def study_fingerprint(design: Design, cfg: HeadConfig, n_train: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_study(folder: Path, cfg: HeadConfig, fingerprint: str) -> optuna.Study:
-    """The model folder's Optuna study: resumed if made for the same inputs, else started anew.
+def make_storage(url: str | None, folder: Path) -> str | optuna.storages.BaseStorage:
+    """Optuna storage: the model folder's SQLite file, a journal file, or any SQLAlchemy URL.
 
-    Trials left RUNNING by a killed process are marked failed (never counted, never waited for).
+    RDB storages get heartbeats, so a trial whose worker died is failed by the next worker.
+    """
+    if url is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / STUDY_FILE}"
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal://"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=3 * HEARTBEAT_S)
+    except Exception as exc:  # bad URL, driver missing, server down
+        raise LesionLabError(f"cannot open Optuna storage {url}: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def fail_running(study: optuna.Study, why: str) -> None:
+    """Mark every RUNNING trial failed: only when no other worker can be alive."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        log.warning("trial %d was left running %s: marked failed", trial.number, why)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def open_study(folder: Path, cfg: HeadConfig, fingerprint: str) -> optuna.Study:
+    """The cell's Optuna study: resumed if made for the same inputs.
+
+    The default per-model SQLite study belongs to one process: a stale one (other inputs) is
+    started anew and trials a killed run left RUNNING are failed. A shared study (--storage)
+    made for other inputs is refused rather than deleted under other workers.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{folder / STUDY_FILE}"
-    kwargs = dict(study_name="head", storage=storage, direction="maximize",
+    storage = make_storage(cfg.storage, folder)
+    name = cfg.study_name or ("head" if cfg.storage is None else folder.name)
+    kwargs = dict(study_name=name, storage=storage, direction="maximize",
                   sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                   pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0))
     study = optuna.create_study(load_if_exists=True, **kwargs)
     if study.trials and study.user_attrs.get("fingerprint") != fingerprint:
+        if cfg.storage is not None:
+            raise LesionLabError(
+                f"study {name!r} in {cfg.storage} was made for other features or settings; "
+                f"use another --study-name")
         log.warning("study in %s was made for other features or settings; starting afresh",
                     folder)
-        optuna.delete_study(study_name="head", storage=storage)
+        optuna.delete_study(study_name=name, storage=storage)
         study = optuna.create_study(**kwargs)
     study.set_user_attr("fingerprint", fingerprint)
-    for trial in study.get_trials(deepcopy=False,
-                                  states=(optuna.trial.TrialState.RUNNING,)):
-        log.warning("trial %d was left running by a stopped process: marked failed",
-                    trial.number)
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    if cfg.storage is None:
+        fail_running(study, "by a stopped process")
     return study
 
 
 def finished_trials(study: optuna.Study) -> int:
     """Trials that count towards the budget: completed or pruned (failed ones do not)."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
          cfg: HeadConfig) -> float:
-    """Run trials until the study holds ``cfg.trials`` finished ones; returns the seconds spent."""
-    if not study.trials:
-        study.enqueue_trial(heads.default_params(cfg.head, x.shape[1]))
+    """Run trials until the study holds ``cfg.trials`` finished ones; returns the seconds spent.
+
+    The budget is counted in the study, so several workers on one storage share it (one that
+    is mid-trial when the count is reached still finishes that trial).
+    """
+    study.enqueue_trial(heads.default_params(cfg.head, x.shape[1]), skip_if_exists=True)
     remaining = max(0, cfg.trials - finished_trials(study))
     if not remaining:
         return 0.0
     folds = grouped_folds(y, groups, cfg.folds, cfg.seed)
     t0 = time.perf_counter()
     study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed),
-                   n_trials=remaining, timeout=cfg.tune_timeout, show_progress_bar=True)
+                   n_trials=remaining, timeout=cfg.tune_timeout, show_progress_bar=True,
+                   callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)])
     return time.perf_counter() - t0
 
 
@@ -144,9 +191,18 @@ def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.
     return model, details, fit_s
 
 
-def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig) -> ModelCard:
-    """Tune, refit, calibrate on val, test once; save the model folder; return its card."""
+def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
+               stage: str | None = None) -> ModelCard | None:
+    """Tune, refit, calibrate on val, test once; save the model folder; return its card.
+
+    ``stage``: ``all`` (the default without --storage), ``tune`` (a worker on a shared study,
+    the default with --storage: returns None) or ``refit`` (once, after the workers: refit the
+    best trial and write the model folder).
+    """
     cfg.validate()
+    stage = stage or ("tune" if cfg.storage else "all")
+    if stage not in STAGES:
+        raise LesionLabError(f"unknown stage {stage!r}; expected one of {STAGES}")
     t_start = time.perf_counter()
     split = load_or_make_split(dataset, workdir, cfg.data_seed)
     design = load_design(workdir, dataset, cfg.features, cfg.metadata)
@@ -155,28 +211,44 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig) -> ModelC
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     folder = model_path(workdir, cfg.model_name())
     study = open_study(folder, cfg, study_fingerprint(design, cfg, len(tr)))
-    tune_s = tune(study, x[tr], y[tr], groups[tr], cfg)
+    tune_s = tune(study, x[tr], y[tr], groups[tr], cfg) if stage != "refit" else 0.0
+    if stage == "tune":
+        return None
+    fail_running(study, "by a worker that stopped")  # no worker is left at refit time
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise LesionLabError(f"study {study.study_name!r} has no completed trial to refit")
     model, details, fit_s = fit_final(study, x[tr], y[tr], x[va], y[va], cfg)
+    card = test_and_save(model, dataset, design, (tr, va, te), folder, cfg,
+                         {**details, "n_features": int(x.shape[1])})
+    card.tune_time_s = round(tune_s, 1)
+    card.fit_time_s = round(fit_s, 2)
+    card.total_time_s = round(time.perf_counter() - t_start, 1)
+    save_card(folder, card)
+    return card
 
-    # The test split: touched once, here.
+
+def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
+                  rows: tuple[np.ndarray, np.ndarray, np.ndarray], folder: Path,
+                  cfg: HeadConfig, details: dict) -> ModelCard:
+    """The one look at test; writes the head and its test probabilities; returns the card."""
+    tr, va, te = rows
+    x, y = design.x, dataset.labels
+    groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     proba_te = model.predict_proba(x[te])
     test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
     test["ece_uncalibrated"] = expected_calibration_error(y[te], model.uncalibrated_proba(x[te]))
     save_head(folder, model)
     np.save(folder / "test_proba.npy", proba_te)
     ids = dataset.frame["image_id"].to_numpy()
-    card = ModelCard(
+    return ModelCard(
         kind="head", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
         val=evaluate(y[va], model.predict_proba(x[va]), n_boot=0), test=test,
         temperature=model.temperature_, decision_rule=model.decision_rule_,
         train_image_ids=ids[tr].tolist(), test_image_ids=ids[te].tolist(),
-        n_train=len(tr), n_val=len(va), n_test=len(te), tune_time_s=round(tune_s, 1),
-        fit_time_s=round(fit_s, 2), total_time_s=round(time.perf_counter() - t_start, 1),
-        data_fingerprint=dataset.fingerprint(), versions=library_versions(),
-        features=design.describe(), metadata=cfg.metadata,
-        details={**details, "n_features": int(x.shape[1])})
-    save_card(folder, card)
-    return card
+        n_train=len(tr), n_val=len(va), n_test=len(te), tune_time_s=0.0, fit_time_s=0.0,
+        total_time_s=0.0, data_fingerprint=dataset.fingerprint(),
+        versions=library_versions(), features=design.describe(), metadata=cfg.metadata,
+        details=details)
 
 
 def summary_line(card: ModelCard) -> str:
@@ -194,6 +266,9 @@ def summary_line(card: ModelCard) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``HeadConfig``."""
     p = config_parser("python -m models.train_head", __doc__, HeadConfig)
+    p.add_argument("--refit-only", action="store_true",
+                   help="after the workers of a shared --storage study: refit its best trial, "
+                        "calibrate, test and write the model folder")
     return p
 
 
@@ -202,7 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(HeadConfig, args)
     dataset = ensure_data(resolve_data(args))
-    print(summary_line(train_head(dataset, args.workdir, cfg)))
+    card = train_head(dataset, args.workdir, cfg, "refit" if args.refit_only else None)
+    if card is None:
+        print(f"tuning worker done: study {cfg.study_name or cfg.model_name()!r} in "
+              f"{cfg.storage}; when every worker has stopped, run the same command with "
+              f"--refit-only to write the model folder")
+        return 0
+    print(summary_line(card))
     return 0
 
 

@@ -1,0 +1,122 @@
+"""Past one machine, on loopback: shared Optuna studies (PostgreSQL, journal file)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+
+from featurize.extract import FeaturizeConfig, featurize
+from lesionlab.data import load_dataset
+from models.bundle import load_card
+from models.train_head import FINISHED, HeadConfig, make_storage, train_head
+from tests import pg_server
+from tests.conftest import FIXTURE, ROOT
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """$LESIONLAB_TEST_PG_URL, else a throw-away PostgreSQL 15 started here."""
+    pytest.importorskip("psycopg2", reason="install the [distributed] extra for PostgreSQL")
+    url = os.environ.get("LESIONLAB_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    reason = pg_server.available()
+    if reason:
+        pytest.skip(f"LESIONLAB_TEST_PG_URL is unset and no server can be started: {reason}")
+    root = Path(tempfile.mkdtemp(prefix="lesionlab-pg-"))
+    url = pg_server.start(root)
+    yield url
+    pg_server.stop(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    featurize(load_dataset(FIXTURE), tmp_path, FeaturizeConfig(backbone="classical",
+                                                               num_workers=0))
+    return tmp_path
+
+
+def _workers(workdir: Path, storage: str, study: str, n: int = 2, trials: int = 6) -> None:
+    cmd = [sys.executable, "-m", "models.train_head", "--features", "classical", "--folds",
+           "2", "--trials", str(trials), "--n-boot", "20", "--data", str(FIXTURE),
+           "--workdir", str(workdir), "--storage", storage, "--study-name", study]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-600:]
+        assert "--refit-only" in out  # a worker tunes only and says how to finish
+    assert not (workdir / "models").exists() or not list((workdir / "models").glob("*/card.json"))
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "journal"])
+def test_two_workers_share_one_study(kind: str, workdir: Path, tmp_path_factory,
+                                     request) -> None:
+    if kind == "postgresql":
+        storage = request.getfixturevalue("pg_url")
+    else:
+        storage = f"journal://{tmp_path_factory.mktemp('journal') / 'study.log'}"
+    study_name = f"shared-{kind}-{os.getpid()}"
+    _workers(workdir, storage, study_name)
+    cfg = HeadConfig(features="classical", folds=2, trials=6, n_boot=20, storage=storage,
+                     study_name=study_name)
+    shared = optuna.load_study(study_name=study_name, storage=make_storage(storage, workdir))
+    finished = shared.get_trials(states=FINISHED)
+    assert 6 <= len(finished) <= 7  # the budget is the study's: one in-flight trial may finish
+    card = train_head(load_dataset(FIXTURE), workdir, cfg, stage="refit")
+    folders = list((workdir / "models").glob("*/card.json"))
+    assert len(folders) == 1 and load_card(folders[0].parent).details["n_trials"] == len(finished)
+    # the same trials in a single-process study refit to the same test numbers
+    local = tmp_path_factory.mktemp("local")
+    shutil.copytree(workdir / "features", local / "features")
+    single = HeadConfig(features="classical", folds=2, trials=len(finished), n_boot=20)
+    copy = optuna.create_study(study_name="head", direction="maximize",
+                               storage=f"sqlite:///{_folder(local, single)}/study.db")
+    copy.add_trials(shared.trials)
+    copy.set_user_attr("fingerprint", shared.user_attrs["fingerprint"])
+    again = train_head(load_dataset(FIXTURE), local, single, stage="refit")
+    assert again.details["best_params"] == card.details["best_params"]
+    assert again.test["balanced_accuracy"] == card.test["balanced_accuracy"]
+    assert again.test["macro_auc"] == card.test["macro_auc"]
+
+
+def _folder(workdir: Path, cfg: HeadConfig) -> Path:
+    folder = workdir / "models" / cfg.model_name()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_refit_fails_trials_of_killed_workers(workdir: Path, pg_url: str) -> None:
+    """A RUNNING trial left by a killed worker is failed at refit, never counted."""
+    name = f"killed-{os.getpid()}"
+    cfg = HeadConfig(features="classical", folds=2, trials=3, n_boot=0, storage=pg_url,
+                     study_name=name)
+    ds = load_dataset(FIXTURE)
+    assert train_head(ds, workdir, cfg) is None  # a worker: tunes only
+    study = optuna.load_study(study_name=name, storage=pg_url)
+    study.ask()  # a worker took a trial and was killed
+    card = train_head(ds, workdir, cfg, stage="refit")
+    states = [t.state for t in optuna.load_study(study_name=name, storage=pg_url).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert card.details["n_trials"] == 3
+
+
+def test_shared_study_for_other_inputs_is_refused(workdir: Path, pg_url: str) -> None:
+    from lesionlab.errors import LesionLabError
+
+    name = f"other-{os.getpid()}"
+    ds = load_dataset(FIXTURE)
+    train_head(ds, workdir, HeadConfig(features="classical", folds=2, trials=1, n_boot=0,
+                                       storage=pg_url, study_name=name))
+    with pytest.raises(LesionLabError, match="made for other features or settings"):
+        train_head(ds, workdir, HeadConfig(features="classical", folds=2, trials=1, n_boot=0,
+                                           metadata=True, storage=pg_url, study_name=name))
