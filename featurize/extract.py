@@ -42,10 +42,13 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def _image_size(text: str) -> int:
-    value = int(text)
-    if value < 16:
-        raise LesionLabError(f"image sides must be at least 16 pixels, got {value}")
+def check_scheduler(value: str) -> str:
+    """``tcp://HOST:PORT`` (any Dask address) or ``local:N``."""
+    if value.startswith("local:"):
+        if not value[6:].isdigit() or int(value[6:]) < 1:
+            raise LesionLabError(f"--scheduler {value!r}: local:N needs a worker count >= 1")
+    elif "://" not in value:
+        raise LesionLabError(f"--scheduler {value!r}: expected tcp://HOST:PORT or local:N")
     return value
 
 
@@ -67,6 +70,9 @@ class FeaturizeConfig:
                          choices=ENGINES)
     num_workers: int = option(1, "image decoding worker processes")
     chunk_size: int = option(1024, "images per resumable chunk")
+    scheduler: str | None = option(None, "Dask scheduler to fan chunks out to: tcp://HOST:8786, "
+                                         "or local:N for a LocalCluster of N workers; None: "
+                                         "this process", parse=lambda v: check_scheduler(v))
 
     def validate(self) -> None:
         """Reject unknown option values with a message naming them."""
@@ -382,29 +388,42 @@ def chunk_file(chunks: Path, start: int, end: int) -> Path:
     return chunks / f"rows_{start:08d}_{end:08d}.npy"
 
 
-def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor: Extractor,
-                 on_chunk: Callable[[int], None] | None) -> tuple[int, int, float]:
-    """Compute every missing chunk; returns (rows resumed, rows computed, seconds)."""
+def _todo_chunks(n: int, chunks: Path, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(index, start, end) of the chunks still to compute; stale files are removed first."""
     chunks.mkdir(parents=True, exist_ok=True)
-    bounds = chunk_bounds(len(paths), cfg.chunk_size)
+    bounds = chunk_bounds(n, chunk_size)
     wanted = {chunk_file(chunks, s, e).name for s, e in bounds}
     for stale in chunks.iterdir():  # temp files and chunks of another chunk size
         if stale.name not in wanted:
             stale.unlink()
-    todo = [(i, s, e) for i, (s, e) in enumerate(bounds)
+    return [(i, s, e) for i, (s, e) in enumerate(bounds)
             if _read_chunk(chunk_file(chunks, s, e), e - s) is None]
+
+
+def embed_chunk(extractor: Extractor, paths: Sequence[str]) -> np.ndarray:
+    """Embeddings of one chunk of images (the unit of work, local or on a Dask worker)."""
+    return np.concatenate([extractor.embed_batch(x) for x, _ in extractor.loader(paths)])
+
+
+def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor: Extractor,
+                 on_chunk: Callable[[int], None] | None) -> tuple[int, int, float]:
+    """Compute every missing chunk, here or on a Dask cluster; (rows resumed, computed, s)."""
+    todo = _todo_chunks(len(paths), chunks, cfg.chunk_size)
     resumed = len(paths) - sum(e - s for _, s, e in todo)
     if resumed:
         log.info("resuming: %d of %d images already done", resumed, len(paths))
     t0 = time.perf_counter()
     with tqdm(total=len(paths), initial=resumed, unit="img", desc=cfg.backbone,
               smoothing=0.1) as bar:
-        for i, s, e in todo:
-            parts = []
-            for x, _ in extractor.loader(paths[s:e]):
-                parts.append(extractor.embed_batch(x))
-                bar.update(len(x))
-            save_npy(chunk_file(chunks, s, e), np.concatenate(parts))
+        if cfg.scheduler:
+            from featurize.cluster import run_on_cluster
+
+            done = run_on_cluster(cfg, paths, todo)
+        else:
+            done = ((i, s, e, embed_chunk(extractor, paths[s:e])) for i, s, e in todo)
+        for i, s, e, features in done:
+            save_npy(chunk_file(chunks, s, e), features)
+            bar.update(e - s)
             if on_chunk is not None:
                 on_chunk(i)
     return resumed, len(paths) - resumed, time.perf_counter() - t0
@@ -434,6 +453,7 @@ def _manifest(key: str, cfg: FeaturizeConfig, extractor: Extractor, data_fp: str
                      if k in ("backbone", "tta", "pool", "weights")} | {
             "image_size": list(cfg.size())},
         "runtime": {"engine": extractor.engine, "device": str(extractor.device),
+                    "scheduler": cfg.scheduler,
                     "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
                     "torch_threads": torch.get_num_threads()},
         "weights_source": extractor.spec.weights_source,

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -120,3 +121,73 @@ def test_shared_study_for_other_inputs_is_refused(workdir: Path, pg_url: str) ->
     with pytest.raises(LesionLabError, match="made for other features or settings"):
         train_head(ds, workdir, HeadConfig(features="classical", folds=2, trials=1, n_boot=0,
                                            metadata=True, storage=pg_url, study_name=name))
+
+
+class Killed(Exception):
+    """Stands in for kill -9 of the client after some chunks were written."""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Dask LocalCluster of 2 worker processes on loopback."""
+    distributed = pytest.importorskip("dask.distributed",
+                                      reason="install the [distributed] extra for Dask")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, host="127.0.0.1") as c:
+        yield c
+
+
+SMALL = dict(backbone="tf_efficientnet_lite0", image_size=(96, 128), num_workers=0,
+             chunk_size=16)
+
+
+def test_dask_features_equal_a_local_run(cluster, tmp_path: Path) -> None:
+    ds = load_dataset(FIXTURE)
+    local = featurize(ds, tmp_path / "local", FeaturizeConfig(**SMALL))
+    calls: list[int] = []
+    remote = featurize(ds, tmp_path / "dask",
+                       FeaturizeConfig(**SMALL, scheduler=cluster.scheduler_address),
+                       on_chunk=calls.append)
+    assert sorted(calls) == list(range(6)) and remote.key == local.key
+    assert (remote.path / "features.npy").read_bytes() == \
+        (local.path / "features.npy").read_bytes()
+    assert remote.manifest["runtime"]["scheduler"] == cluster.scheduler_address
+
+
+def test_dask_run_survives_a_dead_worker_and_resumes(cluster, tmp_path: Path) -> None:
+    from dask.distributed import Client
+
+    ds = load_dataset(FIXTURE)
+    cfg = FeaturizeConfig(**{**SMALL, "backbone": "classical", "image_size": None,
+                             "chunk_size": 8}, scheduler=cluster.scheduler_address)
+    seen: list[int] = []
+    gone: list[bool] = []
+
+    def kill_worker_then_client(i: int) -> None:
+        seen.append(i)
+        if len(seen) == 1:  # a worker dies mid-run: Dask reschedules its chunks
+            with Client(cluster.scheduler_address) as c:
+                victim = sorted(c.scheduler_info()["workers"])[0]
+                try:
+                    c.run(os._exit, 1, workers=[victim], on_error="ignore")
+                except Exception:  # the worker vanishes under the call
+                    pass
+                deadline = time.time() + 30
+                while victim in c.scheduler_info()["workers"] and time.time() < deadline:
+                    time.sleep(0.2)
+                gone.append(victim not in c.scheduler_info()["workers"])
+        if len(seen) == 5:  # then the client itself is killed
+            raise Killed
+
+    with pytest.raises(Killed):
+        featurize(ds, tmp_path / "w", cfg, on_chunk=kill_worker_then_client)
+    assert gone == [True], "the worker was not killed"
+    calls: list[int] = []
+    resumed = featurize(ds, tmp_path / "w", cfg, on_chunk=calls.append)
+    assert len(calls) == 11 - 5 and not set(calls) & set(seen)  # only the missing chunks
+    clean = featurize(ds, tmp_path / "clean", FeaturizeConfig(**{**SMALL, "backbone":
+                                                                 "classical",
+                                                                 "image_size": None,
+                                                                 "chunk_size": 8}))
+    assert (resumed.path / "features.npy").read_bytes() == \
+        (clean.path / "features.npy").read_bytes()
