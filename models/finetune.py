@@ -36,6 +36,8 @@ from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (ModelCard, TrainingRun, load_card, model_name, model_path,
                            save_card)
+from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
+                                gather_rng, init_world)
 from models.heads import apply_temperature, fit_temperature
 
 log = logging.getLogger(__name__)
@@ -189,18 +191,28 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
-def train_loader(data: TorchDataset, labels: np.ndarray, cfg: FinetuneConfig,
-                 epoch: int) -> DataLoader:
-    """This epoch's loader: seeded per epoch, so a resumed run draws the same batches."""
+def train_loader(data: TorchDataset, labels: np.ndarray, cfg: FinetuneConfig, epoch: int,
+                 world: World = World()) -> DataLoader:
+    """This epoch's loader: seeded per epoch, so a resumed run draws the same batches.
+
+    Under torchrun every rank draws the same epoch sample and trains on its own share.
+    """
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  drop_last=len(labels) > cfg.batch_size, generator=gen)
+    weights = None
     if cfg.sampler == "balanced":
         counts = np.bincount(labels, minlength=len(CLASSES))
         weights = torch.tensor(1.0 / counts[labels], dtype=torch.double)
+    n = len(labels) // world.size
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  drop_last=n > cfg.batch_size)
+    if world.size > 1:
+        sampler = ShardedEpochSampler(weights, len(labels), cfg.seed * 1000 + epoch, world)
+        rank_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7919 * world.rank)
+        return DataLoader(data, sampler=sampler, generator=rank_gen, **common)
+    if weights is not None:
         sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
-        return DataLoader(data, sampler=sampler, **common)
-    return DataLoader(data, shuffle=True, **common)
+        return DataLoader(data, sampler=sampler, generator=gen, **common)
+    return DataLoader(data, shuffle=True, generator=gen, **common)
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Optimizer,
@@ -258,16 +270,19 @@ def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: B
 
 
 def save_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
-                    opt: torch.optim.Optimizer, sched, state: dict) -> None:
-    """Everything a resume needs, written atomically: weights, optimiser, schedule, RNG."""
+                    opt: torch.optim.Optimizer, sched, state: dict,
+                    rng: list[torch.Tensor]) -> None:
+    """Everything a resume needs, written atomically: weights, optimiser, schedule, the RNG
+    state of every process."""
     with atomic_path(path) as tmp:
         torch.save({"config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "state": state, "torch_rng": torch.get_rng_state()}, tmp)
+                    "state": state, "torch_rng": rng}, tmp)
 
 
 def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
-                    opt: torch.optim.Optimizer, sched, device: torch.device) -> dict:
+                    opt: torch.optim.Optimizer, sched, device: torch.device,
+                    world: World = World()) -> dict:
     """Restore a checkpoint into ``model``, ``opt`` and ``sched``; returns the loop state.
 
     Loaded with ``weights_only=True``: a crafted file cannot run code.
@@ -280,10 +295,13 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
     if saved.get("config") != asdict(cfg):
         raise LesionLabError(f"checkpoint {path} was made with other settings; "
                              f"drop --resume or use another --name")
+    if len(saved["torch_rng"]) != world.size:
+        raise LesionLabError(f"checkpoint {path} was made by {len(saved['torch_rng'])} "
+                             f"process(es); resume it with as many (now {world.size})")
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
+    torch.set_rng_state(saved["torch_rng"][world.rank].cpu())
     log.info("resumed %s at epoch %d", path.parent.name, saved["state"]["epoch"])
     return saved["state"]
 
@@ -304,6 +322,8 @@ class Run:
     criterion: nn.Module
     opt: torch.optim.Optimizer
     sched: object
+    world: World = World()
+    net: nn.Module | None = None  # what trains: the model, or its DistributedDataParallel
 
 
 def new_state() -> dict:
@@ -314,68 +334,104 @@ def new_state() -> dict:
 
 def fit(run: Run, state: dict, ckpt: Path,
         on_epoch_end: Callable[[int], None] | None = None) -> dict:
-    """Train until the last epoch or early stop; keep the best val epoch's weights."""
-    cfg = run.cfg
+    """Train until the last epoch or early stop; keep the best val epoch's weights.
+
+    Under torchrun the main process scores val and its score is shared, so every process
+    stops at the same epoch; it alone writes the checkpoint.
+    """
+    cfg, world = run.cfg, run.world
     data = TrainSet(run.paths[run.tr], run.labels[run.tr], cfg.image_size, run.spec.mean,
                     run.spec.std)
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
-        loader = train_loader(data, run.labels[run.tr], cfg, epoch)
-        record = train_one_epoch(run.model, run.criterion, run.opt, run.sched, loader,
-                                 run.device, use_bf16(cfg.precision, run.device),
+        loader = train_loader(data, run.labels[run.tr], cfg, epoch, world)
+        record = train_one_epoch(run.net or run.model, run.criterion, run.opt, run.sched,
+                                 loader, run.device, use_bf16(cfg.precision, run.device),
                                  f"epoch {epoch + 1}/{cfg.epochs}")
-        score, _ = evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va],
-                            run.spec, run.device, cfg)
-        state["history"].append({"epoch": epoch + 1, "train_loss": record["train_loss"],
-                                 "val_balanced_accuracy": score, "train_s": record["train_s"],
-                                 "train_img_per_s": record["train_img_per_s"]})
-        if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
-                         best_state={k: v.detach().cpu().clone()
-                                     for k, v in run.model.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        log.info("epoch %d: loss %.4f  val bal.acc %.4f  %.0f s (%.1f img/s)", epoch + 1,
-                 record["train_loss"], score, record["train_s"], record["train_img_per_s"])
-        save_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, state)
+        score = evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va], run.spec,
+                         run.device, cfg)[0] if world.main else None
+        score = broadcast(score, world)
+        record["train_img_per_s"] = round(record["train_img_per_s"] * world.size, 1)
+        update_state(state, run.model, epoch, score, record)
+        rng = gather_rng(world)
+        if world.main:
+            save_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, state, rng)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
     run.model.load_state_dict(state["best_state"])
     return state
 
 
+def update_state(state: dict, model: nn.Module, epoch: int, score: float,
+                 record: dict) -> None:
+    """Record one epoch; keep the weights of the best val score so far."""
+    state["history"].append({"epoch": epoch + 1, "train_loss": record["train_loss"],
+                             "val_balanced_accuracy": score, "train_s": record["train_s"],
+                             "train_img_per_s": record["train_img_per_s"]})
+    if score > state["best_score"]:
+        state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
+                     best_state={k: v.detach().cpu().clone()
+                                 for k, v in model.state_dict().items()})
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+    log.info("epoch %d: loss %.4f  val bal.acc %.4f  %.0f s (%.1f img/s)", epoch + 1,
+             record["train_loss"], score, record["train_s"], record["train_img_per_s"])
+
+
 def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple[Run, Path]:
     """Split, model, loss, optimiser and schedule for one run; returns it and its folder."""
+    world = init_world(cfg.device)
     device = resolve_device(cfg.device)
+    if world.backend == "nccl":
+        device = torch.device("cuda", world.local_rank)
     split = load_or_make_split(dataset, workdir, cfg.data_seed)
     tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
     folder = model_path(workdir, cfg.model_name())
     folder.mkdir(parents=True, exist_ok=True)
     model, spec = build_model(cfg)
     model = model.to(device).to(memory_format=torch.channels_last)
+    net = None
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[world.local_rank] if device.type == "cuda" else None)
     labels = dataset.labels
     criterion = make_loss(cfg, np.bincount(labels[tr], minlength=len(CLASSES))).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
-    sched = build_scheduler(opt, math.ceil(len(tr) / cfg.batch_size), cfg)
+    steps = math.ceil(len(tr) // world.size / cfg.batch_size)
+    sched = build_scheduler(opt, steps, cfg)
     run = Run(cfg, model, spec, device, dataset.frame["path"].to_numpy(), labels, tr, va, te,
-              criterion, opt, sched)
+              criterion, opt, sched, world, net)
     return run, folder
 
 
 def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume: bool = False,
-             on_epoch_end: Callable[[int], None] | None = None) -> ModelCard:
-    """Train, select by val, evaluate once on test; write the model folder; return its card."""
+             on_epoch_end: Callable[[int], None] | None = None) -> ModelCard | None:
+    """Train, select by val, evaluate once on test; write the model folder; return its card.
+
+    Under ``torchrun --nproc_per_node N -m models.finetune`` every process trains its share
+    (DistributedDataParallel); only the main one returns a card, the others None.
+    """
     cfg.validate()
     t_start = time.perf_counter()
     run, folder = prepare(dataset, workdir, cfg)
-    ckpt = folder / CHECKPOINT
-    state = new_state()
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, run.device)
-    state = fit(run, state, ckpt, on_epoch_end)
-    card = calibrate_and_test(run, state, dataset, folder, t_start)
-    save_card(folder, card)
+    try:
+        ckpt = folder / CHECKPOINT
+        state = new_state()
+        if resume and ckpt.exists():
+            state = load_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, run.device,
+                                    run.world)
+        state = fit(run, state, ckpt, on_epoch_end)
+        card = None
+        if run.world.main:
+            card = calibrate_and_test(run, state, dataset, folder, t_start)
+            save_card(folder, card)
+    except BaseException:
+        close_world(run.world, wait=False)
+        raise
+    close_world(run.world)
     return card
 
 
@@ -418,6 +474,7 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1),
         "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
         "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device),
+        "processes": run.world.size,
         "bf16_autocast": use_bf16(run.cfg.precision, run.device)}
     return ModelCard(
         kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(CLASSES),
@@ -490,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(FinetuneConfig, args)
     dataset = ensure_data(resolve_data(args))
     card = finetune(dataset, args.workdir, cfg, resume=args.resume)
+    if card is None:  # a torchrun worker other than the main one
+        return 0
     print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
           f"{card.details['train_img_per_s']} img/s train")
     return 0

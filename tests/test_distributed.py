@@ -191,3 +191,75 @@ def test_dask_run_survives_a_dead_worker_and_resumes(cluster, tmp_path: Path) ->
                                                                  "chunk_size": 8}))
     assert (resumed.path / "features.npy").read_bytes() == \
         (clean.path / "features.npy").read_bytes()
+
+
+def _torchrun(workdir: Path, epochs: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "models.finetune", "--data", str(FIXTURE), "--workdir", str(workdir),
+           "--epochs", str(epochs), "--patience", "9", "--image-size", "48", "64",
+           "--batch-size", "8", "--num-workers", "0", "--n-boot", "20", "--tta", "none",
+           *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-800:]
+    return out
+
+
+def test_torchrun_two_processes_write_a_loadable_model(tmp_path: Path) -> None:
+    import json
+
+    out = _finish(_torchrun(tmp_path, 1))
+    assert out.count("test balanced acc") == 1  # one process reports and writes
+    folders = list((tmp_path / "models").glob("*/card.json"))
+    assert len(folders) == 1
+    card = load_card(folders[0].parent)
+    assert card.details["processes"] == 2 and card.details["epochs_run"] == 1
+    img = sorted((FIXTURE / "images").glob("*.jpg"))[0]
+    proc = subprocess.run([sys.executable, "-m", "models.predict", "--model",
+                           str(folders[0].parent), str(img)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-400:]
+    line = json.loads(proc.stdout)
+    assert set(line) == {"path", "prediction", "name", "probabilities"}
+
+
+def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None:
+    import signal
+
+    import torch
+
+    straight = tmp_path / "straight"
+    _finish(_torchrun(straight, 4))
+    killed = tmp_path / "killed"
+    proc = _torchrun(killed, 4)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(killed.glob("models/*/checkpoint.pt")):
+        assert proc.poll() is None, proc.stderr.read()[-800:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    proc.wait()
+    assert not list(killed.glob("models/*/card.json")), "the run ended before the kill"
+    _finish(_torchrun(killed, 4, "--resume"))
+    a = load_card(next(straight.glob("models/*")))
+    b = load_card(next(killed.glob("models/*")))
+    assert [h["val_balanced_accuracy"] for h in b.details["history"]] == \
+        [h["val_balanced_accuracy"] for h in a.details["history"]]
+    assert [h["train_loss"] for h in b.details["history"]] == pytest.approx(
+        [h["train_loss"] for h in a.details["history"]], rel=1e-6)
+    wa = torch.load(next(straight.glob("models/*/model.pt")))
+    wb = torch.load(next(killed.glob("models/*/model.pt")))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k])
