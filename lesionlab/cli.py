@@ -24,7 +24,8 @@ from lesionlab.data import default_data_dir
 from lesionlab.errors import LesionLabError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
-QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm")
+QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm",
+                 "distributed")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse name

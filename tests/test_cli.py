@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 CLIS = ("featurize", "featurize.split", "featurize.download", "models.train_head",
         "models.finetune", "models.predict", "models.explain", "benchmarks.run_all",
-        "benchmarks.featurize_speed", "benchmarks.serve_load", "serve")
+        "benchmarks.featurize_speed", "benchmarks.serve_load", "benchmarks.scale", "serve")
 
 
 @pytest.mark.parametrize("module", CLIS)
