@@ -1,12 +1,36 @@
-"""Every CLI: --help works, and an invalid choice fails in argparse (exit 2) before any data."""
+"""Every CLI: --help works, and an invalid choice fails in argparse (exit 2) before any data.
+
+The entry points' ``main(argv)`` run in-process (what ``python -m`` calls), which keeps this
+file fast; one subprocess run checks the real command line end to end.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
+
+
+class Result:
+    """What a ``python -m module args`` run gave: exit code and captured output."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(module: str, *args: str, capsys) -> Result:
+    """Call ``module.main(args)`` as ``python -m module`` would; argparse exits are caught."""
+    mod = importlib.import_module(module if module != "featurize" and module != "serve"
+                                  else module + ".__main__")
+    try:
+        code = mod.main(list(args)) or 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return Result(code, out.out, out.err)
 
 CLIS = ("featurize", "featurize.split", "featurize.download", "models.train_head",
         "models.finetune", "models.predict", "models.explain", "benchmarks.run_all",
@@ -14,10 +38,15 @@ CLIS = ("featurize", "featurize.split", "featurize.download", "models.train_head
 
 
 @pytest.mark.parametrize("module", CLIS)
-def test_help(module: str) -> None:
-    proc = run_cli(module, "--help", timeout=120)
+def test_help(module: str, capsys) -> None:
+    proc = run_main(module, "--help", capsys=capsys)
     assert proc.returncode == 0, proc.stderr[-300:]
-    assert proc.stdout.startswith("usage: python -m " + module.replace(".__main__", ""))
+    assert proc.stdout.startswith("usage: python -m " + module)
+
+
+def test_help_from_the_command_line() -> None:
+    proc = run_cli("models.train_head", "--help", timeout=120)
+    assert proc.returncode == 0 and "--tune-timeout" in proc.stdout
 
 
 # Each line: a command with one bad value; --data points nowhere, so reaching the data would
@@ -38,17 +67,17 @@ BAD = [
 ]
 
 
-def test_serve_rejects_bad_values_before_loading(tmp_path: Path) -> None:
-    proc = run_cli("serve", "--model", str(tmp_path / "no_model"), "--device", "tpu",
-                   timeout=120)
+def test_serve_rejects_bad_values_before_loading(tmp_path: Path, capsys) -> None:
+    proc = run_main("serve", "--model", str(tmp_path / "no_model"), "--device", "tpu",
+                    capsys=capsys)
     assert proc.returncode == 2 and "invalid choice: 'tpu'" in proc.stderr
 
 
 @pytest.mark.parametrize("module, args, message", BAD)
 def test_invalid_choice_fails_in_argparse(module: str, args: list[str], message: str,
-                                          tmp_path: Path) -> None:
-    proc = run_cli(module, *args, "--data", str(tmp_path / "nowhere"), "--workdir",
-                   str(tmp_path / "w"), timeout=120)
+                                          tmp_path: Path, capsys) -> None:
+    proc = run_main(module, *args, "--data", str(tmp_path / "nowhere"), "--workdir",
+                    str(tmp_path / "w"), capsys=capsys)
     assert proc.returncode == 2
     assert message in proc.stderr and "data folder not found" not in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -62,7 +91,9 @@ def test_invalid_choice_fails_in_argparse(module: str, args: list[str], message:
     ("models.explain", ["--out", "o", "--target", "melanoma"], "invalid choice"),
 ])
 def test_predict_explain_reject_bad_values_before_loading(module: str, args: list[str],
-                                                         message: str, tmp_path: Path) -> None:
-    proc = run_cli(module, "--model", str(tmp_path / "no_model"), "x.jpg", *args, timeout=120)
+                                                         message: str, tmp_path: Path,
+                                                         capsys) -> None:
+    proc = run_main(module, "--model", str(tmp_path / "no_model"), "x.jpg", *args,
+                    capsys=capsys)
     assert proc.returncode == 2 and message in proc.stderr
     assert "not a lesionlab model folder" not in proc.stderr
