@@ -20,6 +20,7 @@ from models.bundle import load_card  # noqa: E402
 
 MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->"),
            "external": ("<!-- external:start -->", "<!-- external:end -->"),
+           "sources": ("<!-- sources:start -->", "<!-- sources:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->")}
 
 
@@ -43,6 +44,25 @@ def leaderboard_md(rows: list[dict], title: str = "") -> str:
             f"{_fmt(r['ece'])} | {_fmt(r.get('val_balanced_accuracy'))} | "
             f"{_fmt(r['total_time_s'], 0)} |")
     return (title + "\n\n" if title else "") + head + "\n".join(lines) + "\n"
+
+
+def sources_md(rows: list[dict]) -> str:
+    """Per-source table of the external test set: balanced accuracy and macro AUC, with n."""
+    with_sources = [r for r in rows if r.get("sources")]
+    if not with_sources:
+        return "_The external test set names no image source (no `dataset` column)._\n"
+    names = sorted({s for r in with_sources for s in r["sources"]})
+    first = with_sources[0]["sources"]
+    head = ("| features | head | " + " | ".join(f"{n} (n={first[n]['n']})" for n in names)
+            + " |\n|---|---|" + "---:|" * len(names) + "\n")
+    lines = []
+    for r in sorted(with_sources, key=lambda r: -r["balanced_accuracy"]):
+        cells = [f"{_fmt(r['sources'][n]['balanced_accuracy'])} / "
+                 f"{_fmt(r['sources'][n]['macro_auc'])}" if n in r["sources"] else "n/a"
+                 for n in names]
+        lines.append(f"| {r['features']} | {r['head']} | " + " | ".join(cells) + " |")
+    return ("Balanced accuracy / macro AUC per image source:\n\n" + head + "\n".join(lines)
+            + "\n")
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -258,6 +278,8 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     ext = summary.get("external")
     text = replace_block(text, "external", leaderboard_md(ext) if ext else
                          "_No external test set was given (`--external-test DIR`)._\n")
+    if ext:
+        text = replace_block(text, "sources", sources_md(ext))
     made = figures(summary, dataset, split, Path(workdir), fig_dir)
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
     figs = "\n\n".join(f"**{cap}**\n\n![{cap}]({rel}/{name})" for cap, name in made)

@@ -23,9 +23,8 @@ from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import evaluate
 from lesionlab.splits import class_counts, load_or_make_split
-from models.bundle import ModelCard, load_card, load_head, save_card
+from models.bundle import ModelCard, load_card, save_card
 from models.finetune import FinetuneConfig, finetune
 from models.train_head import HeadConfig, train_head
 
@@ -208,32 +207,29 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
 
 
 def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
-    """Evaluate every model on an external labelled folder (features cached per image set)."""
-    from models.design import card_design
-    from models.finetune import predict_finetuned
+    """Score every model once on an external labelled folder, overall and per image source.
 
+    Goes through ``models.evaluate`` (features cached per image set); the score also goes onto
+    the model's card, where the web page shows it.
+    """
+    from models.evaluate import evaluate_model
+
+    by = "dataset" if "dataset" in external.frame.columns else None
     out = []
-    groups = external.frame["lesion_id"].astype(str).to_numpy()
     for row in rows:
         folder = Path(row["model_dir"])
+        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500)
+        overall = res["overall"]
         card = load_card(folder)
-        if card.kind == "finetune":
-            proba = predict_finetuned(folder, external.frame["path"].tolist())
-        else:
-            proba = load_head(folder).predict_proba(card_design(card, external, workdir))
-        res = evaluate(external.labels, proba, groups, n_boot=500)
-        card.details["external"] = {  # the page and GET /api/model show it
-            "data": str(external.root), "n": res["n"],
-            "balanced_accuracy": res["balanced_accuracy"],
-            "ci95": res["ci95"]["balanced_accuracy"], "macro_auc": res["macro_auc"],
-            "mel_sensitivity": res["mel_sensitivity"]}
+        card.details["external"] = {"data": str(external.root), **overall}
         save_card(folder, card)
         out.append({**{k: row[k] for k in ("name", "kind", "features", "head", "imbalance",
                                             "metadata", "train_fraction", "total_time_s")},
-                    "balanced_accuracy": res["balanced_accuracy"],
-                    "ci95": res["ci95"]["balanced_accuracy"], "macro_f1": res["macro_f1"],
-                    "macro_auc": res["macro_auc"], "mel_sensitivity": res["mel_sensitivity"],
-                    "ece": res["ece"]})
+                    "balanced_accuracy": overall["balanced_accuracy"],
+                    "ci95": overall["balanced_accuracy_ci95"], "macro_f1": overall["macro_f1"],
+                    "macro_auc": overall["macro_auc"],
+                    "mel_sensitivity": overall["mel_sensitivity"], "ece": overall["ece"],
+                    "sources": res["by"]["groups"] if res["by"] else None})
     return out
 
 

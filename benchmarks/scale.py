@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import optuna

@@ -1,0 +1,125 @@
+"""``python -m models.evaluate --model DIR --data LABELLED_DIR [--by COLUMN] [--out FILE]``.
+
+Scores any model folder on any labelled folder, as timm's ``validate.py`` does for ImageNet:
+labels in HAM10000 format (image_id, dx; lesion_id and metadata optional, extra columns such
+as ``dataset`` kept) or ISIC 2018 Task 3 format (image + one-hot columns). Prints balanced
+accuracy with its lesion-level bootstrap CI, macro F1 and AUC, melanoma sensitivity and
+per-class recall, overall and, with ``--by``, per value of a column (e.g. image source). A
+labelled folder used here is a test set: score each final model once; never tune on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lesionlab import metrics
+from lesionlab.artifacts import write_json
+from lesionlab.cli import make_parser, run_main
+from lesionlab.data import CLASSES, Dataset, load_external_labels
+from lesionlab.errors import LesionLabError
+from models.bundle import load_card, load_head
+from models.design import card_design
+
+SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
+              "mel_sensitivity", "ece", "per_class_recall")
+
+
+def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | None = None,
+                device: str = "auto") -> np.ndarray:
+    """Calibrated probabilities of a model folder for every image of ``dataset``.
+
+    With ``workdir`` a head's features are cached there (rerunning costs no extraction).
+    """
+    card = load_card(model_dir)
+    if card.kind == "finetune":
+        from models.finetune import predict_finetuned
+
+        return predict_finetuned(model_dir, dataset.frame["path"].tolist(), device)
+    return load_head(model_dir).predict_proba(card_design(card, dataset, workdir, device))
+
+
+def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,
+           seed: int) -> dict:
+    """The headline numbers of one prediction set (keys: ``SCORE_KEYS``)."""
+    res = metrics.evaluate(y, proba, groups, n_boot=n_boot, seed=seed)
+    return {"n": res["n"], "balanced_accuracy": res["balanced_accuracy"],
+            "balanced_accuracy_ci95": res.get("ci95", {}).get("balanced_accuracy"),
+            "macro_f1": res["macro_f1"], "macro_auc": res["macro_auc"],
+            "mel_sensitivity": res["mel_sensitivity"], "ece": res["ece"],
+            "per_class_recall": {c: v["recall"] for c, v in res["per_class"].items()
+                                 if v["support"] > 0}}
+
+
+def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = None,
+                   workdir: Path | str | None = None, n_boot: int = 1000, seed: int = 0,
+                   device: str = "auto") -> dict:
+    """Scores of a model folder on a labelled image set, overall and per value of ``by``."""
+    if by is not None and by not in dataset.frame.columns:
+        raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
+                             f"{sorted(dataset.frame.columns)}")
+    proba = model_proba(model_dir, dataset, workdir, device)
+    y = dataset.labels
+    groups = dataset.frame["lesion_id"].astype(str).to_numpy()
+    out = {"model": load_card(model_dir).name, "data": str(dataset.root),
+           "overall": scores(y, proba, groups, n_boot, seed), "by": None}
+    if by is not None:
+        values = dataset.frame[by].astype(str).to_numpy()
+        out["by"] = {"column": by, "groups": {
+            v: scores(y[values == v], proba[values == v], groups[values == v], n_boot, seed)
+            for v in sorted(set(values))}}
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def print_scores(result: dict) -> None:
+    """A table: overall, then one row per group."""
+    rows = [("all", result["overall"])]
+    if result["by"]:
+        rows += [(f"{result['by']['column']}={k}", v) for k, v in result["by"]["groups"].items()]
+    print(f"{result['model']} on {result['data']}")
+    print(f"{'':28s} {'n':>5s}  {'bal.acc [95% CI]':24s} {'F1':>6s} {'AUC':>6s} {'mel sens':>8s}")
+    for name, s in rows:
+        ci = s["balanced_accuracy_ci95"] or [None, None]
+        print(f"{name[:28]:28s} {s['n']:5d}  {_fmt(s['balanced_accuracy'])} "
+              f"[{_fmt(ci[0])}, {_fmt(ci[1])}]   {_fmt(s['macro_f1']):>6s} "
+              f"{_fmt(s['macro_auc']):>6s} {_fmt(s['mel_sensitivity']):>8s}")
+    recall = result["overall"]["per_class_recall"]
+    print("recall: " + "  ".join(f"{c} {_fmt(recall[c])}" for c in CLASSES if c in recall))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m models.evaluate", __doc__)
+    p.add_argument("--model", required=True, type=Path, help="a model folder (with card.json)")
+    p.add_argument("--data", required=True, type=Path, help="images + one label CSV")
+    p.add_argument("--by", default=None, help="column to score per value, e.g. dataset")
+    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="cache a head's features here; None: compute them in memory")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score the model and print (and optionally save) the table."""
+    args = build_parser().parse_args(argv)
+    dataset = load_external_labels(args.data)
+    result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
+                            args.seed, args.device)
+    print_scores(result)
+    if args.out is not None:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
