@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -100,14 +101,24 @@ def make_storage(url: str | None, folder: Path) -> str | optuna.storages.BaseSto
         path = Path(url[len("journal://"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=3 * HEARTBEAT_S)
-    except Exception as exc:  # bad URL, driver missing, server down
-        raise LesionLabError(f"cannot open Optuna storage {url}: "
-                             f"{str(exc).splitlines()[0][:200]}") from None
+    return _rdb_storage(url)
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """An RDB storage; retried, since workers starting together race to create the schema."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental; we use them
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=3 * HEARTBEAT_S)
+        except Exception as exc:  # bad URL, driver missing, server down, schema race
+            race = any(w in str(exc).lower() for w in ("duplicate", "already exists"))
+            if attempt + 1 == attempts or not race:
+                raise LesionLabError(f"cannot open Optuna storage {url}: "
+                                     f"{str(exc).splitlines()[0][:200]}") from None
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 def fail_running(study: optuna.Study, why: str) -> None:
