@@ -27,6 +27,7 @@ from tqdm import tqdm
 from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, check_backbone,
                                  create_backbone, default_image_size, sha256_file, weights_file)
 from featurize.classical import FEATURE_NAMES, classical_features
+from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from lesionlab.artifacts import (atomic_path, exclusive_lock, features_dir, library_versions,
                                  read_json, save_npy, write_json)
 from lesionlab.cli import check_choices, option
@@ -62,6 +63,8 @@ class FeaturizeConfig:
         None, "input (H, W); None: the backbone's size, 4:3", metavar=("H", "W"))
     tta: str = option("none", "test-time views averaged per image", choices=TTA_MODES)
     pool: str = option("avg", "pooling: final layer, or the last stages too", choices=POOL_MODES)
+    color_constancy: str = option("none", "colour constancy before the model sees the image",
+                                  choices=COLOR_CONSTANCY)
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     # runtime only (do not change the numbers beyond float tolerance):
     batch_size: int = option(64, "images per forward pass")
@@ -129,19 +132,20 @@ class ImagePathDataset(TorchDataset):
 
     def __init__(self, paths: Sequence[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], classical: bool = False,
-                 interpolation: str = "bicubic") -> None:
+                 interpolation: str = "bicubic", color_constancy: str = "none") -> None:
         self.paths = list(paths)
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.classical = classical
         self.interpolation = interpolation
+        self.color_constancy = color_constancy
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = load_rgb(self.paths[i])
+        img = apply_color_constancy(load_rgb(self.paths[i]), self.color_constancy)
         if self.classical:
             return torch.from_numpy(classical_features(img, self.size)), i
         return eval_tensor(img, self.size, self.mean, self.std, self.interpolation), i
@@ -259,7 +263,8 @@ class Extractor:
         """A DataLoader decoding ``paths`` in workers, order preserved."""
         ds = ImagePathDataset(paths, self.size, self.spec.mean, self.spec.std,
                               classical=self.runner is None,
-                              interpolation=self.spec.interpolation)
+                              interpolation=self.spec.interpolation,
+                              color_constancy=self.cfg.color_constancy)
         workers = self.cfg.num_workers
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -294,7 +299,8 @@ def _classical_code_hash() -> str:
 def cache_key(cfg: FeaturizeConfig, weights_sha256: str, data_fp: str) -> str:
     """Readable cache key: every setting that changes the numbers, plus input fingerprints."""
     h, w = cfg.size()
-    return (f"{cfg.backbone}-{h}x{w}-{cfg.tta}-{cfg.pool}-w{weights_sha256[:8]}"
+    cc = "" if cfg.color_constancy == "none" else f"-{cfg.color_constancy}"
+    return (f"{cfg.backbone}-{h}x{w}-{cfg.tta}-{cfg.pool}{cc}-w{weights_sha256[:8]}"
             f"-d{data_fp[:8]}")
 
 
@@ -450,7 +456,7 @@ def _manifest(key: str, cfg: FeaturizeConfig, extractor: Extractor, data_fp: str
     return {
         "key": key,
         "settings": {k: v for k, v in asdict(cfg).items()
-                     if k in ("backbone", "tta", "pool", "weights")} | {
+                     if k in ("backbone", "tta", "pool", "weights", "color_constancy")} | {
             "image_size": list(cfg.size())},
         "runtime": {"engine": extractor.engine, "device": str(extractor.device),
                     "scheduler": cfg.scheduler,
@@ -509,7 +515,7 @@ def resolve_key(workdir: Path | str, name: str, data_fp: str | None = None) -> P
         st = man["settings"]
         if st["backbone"] != backbone or (data_fp and man["data_fingerprint"] != data_fp):
             continue
-        if wanted - {st["tta"], st["pool"]}:
+        if wanted - {st["tta"], st["pool"], st.get("color_constancy", "none")}:
             continue
         matches.append((path, st))
     if not matches:
@@ -521,8 +527,9 @@ def resolve_key(workdir: Path | str, name: str, data_fp: str | None = None) -> P
         return matches[0][0]
     def extra(item: tuple[Path, dict]) -> int:  # non-default settings nobody asked for
         st = item[1]
-        return sum(v not in wanted and v != d for v, d in ((st["tta"], "none"),
-                                                            (st["pool"], "avg")))
+        return sum(v not in wanted and v != d for v, d in (
+            (st["tta"], "none"), (st["pool"], "avg"),
+            (st.get("color_constancy", "none"), "none")))
     ranked = sorted(matches, key=lambda it: (extra(it), it[0].name))
     best = ranked[0]
     if extra(ranked[1]) == extra(best):

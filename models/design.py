@@ -60,9 +60,10 @@ class Design:
 
 def block_config(block: dict, **runtime) -> FeaturizeConfig:
     """The featurize settings that made one feature block of a model card (to recompute it)."""
+    # feature sets cached before colour constancy existed were made without it
     return FeaturizeConfig(backbone=block["backbone"], image_size=tuple(block["image_size"]),
                            tta=block["tta"], pool=block["pool"], weights=block["weights"],
-                           **runtime)
+                           color_constancy=block.get("color_constancy", "none"), **runtime)
 
 
 def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:

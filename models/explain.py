@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from featurize.color import apply_color_constancy
 from featurize.extract import eval_tensor
 from lesionlab.cli import run_main
 from lesionlab.data import CLASSES, load_rgb
@@ -71,11 +72,12 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
 def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path | BinaryIO,
                 target: int | None) -> dict:
     """Grad-CAM overlay of one image written to ``dest``; returns what was explained."""
-    img = load_rgb(path)
+    img = load_rgb(path)  # the overlay is drawn on the image as given
+    seen = apply_color_constancy(img, card.config["color_constancy"])  # what the model sees
     size = tuple(card.details["image_size"])
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
-    x = eval_tensor(img, size, mean, std, spec.interpolation)[None]
+    x = eval_tensor(seen, size, mean, std, spec.interpolation)[None]
     cam, cls, proba = grad_cam(model, x.to(next(model.parameters()).device), target)
     big = np.asarray(Image.fromarray(np.uint8(cam * 255)).resize(img.size, Image.BILINEAR),
                      np.float32) / 255

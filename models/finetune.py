@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from featurize.backbones import BackboneSpec, check_backbone, create_backbone
+from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from featurize.extract import (DEVICES, PRECISIONS, TTA_MODES, ImagePathDataset,
                                resolve_device, tta_views, use_bf16)
 from lesionlab import metrics
@@ -70,6 +71,8 @@ class FinetuneConfig(TrainingRun):
     train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
     patience: int = option(4, "epochs without a better val score before stopping")
     tta: str = option("flip", "test-time views at evaluation", choices=TTA_MODES)
+    color_constancy: str = option("none", "colour constancy before training and prediction",
+                                  choices=COLOR_CONSTANCY)
     seed: int = option(0, "model seed")
     split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed")
     device: str = option("auto", "where training runs", choices=DEVICES)
@@ -91,7 +94,8 @@ class FinetuneConfig(TrainingRun):
     def model_name(self) -> str:
         """Default folder name from the defining settings."""
         h, w = self.image_size
-        return self.name or model_name("finetune", self.backbone, f"{h}x{w}", self.sampler,
+        cc = "" if self.color_constancy == "none" else self.color_constancy
+        return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, self.sampler,
                                        self.loss, f"ep{self.epochs}", *self.name_tail())
 
 
@@ -99,9 +103,11 @@ class TrainSet(TorchDataset):
     """Training images with dermoscopy augmentation (flips, 90-degree turns, crops, jitter)."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, size: tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float],
+                 color_constancy: str = "none") -> None:
         self.paths = list(paths)
         self.labels = labels
+        self.color_constancy = color_constancy
         self.transform = v2.Compose([
             v2.RandomChoice([v2.Identity(), v2.RandomRotation((90, 90), expand=True),
                              v2.RandomRotation((180, 180)), v2.RandomRotation((270, 270),
@@ -119,7 +125,8 @@ class TrainSet(TorchDataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.paths[i])), int(self.labels[i])
+        img = apply_color_constancy(load_rgb(self.paths[i]), self.color_constancy)
+        return self.transform(img), int(self.labels[i])
 
 
 class FocalLoss(nn.Module):
@@ -242,10 +249,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Opt
 def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
                   size: tuple[int, int], device: torch.device, tta: str = "none",
                   batch_size: int = 64, num_workers: int = 0, bf16: bool = False,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool = False, color_constancy: str = "none") -> np.ndarray:
     """Softmax probabilities averaged over TTA views, with the deterministic eval transform."""
     model.eval()
-    data = ImagePathDataset(paths, size, spec.mean, spec.std, interpolation=spec.interpolation)
+    data = ImagePathDataset(paths, size, spec.mean, spec.std, interpolation=spec.interpolation,
+                            color_constancy=color_constancy)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     out = []
     for x, _ in tqdm(loader, disable=not progress, desc="eval", unit="batch", leave=False):
@@ -265,7 +273,8 @@ def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: B
     """Balanced accuracy and probabilities of ``model`` on labelled images."""
     proba = predict_proba(model, paths, spec, cfg.image_size, device, tta=tta,
                           num_workers=cfg.num_workers, progress=progress,
-                          bf16=use_bf16(cfg.precision, device))
+                          bf16=use_bf16(cfg.precision, device),
+                          color_constancy=cfg.color_constancy)
     return metrics.balanced_accuracy(labels, proba.argmax(1)), proba
 
 
@@ -341,7 +350,7 @@ def fit(run: Run, state: dict, ckpt: Path,
     """
     cfg, world = run.cfg, run.world
     data = TrainSet(run.paths[run.tr], run.labels[run.tr], cfg.image_size, run.spec.mean,
-                    run.spec.std)
+                    run.spec.std, cfg.color_constancy)
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
         loader = train_loader(data, run.labels[run.tr], cfg, epoch, world)
@@ -469,7 +478,8 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         "backbone": run.cfg.backbone, "image_size": list(run.cfg.image_size),
         "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
         "weights_source": spec.weights_source, "weights_sha256": spec.weights_sha256,
-        "tta": run.cfg.tta, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "tta": run.cfg.tta, "color_constancy": run.cfg.color_constancy,
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "history": hist, "val_balanced_accuracy": state["best_score"],
         "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1),
         "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
@@ -521,7 +531,8 @@ def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
                         tuple(card.details["image_size"]), dev, tta=card.details["tta"],
-                        bf16=use_bf16(card.config["precision"], dev))
+                        bf16=use_bf16(card.config["precision"], dev),
+                        color_constancy=card.config["color_constancy"])
     return apply_temperature(raw, card.temperature)
 
 
