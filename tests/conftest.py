@@ -41,3 +41,26 @@ def run_cli(*args: str, cwd: Path | None = None,
     """Run ``python -m ...`` like a user would; returns the finished process."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory) -> dict[str, Path]:
+    """Small models trained once on the fixture: heads with and without metadata, a network."""
+    from featurize.extract import FeaturizeConfig, featurize
+    from lesionlab.data import load_dataset
+    from models.finetune import FinetuneConfig, finetune
+    from models.train_head import HeadConfig, train_head
+
+    work = tmp_path_factory.mktemp("trained")
+    ds = load_dataset(FIXTURE)
+    featurize(ds, work, FeaturizeConfig(backbone="classical", num_workers=0))
+    cards = {
+        "head_meta": train_head(ds, work, HeadConfig(features="classical", metadata=True,
+                                                     trials=1, folds=2, n_boot=20)),
+        "head": train_head(ds, work, HeadConfig(features="classical", trials=1, folds=2,
+                                                n_boot=20)),
+        "finetune": finetune(ds, work, FinetuneConfig(epochs=1, image_size=(48, 64),
+                                                      batch_size=16, num_workers=0,
+                                                      n_boot=20, tta="none")),
+    }
+    return {kind: work / "models" / card.name for kind, card in cards.items()}

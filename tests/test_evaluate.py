@@ -10,13 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featurize.extract import FeaturizeConfig, featurize
-from lesionlab.data import load_dataset, load_external_labels
+from lesionlab.data import load_external_labels
 from lesionlab.errors import LesionLabError
 from lesionlab.metrics import balanced_accuracy
 from models.evaluate import SCORE_KEYS, evaluate_model, model_proba
-from models.finetune import FinetuneConfig, finetune
-from models.train_head import HeadConfig, train_head
 from tests.conftest import FIXTURE, run_cli
 
 
@@ -31,18 +28,9 @@ def two_sources(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    work = tmp_path_factory.mktemp("models")
-    ds = load_dataset(FIXTURE)
-    featurize(ds, work, FeaturizeConfig(backbone="classical", num_workers=0))
-    head = train_head(ds, work, HeadConfig(features="classical", metadata=True, trials=1,
-                                           folds=2, n_boot=0))
-    plain = train_head(ds, work, HeadConfig(features="classical", trials=1, folds=2, n_boot=0))
-    net = finetune(ds, work, FinetuneConfig(epochs=1, image_size=(48, 64), batch_size=16,
-                                            num_workers=0, n_boot=0, tta="none"))
-    return {k: work / "models" / c.name for k, c in
-            (("head_meta", head), ("head", plain), ("finetune", net))}
+@pytest.fixture
+def models(trained_models) -> dict[str, Path]:
+    return trained_models
 
 
 @pytest.mark.parametrize("kind", ["head_meta", "head", "finetune"])

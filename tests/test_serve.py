@@ -18,27 +18,17 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from featurize.extract import FeaturizeConfig, featurize
 from lesionlab import data as data_mod
-from lesionlab.data import CLASSES, load_dataset
-from models.finetune import FinetuneConfig, finetune
+from lesionlab.data import CLASSES
 from models.predict import predict_images
-from models.train_head import HeadConfig, train_head
 from serve.app import create_app
 from tests.conftest import FIXTURE, ROOT, run_cli
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> dict[str, Path]:
+@pytest.fixture
+def models_dir(trained_models) -> dict[str, Path]:
     """A head with metadata and a tiny fine-tuned network, both trained on the fixture."""
-    work = tmp_path_factory.mktemp("serve")
-    ds = load_dataset(FIXTURE)
-    featurize(ds, work, FeaturizeConfig(backbone="classical", num_workers=0))
-    head = train_head(ds, work, HeadConfig(features="classical", metadata=True, trials=1,
-                                           folds=2, n_boot=20))
-    net = finetune(ds, work, FinetuneConfig(epochs=1, image_size=(48, 64), batch_size=16,
-                                            num_workers=0, n_boot=20, tta="none"))
-    return {"head": work / "models" / head.name, "finetune": work / "models" / net.name}
+    return {"head": trained_models["head_meta"], "finetune": trained_models["finetune"]}
 
 
 @pytest.fixture
