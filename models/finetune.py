@@ -47,6 +47,7 @@ CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
 SAMPLERS = ("balanced", "none")
 LOSSES = ("ce", "weighted_ce", "focal")
+AUGMENTS = ("basic", "isic")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class FinetuneConfig(TrainingRun):
     weight_decay: float = option(1e-4, "AdamW decay (none on norms and biases)")
     warmup_epochs: float = option(1.0, "linear warm-up before the cosine decay")
     drop_rate: float = option(0.2, "dropout before the classifier")
+    augment: str = option("basic", "training augmentation", choices=AUGMENTS)
     sampler: str = option("balanced", "class-balanced sampling of training images",
                           choices=SAMPLERS)
     loss: str = option("ce", "training loss", choices=LOSSES)
@@ -95,31 +97,45 @@ class FinetuneConfig(TrainingRun):
         """Default folder name from the defining settings."""
         h, w = self.image_size
         cc = "" if self.color_constancy == "none" else self.color_constancy
-        return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, self.sampler,
-                                       self.loss, f"ep{self.epochs}", *self.name_tail())
+        aug = "" if self.augment == "basic" else f"aug-{self.augment}"
+        return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, aug,
+                                       self.sampler, self.loss, f"ep{self.epochs}",
+                                       *self.name_tail())
+
+
+def train_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                    augment: str = "basic") -> v2.Compose:
+    """Training augmentation: ``basic`` (right-angle turns, mild affine and jitter) or
+    ``isic`` (what the ISIC 2018-2019 winners used: any rotation, scale and shear, stronger
+    colour jitter, random erasing)."""
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std))]
+    crop = v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(1.15, 1.5), antialias=True)
+    flips = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if augment == "isic":
+        return v2.Compose([
+            v2.RandomAffine(degrees=180, scale=(0.8, 1.2), shear=10), crop, *flips,
+            v2.ColorJitter(0.3, 0.3, 0.3, 0.05), *tail,
+            v2.RandomErasing(p=0.5, scale=(0.02, 0.15), value=0)])
+    return v2.Compose([
+        v2.RandomChoice([v2.Identity(), v2.RandomRotation((90, 90), expand=True),
+                         v2.RandomRotation((180, 180)),
+                         v2.RandomRotation((270, 270), expand=True)]),
+        crop, *flips,
+        v2.RandomAffine(degrees=15, translate=(0.05, 0.05), scale=(0.95, 1.05)),
+        v2.ColorJitter(0.2, 0.2, 0.15, 0.02), *tail])
 
 
 class TrainSet(TorchDataset):
-    """Training images with dermoscopy augmentation (flips, 90-degree turns, crops, jitter)."""
+    """Training images (colour constancy, then augmentation), with their labels."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float],
-                 color_constancy: str = "none") -> None:
+                 color_constancy: str = "none", augment: str = "basic") -> None:
         self.paths = list(paths)
         self.labels = labels
         self.color_constancy = color_constancy
-        self.transform = v2.Compose([
-            v2.RandomChoice([v2.Identity(), v2.RandomRotation((90, 90), expand=True),
-                             v2.RandomRotation((180, 180)), v2.RandomRotation((270, 270),
-                                                                             expand=True)]),
-            v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(1.15, 1.5), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.RandomAffine(degrees=15, translate=(0.05, 0.05), scale=(0.95, 1.05)),
-            v2.ColorJitter(0.2, 0.2, 0.15, 0.02),
-            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
+        self.transform = train_transform(size, mean, std, augment)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -350,7 +366,7 @@ def fit(run: Run, state: dict, ckpt: Path,
     """
     cfg, world = run.cfg, run.world
     data = TrainSet(run.paths[run.tr], run.labels[run.tr], cfg.image_size, run.spec.mean,
-                    run.spec.std, cfg.color_constancy)
+                    run.spec.std, cfg.color_constancy, cfg.augment)
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
         loader = train_loader(data, run.labels[run.tr], cfg, epoch, world)

@@ -218,3 +218,21 @@ def test_cpu_features_choose_fp32_or_bf16() -> None:
     assert not use_bf16("fp32", cpu, {"avx512_bf16"}) and use_bf16("bf16", cpu, set())
     assert not use_bf16("auto", cuda, {"avx512_bf16"})  # CUDA uses fp16 AMP instead
     assert use_bf16("auto", cpu) == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+@pytest.mark.parametrize("augment", ["basic", "isic"])
+def test_augmentations_keep_shape_and_follow_the_seed(fixture_dir: Path, augment: str) -> None:
+    from models.finetune import TrainSet
+
+    paths = load_dataset(fixture_dir).frame["path"].tolist()[:2]
+    data = TrainSet(paths, np.array([0, 1]), (48, 64), (0.5,) * 3, (0.5,) * 3,
+                    augment=augment)
+    torch.manual_seed(7)
+    a, label = data[0]
+    torch.manual_seed(7)
+    b, _ = data[0]
+    torch.manual_seed(8)
+    c, _ = data[0]
+    assert a.shape == (3, 48, 64) and a.dtype == torch.float32 and label == 0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert -1.01 <= float(a.min()) and float(a.max()) <= 1.01  # normalised with mean=std=0.5
