@@ -120,35 +120,62 @@ def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
     return pipe
 
 
-def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-             y_va: np.ndarray) -> tuple[np.ndarray, int | None]:
-    """Fit on the fold's training part (samplers here only) and predict the validation part.
+def early_stopping_split(y: np.ndarray, groups: np.ndarray,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, early-stopping rows) of a fold's training part: a lesion-grouped, stratified
+    fifth is held out to stop boosting on, so the rows a fold is scored on never choose the
+    number of trees."""
+    from lesionlab.splits import grouped_folds
 
-    LightGBM stops early on the validation part; returns (val probabilities, best iteration).
-    """
-    adapt_to_data(pipe, x_tr, y_tr)
-    xt, yt = x_tr, y_tr
-    xv = x_va
+    with warnings.catch_warnings():  # tiny folds: a rare class may have < 5 lesions
+        warnings.simplefilter("ignore", UserWarning)
+        fit_rows, stop_rows = grouped_folds(y, groups, 5, seed)[0]
+    return fit_rows, stop_rows
+
+
+def _transform(pipe: Pipeline, x_fit: np.ndarray, y_fit: np.ndarray,
+               others: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Fit the pipeline's steps before the classifier on (x_fit, y_fit) only (samplers too);
+    transform ``others`` with them."""
+    adapt_to_data(pipe, x_fit, y_fit)
+    xt, yt = x_fit, y_fit
     for _, step in pipe.steps[:-1]:
         if hasattr(step, "fit_resample"):
             xt, yt = step.fit_resample(xt, yt)  # training rows only
         else:
             xt = step.fit_transform(xt, yt)
-            xv = step.transform(xv)
+            others = [step.transform(o) for o in others]
+    return xt, yt, others
+
+
+def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
+             y_va: np.ndarray, groups_tr: np.ndarray | None = None,
+             seed: int = 0) -> tuple[np.ndarray, int | None]:
+    """Fit on the fold's training part (samplers here only) and predict the validation part.
+
+    LightGBM stops early on a lesion-grouped part of the training rows (``groups_tr``), never
+    on the validation part it is scored on. Returns (val probabilities, best iteration).
+    """
     clf = pipe.steps[-1][1]
-    best_iter = None
+    if not _is_lightgbm(clf):
+        xt, yt, (xv,) = _transform(pipe, x_tr, y_tr, [x_va])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.fit(xt, yt)
+        return full_proba(clf, xv), None
+    import lightgbm as lgb
+
+    groups_tr = np.arange(len(y_tr)) if groups_tr is None else groups_tr
+    fit_rows, stop_rows = early_stopping_split(y_tr, groups_tr, seed)
+    xt, yt, (xs, xv) = _transform(pipe, x_tr[fit_rows], y_tr[fit_rows],
+                                  [x_tr[stop_rows], x_va])
+    ys = y_tr[stop_rows]
+    seen = np.isin(ys, np.unique(yt))  # LightGBM rejects classes it never trained on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if _is_lightgbm(clf):
-            import lightgbm as lgb
-
-            seen = np.isin(y_va, np.unique(yt))  # LightGBM rejects classes it never trained on
-            clf.fit(xt, yt, eval_set=[(xv[seen], y_va[seen])],
-                    callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
-            best_iter = int(clf.best_iteration_ or clf.n_estimators)
-        else:
-            clf.fit(xt, yt)
-    return full_proba(clf, xv), best_iter
+        clf.fit(xt, yt, eval_set=[(xs[seen], ys[seen])],
+                callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
+    return full_proba(clf, xv), int(clf.best_iteration_ or clf.n_estimators)
 
 
 def _is_lightgbm(clf: Any) -> bool:
@@ -168,7 +195,7 @@ def full_proba(clf: Any, x: np.ndarray, n_classes: int = 7) -> np.ndarray:
 
 
 def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                 head: str, imbalance: str, seed: int):
+                 head: str, imbalance: str, seed: int, groups: np.ndarray | None = None):
     """Optuna objective: mean balanced accuracy over the grouped folds, pruned per fold."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -176,7 +203,8 @@ def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.
         scores, iters = [], []
         for k, (tr, va) in enumerate(folds):
             pipe = build_pipeline(head, imbalance, params, seed)
-            proba, best_iter = fit_fold(pipe, x[tr], y[tr], x[va], y[va])
+            proba, best_iter = fit_fold(pipe, x[tr], y[tr], x[va], y[va],
+                                        None if groups is None else groups[tr], seed)
             scores.append(balanced_accuracy(y[va], proba.argmax(1)))
             if best_iter is not None:
                 iters.append(best_iter)

@@ -175,7 +175,7 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
         return 0.0
     folds = grouped_folds(y, groups, cfg.folds, cfg.seed)
     t0 = time.perf_counter()
-    study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed),
+    study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed, groups),
                    n_trials=remaining, timeout=cfg.tune_timeout, show_progress_bar=True,
                    callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)])
     return time.perf_counter() - t0

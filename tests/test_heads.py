@@ -200,3 +200,40 @@ def test_temperature_equals_scikit_learns() -> None:
         beta = float(cal.calibrated_classifiers_[0].calibrators[0].beta_)
         assert heads.fit_temperature(proba, y) == pytest.approx(1 / beta, rel=1e-4)
         assert heads.fit_temperature(proba, y) == pytest.approx(true_t, rel=0.25)
+
+
+def test_lightgbm_stops_early_on_training_rows_only(featurized) -> None:
+    """The rows LightGBM early-stops on come from the fold's training part, grouped by lesion,
+    and are disjoint from the rows the fold is scored on."""
+    import lightgbm as lgb
+
+    from lesionlab.splits import grouped_folds
+
+    class Recorder(lgb.LGBMClassifier):
+        eval_x: list[np.ndarray] = []
+
+        def fit(self, x, y, **kwargs):
+            Recorder.eval_x.append(np.asarray(kwargs["eval_set"][0][0]).copy())
+            return super().fit(x, y, **kwargs)
+
+    data, work = featurized
+    ds = load_dataset(data)
+    x, y = load_design(work, ds, "classical").x, ds.labels
+    groups = ds.frame["lesion_id"].to_numpy()
+    tr, va = grouped_folds(y, groups, 3, 0)[0]
+    fit_rows, stop_rows = heads.early_stopping_split(y[tr], groups[tr], 0)
+    assert not set(groups[tr][fit_rows]) & set(groups[tr][stop_rows])
+    assert len(fit_rows) + len(stop_rows) == len(tr)
+    pipe = heads.build_pipeline("lightgbm", "class_weight",
+                                heads.default_params("lightgbm", x.shape[1]), 0)
+    pipe.steps[-1] = ("clf", Recorder(**pipe.steps[-1][1].get_params()))
+    Recorder.eval_x = []
+    proba, best = heads.fit_fold(pipe, x[tr], y[tr], x[va], y[va], groups[tr], 0)
+    assert proba.shape == (len(va), 7) and best >= 1
+    scored = x[va]
+    for _, step in pipe.steps[:-1]:
+        scored = step.transform(scored)
+    stopped_on = Recorder.eval_x[0]
+    assert 0 < len(stopped_on) <= len(stop_rows)
+    scored_rows = {tuple(np.round(r, 6)) for r in scored}
+    assert not any(tuple(np.round(r, 6)) in scored_rows for r in stopped_on)
