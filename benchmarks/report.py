@@ -21,6 +21,7 @@ from models.bundle import load_card  # noqa: E402
 MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->"),
            "external": ("<!-- external:start -->", "<!-- external:end -->"),
            "sources": ("<!-- sources:start -->", "<!-- sources:end -->"),
+           "melanoma": ("<!-- melanoma:start -->", "<!-- melanoma:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->")}
 
 
@@ -63,6 +64,31 @@ def sources_md(rows: list[dict]) -> str:
         lines.append(f"| {r['features']} | {r['head']} | " + " | ".join(cells) + " |")
     return ("Balanced accuracy / macro AUC per image source:\n\n" + head + "\n".join(lines)
             + "\n")
+
+
+def _op_cell(op: dict | None, key: str) -> str:
+    if not op:
+        return "n/a"
+    ci = (op.get("ci95") or {}).get(key) or [None, None]
+    return f"{_fmt(op[key], 2)} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]"
+
+
+def melanoma_md(rows: list[dict], external: list[dict] | None) -> str:
+    """The melanoma rule (threshold on P(mel) chosen on val for sensitivity >= 0.80): test
+    sensitivity, specificity and benign lesions flagged per melanoma found, with CIs."""
+    ext = {r["name"]: r.get("mel_operating_point") for r in external or []}
+    head = ("| features | head | threshold | sensitivity | specificity | benign flagged per "
+            "melanoma found | external sensitivity | external specificity |\n"
+            "|---|---|---:|---|---|---|---|---|\n")
+    lines = []
+    for r in sorted(rows, key=lambda r: -r["balanced_accuracy"]):
+        op = r.get("mel_operating_point")
+        lines.append(f"| {r['features']} | {r['head']} | {_fmt(op and op['threshold'])} | "
+                     f"{_op_cell(op, 'sensitivity')} | {_op_cell(op, 'specificity')} | "
+                     f"{_op_cell(op, 'benign_per_melanoma_found')} | "
+                     f"{_op_cell(ext.get(r['name']), 'sensitivity')} | "
+                     f"{_op_cell(ext.get(r['name']), 'specificity')} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -280,6 +306,7 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
                          "_No external test set was given (`--external-test DIR`)._\n")
     if ext:
         text = replace_block(text, "sources", sources_md(ext))
+    text = replace_block(text, "melanoma", melanoma_md(main_rows, ext))
     made = figures(summary, dataset, split, Path(workdir), fig_dir)
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
     figs = "\n\n".join(f"**{cap}**\n\n![{cap}]({rel}/{name})" for cap, name in made)

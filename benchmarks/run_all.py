@@ -130,6 +130,7 @@ def summarize(card: ModelCard) -> dict:
         "mel_sensitivity": t["mel_sensitivity"], "ece": t["ece"],
         "ece_uncalibrated": t["ece_uncalibrated"],
         "per_class_recall": {c: v["recall"] for c, v in t["per_class"].items()},
+        "mel_operating_point": t["mel_operating_point"],
         "confusion_matrix": t["confusion_matrix"],
         "val_balanced_accuracy": card.val["balanced_accuracy"],
         "cv_balanced_accuracy": card.details.get("cv_balanced_accuracy"),
@@ -229,6 +230,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
                     "ci95": overall["balanced_accuracy_ci95"], "macro_f1": overall["macro_f1"],
                     "macro_auc": overall["macro_auc"],
                     "mel_sensitivity": overall["mel_sensitivity"], "ece": overall["ece"],
+                    "mel_operating_point": overall["mel_operating_point"],
                     "sources": res["by"]["groups"] if res["by"] else None})
     return out
 

@@ -150,3 +150,56 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = 
                                                   n_boot=n_boot, seed=seed))
                           for name, fn in _CI_METRICS.items()}
     return result
+
+
+MEL_TARGET_SENSITIVITY = 0.80
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, p_mel: np.ndarray,
+                              target: float = MEL_TARGET_SENSITIVITY) -> float:
+    """The highest threshold on P(mel) that flags at least ``target`` of the melanomas in
+    (y_true, p_mel); a case is flagged when its P(mel) >= the threshold. NaN without any."""
+    scores = np.sort(np.asarray(p_mel)[np.asarray(y_true) == MEL])[::-1]
+    if len(scores) == 0:
+        return float("nan")
+    return float(scores[int(np.ceil(target * len(scores))) - 1])
+
+
+def _flag_counts(y_true: np.ndarray, p_mel: np.ndarray, threshold: float) -> tuple:
+    flag, mel = p_mel >= threshold, y_true == MEL
+    return (flag & mel).sum(), (flag & ~mel).sum(), mel.sum(), (~mel).sum()
+
+
+def _op_metrics(threshold: float) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
+    """Sensitivity, specificity and benign lesions flagged per melanoma found, at one
+    threshold; ``p`` is a column of P(mel)."""
+    def sens(y, p):
+        tp, _, pos, _ = _flag_counts(y, p[:, 0], threshold)
+        return tp / pos if pos else float("nan")
+
+    def spec(y, p):
+        _, fp, _, neg = _flag_counts(y, p[:, 0], threshold)
+        return (neg - fp) / neg if neg else float("nan")
+
+    def per_found(y, p):
+        tp, fp, _, _ = _flag_counts(y, p[:, 0], threshold)
+        return fp / tp if tp else float("nan")
+
+    return {"sensitivity": sens, "specificity": spec, "benign_per_melanoma_found": per_found}
+
+
+def operating_point(y_true: np.ndarray, p_mel: np.ndarray, threshold: float,
+                    groups: np.ndarray | None = None, n_boot: int = 1000,
+                    seed: int = 0) -> dict:
+    """The melanoma rule "flag when P(mel) >= threshold" on a labelled set, with lesion-level
+    bootstrap CIs: sensitivity, specificity, benign lesions flagged per melanoma found."""
+    y_true = np.asarray(y_true)
+    col = np.asarray(p_mel, dtype=float)[:, None]
+    fns = _op_metrics(threshold)
+    out: dict = {"threshold": float(threshold),
+                 **{name: float(fn(y_true, col)) for name, fn in fns.items()}}
+    if groups is not None and n_boot > 0:
+        out["ci95"] = {name: list(bootstrap_ci(y_true, col, np.asarray(groups), fn,
+                                               n_boot=n_boot, seed=seed))
+                       for name, fn in fns.items()}
+    return out

@@ -58,6 +58,7 @@ class ModelCard:
     versions: dict
     features: list[dict] = field(default_factory=list)  # head: the feature blocks it reads
     metadata: bool = False  # head: age, sex and site appended to the features
+    mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
     details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
 
     @property

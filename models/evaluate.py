@@ -25,7 +25,7 @@ from models.bundle import load_card, load_head
 from models.design import card_design
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
-              "mel_sensitivity", "ece", "per_class_recall")
+              "mel_sensitivity", "ece", "per_class_recall", "mel_operating_point")
 
 
 def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | None = None,
@@ -43,15 +43,21 @@ def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | N
 
 
 def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,
-           seed: int) -> dict:
-    """The headline numbers of one prediction set (keys: ``SCORE_KEYS``)."""
+           seed: int, mel_threshold: float | None = None) -> dict:
+    """The headline numbers of one prediction set (keys: ``SCORE_KEYS``); the melanoma rule
+    at the card's threshold when it has one."""
     res = metrics.evaluate(y, proba, groups, n_boot=n_boot, seed=seed)
+    op = None
+    if mel_threshold is not None and not np.isnan(mel_threshold):
+        op = metrics.operating_point(y, proba[:, metrics.MEL], mel_threshold, groups, n_boot,
+                                     seed)
     return {"n": res["n"], "balanced_accuracy": res["balanced_accuracy"],
             "balanced_accuracy_ci95": res.get("ci95", {}).get("balanced_accuracy"),
             "macro_f1": res["macro_f1"], "macro_auc": res["macro_auc"],
             "mel_sensitivity": res["mel_sensitivity"], "ece": res["ece"],
             "per_class_recall": {c: v["recall"] for c, v in res["per_class"].items()
-                                 if v["support"] > 0}}
+                                 if v["support"] > 0},
+            "mel_operating_point": op}
 
 
 def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = None,
@@ -62,14 +68,16 @@ def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = Non
         raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
                              f"{sorted(dataset.frame.columns)}")
     proba = model_proba(model_dir, dataset, workdir, device)
+    card = load_card(model_dir)
     y = dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    out = {"model": load_card(model_dir).name, "data": str(dataset.root),
-           "overall": scores(y, proba, groups, n_boot, seed), "by": None}
+    out = {"model": card.name, "data": str(dataset.root),
+           "overall": scores(y, proba, groups, n_boot, seed, card.mel_threshold), "by": None}
     if by is not None:
         values = dataset.frame[by].astype(str).to_numpy()
         out["by"] = {"column": by, "groups": {
-            v: scores(y[values == v], proba[values == v], groups[values == v], n_boot, seed)
+            v: scores(y[values == v], proba[values == v], groups[values == v], n_boot, seed,
+                      card.mel_threshold)
             for v in sorted(set(values))}}
     return out
 

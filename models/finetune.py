@@ -476,13 +476,19 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
     test = metrics.evaluate(y[run.te], proba_te, groups[run.te], n_boot=cfg.n_boot,
                             seed=cfg.seed)
     test["ece_uncalibrated"] = metrics.expected_calibration_error(y[run.te], raw_te)
+    val_proba = apply_temperature(proba_va, temperature)
+    mel_threshold = metrics.threshold_for_sensitivity(y[run.va], val_proba[:, metrics.MEL])
+    test["mel_operating_point"] = metrics.operating_point(
+        y[run.te], proba_te[:, metrics.MEL], mel_threshold, groups[run.te], cfg.n_boot, cfg.seed)
     with atomic_path(folder / WEIGHTS) as tmp:
         torch.save(run.model.state_dict(), tmp)
     np.save(folder / "test_proba.npy", proba_te)
-    val = metrics.evaluate(y[run.va], apply_temperature(proba_va, temperature), n_boot=0)
-    return build_card(run, state, dataset, folder, val, test, temperature,
+    val = metrics.evaluate(y[run.va], val_proba, n_boot=0)
+    card = build_card(run, state, dataset, folder, val, test, temperature,
                       {"eval_img_per_s": round(len(run.te) / eval_s, 1),
                        "total_time_s": round(time.perf_counter() - t_start, 1)})
+    card.mel_threshold = mel_threshold
+    return card
 
 
 def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict, test: dict,

@@ -23,7 +23,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import N_CLASSES, balanced_accuracy
+from lesionlab.metrics import (MEL, MEL_TARGET_SENSITIVITY, N_CLASSES, balanced_accuracy,
+                               threshold_for_sensitivity)
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +259,9 @@ class HeadModel(ClassifierMixin, BaseEstimator):
     """A light head on embeddings as one scikit-learn estimator.
 
     ``fit`` fits the imblearn pipeline on training rows; ``choose_rule`` (argmax or class-prior
-    correction) and ``calibrate`` (temperature) use held-out rows. Fitted state lives in
-    ``pipeline_``, ``classes_``, ``prior_``, ``decision_rule_`` and ``temperature_``.
+    correction), ``calibrate`` (temperature) and ``choose_mel_threshold`` (the melanoma rule)
+    use held-out rows. Fitted state lives in ``pipeline_``, ``classes_``, ``prior_``,
+    ``decision_rule_``, ``temperature_`` and ``mel_threshold_``.
     """
 
     def __init__(self, head: str = "logreg", imbalance: str = "class_weight",
@@ -280,6 +282,7 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         self.prior_ = np.bincount(y, minlength=N_CLASSES) / len(y)
         self.decision_rule_ = "argmax"
         self.temperature_ = 1.0
+        self.mel_threshold_ = float("nan")
         return self
 
     def raw_proba(self, x: np.ndarray) -> np.ndarray:
@@ -307,6 +310,14 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         """Fit the temperature on held-out rows (argmax unchanged)."""
         self.temperature_ = fit_temperature(self.decide(self.raw_proba(x)), y)
         return self
+
+    def choose_mel_threshold(self, x: np.ndarray, y: np.ndarray,
+                             target: float = MEL_TARGET_SENSITIVITY) -> float:
+        """The melanoma rule's threshold on calibrated P(mel), chosen on held-out rows for
+        sensitivity >= ``target``."""
+        self.mel_threshold_ = threshold_for_sensitivity(y, self.predict_proba(x)[:, MEL],
+                                                        target)
+        return self.mel_threshold_
 
     def uncalibrated_proba(self, x: np.ndarray) -> np.ndarray:
         """Probabilities after the decision rule, before the temperature."""

@@ -22,7 +22,7 @@ from lesionlab.errors import LesionLabError
 from models.bundle import load_card, load_head
 from models.design import LOCALIZATIONS, SEXES, card_design, card_extractors
 
-RESULT_KEYS = ("path", "prediction", "name", "probabilities")
+RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -78,7 +78,7 @@ class Predictor:
             sub_meta = meta.iloc[ok] if meta is not None else None
             proba = self.predict_proba([str(paths[i]) for i in ok], sub_meta)
             for i, row in zip(ok, proba):
-                results[i] = result_line(paths[i], row)
+                results[i] = result_line(paths[i], row, self.card.mel_threshold)
         return results
 
     def close(self) -> None:
@@ -97,11 +97,20 @@ def predict_proba(model_dir: Path | str, paths: Sequence[str],
         predictor.close()
 
 
-def result_line(path: str, proba: np.ndarray) -> dict:
-    """The JSON record of one predicted image (keys: ``RESULT_KEYS``)."""
+def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None) -> dict:
+    """The JSON record of one predicted image (keys: ``RESULT_KEYS``).
+
+    ``decisions`` holds each rule the card has: the balanced-accuracy rule (the most likely
+    class) and, when the card has one, the melanoma rule (flag when P(mel) >= its threshold).
+    """
     code = CLASSES[int(proba.argmax())]
+    decisions = {"balanced_accuracy_rule": code}
+    if mel_threshold is not None and not np.isnan(mel_threshold):
+        flagged = bool(proba[CLASSES.index("mel")] >= mel_threshold)
+        decisions["melanoma_rule"] = "mel" if flagged else "not mel"
     return {"path": str(path), "prediction": code, "name": CLASS_NAMES[code],
-            "probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, proba)}}
+            "probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, proba)},
+            "decisions": decisions}
 
 
 def predict_images(model_dir: Path | str, paths: Sequence[str],

@@ -28,7 +28,7 @@ from lesionlab.cli import (check_choices, config_from_args, config_parser, optio
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import evaluate, expected_calibration_error
+from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operating_point
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import ModelCard, TrainingRun, model_name, model_path, save_card, save_head
@@ -192,6 +192,7 @@ def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.
     fit_s = time.perf_counter() - t0
     rule_scores = model.choose_rule(x_va, y_va)
     model.calibrate(x_va, y_va)
+    model.choose_mel_threshold(x_va, y_va)
     details = {"best_params": dict(best.params),
                "n_estimators": model.n_estimators if cfg.head == "lightgbm" else None,
                "cv_balanced_accuracy": float(best.value),
@@ -248,6 +249,8 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
     proba_te = model.predict_proba(x[te])
     test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
     test["ece_uncalibrated"] = expected_calibration_error(y[te], model.uncalibrated_proba(x[te]))
+    test["mel_operating_point"] = operating_point(y[te], proba_te[:, MEL], model.mel_threshold_,
+                                                  groups[te], cfg.n_boot, cfg.seed)
     save_head(folder, model)
     np.save(folder / "test_proba.npy", proba_te)
     ids = dataset.frame["image_id"].to_numpy()
@@ -259,7 +262,7 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
         n_train=len(tr), n_val=len(va), n_test=len(te), tune_time_s=0.0, fit_time_s=0.0,
         total_time_s=0.0, data_fingerprint=dataset.fingerprint(),
         versions=library_versions(), features=design.describe(), metadata=cfg.metadata,
-        details=details)
+        mel_threshold=model.mel_threshold_, details=details)
 
 
 def summary_line(card: ModelCard) -> str:

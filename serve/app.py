@@ -39,11 +39,12 @@ def model_summary(card: ModelCard) -> dict:
         "head": card.head_label, "imbalance": card.imbalance_label,
         "uses_metadata": card.metadata, "has_gradcam": card.kind == "finetune",
         "classes": {c: CLASS_NAMES[c] for c in CLASSES},
-        "decision_rules": {"balanced_accuracy": card.decision_rule},
+        "decision_rules": {"balanced_accuracy": card.decision_rule,
+                           "melanoma_threshold": card.mel_threshold},
         "test": {"balanced_accuracy": test["balanced_accuracy"],
                  "ci95": test.get("ci95", {}).get("balanced_accuracy"),
                  "macro_auc": test["macro_auc"], "mel_sensitivity": test["mel_sensitivity"],
-                 "n": test["n"]},
+                 "n": test["n"], "melanoma_rule": test.get("mel_operating_point")},
         "external": card.details.get("external"),
         "sexes": [*SEXES, "unknown"], "localizations": [*LOCALIZATIONS, "unknown"],
         "disclaimer": DISCLAIMER,
@@ -90,7 +91,7 @@ class Service:
             except LesionLabError as exc:
                 raise HTTPException(400, str(exc).replace(tmp.name, repr(filename))) from None
             proba = self.predictor.predict_proba([tmp.name], meta)[0]
-            result = result_line(filename, proba)
+            result = result_line(filename, proba, self.predictor.card.mel_threshold)
             if gradcam and self.predictor.network is not None:
                 result["gradcam_png"] = self._gradcam(tmp.name)
         return result

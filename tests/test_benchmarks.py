@@ -54,6 +54,11 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     assert names == {r["name"] for r in summary["rows"] if r["group"] == "main"}
     from models.bundle import load_card
 
+    melanoma = text.split("<!-- melanoma:start -->")[1].split("<!-- melanoma:end -->")[0]
+    assert "benign flagged per melanoma found" in melanoma
+    assert len([line for line in melanoma.splitlines() if line.startswith("| ")]) == 1 + 3
+    for r in summary["rows"]:
+        assert 0 <= r["mel_operating_point"]["sensitivity"] <= 1
     for r in summary["external"]:  # the card carries its external score (the page shows it)
         ext = load_card(work / "models" / r["name"]).details["external"]
         assert ext["balanced_accuracy"] == r["balanced_accuracy"] and ext["n"] == 87

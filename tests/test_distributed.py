@@ -233,7 +233,7 @@ def test_torchrun_two_processes_write_a_loadable_model(tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-400:]
     line = json.loads(proc.stdout)
-    assert set(line) == {"path", "prediction", "name", "probabilities"}
+    assert set(line) == {"path", "prediction", "name", "probabilities", "decisions"}
 
 
 def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None:

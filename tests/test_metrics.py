@@ -88,3 +88,41 @@ def test_evaluate_report_shape() -> None:
     assert res["per_class"]["mel"]["recall"] == 1.0
     assert np.trace(np.array(res["confusion_matrix"])) == 70
     assert res["ci95"]["balanced_accuracy"] == [1.0, 1.0]
+
+
+def test_melanoma_threshold_and_operating_point() -> None:
+    from lesionlab.metrics import MEL, operating_point, threshold_for_sensitivity
+
+    y = np.array([MEL] * 5 + [0] * 5)
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.85, 0.5, 0.3, 0.2, 0.05])
+    t = threshold_for_sensitivity(y, p, 0.8)  # 4 of 5 melanomas need p >= t
+    assert t == 0.6
+    op = operating_point(y, p, t, groups=np.arange(10), n_boot=200)
+    assert op["sensitivity"] == 0.8 and op["specificity"] == 0.8
+    assert op["benign_per_melanoma_found"] == 0.25  # 1 benign flagged for 4 melanomas
+    lo, hi = op["ci95"]["sensitivity"]
+    assert 0 <= lo <= 0.8 <= hi <= 1
+    assert np.isnan(threshold_for_sensitivity(np.zeros(3, int), np.ones(3)))
+
+
+def test_threshold_is_chosen_on_val_only(tmp_path) -> None:
+    """The card's melanoma threshold is the one val gives, whatever test holds."""
+    from featurize.extract import FeaturizeConfig, featurize
+    from lesionlab.data import load_dataset
+    from lesionlab.metrics import MEL, threshold_for_sensitivity
+    from models.bundle import load_head
+    from models.design import load_design
+    from models.train_head import HeadConfig, train_head
+    from tests.conftest import FIXTURE
+
+    ds = load_dataset(FIXTURE)
+    featurize(ds, tmp_path, FeaturizeConfig(backbone="classical", num_workers=0))
+    card = train_head(ds, tmp_path, HeadConfig(features="classical", trials=1, folds=2,
+                                               n_boot=20))
+    model = load_head(tmp_path / "models" / card.name)
+    x = load_design(tmp_path, ds, "classical").x
+    split = __import__("pandas").read_csv(tmp_path / "splits" / "split_seed0.csv")
+    val = ds.frame["image_id"].isin(split.loc[split["split"] == "val", "image_id"]).to_numpy()
+    want = threshold_for_sensitivity(ds.labels[val], model.predict_proba(x[val])[:, MEL])
+    assert card.mel_threshold == want == model.mel_threshold_
+    assert card.test["mel_operating_point"]["threshold"] == want

@@ -44,8 +44,14 @@ function showResult(out) {
   $("error").hidden = true;
   $("top-class").textContent = `${out.prediction} (${out.name})`;
   const rule = model.decision_rules.balanced_accuracy;
-  $("decision").textContent = `Decision under the balanced-accuracy rule (${rule}): ` +
-    `${out.prediction}, probability ${fmt(out.probabilities[out.prediction])}`;
+  let decision = `Decision under the balanced-accuracy rule (${rule}): ` +
+    `${out.prediction}, probability ${fmt(out.probabilities[out.prediction])}.`;
+  if (out.decisions && out.decisions.melanoma_rule) {
+    const t = model.decision_rules.melanoma_threshold;
+    decision += ` Melanoma rule (flag when P(mel) >= ${fmt(t)}, chosen on val for ` +
+      `sensitivity >= 0.80): ${out.decisions.melanoma_rule}.`;
+  }
+  $("decision").textContent = decision;
   const bars = $("bars");
   bars.replaceChildren();
   for (const [code, p] of Object.entries(out.probabilities)) {
