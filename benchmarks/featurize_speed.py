@@ -29,13 +29,20 @@ def _rate(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -
     return repeats * len(x) / (time.perf_counter() - t0)
 
 
+def model_bench_parser(prog: str, doc: str | None, size: tuple[int, int],
+                       batch: int) -> argparse.ArgumentParser:
+    """The options every model-speed benchmark has: backbone, input size, batch size."""
+    p = make_parser(prog, doc)
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
+    p.add_argument("--image-size", nargs=2, type=int, default=size, metavar=("H", "W"),
+                   help="input (H, W)")
+    p.add_argument("--batch-size", type=int, default=batch, help="images per batch")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments."""
-    p = make_parser("python -m benchmarks.featurize_speed", __doc__)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
-    p.add_argument("--image-size", nargs=2, type=int, default=(168, 224), metavar=("H", "W"),
-                   help="input (H, W)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p = model_bench_parser("python -m benchmarks.featurize_speed", __doc__, (168, 224), 64)
     p.add_argument("--repeats", type=int, default=5, help="timed passes per row")
     p.add_argument("--data", type=Path, default=None, help="HAM10000 folder for the end-to-end "
                                                              "row; None: the default folder")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from benchmarks.serve_load import cpu_model
 from featurize.extract import cpu_flags
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import add_data_args, resolve_data, run_main
 from lesionlab.data import load_rgb
 from lesionlab.download import ensure_data
 from models.finetune import FinetuneConfig, TrainSet, build_model, param_groups
@@ -91,11 +91,9 @@ class InRam(torch.utils.data.Dataset):
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments."""
-    p = make_parser("python -m benchmarks.train_speed", __doc__)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
-    p.add_argument("--image-size", nargs=2, type=int, default=(120, 160), metavar=("H", "W"),
-                   help="training (H, W)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    from benchmarks.featurize_speed import model_bench_parser
+
+    p = model_bench_parser("python -m benchmarks.train_speed", __doc__, (120, 160), 32)
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--n-images", type=int, default=512, help="images for the loader rows")
