@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field
+import json
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -44,10 +46,43 @@ class BackboneSpec:
     extra: dict = field(default_factory=dict)
 
 
+def finetuned_card(name: str) -> dict | None:
+    """The card of a fine-tuned model folder named by ``name``, or None when it names none.
+
+    Read as plain JSON: featurize embeds with a folder from ``models.finetune`` without
+    importing it (its image size, normalisation, colour constancy and weights come from here).
+    """
+    path = Path(name)
+    if not (path / "card.json").is_file():
+        return None
+    try:
+        card = json.loads((path / "card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LesionLabError(f"cannot read {path / 'card.json'}: {exc}") from None
+    if card.get("kind") != "finetune" or "details" not in card:
+        raise LesionLabError(f"{path} holds a {card.get('kind')!r} model; only a fine-tuned "
+                             f"network folder can embed images")
+    if not (path / "model.pt").is_file():
+        raise LesionLabError(f"fine-tuned model folder {path} has no model.pt")
+    return card
+
+
+def backbone_label(name: str) -> str:
+    """A filesystem-safe name for cache keys: ``ft_<folder>`` for a fine-tuned model folder."""
+    if finetuned_card(name) is None:
+        return name
+    return "ft_" + re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(name).resolve().name)
+
+
 def default_image_size(name: str) -> tuple[int, int]:
-    """Default (H, W): the model's square training size as width, 4:3 like HAM10000 images."""
+    """Default (H, W): the model's square training size as width, 4:3 like HAM10000 images;
+    a fine-tuned folder's own training size."""
     if name == CLASSICAL:
         return CLASSICAL_SIZE
+    card = finetuned_card(name)
+    if card is not None:
+        h, w = card["details"]["image_size"]
+        return int(h), int(w)
     import timm
 
     cfg = timm.get_pretrained_cfg(name)
@@ -81,7 +116,7 @@ def check_backbone(name: str) -> str:
     """``name`` if timm knows it (tagged names such as ``resnet50.a1_in1k`` too) or classical."""
     import timm
 
-    if name != CLASSICAL and not timm.is_model(name):
+    if name != CLASSICAL and finetuned_card(name) is None and not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0]}*")[:8]
         raise LesionLabError(
             f"unknown backbone {name!r}: not a timm model name"
@@ -116,8 +151,24 @@ def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: st
 
 
 def weights_file(name: str, weights: Path | str | None = None) -> Path | None:
-    """The local weights file a backbone loads: ``weights`` if given, else the packaged one."""
-    return Path(weights) if weights is not None else offline_weights_path(name)
+    """The local weights file a backbone loads: ``weights`` if given, a fine-tuned folder's
+    model.pt, else the packaged one."""
+    if weights is not None:
+        return Path(weights)
+    if finetuned_card(name) is not None:
+        return Path(name) / "model.pt"
+    return offline_weights_path(name)
+
+
+def finetuned_backbone(name: str) -> tuple[nn.Module, BackboneSpec]:
+    """A fine-tuned model folder as a backbone: its network, preprocessing and weights."""
+    card = finetuned_card(name)
+    d = card["details"]
+    model, spec = create_backbone(d["backbone"], Path(name) / "model.pt",
+                                  num_classes=len(card["classes"]))
+    return model, replace(spec, name=str(name), image_size=tuple(d["image_size"]),
+                          mean=tuple(d["mean"]), std=tuple(d["std"]),
+                          interpolation=d.get("interpolation", spec.interpolation))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 from tqdm import tqdm
 
-from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, check_backbone,
-                                 create_backbone, default_image_size, sha256_file, weights_file)
+from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, backbone_label,
+                                 check_backbone, create_backbone, default_image_size,
+                                 finetuned_backbone, finetuned_card, sha256_file, weights_file)
 from featurize.classical import FEATURE_NAMES, classical_features
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from lesionlab.artifacts import (atomic_path, exclusive_lock, features_dir, library_versions,
@@ -57,7 +58,8 @@ def check_scheduler(value: str) -> str:
 class FeaturizeConfig:
     """Settings of one extraction; all but the runtime ones enter the cache key."""
 
-    backbone: str = option(help="timm model name (tagged names too), or 'classical'",
+    backbone: str = option(help="timm model name (tagged names too), 'classical', or a "
+                                "fine-tuned model folder from models.finetune",
                            parse=lambda v: check_backbone(v))
     image_size: tuple[int, int] | None = option(
         None, "input (H, W); None: the backbone's size, 4:3", metavar=("H", "W"))
@@ -84,6 +86,17 @@ class FeaturizeConfig:
             raise LesionLabError("the classical backbone takes no --tta or --pool options")
         if self.chunk_size < 1 or self.batch_size < 1:
             raise LesionLabError("--chunk-size and --batch-size must be at least 1")
+
+    def resolved(self) -> "FeaturizeConfig":
+        """The settings actually used: a fine-tuned folder brings its own colour constancy."""
+        card = finetuned_card(self.backbone)
+        if card is None:
+            return self
+        own = card["config"].get("color_constancy", "none")
+        if self.color_constancy not in ("none", own):
+            raise LesionLabError(f"{self.backbone} was trained with colour constancy {own!r}; "
+                                 f"drop --color-constancy {self.color_constancy}")
+        return replace(self, color_constancy=own)
 
     def size(self) -> tuple[int, int]:
         """(H, W) actually used."""
@@ -241,6 +254,7 @@ class Extractor:
 
     def __init__(self, cfg: FeaturizeConfig) -> None:
         cfg.validate()
+        cfg = cfg.resolved()
         self.cfg = cfg
         self.size = cfg.size()
         self.device = resolve_device(cfg.device)
@@ -250,7 +264,9 @@ class Extractor:
                                      weights_sha256=_classical_code_hash())
             self.runner = None
         else:
-            model, self.spec = create_backbone(cfg.backbone, cfg.weights)
+            model, self.spec = (finetuned_backbone(cfg.backbone)
+                                if finetuned_card(cfg.backbone) is not None
+                                else create_backbone(cfg.backbone, cfg.weights))
             example = torch.zeros(2, 3, *self.size)
             self.runner = Runner(Embedder(model, cfg.pool), self.device, cfg.engine, example)
 
@@ -300,7 +316,7 @@ def cache_key(cfg: FeaturizeConfig, weights_sha256: str, data_fp: str) -> str:
     """Readable cache key: every setting that changes the numbers, plus input fingerprints."""
     h, w = cfg.size()
     cc = "" if cfg.color_constancy == "none" else f"-{cfg.color_constancy}"
-    return (f"{cfg.backbone}-{h}x{w}-{cfg.tta}-{cfg.pool}{cc}-w{weights_sha256[:8]}"
+    return (f"{backbone_label(cfg.backbone)}-{h}x{w}-{cfg.tta}-{cfg.pool}{cc}-w{weights_sha256[:8]}"
             f"-d{data_fp[:8]}")
 
 
@@ -348,6 +364,7 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     then finds the finished entry.
     """
     cfg.validate()
+    cfg = cfg.resolved()
     frame = dataset.frame
     data_fp = frame_fingerprint(frame)
     known = _weights_sha_without_model(cfg)

@@ -203,3 +203,36 @@ def test_local_weights_file(lite0, tmp_path: Path) -> None:
     path.write_bytes(b"junk")
     with pytest.raises(LesionLabError, match="cannot read weights file"):
         create_backbone("tf_efficientnet_lite0", weights=path)
+
+
+def test_finetuned_folder_as_backbone(trained_models, fixture_dir: Path, tmp_path: Path,
+                                      monkeypatch) -> None:
+    """A fine-tuned model folder embeds with its own size, normalisation and weights."""
+    import json
+
+    from featurize.backbones import sha256_file
+    from models.finetune import load_finetuned
+
+    folder = trained_models["finetune"]
+    ds = load_dataset(fixture_dir)
+    cfg = FeaturizeConfig(backbone=str(folder), num_workers=0)
+    fs = featurize(ds, tmp_path, cfg)
+    assert fs.features.shape == (87, 1280) and fs.key.startswith("ft_finetune__")
+    assert fs.manifest["weights_sha256"] == sha256_file(folder / "model.pt")
+    assert fs.manifest["settings"]["image_size"] == [48, 64]
+    # the embedding is the network's own pre-logits on the eval transform
+    model, card, spec = load_finetuned(folder)
+    ext = Extractor(FeaturizeConfig(backbone=str(folder), num_workers=0, engine="eager"))
+    x, _ = next(iter(ext.loader(ds.frame["path"].tolist()[:2])))
+    with torch.inference_mode():
+        want = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(fs.features[:2], want, atol=1e-4)
+    import featurize.extract as fx
+
+    with monkeypatch.context() as m:  # a hit must not load the network again
+        m.setattr(fx, "Extractor", lambda *a, **k: pytest.fail("model loaded on a cache hit"))
+        assert featurize(ds, tmp_path, cfg).key == fs.key
+    head = trained_models["head"]
+    with pytest.raises(LesionLabError, match="only a fine-tuned network folder"):
+        featurize(ds, tmp_path, FeaturizeConfig(backbone=str(head), num_workers=0))
+    assert json.loads((folder / "card.json").read_text())["kind"] == "finetune"
