@@ -9,6 +9,7 @@ back to random weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -53,18 +54,26 @@ def finetuned_card(name: str) -> dict | None:
     importing it (its image size, normalisation, colour constancy and weights come from here).
     """
     path = Path(name)
-    if not (path / "card.json").is_file():
-        return None
     try:
-        card = json.loads((path / "card.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LesionLabError(f"cannot read {path / 'card.json'}: {exc}") from None
+        stamp = (path / "card.json").stat().st_mtime_ns
+    except OSError:
+        return None
+    card = _read_card(str(path / "card.json"), stamp)
     if card.get("kind") != "finetune" or "details" not in card:
         raise LesionLabError(f"{path} holds a {card.get('kind')!r} model; only a fine-tuned "
                              f"network folder can embed images")
     if not (path / "model.pt").is_file():
         raise LesionLabError(f"fine-tuned model folder {path} has no model.pt")
     return card
+
+
+@functools.lru_cache(maxsize=32)
+def _read_card(path: str, stamp: int) -> dict:
+    """A card file's JSON, read once per modification (``stamp`` keys the cache)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LesionLabError(f"cannot read {path}: {exc}") from None
 
 
 def backbone_label(name: str) -> str:

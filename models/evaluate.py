@@ -21,7 +21,7 @@ from lesionlab.artifacts import write_json
 from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
-from models.bundle import load_card, load_head
+from models.bundle import ModelCard, load_card, load_head
 from models.design import card_design
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
@@ -29,12 +29,13 @@ SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "m
 
 
 def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | None = None,
-                device: str = "auto") -> np.ndarray:
+                device: str = "auto", card: ModelCard | None = None) -> np.ndarray:
     """Calibrated probabilities of a model folder for every image of ``dataset``.
 
-    With ``workdir`` a head's features are cached there (rerunning costs no extraction).
+    With ``workdir`` a head's features are cached there (rerunning costs no extraction);
+    ``card`` spares reading the folder's card again when the caller has it.
     """
-    card = load_card(model_dir)
+    card = card or load_card(model_dir)
     if card.kind == "finetune":
         from models.finetune import predict_finetuned
 
@@ -67,8 +68,8 @@ def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = Non
     if by is not None and by not in dataset.frame.columns:
         raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
                              f"{sorted(dataset.frame.columns)}")
-    proba = model_proba(model_dir, dataset, workdir, device)
     card = load_card(model_dir)
+    proba = model_proba(model_dir, dataset, workdir, device, card)
     y = dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     out = {"model": card.name, "data": str(dataset.root),
