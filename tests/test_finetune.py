@@ -11,6 +11,7 @@ import torch
 
 from featurize.extract import ImagePathDataset
 from lesionlab.data import load_dataset
+from lesionlab.errors import LesionLabError
 from models.explain import explain_images, grad_cam
 from models.finetune import FinetuneConfig, finetune, load_finetuned
 from models.predict import predict_images
@@ -189,7 +190,8 @@ def test_param_groups_no_decay_on_norms_and_head_lr() -> None:
     model, _ = build_model(cfg)
     groups = param_groups(model, cfg)
     head = {id(p) for p in model.get_classifier().parameters()}
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) < len(list(model.parameters()))
     for g in groups:
         in_head = {id(p) in head for p in g["params"]}
         assert len(in_head) == 1
@@ -229,11 +231,40 @@ def test_augmentations_keep_shape_and_follow_the_seed(fixture_dir: Path, augment
     data = TrainSet(paths, np.array([0, 1]), (48, 64), (0.5,) * 3, (0.5,) * 3,
                     augment=augment)
     torch.manual_seed(7)
-    a, label = data[0]
+    a, label, weight = data[0]
     torch.manual_seed(7)
-    b, _ = data[0]
+    b, _, _ = data[0]
     torch.manual_seed(8)
-    c, _ = data[0]
-    assert a.shape == (3, 48, 64) and a.dtype == torch.float32 and label == 0
+    c, _, _ = data[0]
+    assert a.shape == (3, 48, 64) and a.dtype == torch.float32 and label == 0 and weight == 1.0
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert -1.01 <= float(a.min()) and float(a.max()) <= 1.01  # normalised with mean=std=0.5
+
+
+def test_frozen_stages_keep_weights_and_batchnorm_statistics() -> None:
+    from models.finetune import build_model, train_mode
+
+    model, _ = build_model(FinetuneConfig(freeze_stages=2))
+    frozen = list(model.conv_stem.parameters()) + list(model.blocks[1].parameters())
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in model.blocks[2].parameters())
+    train_mode(model)
+    assert not model.bn1.training and not model.blocks[1][0].bn1.training
+    assert model.blocks[2][0].bn1.training
+    before = model.blocks[0][0].bn1.running_mean.clone()
+    model(torch.randn(2, 3, 48, 64))
+    assert torch.equal(model.blocks[0][0].bn1.running_mean, before)
+    with pytest.raises(LesionLabError, match="blocks"):
+        build_model(FinetuneConfig(freeze_stages=99))
+
+
+def test_histopathology_weights_only_the_loss(fixture_dir: Path) -> None:
+    from models.finetune import sample_weights
+
+    frame = load_dataset(fixture_dir).frame
+    rows = np.arange(len(frame))
+    w = sample_weights(frame, rows, 2.0)
+    histo = frame["dx_type"].to_numpy() == "histo"
+    assert histo.any() and (~histo).any()
+    assert np.all(w[histo] == 2.0) and np.all(w[~histo] == 1.0)
+    assert np.all(sample_weights(frame, rows, 1.0) == 1.0)
