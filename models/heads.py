@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import optuna
-from imblearn.over_sampling import SMOTE
-from imblearn.pipeline import Pipeline
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
@@ -25,6 +22,10 @@ from sklearn.utils.validation import check_is_fitted
 from lesionlab.errors import LesionLabError
 from lesionlab.metrics import (MEL, MEL_TARGET_SENSITIVITY, N_CLASSES, balanced_accuracy,
                                threshold_for_sensitivity)
+
+if TYPE_CHECKING:  # the search and the pipeline libraries load only where heads are fitted
+    import optuna
+    from imblearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
         steps.append(("pca", PCA(n_components=int(params["pca"]), svd_solver="randomized",
                                  whiten=True, random_state=seed)))
     if imbalance == "smote":
+        from imblearn.over_sampling import SMOTE
+
         steps.append(("smote", SMOTE(random_state=seed)))
     weight = "balanced" if imbalance == "class_weight" else None
     if head == "logreg":
@@ -107,6 +110,8 @@ def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
             class_weight=weight, random_state=seed, n_jobs=2, verbose=-1, deterministic=True,
             force_row_wise=True)
     steps.append(("clf", clf))
+    from imblearn.pipeline import Pipeline
+
     return Pipeline(steps)
 
 
@@ -211,6 +216,8 @@ def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.
                 iters.append(best_iter)
             trial.report(float(np.mean(scores)), k)
             if trial.should_prune():
+                import optuna
+
                 raise optuna.TrialPruned()
         if iters:
             trial.set_user_attr("best_iteration", int(np.median(iters)))
