@@ -1,7 +1,7 @@
 """``python -m benchmarks.ablation``: what each lever of the fine-tuning recipe is worth.
 
-One fine-tuning run per lever, each the study's recipe (``FinetuneConfig()``'s defaults) with
-one thing changed; every run is chosen and calibrated on val, scored once on test and, with
+One fine-tuning run per lever, each the baseline recipe (``FinetuneConfig()``'s defaults
+without colour constancy, the state before this ablation chose it) with one thing changed; every run is chosen and calibrated on val, scored once on test and, with
 ``--external-test``, once on the external set per image source. Results are written after
 every lever to ``--out`` (JSON), which ``benchmarks.report`` renders between the
 ``ablation`` markers of REPORT.md. Val decides; test and external only report.
@@ -28,8 +28,9 @@ from models.finetune import FinetuneConfig, finetune
 
 # lever -> (what changes, FinetuneConfig overrides); "recipe" is the baseline.
 LEVERS: dict[str, tuple[str, dict]] = {
-    "recipe": ("the study's recipe: 200x150, ISIC augmentation, class-balanced sampler + CE, "
-               "stem + 2 blocks frozen, 12 epochs, schedule finished, epoch chosen on val", {}),
+    "recipe": ("the recipe before colour constancy: 200x150, ISIC augmentation, balanced "
+               "sampler + CE, stem + 2 blocks frozen, 12 epochs, schedule finished, epoch "
+               "chosen on val", {}),
     "weighted_ce": ("inverse-frequency weighted CE instead of the balanced sampler",
                     dict(sampler="none", loss="weighted_ce")),
     "focal": ("focal loss (gamma 2, class weights) instead of the balanced sampler",
@@ -43,7 +44,8 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "early_stopping": ("early stopping with patience 3 instead of finishing the schedule",
                        dict(patience=3)),
     "train_all_layers": ("nothing frozen", dict(freeze_stages=0)),
-    "shades_of_gray": ("Shades of Gray colour constancy (p=6) before training and prediction",
+    "shades_of_gray": ("Shades of Gray colour constancy (p=6) before training and prediction "
+                       "(chosen on val: the study's recipe)",
                        dict(color_constancy="shades_of_gray")),
     "histo_weight_2": ("histopathology-confirmed images weigh 2 in the loss",
                        dict(histo_weight=2.0)),
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     levers = [v.strip() for v in args.levers.split(",") if v.strip()]
     base = FinetuneConfig(seed=args.seed, device=args.device, num_workers=args.num_workers,
-                          weights=args.weights, n_boot=500)
+                          weights=args.weights, n_boot=500, color_constancy="none")
     configs = {lever: lever_config(lever, base) for lever in levers}  # fail before training
     dataset = ensure_data(resolve_data(args))
     external = load_external_labels(args.external_test) if args.external_test else None

@@ -82,8 +82,9 @@ class FinetuneConfig(TrainingRun):
     histo_weight: float = option(1.0, "loss weight of histopathology-confirmed images "
                                       "(dx_type 'histo'); dx_type is never an input")
     tta: str = option("flip", "test-time views at evaluation", choices=TTA_MODES)
-    color_constancy: str = option("none", "colour constancy before training and prediction",
-                                  choices=COLOR_CONSTANCY)
+    color_constancy: str = option("shades_of_gray", "colour constancy before training and "
+                                                    "prediction (chosen on val: see the "
+                                                    "ablation)", choices=COLOR_CONSTANCY)
     seed: int = option(0, "model seed")
     split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed")
     device: str = option("auto", "where training runs", choices=DEVICES)
@@ -107,7 +108,7 @@ class FinetuneConfig(TrainingRun):
     def model_name(self) -> str:
         """Default folder name from the defining settings."""
         h, w = self.image_size
-        cc = "" if self.color_constancy == "none" else self.color_constancy
+        cc = "" if self.color_constancy == "shades_of_gray" else f"cc-{self.color_constancy}"
         aug = "" if self.augment == "isic" else f"aug-{self.augment}"
         frz = f"frz{self.freeze_stages}"
         histo = f"histo{self.histo_weight:g}" if self.histo_weight != 1.0 else ""
