@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +23,12 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
            "external": ("<!-- external:start -->", "<!-- external:end -->"),
            "sources": ("<!-- sources:start -->", "<!-- sources:end -->"),
            "melanoma": ("<!-- melanoma:start -->", "<!-- melanoma:end -->"),
+           "ablation": ("<!-- ablation:start -->", "<!-- ablation:end -->"),
+           "training": ("<!-- training:start -->", "<!-- training:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->")}
+
+
+ABLATION = Path("reports") / "ablation_gpu.json"  # written by benchmarks.ablation on a GPU
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -89,6 +95,62 @@ def melanoma_md(rows: list[dict], external: list[dict] | None) -> str:
                      f"{_op_cell(ext.get(r['name']), 'sensitivity')} | "
                      f"{_op_cell(ext.get(r['name']), 'specificity')} |")
     return head + "\n".join(lines) + "\n"
+
+
+def ablation_md(path: Path) -> str:
+    """The recipe ablation (``benchmarks.ablation`` output): each lever's change in val and
+    test balanced accuracy against the baseline, external score, training time."""
+    if not path.exists():
+        return f"_No ablation results yet (`python -m benchmarks.ablation --out {path}`)._\n"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    rows = {r["lever"]: r for r in saved["rows"]}
+    base = rows.get("recipe")
+    if base is None:
+        return "_The ablation has no baseline (`recipe`) row._\n"
+
+    def delta(r: dict, key: str) -> str:
+        return f"{_fmt(r[key])} ({r[key] - base[key]:+.3f})" if r is not base else _fmt(r[key])
+
+    def ext(r: dict, source: str | None = None) -> str:
+        e = r.get("external")
+        if not e:
+            return "n/a"
+        return _fmt(e["overall"] if source is None else
+                    e["by_source"].get(source, {}).get("balanced_accuracy"))
+
+    lines = [f"Measured on {saved['device']} (`python -m benchmarks.ablation`, same code, "
+             f"split and seed as the CPU study; fp16 autocast). Val decides; test and external "
+             f"only report.\n",
+             "| lever | what changes | val bal.acc (Δ) | test bal.acc (Δ) [95% CI] | test mel "
+             "sens | external | `external` source | best epoch | train s (Δ) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in saved["rows"]:
+        ci = r["test_ci95"]
+        lines.append(
+            f"| {r['lever']} | {r['change']} | {delta(r, 'val_balanced_accuracy')} | "
+            f"{delta(r, 'test_balanced_accuracy')} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+            f"{_fmt(r['test_mel_sensitivity'])} | {ext(r)} | {ext(r, 'external')} | "
+            f"{r['best_epoch']}/{r['epochs_run']} | {r['train_s']:.0f} "
+            f"({r['train_s'] - base['train_s']:+.0f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def training_md(rows: list[dict], cpu: str) -> str:
+    """Cost of every fine-tuned cell of the run: size, frozen blocks, epochs, speed, minutes."""
+    lines = [f"Fine-tuning cost in this run ({cpu}):\n",
+             "| model | train frac | size | frozen blocks | epochs (best) | train img/s | "
+             "min/epoch | total min |", "|---|---:|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] != "finetune":
+            continue
+        card = load_card(r["model_dir"])
+        c, d = card.config, card.details
+        h, w = c["image_size"]
+        lines.append(f"| {c['backbone']} | {c['train_fraction']:g} | {w}x{h} | "
+                     f"{c.get('freeze_stages', 0)} | {d['epochs_run']} ({d['best_epoch']}) | "
+                     f"{d['train_img_per_s']:.1f} | {d['epoch_time_s'] / 60:.1f} | "
+                     f"{card.total_time_s / 60:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -307,6 +369,9 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     if ext:
         text = replace_block(text, "sources", sources_md(ext))
     text = replace_block(text, "melanoma", melanoma_md(main_rows, ext))
+    text = replace_block(text, "ablation", ablation_md(report.parent / ABLATION))
+    text = replace_block(text, "training", training_md(summary["rows"],
+                                                       summary.get("cpu", "CPU not recorded")))
     made = figures(summary, dataset, split, Path(workdir), fig_dir)
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
     figs = "\n\n".join(f"**{cap}**\n\n![{cap}]({rel}/{name})" for cap, name in made)

@@ -267,7 +267,8 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
                              workdir) if ext_ds is not None else None
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
-               "rows": rows, "external": ext_rows, "n_images": len(dataset)}
+               "rows": rows, "external": ext_rows, "n_images": len(dataset),
+               "cpu": machine_label()}
     write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
     if report is not None:
         from benchmarks.report import write_report
@@ -290,15 +291,29 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     planned = {c.cell_id for c in plan.cells + plan.late_cells}
     missing = sorted(planned - {r["name"] for r in rows})
     prev = results_dir(workdir) / f"summary_{preset}.json"
-    wall = read_json(prev)["wall_time_s"] if prev.exists() else float("nan")
-    summary = {"preset": preset, "seed": seed, "wall_time_s": wall, "rows": rows,
-               "external": None, "n_images": len(dataset), "unfinished": missing}
+    saved = read_json(prev) if prev.exists() else {}
+    summary = {"preset": preset, "seed": seed,
+               "wall_time_s": saved.get("wall_time_s", float("nan")), "rows": rows,
+               "external": saved.get("external"), "n_images": len(dataset),
+               "unfinished": missing, "cpu": saved.get("cpu", machine_label())}
     if report is not None:
         from benchmarks.report import write_report
 
         write_report(report, summary, dataset, split, workdir)
     print(f"report rebuilt from {len(rows)} finished cells; unfinished: {missing or 'none'}")
     return summary
+
+
+def machine_label() -> str:
+    """The CPU model, its core count and whether bf16 autocast is used, for every timing."""
+    import os
+
+    from benchmarks.serve_load import cpu_model
+    from featurize.extract import cpu_flags
+
+    bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
+    return (f"{cpu_model()}, {os.cpu_count()} cores, "
+            f"{'bf16 autocast (avx512_bf16)' if bf16 else 'fp32 (no avx512_bf16/AMX)'}")
 
 
 def default_report(preset: str, workdir: Path | str) -> Path:

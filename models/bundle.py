@@ -65,7 +65,10 @@ class ModelCard:
     def features_label(self) -> str:
         """What the model reads, for tables."""
         if self.kind == "finetune":
-            return f"{self.config['backbone']} (fine-tuned)"
+            c = self.config
+            h, w = c["image_size"]
+            cc = ", SoG" if c.get("color_constancy") == "shades_of_gray" else ""
+            return f"{c['backbone']} (fine-tuned {w}x{h}, {c['epochs']} ep{cc})"
         return self.config["features"]
 
     @property
