@@ -19,7 +19,7 @@ from lesionlab.errors import LesionLabError
 
 CARD = "card.json"
 HEAD_FILE = "head.skops"
-KINDS = ("head", "finetune")
+KINDS = ("head", "finetune", "ensemble")
 # Every type a saved head holds (skops refuses anything else without running it).
 TRUSTED_TYPES = (
     "models.heads.HeadModel", "imblearn.pipeline.Pipeline",
@@ -38,7 +38,7 @@ class ModelCard:
     training, calibration and evaluation).
     """
 
-    kind: str  # head | finetune
+    kind: str  # head | finetune | ensemble
     name: str
     config: dict
     classes: list[str]
@@ -69,11 +69,15 @@ class ModelCard:
             h, w = c["image_size"]
             cc = ", SoG" if c.get("color_constancy") == "shades_of_gray" else ""
             return f"{c['backbone']} (fine-tuned {w}x{h}, {c['epochs']} ep{cc})"
+        if self.kind == "ensemble":
+            return " + ".join(m["features"] for m in self.details["members"])
         return self.config["features"]
 
     @property
     def head_label(self) -> str:
         """The classifier, for tables."""
+        if self.kind == "ensemble":
+            return f"ensemble of {len(self.config['members'])}"
         return "fine-tune" if self.kind == "finetune" else self.config["head"]
 
     @property
@@ -81,6 +85,8 @@ class ModelCard:
         """How the class imbalance was handled, for tables."""
         if self.kind == "finetune":
             return f"{self.config['sampler']} sampler, {self.config['loss']}"
+        if self.kind == "ensemble":
+            return f"weights: {self.config['weights']}"
         return self.config["imbalance"]
 
 

@@ -36,6 +36,10 @@ def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | N
     ``card`` spares reading the folder's card again when the caller has it.
     """
     card = card or load_card(model_dir)
+    if card.kind == "ensemble":
+        from models.ensemble import ensemble_proba
+
+        return ensemble_proba(model_dir, lambda m: model_proba(m, dataset, workdir, device))
     if card.kind == "finetune":
         from models.finetune import predict_finetuned
 

@@ -86,16 +86,30 @@ def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path |
             "probability": float(proba[cls])}
 
 
+def network_folder(model_dir: Path | str) -> Path:
+    """The fine-tuned network Grad-CAM explains: the folder itself, or an ensemble's network
+    member with the largest weight (the map explains that member, not the average)."""
+    card = load_card(model_dir)
+    if card.kind == "ensemble":
+        from models.ensemble import member_dirs
+
+        nets = [(m["weight"], d) for m, d in zip(card.details["members"], member_dirs(model_dir))
+                if m["kind"] == "finetune"]
+        if nets:
+            return max(nets, key=lambda wd: wd[0])[1]
+    elif card.kind == "finetune":
+        return Path(model_dir)
+    raise LesionLabError(
+        f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {card.kind!r} model "
+        f"without one (a head on embeddings)")
+
+
 def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
                    target: str | None = None, device: str = "cpu") -> list[dict]:
     """Write one overlay PNG per image; an unreadable image gets ``{"path", "error"}``."""
     from models.finetune import load_finetuned
 
-    card = load_card(model_dir)
-    if card.kind != "finetune":
-        raise LesionLabError(
-            f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {card.kind!r} model "
-            f"(a head on embeddings)")
+    model_dir = network_folder(model_dir)
     if target is not None and target not in CLASSES:
         raise LesionLabError(f"unknown class {target!r}; expected one of {list(CLASSES)}")
     model, card, spec = load_finetuned(model_dir, device)

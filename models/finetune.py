@@ -85,6 +85,9 @@ class FinetuneConfig(TrainingRun):
     color_constancy: str = option("shades_of_gray", "colour constancy before training and "
                                                     "prediction (chosen on val: see the "
                                                     "ablation)", choices=COLOR_CONSTANCY)
+    cv_folds: int = option(0, "K > 1: train on all lesion-grouped folds of train but one "
+                              "(--cv-fold) and predict that fold out of fold; 0: all of train")
+    cv_fold: int = option(0, "which of the --cv-folds folds is held out (0-based)")
     seed: int = option(0, "model seed")
     split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed")
     device: str = option("auto", "where training runs", choices=DEVICES)
@@ -104,6 +107,10 @@ class FinetuneConfig(TrainingRun):
             raise LesionLabError("--epochs must be at least 1")
         if self.freeze_stages < 0 or self.histo_weight <= 0:
             raise LesionLabError("--freeze-stages must be >= 0 and --histo-weight > 0")
+        if self.cv_folds == 1 or self.cv_folds < 0 or (
+                self.cv_folds and not 0 <= self.cv_fold < self.cv_folds):
+            raise LesionLabError(f"--cv-folds must be 0 or >= 2 and --cv-fold in "
+                                 f"[0, {max(self.cv_folds, 1) - 1}]")
 
     def model_name(self) -> str:
         """Default folder name from the defining settings."""
@@ -112,9 +119,10 @@ class FinetuneConfig(TrainingRun):
         aug = "" if self.augment == "isic" else f"aug-{self.augment}"
         frz = f"frz{self.freeze_stages}"
         histo = f"histo{self.histo_weight:g}" if self.histo_weight != 1.0 else ""
+        cv = f"cv{self.cv_fold + 1}of{self.cv_folds}" if self.cv_folds else ""
         return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, aug,
                                        self.sampler, self.loss, frz, histo, f"ep{self.epochs}",
-                                       *self.name_tail())
+                                       cv, *self.name_tail())
 
 
 def train_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
@@ -411,6 +419,7 @@ class Run:
     net: nn.Module | None = None  # what trains: the model, or its DistributedDataParallel
     weights: np.ndarray | None = None  # per-training-image loss weights (dx_type)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling on CUDA, kept across epochs
+    held: np.ndarray | None = None  # --cv-folds: the train rows this model never trains on
 
 
 def new_state() -> dict:
@@ -475,6 +484,7 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
         device = torch.device("cuda", world.local_rank)
     split = load_or_make_split(dataset, workdir, cfg.data_seed)
     tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
+    tr, held = cv_rows(dataset, tr, cfg)
     folder = model_path(workdir, cfg.model_name())
     folder.mkdir(parents=True, exist_ok=True)
     model, spec = build_model(cfg)
@@ -493,8 +503,23 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
     run = Run(cfg, model, spec, device, dataset.frame["path"].to_numpy(), labels, tr, va, te,
               criterion, opt, sched, world, net,
               sample_weights(dataset.frame, tr, cfg.histo_weight),
-              torch.amp.GradScaler(device.type, enabled=device.type == "cuda"))
+              torch.amp.GradScaler(device.type, enabled=device.type == "cuda"), held)
     return run, folder
+
+
+def cv_rows(dataset: Dataset, tr: np.ndarray,
+            cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rows to train on, held-out rows or None): with ``--cv-folds K`` train is cut into K
+    lesion-grouped, class-stratified folds (seeded by the split seed, so every fold model of
+    a K-fold run sees the same folds) and fold ``--cv-fold`` is held out."""
+    if not cfg.cv_folds:
+        return tr, None
+    from lesionlab.splits import grouped_folds
+
+    groups = dataset.frame["lesion_id"].astype(str).to_numpy()
+    fit, held = grouped_folds(dataset.labels[tr], groups[tr], cfg.cv_folds,
+                              cfg.data_seed)[cfg.cv_fold]
+    return tr[fit], tr[held]
 
 
 def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume: bool = False,
@@ -548,6 +573,11 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
     with atomic_path(folder / WEIGHTS) as tmp:
         torch.save(run.model.state_dict(), tmp)
     np.save(folder / "test_proba.npy", proba_te)
+    np.save(folder / "val_proba.npy", val_proba)  # what ensembles choose their weights on
+    if run.held is not None:  # out-of-fold: rows this network never trained on
+        _, raw_oof = evaluate(run.model, paths[run.held].tolist(), y[run.held], run.spec,
+                              run.device, cfg, tta=cfg.tta)
+        np.save(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
     val = metrics.evaluate(y[run.va], val_proba, n_boot=0)
     card = build_card(run, state, dataset, folder, val, test, temperature,
                       {"eval_img_per_s": round(len(run.te) / eval_s, 1),
@@ -572,6 +602,7 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
         "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device),
         "processes": run.world.size,
+        "oof_image_ids": None if run.held is None else ids[run.held].tolist(),
         "bf16_autocast": use_bf16(run.cfg.precision, run.device)}
     return ModelCard(
         kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(CLASSES),

@@ -44,10 +44,20 @@ class Predictor:
         self.card = load_card(model_dir)
         self.network = self.spec = self.head = None
         self.extractors: list = []
-        if self.card.kind == "finetune":
+        self.members: list[Predictor] = []
+        self.cam: Predictor | None = None  # whose network Grad-CAM explains
+        if self.card.kind == "ensemble":
+            from models.ensemble import member_dirs
+
+            self.members = [Predictor(m, device) for m in member_dirs(model_dir)]
+            nets = [(w, m) for w, m in zip(self.card.config["member_weights"], self.members)
+                    if m.network is not None]
+            self.cam = max(nets, key=lambda wm: wm[0])[1] if nets else None
+        elif self.card.kind == "finetune":
             from models.finetune import load_finetuned
 
             self.network, _, self.spec = load_finetuned(model_dir, device)
+            self.cam = self
         else:
             self.head = load_head(model_dir)
             self.extractors = card_extractors(self.card, device)
@@ -55,6 +65,11 @@ class Predictor:
     def predict_proba(self, paths: Sequence[str],
                       meta: pd.DataFrame | None = None) -> np.ndarray:
         """Calibrated class probabilities (N x 7) of readable images ``paths``."""
+        if self.members:
+            from models.ensemble import combine
+
+            return combine([m.predict_proba(paths, meta) for m in self.members],
+                           self.card.config["member_weights"], self.card.temperature)
         if self.network is not None:
             from models.finetune import network_proba
 
@@ -82,9 +97,11 @@ class Predictor:
         return results
 
     def close(self) -> None:
-        """Free the feature extractors' engines."""
+        """Free the feature extractors' engines (members' too)."""
         for ext in self.extractors:
             ext.close()
+        for member in self.members:
+            member.close()
 
 
 def predict_proba(model_dir: Path | str, paths: Sequence[str],

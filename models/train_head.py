@@ -251,12 +251,14 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
     test["ece_uncalibrated"] = expected_calibration_error(y[te], model.uncalibrated_proba(x[te]))
     test["mel_operating_point"] = operating_point(y[te], proba_te[:, MEL], model.mel_threshold_,
                                                   groups[te], cfg.n_boot, cfg.seed)
+    proba_va = model.predict_proba(x[va])
     save_head(folder, model)
     np.save(folder / "test_proba.npy", proba_te)
+    np.save(folder / "val_proba.npy", proba_va)  # what ensembles choose their weights on
     ids = dataset.frame["image_id"].to_numpy()
     return ModelCard(
         kind="head", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
-        val=evaluate(y[va], model.predict_proba(x[va]), n_boot=0), test=test,
+        val=evaluate(y[va], proba_va, n_boot=0), test=test,
         temperature=model.temperature_, decision_rule=model.decision_rule_,
         train_image_ids=ids[tr].tolist(), test_image_ids=ids[te].tolist(),
         n_train=len(tr), n_val=len(va), n_test=len(te), tune_time_s=0.0, fit_time_s=0.0,

@@ -31,13 +31,19 @@ DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagn
               "rule out any disease.")
 
 
+def has_network(card: ModelCard) -> bool:
+    """Whether Grad-CAM can run: a fine-tuned network, or an ensemble with one."""
+    return card.kind == "finetune" or (card.kind == "ensemble" and any(
+        m["kind"] == "finetune" for m in card.details["members"]))
+
+
 def model_summary(card: ModelCard) -> dict:
     """What the page and ``GET /api/model`` show about the model (from its card)."""
     test = card.test
     return {
         "name": card.name, "kind": card.kind, "features": card.features_label,
         "head": card.head_label, "imbalance": card.imbalance_label,
-        "uses_metadata": card.metadata, "has_gradcam": card.kind == "finetune",
+        "uses_metadata": card.metadata, "has_gradcam": has_network(card),
         "classes": {c: CLASS_NAMES[c] for c in CLASSES},
         "decision_rules": {"balanced_accuracy": card.decision_rule,
                            "melanoma_threshold": card.mel_threshold},
@@ -92,7 +98,7 @@ class Service:
                 raise HTTPException(400, str(exc).replace(tmp.name, repr(filename))) from None
             proba = self.predictor.predict_proba([tmp.name], meta)[0]
             result = result_line(filename, proba, self.predictor.card.mel_threshold)
-            if gradcam and self.predictor.network is not None:
+            if gradcam and self.predictor.cam is not None:
                 result["gradcam_png"] = self._gradcam(tmp.name)
         return result
 
@@ -101,7 +107,7 @@ class Service:
 
         buf = io.BytesIO()
         with self.cam_lock:
-            p = self.predictor
+            p = self.predictor.cam
             explain_one(p.network, p.card, p.spec, path, buf, None)
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 

@@ -1,0 +1,233 @@
+"""``python -m models.ensemble --members DIR [DIR ...]``: average model folders into one.
+
+An ensemble folder holds copies of its members (under ``members/``, so the folder is
+self-contained for predict, evaluate, explain and the web page) and a card of kind
+``ensemble``: the members' calibrated probabilities are averaged with weights chosen on val
+(``--weights val``, a grid over the simplex) or equal, a temperature and the melanoma
+threshold are fitted on val, and test is scored once. Members must come from the same data
+and split (same fingerprint and test images). When the members are the K fold models of one
+out-of-fold run (``models.kfold``), their out-of-fold probabilities are joined into
+``oof_proba.npy``: every training image predicted by the one model that never trained on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lesionlab import metrics
+from lesionlab.artifacts import library_versions
+from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main, safe_name
+from lesionlab.data import CLASSES, Dataset, load_dataset
+from lesionlab.errors import LesionLabError
+from lesionlab.splits import load_or_make_split, split_indices
+from models.bundle import ModelCard, load_card, model_path, save_card
+from models.heads import apply_temperature, fit_temperature
+
+MEMBERS = "members"
+WEIGHT_MODES = ("val", "equal")
+GRID_STEP = 0.1  # weight grid on the simplex for --weights val
+
+
+@dataclass
+class EnsembleConfig:
+    """What an ensemble averages and how its weights are chosen."""
+
+    members: list[str]
+    name: str
+    weights: str = "val"  # val | equal
+    n_boot: int = 1000
+    seed: int = 0
+    member_weights: list[float] = field(default_factory=list)  # filled when built
+
+
+def member_dirs(folder: Path | str) -> list[Path]:
+    """The member folders inside an ensemble folder, in the card's order."""
+    card = load_card(folder)
+    if card.kind != "ensemble":
+        raise LesionLabError(f"{folder} holds a {card.kind!r} model, not an ensemble")
+    return [Path(folder) / MEMBERS / name for name in card.config["members"]]
+
+
+def combine(probas: Sequence[np.ndarray], weights: Sequence[float],
+            temperature: float = 1.0) -> np.ndarray:
+    """Weighted mean of calibrated probabilities, then the ensemble's own temperature."""
+    mean = sum(w * p for w, p in zip(weights, probas)) / float(np.sum(weights))
+    return apply_temperature(mean, temperature)
+
+
+def simplex_grid(n: int, step: float = GRID_STEP) -> list[tuple[float, ...]]:
+    """Weight vectors on a grid of the simplex (each a multiple of ``step``, sum 1)."""
+    k = round(1 / step)
+    return [tuple(c / k for c in combo) for combo in itertools.product(range(k + 1), repeat=n)
+            if sum(combo) == k]
+
+
+def choose_weights(val_probas: Sequence[np.ndarray], y_va: np.ndarray,
+                   mode: str = "val") -> list[float]:
+    """Member weights: equal, or the grid point with the best val balanced accuracy (ties go
+    to the lower val log-loss). Over 4 members the grid is too large: equal weights."""
+    n = len(val_probas)
+    if mode == "equal" or n == 1 or n > 4:
+        return [1.0 / n] * n
+    best, best_key = None, None
+    for w in simplex_grid(n):
+        p = combine(val_probas, w)
+        key = (metrics.balanced_accuracy(y_va, p.argmax(1)),
+               -float(np.mean(-np.log(np.clip(p[np.arange(len(y_va)), y_va], 1e-12, 1)))))
+        if best_key is None or key > best_key:
+            best, best_key = list(w), key
+    return best
+
+
+def _check_members(cards: list[ModelCard], dirs: list[Path]) -> None:
+    """Members must share data, split and test images; none may be an ensemble itself."""
+    if not cards:
+        raise LesionLabError("an ensemble needs at least one member")
+    names = [c.name for c in cards]
+    if len(set(names)) != len(names):
+        raise LesionLabError(f"members must have distinct names: {names}")
+    for card, folder in zip(cards, dirs):
+        if card.kind == "ensemble":
+            raise LesionLabError(f"member {folder} is an ensemble; list its members instead")
+        if card.data_fingerprint != cards[0].data_fingerprint or \
+                card.test_image_ids != cards[0].test_image_ids:
+            raise LesionLabError(f"member {folder} was made on other data or another split "
+                                 f"than {dirs[0]}; ensemble models of one split only")
+        for npy in ("val_proba.npy", "test_proba.npy"):
+            if not (folder / npy).exists():
+                raise LesionLabError(f"member {folder} has no {npy} (made by an older "
+                                     f"lesionlab); retrain it")
+
+
+def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.ndarray] | None:
+    """Out-of-fold probabilities of K fold models joined over train, or None when the members
+    are not the folds of one run. Refuses a row predicted by a model that trained on it."""
+    if not all(c.details.get("oof_image_ids") for c in cards):
+        return None
+    ids, probas = [], []
+    for card, folder in zip(cards, dirs):
+        held = card.details["oof_image_ids"]
+        if set(held) & set(card.train_image_ids):
+            raise LesionLabError(f"{card.name}: out-of-fold rows overlap its training rows")
+        ids += held
+        probas.append(np.load(folder / "oof_proba.npy"))
+    if len(set(ids)) != len(ids):
+        raise LesionLabError("the fold models' held-out rows overlap; they are not one K-fold run")
+    return ids, np.concatenate(probas)
+
+
+def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path | str,
+                   cfg: EnsembleConfig) -> ModelCard:
+    """Choose weights and temperature on val, score test once, write the ensemble folder."""
+    t0 = time.perf_counter()
+    dirs = [Path(d) for d in dirs]
+    cards = [load_card(d) for d in dirs]
+    _check_members(cards, dirs)
+    if dataset.fingerprint() != cards[0].data_fingerprint:
+        raise LesionLabError(f"the data at {dataset.root} is not what the members were made on")
+    split = load_or_make_split(dataset, workdir, _split_seed(cards[0]))
+    _, va, te = split_indices(dataset, split)
+    y, groups = dataset.labels, dataset.frame["lesion_id"].astype(str).to_numpy()
+    val_p = [np.load(d / "val_proba.npy") for d in dirs]
+    test_p = [np.load(d / "test_proba.npy") for d in dirs]
+    weights = choose_weights(val_p, y[va], cfg.weights)
+    t = fit_temperature(combine(val_p, weights), y[va])
+    proba_va, proba_te = combine(val_p, weights, t), combine(test_p, weights, t)
+    mel_threshold = metrics.threshold_for_sensitivity(y[va], proba_va[:, metrics.MEL])
+    test = metrics.evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
+    test["ece_uncalibrated"] = metrics.expected_calibration_error(
+        y[te], combine(test_p, weights))
+    test["mel_operating_point"] = metrics.operating_point(
+        y[te], proba_te[:, metrics.MEL], mel_threshold, groups[te], cfg.n_boot, cfg.seed)
+    folder = _write_folder(dirs, cards, workdir, cfg, proba_te, proba_va)
+    cfg.member_weights = weights
+    card = ModelCard(
+        kind="ensemble", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
+        val=metrics.evaluate(y[va], proba_va, n_boot=0), test=test, temperature=t,
+        decision_rule="argmax",
+        train_image_ids=sorted({i for c in cards for i in c.train_image_ids}),
+        test_image_ids=cards[0].test_image_ids,
+        n_train=len({i for c in cards for i in c.train_image_ids}), n_val=len(va),
+        n_test=len(te), tune_time_s=0.0,
+        fit_time_s=round(sum(c.fit_time_s for c in cards), 1),
+        total_time_s=round(sum(c.total_time_s for c in cards) + time.perf_counter() - t0, 1),
+        data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
+        metadata=any(c.metadata for c in cards), mel_threshold=mel_threshold,
+        details={"members": [{"name": c.name, "kind": c.kind, "features": c.features_label,
+                              "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
+                              "test_balanced_accuracy": c.test["balanced_accuracy"]}
+                             for c, w in zip(cards, weights)],
+                 "split_seed": _split_seed(cards[0])})
+    joined = oof_join(cards, dirs)
+    if joined is not None:
+        card.details["oof_image_ids"] = joined[0]
+        np.save(folder / "oof_proba.npy", joined[1])
+    save_card(folder, card)
+    return card
+
+
+def _split_seed(card: ModelCard) -> int:
+    c = card.config
+    return c["seed"] if c.get("split_seed") is None else c["split_seed"]
+
+
+def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str,
+                  cfg: EnsembleConfig, proba_te: np.ndarray, proba_va: np.ndarray) -> Path:
+    """Copy the members (not their resume checkpoints) into a fresh ensemble folder."""
+    folder = model_path(workdir, cfg.name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / MEMBERS).mkdir(parents=True)
+    for d, c in zip(dirs, cards):
+        shutil.copytree(d, folder / MEMBERS / c.name,
+                        ignore=shutil.ignore_patterns("checkpoint.pt", "study*", "*.db"))
+    cfg.members = [c.name for c in cards]
+    np.save(folder / "test_proba.npy", proba_te)
+    np.save(folder / "val_proba.npy", proba_va)
+    return folder
+
+
+def ensemble_proba(folder: Path | str,
+                   member_proba: Callable[[Path], np.ndarray]) -> np.ndarray:
+    """Calibrated probabilities of an ensemble folder, given each member's (a callback, so
+    predict, evaluate and the server each use their own way of running a member)."""
+    card = load_card(folder)
+    probas = [member_proba(d) for d in member_dirs(folder)]
+    return combine(probas, card.config["member_weights"], card.temperature)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m models.ensemble", __doc__)
+    p.add_argument("--members", nargs="+", type=Path, required=True, help="model folders")
+    p.add_argument("--name", required=True, type=safe_name, help="ensemble folder name")
+    p.add_argument("--weights", default="val", choices=WEIGHT_MODES,
+                   help="val: best val balanced accuracy on a 0.1 grid; equal: plain mean")
+    add_data_args(p)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for test CIs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build an ensemble folder and print its test line."""
+    from models.train_head import summary_line
+
+    args = build_parser().parse_args(argv)
+    cfg = EnsembleConfig(members=[str(m) for m in args.members], name=args.name,
+                         weights=args.weights, n_boot=args.n_boot)
+    card = build_ensemble(args.members, load_dataset(resolve_data(args)), args.workdir, cfg)
+    print(summary_line(card) + "  weights " + ", ".join(f"{w:.2f}" for w in
+                                                         card.config["member_weights"]))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

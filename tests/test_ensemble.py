@@ -1,0 +1,131 @@
+"""K-fold out-of-fold fine-tuning and ensemble folders (predict, evaluate, explain, serve)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lesionlab.data import load_dataset
+from lesionlab.errors import LesionLabError
+from lesionlab.splits import load_or_make_split, split_indices
+from models.bundle import load_card
+from models.ensemble import EnsembleConfig, build_ensemble, choose_weights, combine
+from models.finetune import FinetuneConfig
+from models.kfold import kfold_finetune
+from tests.conftest import FIXTURE, run_cli
+
+TINY = dict(epochs=1, image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20,
+            tta="none")
+
+
+@pytest.fixture(scope="module")
+def kfold(tmp_path_factory) -> tuple[Path, Path]:
+    """A 3-fold run on the fixture: (workdir, ensemble folder)."""
+    work = tmp_path_factory.mktemp("kfold")
+    card = kfold_finetune(load_dataset(FIXTURE), work, FinetuneConfig(cv_folds=3, **TINY))
+    return work, work / "models" / card.name
+
+
+def test_out_of_fold_rows_never_come_from_a_model_trained_on_them(kfold) -> None:
+    work, folder = kfold
+    ds = load_dataset(FIXTURE)
+    tr, _, _ = split_indices(ds, load_or_make_split(ds, work, 0))
+    train_ids = set(ds.frame["image_id"].to_numpy()[tr])
+    lesion = dict(zip(ds.frame["image_id"], ds.frame["lesion_id"]))
+    held_all = []
+    for member in load_card(folder).config["members"]:
+        card = load_card(folder / "members" / member)
+        held = card.details["oof_image_ids"]
+        assert held and not set(held) & set(card.train_image_ids)
+        # lesion-grouped: no lesion of a held-out row is among the rows the model trained on
+        assert not {lesion[i] for i in held} & {lesion[i] for i in card.train_image_ids}
+        assert set(held) | set(card.train_image_ids) == train_ids
+        held_all += held
+    assert sorted(held_all) == sorted(train_ids)  # each train row held out exactly once
+    ens = load_card(folder)
+    oof = np.load(folder / "oof_proba.npy")
+    assert ens.details["oof_image_ids"] == held_all
+    assert oof.shape == (len(train_ids), 7) and np.allclose(oof.sum(1), 1)
+
+
+def test_fold_models_resume_instead_of_retraining(kfold) -> None:
+    work, folder = kfold
+    stamps = {m: (folder.parent / m / "model.pt").stat().st_mtime_ns
+              for m in load_card(folder).config["members"]}
+    kfold_finetune(load_dataset(FIXTURE), work, FinetuneConfig(cv_folds=3, **TINY))
+    assert stamps == {m: (folder.parent / m / "model.pt").stat().st_mtime_ns for m in stamps}
+
+
+def test_ensemble_folder_round_trips_through_predict_evaluate_explain(
+        kfold, trained_models, tmp_path: Path) -> None:
+    from models.evaluate import evaluate_model
+    from models.explain import explain_images
+    from models.predict import predict_images
+
+    work = tmp_path / "work"
+    ds = load_dataset(FIXTURE)
+    members = [trained_models["head"], trained_models["finetune"]]
+    card = build_ensemble(members, ds, work, EnsembleConfig(members=[], name="ens", n_boot=20))
+    folder = work / "models" / "ens"
+    loaded = load_card(folder)
+    assert loaded.kind == "ensemble" and loaded.head_label == "ensemble of 2"
+    assert np.isclose(sum(loaded.config["member_weights"]), 1.0)
+    assert (folder / "members" / members[1].name / "model.pt").exists()
+    images = ds.frame["path"].tolist()[:3]
+    results = predict_images(folder, images)
+    for r in results:
+        assert len(r["probabilities"]) == 7
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert set(r["decisions"]) == {"balanced_accuracy_rule", "melanoma_rule"}
+    res = evaluate_model(folder, ds, n_boot=10)
+    assert 0 <= res["overall"]["balanced_accuracy"] <= 1
+    cams = explain_images(folder, images[:1], tmp_path / "cam")
+    assert Path(cams[0]["overlay"]).exists()
+    proc = run_cli("models.predict", "--model", str(folder), images[0])
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout.splitlines()[0])["decisions"]) == {
+        "balanced_accuracy_rule", "melanoma_rule"}
+    assert card.test["balanced_accuracy"] == loaded.test["balanced_accuracy"]
+
+
+def test_weights_are_chosen_on_val_only(trained_models, tmp_path: Path) -> None:
+    ds = load_dataset(FIXTURE)
+    members = [trained_models["head"], trained_models["finetune"]]
+    a = build_ensemble(members, ds, tmp_path, EnsembleConfig(members=[], name="a", n_boot=10))
+    for m in members:  # scramble what the members say about test: the weights must not move
+        np.save(m / "test_proba.npy", np.load(m / "test_proba.npy")[::-1].copy())
+    try:
+        b = build_ensemble(members, ds, tmp_path, EnsembleConfig(members=[], name="b",
+                                                                 n_boot=10))
+    finally:
+        for m in members:
+            np.save(m / "test_proba.npy", np.load(m / "test_proba.npy")[::-1].copy())
+    assert a.config["member_weights"] == b.config["member_weights"]
+    assert a.mel_threshold == b.mel_threshold and a.temperature == b.temperature
+
+
+def test_choose_weights_prefers_the_member_that_is_right_on_val() -> None:
+    y = np.array([0, 1, 2, 3, 4, 5, 6] * 3)
+    good = np.eye(7)[y] * 0.9 + 0.1 / 7
+    bad = np.roll(good, 1, axis=1)
+    w = choose_weights([bad, good], y)
+    assert w[1] > w[0]
+    assert choose_weights([bad, good], y, "equal") == [0.5, 0.5]
+    assert np.allclose(combine([good, bad], [1, 0]).sum(1), 1)
+
+
+def test_members_from_another_split_are_refused(trained_models, tmp_path: Path) -> None:
+    ds = load_dataset(FIXTURE)
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(trained_models["head"], other)
+    raw = json.loads((other / "card.json").read_text())
+    raw["test_image_ids"] = raw["test_image_ids"][1:]
+    (other / "card.json").write_text(json.dumps(raw))
+    with pytest.raises(LesionLabError, match="another split"):
+        build_ensemble([trained_models["finetune"], other], ds, tmp_path,
+                       EnsembleConfig(members=[], name="x"))
