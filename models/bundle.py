@@ -78,6 +78,8 @@ class ModelCard:
         """The classifier, for tables."""
         if self.kind == "ensemble":
             return f"ensemble of {len(self.config['members'])}"
+        if self.kind == "head" and "oof:" in self.config["features"]:
+            return f"stack ({self.config['head']})"
         return "fine-tune" if self.kind == "finetune" else self.config["head"]
 
     @property

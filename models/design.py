@@ -11,7 +11,9 @@ import pandas as pd
 from featurize.extract import FeaturizeConfig, FeatureSet, load_feature_set, resolve_key
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard
+from models.bundle import ModelCard, load_card, model_path
+
+OOF_PREFIX = "oof:"  # a feature block of out-of-fold CNN probabilities: oof:<K-fold ensemble>
 
 SEXES = ("male", "female")
 LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
@@ -20,7 +22,8 @@ LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "ge
 
 def metadata_matrix(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     """age (NaN kept for imputation), sex and localization one-hot; unknown -> all zeros."""
-    age = pd.to_numeric(frame.get("age"), errors="coerce").to_numpy(dtype=float)
+    age = pd.to_numeric(frame.get("age", pd.Series(np.nan, index=frame.index)),
+                        errors="coerce").to_numpy(dtype=float)
     cols = [age[:, None]]
     names = ["age"]
     sex = frame.get("sex", pd.Series(index=frame.index, dtype=object)).astype(str).str.lower()
@@ -87,11 +90,81 @@ def build_design(blocks: list[np.ndarray], frame: pd.DataFrame, metadata: bool) 
     return np.hstack(parts).astype(np.float64)
 
 
+def stack_members(features: str) -> list[str]:
+    """The K-fold ensemble folders named by ``oof:<name>`` blocks of a ``--features`` spec."""
+    return [k[len(OOF_PREFIX):] for k in split_keys(features) if k.startswith(OOF_PREFIX)]
+
+
+def stacked_blocks(card: ModelCard) -> list[str]:
+    """The ``oof:<name>`` blocks a head's card stacks on (empty for a plain head)."""
+    return [b["backbone"] for b in card.features if b["backbone"].startswith(OOF_PREFIX)]
+
+
+def stack_member_dir(model_dir: Path | str, block: str) -> Path:
+    """Where a stacking head keeps its copy of the K-fold ensemble behind ``oof:<name>``."""
+    return Path(model_dir) / "members" / block[len(OOF_PREFIX):]
+
+
+def copy_stack_members(workdir: Path | str, features: str, folder: Path) -> None:
+    """Copy the K-fold ensembles a stacking head reads into its folder (self-contained)."""
+    import shutil
+
+    for name in stack_members(features):
+        dest = folder / "members" / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(model_path(workdir, name), dest,
+                        ignore=shutil.ignore_patterns("checkpoint.pt"))
+
+
+def log_proba(proba: np.ndarray) -> np.ndarray:
+    """Probabilities as a head's input: logs, so a linear head can weigh evidence."""
+    return np.log(np.clip(proba, 1e-6, 1.0))
+
+
+def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> FeatureSet:
+    """Stacking input from a K-fold ensemble (``models.kfold``): for its training images the
+    out-of-fold probabilities (each from the fold model that never trained on the image), for
+    every other image the ensemble's own probabilities. Never the in-fold ones: a network
+    is far more confident on rows it trained on, and a head fitted on those learns that."""
+    from models.evaluate import model_proba
+
+    folder = model_path(workdir, name)
+    card = load_card(folder)
+    if card.kind != "ensemble" or not card.details.get("oof_image_ids"):
+        raise LesionLabError(f"--features {OOF_PREFIX}{name}: {folder} is not a K-fold ensemble "
+                             f"with out-of-fold probabilities (make it with models.kfold)")
+    ids = dataset.frame["image_id"].astype(str)
+    oof = pd.DataFrame(np.load(folder / "oof_proba.npy"), index=card.details["oof_image_ids"])
+    proba = np.zeros((len(ids), oof.shape[1]))
+    in_oof = ids.isin(oof.index).to_numpy()
+    proba[in_oof] = oof.loc[ids[in_oof]].to_numpy()
+    if (~in_oof).any():
+        rest = Dataset(root=dataset.root, frame=dataset.frame[~in_oof].reset_index(drop=True))
+        proba[~in_oof] = model_proba(folder, rest, workdir, card=card)
+    return FeatureSet(key=f"{OOF_PREFIX}{name}", path=folder, features=log_proba(proba),
+                      image_ids=ids.to_numpy(), manifest=oof_manifest(name, card, folder))
+
+
+def oof_manifest(name: str, card: ModelCard, folder: Path) -> dict:
+    """What the model card records about an out-of-fold block; its "weights" hash is that of
+    the out-of-fold probabilities, so a retrained K-fold run starts a fresh head study."""
+    import hashlib
+
+    digest = hashlib.sha256((folder / "oof_proba.npy").read_bytes()).hexdigest()
+    return {"settings": {"backbone": f"{OOF_PREFIX}{name}", "image_size": [0, 0], "tta": "-",
+                         "pool": "-", "weights": None, "color_constancy": "-"},
+            "weights_sha256": digest, "data_fingerprint": card.data_fingerprint}
+
+
 def load_design(workdir: Path | str, dataset: Dataset, features: str,
                 metadata: bool = False) -> Design:
-    """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``."""
+    """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``;
+    ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking)."""
     data_fp = dataset.fingerprint()
-    sets = [load_feature_set(resolve_key(workdir, key, data_fp)) for key in split_keys(features)]
+    sets = [oof_feature_set(workdir, dataset, key[len(OOF_PREFIX):])
+            if key.startswith(OOF_PREFIX) else
+            load_feature_set(resolve_key(workdir, key, data_fp)) for key in split_keys(features)]
     blocks = [align(fs, dataset.frame["image_id"]) for fs in sets]
     return Design(x=build_design(blocks, dataset.frame, metadata), feature_sets=sets,
                   metadata=metadata)
@@ -111,6 +184,8 @@ def card_extractors(card: ModelCard, device: str = "auto") -> list:
     extractors = []
     try:
         for block in card.features:
+            if block["backbone"].startswith(OOF_PREFIX):
+                continue  # a stack's CNN input comes from its ensemble member, not an extractor
             ext = Extractor(block_config(block, device=device, num_workers=0))
             extractors.append(ext)
             _check_weights(block, ext.spec.weights_sha256)
@@ -122,28 +197,40 @@ def card_extractors(card: ModelCard, device: str = "auto") -> list:
 
 
 def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = None,
-                device: str = "auto", extractors: list | None = None) -> np.ndarray:
+                device: str = "auto", extractors: list | None = None,
+                stacked: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """A head model's input for the images of ``dataset``, made as its training features were.
 
     With ``workdir`` the features are cached there (external test sets); without, they are
     computed in memory by ``extractors`` (loaded here and closed after, when not given).
+    ``stacked`` holds, per ``oof:<name>`` block of a stacking head, its ensemble member's
+    probabilities for these images (new images have no out-of-fold rows: the ensemble's own).
     """
     from featurize.extract import featurize
 
+    stacked = stacked or {}
+    missing = [b["backbone"] for b in card.features
+               if b["backbone"].startswith(OOF_PREFIX) and b["backbone"] not in stacked]
+    if missing:
+        raise LesionLabError(f"model {card.name} stacks on {missing}; their probabilities "
+                             f"were not given")
+    cnn = [b for b in card.features if not b["backbone"].startswith(OOF_PREFIX)]
     if workdir is not None:
-        blocks = []
-        for block in card.features:
+        made = {}
+        for block in cnn:
             fs = featurize(dataset, workdir, block_config(block, device=device))
             _check_weights(block, fs.manifest["weights_sha256"])
-            blocks.append(align(fs, dataset.frame["image_id"]))
-        return build_design(blocks, dataset.frame, card.metadata)
-    owned = extractors is None
-    extractors = card_extractors(card, device) if owned else extractors
-    try:
-        paths = dataset.frame["path"].tolist()
-        blocks = [ext.embed_paths(paths) for ext in extractors]
-    finally:
-        if owned:
-            for ext in extractors:
-                ext.close()
+            made[id(block)] = align(fs, dataset.frame["image_id"])
+    else:
+        owned = extractors is None
+        extractors = card_extractors(card, device) if owned else extractors
+        try:
+            paths = dataset.frame["path"].tolist()
+            made = {id(b): ext.embed_paths(paths) for b, ext in zip(cnn, extractors)}
+        finally:
+            if owned:
+                for ext in extractors:
+                    ext.close()
+    blocks = [log_proba(stacked[b["backbone"]]) if b["backbone"].startswith(OOF_PREFIX)
+              else made[id(b)] for b in card.features]
     return build_design(blocks, dataset.frame, card.metadata)

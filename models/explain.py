@@ -99,6 +99,11 @@ def network_folder(model_dir: Path | str) -> Path:
             return max(nets, key=lambda wd: wd[0])[1]
     elif card.kind == "finetune":
         return Path(model_dir)
+    else:
+        from models.design import stack_member_dir, stacked_blocks
+
+        for block in stacked_blocks(card):  # a stack: explain its K-fold ensemble's network
+            return network_folder(stack_member_dir(model_dir, block))
     raise LesionLabError(
         f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {card.kind!r} model "
         f"without one (a head on embeddings)")

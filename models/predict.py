@@ -20,7 +20,8 @@ from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import load_card, load_head
-from models.design import LOCALIZATIONS, SEXES, card_design, card_extractors
+from models.design import (LOCALIZATIONS, SEXES, card_design, card_extractors,
+                           stack_member_dir, stacked_blocks)
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,6 +47,7 @@ class Predictor:
         self.extractors: list = []
         self.members: list[Predictor] = []
         self.cam: Predictor | None = None  # whose network Grad-CAM explains
+        self.stacked: dict[str, Predictor] = {}  # a stacking head's K-fold ensembles
         if self.card.kind == "ensemble":
             from models.ensemble import member_dirs
 
@@ -61,6 +63,10 @@ class Predictor:
         else:
             self.head = load_head(model_dir)
             self.extractors = card_extractors(self.card, device)
+            self.stacked = {b: Predictor(stack_member_dir(model_dir, b), device)
+                            for b in stacked_blocks(self.card)}
+            nets = [m.cam for m in self.stacked.values() if m.cam is not None]
+            self.cam = nets[0] if nets else None
 
     def predict_proba(self, paths: Sequence[str],
                       meta: pd.DataFrame | None = None) -> np.ndarray:
@@ -74,8 +80,9 @@ class Predictor:
             from models.finetune import network_proba
 
             return network_proba(self.network, self.card, self.spec, paths)
+        stacked = {b: m.predict_proba(paths, meta) for b, m in self.stacked.items()}
         design = card_design(self.card, images_dataset(paths, meta),
-                             extractors=self.extractors)
+                             extractors=self.extractors, stacked=stacked)
         return self.head.predict_proba(design)
 
     def predict_images(self, paths: Sequence[str],
@@ -100,7 +107,7 @@ class Predictor:
         """Free the feature extractors' engines (members' too)."""
         for ext in self.extractors:
             ext.close()
-        for member in self.members:
+        for member in [*self.members, *self.stacked.values()]:
             member.close()
 
 

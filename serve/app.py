@@ -34,7 +34,8 @@ DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagn
 def has_network(card: ModelCard) -> bool:
     """Whether Grad-CAM can run: a fine-tuned network, or an ensemble with one."""
     return card.kind == "finetune" or (card.kind == "ensemble" and any(
-        m["kind"] == "finetune" for m in card.details["members"]))
+        m["kind"] == "finetune" for m in card.details["members"])) or any(
+        b["backbone"].startswith("oof:") for b in card.features)
 
 
 def model_summary(card: ModelCard) -> dict:

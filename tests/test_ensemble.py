@@ -129,3 +129,38 @@ def test_members_from_another_split_are_refused(trained_models, tmp_path: Path) 
     with pytest.raises(LesionLabError, match="another split"):
         build_ensemble([trained_models["finetune"], other], ds, tmp_path,
                        EnsembleConfig(members=[], name="x"))
+
+
+def test_stacking_head_reads_out_of_fold_probabilities(kfold, tmp_path: Path) -> None:
+    """A head on oof:<K-fold ensemble> + classical + metadata: its training rows see the
+    out-of-fold probabilities, never the ensemble's in-fold ones; the folder is self-contained
+    and round-trips through predict and evaluate."""
+    import shutil
+
+    from featurize.extract import FeaturizeConfig, featurize
+    from models.design import load_design
+    from models.evaluate import evaluate_model
+    from models.explain import network_folder
+    from models.predict import predict_images
+    from models.train_head import HeadConfig, train_head
+
+    work, ens = kfold
+    ds = load_dataset(FIXTURE)
+    featurize(ds, work, FeaturizeConfig(backbone="classical", num_workers=0))
+    features = f"oof:{ens.name}+classical"
+    design = load_design(work, ds, features, metadata=True)
+    oof_ids = load_card(ens).details["oof_image_ids"]
+    oof = np.load(ens / "oof_proba.npy")
+    row = {i: k for k, i in enumerate(ds.frame["image_id"])}
+    got = design.x[[row[i] for i in oof_ids], :7]
+    assert np.allclose(got, np.log(np.clip(oof, 1e-6, 1)))
+    card = train_head(ds, work, HeadConfig(features=features, metadata=True, trials=1, folds=2,
+                                           n_boot=20, tune_timeout=None))
+    assert card.head_label == "stack (logreg)"
+    folder = work / "models" / card.name
+    moved = tmp_path / "elsewhere"  # self-contained: works away from its workdir
+    shutil.copytree(folder, moved)
+    results = predict_images(moved, ds.frame["path"].tolist()[:2])
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in results)
+    assert evaluate_model(moved, ds, n_boot=5)["overall"]["n"] == len(ds)
+    assert network_folder(moved).parent.parent.parent.name == "members"
