@@ -25,7 +25,9 @@ from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import class_counts, load_or_make_split
 from models.bundle import ModelCard, load_card, save_card
+from models.ensemble import build_ensemble
 from models.finetune import FinetuneConfig, finetune
+from models.kfold import kfold_finetune, kfold_name
 from models.train_head import HeadConfig, train_head
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class Cell:
     """One unit of the study: a name, what it runs, and how to run it."""
 
     cell_id: str
-    kind: str  # head | finetune
+    kind: str  # head | finetune | kfold (K fold networks -> their ensemble) | ensemble
     config: Any
     group: str = "main"  # main | curve
 
@@ -79,8 +81,11 @@ def plan_for(preset: str, seed: int) -> Plan:
         plan.cells.append(Cell(ft.model_name(), "finetune", ft))
         plan.curve_finetune = None
         return plan
+    if preset == "best":
+        return best_plan(seed)
     if preset != "full":
-        raise LesionLabError(f"unknown --preset {preset!r}; expected quick or full (or smoke)")
+        raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full or best "
+                             f"(or smoke)")
     # Budgets are sized so the whole preset fits 2 h on a 2-core CPU (measured on an AMD EPYC
     # with avx512_bf16): heads get a 60 s tuning cap; lite0 fine-tunes with the study's recipe
     # (FinetuneConfig's defaults: 200x150, ISIC augmentation, 12 epochs, schedule finished,
@@ -113,6 +118,24 @@ def plan_for(preset: str, seed: int) -> Plan:
     return plan
 
 
+def best_plan(seed: int, folds: int = 3) -> Plan:
+    """``--preset best``: only the recommended pipeline, its recipe written down here.
+
+    Three lite0 networks fine-tuned with the study's recipe, each on two thirds of train
+    (lesion-grouped folds): averaged, they are the CNN ensemble; their out-of-fold
+    probabilities, with the hand-made colour/texture/shape features and age, sex and site,
+    feed a logistic-regression stack. The final model folder is the stack's.
+    """
+    plan = Plan(featurize=[FeaturizeConfig(backbone="classical", num_workers=2)],
+                curve_fractions=())
+    ft = FinetuneConfig(seed=seed, cv_folds=folds)
+    plan.cells.append(Cell(kfold_name(ft), "kfold", ft))
+    stack = HeadConfig(features=f"oof:{kfold_name(ft)}+classical", head="logreg",
+                       metadata=True, seed=seed, tune_timeout=FULL_HEAD_TIMEOUT)
+    plan.cells.append(_head_cell(stack))
+    return plan
+
+
 def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
     return Cell(cfg.model_name(), "head", cfg, group)
 
@@ -124,7 +147,7 @@ def summarize(card: ModelCard) -> dict:
         "name": card.name, "kind": card.kind,
         "features": card.features_label, "head": card.head_label,
         "imbalance": card.imbalance_label, "metadata": card.metadata,
-        "train_fraction": card.config["train_fraction"],
+        "train_fraction": card.config.get("train_fraction", 1.0),
         "balanced_accuracy": t["balanced_accuracy"],
         "ci95": t.get("ci95", {}).get("balanced_accuracy"),
         "macro_f1": t["macro_f1"], "macro_auc": t["macro_auc"],
@@ -154,6 +177,11 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
         return read_json(out)
     if cell.kind == "head":
         card = train_head(dataset, workdir, cell.config)
+    elif cell.kind == "kfold":
+        card = kfold_finetune(dataset, workdir, cell.config)
+    elif cell.kind == "ensemble":
+        members = [Path(workdir) / "models" / m for m in cell.config.members]
+        card = build_ensemble(members, dataset, workdir, cell.config)
     else:
         card = finetune(dataset, workdir, cell.config, resume=True)
     row = summarize(card)
@@ -278,6 +306,8 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
                key=lambda r: r["val_balanced_accuracy"])
     print(f"done in {wall / 60:.1f} min; {len(rows)} cells; best by val: {best['name']} "
           f"test bal.acc {best['balanced_accuracy']:.3f}; report: {report}")
+    if preset == "best":  # the recommended pipeline's folder: the last cell's
+        print(f"model folder (predict, evaluate, explain, serve): {rows[-1]['model_dir']}")
     return summary
 
 
@@ -325,7 +355,7 @@ def default_report(preset: str, workdir: Path | str) -> Path:
     return Path("REPORT.md") if preset == "full" else Path(workdir) / f"REPORT_{preset}.md"
 
 
-PRESETS = ("quick", "full", "smoke")
+PRESETS = ("quick", "full", "best", "smoke")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,3 +134,15 @@ def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
     """Only the full preset rewrites REPORT.md; quick runs report beside their artifacts."""
     assert ra.default_report("full", tmp_path) == Path("REPORT.md")
     assert ra.default_report("quick", tmp_path) == tmp_path / "REPORT_quick.md"
+
+
+def test_best_preset_is_the_kfold_ensemble_and_its_stack() -> None:
+    from benchmarks.run_all import plan_for
+
+    plan = plan_for("best", 0)
+    kinds = [c.kind for c in plan.cells]
+    assert kinds == ["kfold", "head"]
+    kfold, stack = plan.cells
+    assert kfold.config.cv_folds == 3
+    assert stack.config.features == f"oof:{kfold.cell_id}+classical" and stack.config.metadata
+    assert [f.backbone for f in plan.featurize] == ["classical"]
