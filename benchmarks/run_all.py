@@ -25,7 +25,7 @@ from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import class_counts, load_or_make_split
 from models.bundle import ModelCard, load_card, save_card
-from models.ensemble import build_ensemble
+from models.ensemble import EnsembleConfig, build_ensemble
 from models.finetune import FinetuneConfig, finetune
 from models.kfold import kfold_finetune, kfold_name
 from models.train_head import HeadConfig, train_head
@@ -112,9 +112,16 @@ def plan_for(preset: str, seed: int) -> Plan:
     ft = FinetuneConfig(seed=seed)
     plan.cells.append(Cell(ft.model_name(), "finetune", ft))
     plan.curve_finetune = ft
+    networks = [ft]
     for backbone in LITE[1:]:
         other = FinetuneConfig(backbone=backbone, epochs=6, seed=seed)
         plan.cells.append(Cell(other.model_name(), "finetune", other))
+        networks.append(other)
+    # The three networks and the richest frozen head, averaged with weights chosen on val.
+    members = [c.model_name() for c in networks] + [plan.cells[7].cell_id]
+    ens = EnsembleConfig(members=members, name=f"ensemble__lite012-finetuned+head__seed{seed}",
+                         weights="val", seed=seed)
+    plan.late_cells.append(Cell(ens.name, "ensemble", ens))
     return plan
 
 

@@ -73,9 +73,9 @@ def simplex_grid(n: int, step: float = GRID_STEP) -> list[tuple[float, ...]]:
 def choose_weights(val_probas: Sequence[np.ndarray], y_va: np.ndarray,
                    mode: str = "val") -> list[float]:
     """Member weights: equal, or the grid point with the best val balanced accuracy (ties go
-    to the lower val log-loss). Over 4 members the grid is too large: equal weights."""
+    to the lower val log-loss). Over 5 members the grid is too large: equal weights."""
     n = len(val_probas)
-    if mode == "equal" or n == 1 or n > 4:
+    if mode == "equal" or n == 1 or n > 5:
         return [1.0 / n] * n
     best, best_key = None, None
     for w in simplex_grid(n):
@@ -101,10 +101,41 @@ def _check_members(cards: list[ModelCard], dirs: list[Path]) -> None:
                 card.test_image_ids != cards[0].test_image_ids:
             raise LesionLabError(f"member {folder} was made on other data or another split "
                                  f"than {dirs[0]}; ensemble models of one split only")
-        for npy in ("val_proba.npy", "test_proba.npy"):
-            if not (folder / npy).exists():
-                raise LesionLabError(f"member {folder} has no {npy} (made by an older "
-                                     f"lesionlab); retrain it")
+        if not (folder / "test_proba.npy").exists():
+            raise LesionLabError(f"member {folder} has no test_proba.npy; retrain it")
+
+
+def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
+                     workdir: Path | str) -> np.ndarray:
+    """A member's calibrated val probabilities: saved with the model, or (folders made before
+    models saved them) computed once from the model and saved beside it."""
+    path = folder / "val_proba.npy"
+    if not path.exists():
+        from lesionlab.artifacts import atomic_path
+        from models.evaluate import model_proba
+
+        card = load_card(folder)
+        proba = None
+        if card.kind == "head":  # the features it was trained on are cached in workdir
+            from models.bundle import load_head
+            from models.design import load_design
+
+            try:
+                x = load_design(workdir, dataset, card.config["features"], card.metadata).x
+                proba = load_head(folder).predict_proba(x[va])
+            except LesionLabError:
+                proba = None
+        if proba is None:
+            val = Dataset(root=dataset.root,
+                          frame=dataset.frame.iloc[va].reset_index(drop=True))
+            proba = model_proba(folder, val, workdir)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, proba)
+    proba = np.load(path)
+    if len(proba) != len(va):
+        raise LesionLabError(f"{path} holds {len(proba)} rows; val has {len(va)}")
+    return proba
 
 
 def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.ndarray] | None:
@@ -136,7 +167,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     split = load_or_make_split(dataset, workdir, _split_seed(cards[0]))
     _, va, te = split_indices(dataset, split)
     y, groups = dataset.labels, dataset.frame["lesion_id"].astype(str).to_numpy()
-    val_p = [np.load(d / "val_proba.npy") for d in dirs]
+    val_p = [member_val_proba(d, dataset, va, workdir) for d in dirs]
     test_p = [np.load(d / "test_proba.npy") for d in dirs]
     weights = choose_weights(val_p, y[va], cfg.weights)
     t = fit_temperature(combine(val_p, weights), y[va])

@@ -164,3 +164,21 @@ def test_stacking_head_reads_out_of_fold_probabilities(kfold, tmp_path: Path) ->
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in results)
     assert evaluate_model(moved, ds, n_boot=5)["overall"]["n"] == len(ds)
     assert network_folder(moved).parent.parent.parent.name == "members"
+
+
+def test_members_without_saved_val_probabilities_get_them_computed(trained_models,
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    ds = load_dataset(FIXTURE)
+    members = []
+    for kind in ("head", "finetune"):
+        dest = tmp_path / "models" / trained_models[kind].name
+        shutil.copytree(trained_models[kind], dest)
+        (dest / "val_proba.npy").unlink()  # as made before models saved them
+        members.append(dest)
+    card = build_ensemble(members, ds, tmp_path, EnsembleConfig(members=[], name="e", n_boot=5))
+    for kind, dest in zip(("head", "finetune"), members):
+        assert np.allclose(np.load(dest / "val_proba.npy"),
+                           np.load(trained_models[kind] / "val_proba.npy"), atol=1e-5)
+    assert card.kind == "ensemble"
