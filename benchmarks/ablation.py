@@ -1,7 +1,8 @@
 """``python -m benchmarks.ablation``: what each lever of the fine-tuning recipe is worth.
 
 One fine-tuning run per lever, each the baseline recipe (``FinetuneConfig()``'s defaults
-without colour constancy, the state before this ablation chose it) with one thing changed; every run is chosen and calibrated on val, scored once on test and, with
+without colour constancy, the state before this ablation chose it) with one thing changed;
+every run is chosen and calibrated on val, scored once on test and, with
 ``--external-test``, once on the external set per image source. Results are written after
 every lever to ``--out`` (JSON), which ``benchmarks.report`` renders between the
 ``ablation`` markers of REPORT.md. Val decides; test and external only report.

@@ -56,7 +56,8 @@ class HeadConfig(TrainingRun):
                                                "reproducible when --trials ends the study)")
     folds: int = option(3, "lesion-grouped CV folds of the train split")
     seed: int = option(0, "model and tuning seed")
-    split_seed: int | None = option(None, "seed of the train/val/test split; None: the same as --seed")
+    split_seed: int | None = option(None, "seed of the train/val/test split; None: the same "
+                                          "as --seed")
     train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
