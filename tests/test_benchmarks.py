@@ -146,3 +146,34 @@ def test_best_preset_is_the_kfold_ensemble_and_its_stack() -> None:
     assert kfold.config.cv_folds == 3
     assert stack.config.features == f"oof:{kfold.cell_id}+classical" and stack.config.metadata
     assert [f.backbone for f in plan.featurize] == ["classical"]
+
+
+def test_ablation_levers_change_one_thing_and_render_as_deltas(tmp_path) -> None:
+    import json
+
+    from benchmarks.ablation import LEVERS, lever_config
+    from benchmarks.report import ablation_md
+    from lesionlab.errors import LesionLabError
+    from models.finetune import FinetuneConfig
+
+    base = FinetuneConfig(color_constancy="none")
+    cfg = lever_config("weighted_ce", base)
+    assert (cfg.sampler, cfg.loss, cfg.image_size) == ("none", "weighted_ce", base.image_size)
+    assert cfg.name == "ablation__weighted_ce__seed0"
+    assert lever_config("shades_of_gray", base).color_constancy == "shades_of_gray"
+    with pytest.raises(LesionLabError, match="unknown lever"):
+        lever_config("nope", base)
+
+    def row(lever: str, val: float, test: float) -> dict:
+        return {"lever": lever, "change": LEVERS[lever][0], "val_balanced_accuracy": val,
+                "test_balanced_accuracy": test, "test_ci95": [test - 0.05, test + 0.05],
+                "test_mel_sensitivity": 0.5, "best_epoch": 3, "epochs_run": 12,
+                "train_s": 100.0, "external": {"overall": 0.6, "by_source": {
+                    "external": {"n": 10, "balanced_accuracy": 0.55}}}}
+
+    path = tmp_path / "abl.json"
+    path.write_text(json.dumps({"device": "a GPU", "rows": [row("recipe", 0.70, 0.64),
+                                                             row("focal", 0.72, 0.61)]}))
+    md = ablation_md(path)
+    assert "0.720 (+0.020)" in md and "0.610 (-0.030)" in md and "a GPU" in md
+    assert "No ablation results" in ablation_md(tmp_path / "missing.json")
