@@ -25,6 +25,7 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
            "melanoma": ("<!-- melanoma:start -->", "<!-- melanoma:end -->"),
            "ablation": ("<!-- ablation:start -->", "<!-- ablation:end -->"),
            "training": ("<!-- training:start -->", "<!-- training:end -->"),
+           "head_input": ("<!-- head_input:start -->", "<!-- head_input:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->")}
 
 
@@ -151,6 +152,49 @@ def training_md(rows: list[dict], cpu: str) -> str:
                      f"{d['train_img_per_s']:.1f} | {d['epoch_time_s'] / 60:.1f} | "
                      f"{card.total_time_s / 60:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+INPUTS = ("ImageNet embedding", "hand-made features", "fine-tuned embedding",
+          "OOF probabilities")
+
+
+def input_kind(features: str) -> str:
+    """Which kind of input a head's feature spec is (its richest block decides)."""
+    keys = features.split("+")
+    if any(k.startswith("oof:") for k in keys):
+        return INPUTS[3]
+    if any(k.startswith("ft_") for k in keys):
+        return INPUTS[2]
+    if all(k == "classical" for k in keys):
+        return INPUTS[1]
+    return INPUTS[0]
+
+
+def head_input_md(rows: list[dict]) -> str:
+    """Logistic regression vs LightGBM per kind of input: the test balanced accuracy of the
+    class-weighted, full-data cell each head scored best on val."""
+    heads = [r for r in rows if r["kind"] == "head" and r.get("train_fraction", 1.0) >= 1.0
+             and r["imbalance"] == "class_weight"]
+    lines = ["| input | logistic regression | LightGBM | LightGBM - logreg |",
+             "|---|---|---|---:|"]
+    for kind in INPUTS:
+        best = {}
+        for head in ("logreg", "lightgbm"):
+            cands = [r for r in heads if input_kind(r["features"]) == kind
+                     and r["head"].removeprefix("stack (").removesuffix(")") == head]
+            if cands:
+                best[head] = max(cands, key=lambda r: r["val_balanced_accuracy"])
+        cells = [f"{_fmt(best[h]['balanced_accuracy'])} (val "
+                 f"{_fmt(best[h]['val_balanced_accuracy'])}"
+                 f"{', +meta' if best[h].get('metadata') else ''})" if h in best else "not run"
+                 for h in ("logreg", "lightgbm")]
+        diff = ""
+        if len(best) == 2:
+            gap = best["lightgbm"]["balanced_accuracy"] - best["logreg"]["balanced_accuracy"]
+            diff = f"{gap:+.3f}"
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} | {diff} |")
+    return ("Test balanced accuracy of the class-weighted cell each head scored best on val, "
+            "per kind of input:\n\n" + "\n".join(lines) + "\n")
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -370,6 +414,7 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
         text = replace_block(text, "sources", sources_md(ext))
     text = replace_block(text, "melanoma", melanoma_md(main_rows, ext))
     text = replace_block(text, "ablation", ablation_md(report.parent / ABLATION))
+    text = replace_block(text, "head_input", head_input_md(main_rows))
     text = replace_block(text, "training", training_md(summary["rows"],
                                                        summary.get("cpu", "CPU not recorded")))
     made = figures(summary, dataset, split, Path(workdir), fig_dir)

@@ -177,3 +177,25 @@ def test_ablation_levers_change_one_thing_and_render_as_deltas(tmp_path) -> None
     md = ablation_md(path)
     assert "0.720 (+0.020)" in md and "0.610 (-0.030)" in md and "a GPU" in md
     assert "No ablation results" in ablation_md(tmp_path / "missing.json")
+
+
+def test_head_input_table_pairs_heads_per_kind_of_input() -> None:
+    from benchmarks.report import head_input_md, input_kind
+
+    assert input_kind("oof:kfold__x+classical") == "OOF probabilities"
+    assert input_kind("ft_finetune__a") == "fine-tuned embedding"
+    assert input_kind("classical") == "hand-made features"
+    assert input_kind("tf_efficientnet_lite0:multistage+classical") == "ImageNet embedding"
+
+    def row(features: str, head: str, val: float, test: float, imbalance="class_weight"):
+        return {"kind": "head", "features": features, "head": head, "imbalance": imbalance,
+                "train_fraction": 1.0, "val_balanced_accuracy": val,
+                "balanced_accuracy": test, "metadata": False}
+
+    md = head_input_md([row("classical", "logreg", 0.6, 0.59), row("classical", "lightgbm",
+                                                                   0.5, 0.52),
+                        row("oof:k+classical", "stack (lightgbm)", 0.8, 0.78),
+                        row("classical", "logreg", 0.9, 0.1, imbalance="smote")])
+    assert "| hand-made features | 0.590 (val 0.600) | 0.520 (val 0.500) | -0.070 |" in md
+    assert "| OOF probabilities | not run | 0.780 (val 0.800) |  |" in md
+    assert "| fine-tuned embedding | not run | not run |  |" in md
