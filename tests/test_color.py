@@ -57,7 +57,9 @@ def test_finetuned_model_records_and_reuses_it(tmp_path: Path) -> None:
     card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, image_size=(48, 64), batch_size=16,
                                                  num_workers=0, n_boot=0, tta="none",
                                                  color_constancy="shades_of_gray"))
-    assert "shades_of_gray" in card.name
+    # the recipe's default: only the other choice is spelled out in the folder name
+    assert "cc-" not in card.name
+    assert "cc-none" in FinetuneConfig(color_constancy="none").model_name()
     assert card.config["color_constancy"] == card.details["color_constancy"] == "shades_of_gray"
     folder = tmp_path / "models" / card.name
     ids = card.test_image_ids[:3]
