@@ -166,6 +166,9 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
         raise LesionLabError(f"the data at {dataset.root} is not what the members were made on")
     split = load_or_make_split(dataset, workdir, _split_seed(cards[0]))
     _, va, te = split_indices(dataset, split)
+    if dataset.frame["image_id"].to_numpy()[te].tolist() != cards[0].test_image_ids:
+        raise LesionLabError(f"the split in {workdir} is not the one the members were tested "
+                             f"on; use the members' workdir")
     y, groups = dataset.labels, dataset.frame["lesion_id"].astype(str).to_numpy()
     val_p = [member_val_proba(d, dataset, va, workdir) for d in dirs]
     test_p = [np.load(d / "test_proba.npy") for d in dirs]
