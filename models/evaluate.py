@@ -29,23 +29,26 @@ SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "m
 
 
 def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | None = None,
-                device: str = "auto", card: ModelCard | None = None) -> np.ndarray:
+                device: str = "auto", card: ModelCard | None = None,
+                tta: str | None = None) -> np.ndarray:
     """Calibrated probabilities of a model folder for every image of ``dataset``.
 
     With ``workdir`` a head's features are cached there (rerunning costs no extraction);
-    ``card`` spares reading the folder's card again when the caller has it.
+    ``card`` spares reading the folder's card again when the caller has it; ``tta``
+    overrides the test-time views of every fine-tuned network in the folder (members too).
     """
     card = card or load_card(model_dir)
     if card.kind == "ensemble":
         from models.ensemble import ensemble_proba
 
-        return ensemble_proba(model_dir, lambda m: model_proba(m, dataset, workdir, device))
+        return ensemble_proba(model_dir, lambda m: model_proba(m, dataset, workdir, device,
+                                                               tta=tta))
     if card.kind == "finetune":
         from models.finetune import predict_finetuned
 
-        return predict_finetuned(model_dir, dataset.frame["path"].tolist(), device)
-    stacked = {b: model_proba(stack_member_dir(model_dir, b), dataset, workdir, device)
-               for b in stacked_blocks(card)}
+        return predict_finetuned(model_dir, dataset.frame["path"].tolist(), device, tta)
+    stacked = {b: model_proba(stack_member_dir(model_dir, b), dataset, workdir, device,
+                              tta=tta) for b in stacked_blocks(card)}
     return load_head(model_dir).predict_proba(card_design(card, dataset, workdir, device,
                                                           stacked=stacked))
 
@@ -70,16 +73,16 @@ def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,
 
 def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = None,
                    workdir: Path | str | None = None, n_boot: int = 1000, seed: int = 0,
-                   device: str = "auto") -> dict:
+                   device: str = "auto", tta: str | None = None) -> dict:
     """Scores of a model folder on a labelled image set, overall and per value of ``by``."""
     if by is not None and by not in dataset.frame.columns:
         raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
                              f"{sorted(dataset.frame.columns)}")
     card = load_card(model_dir)
-    proba = model_proba(model_dir, dataset, workdir, device, card)
+    proba = model_proba(model_dir, dataset, workdir, device, card, tta)
     y = dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    out = {"model": card.name, "data": str(dataset.root),
+    out = {"model": card.name, "data": str(dataset.root), "tta": tta,
            "overall": scores(y, proba, groups, n_boot, seed, card.mel_threshold), "by": None}
     if by is not None:
         values = dataset.frame[by].astype(str).to_numpy()
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tta", default=None, choices=("none", "flip", "d4"),
+                   help="test-time views of the fine-tuned networks (d4: 8 dihedral views); "
+                        "None: what each card says. The temperature stays the card's")
     return p
 
 
@@ -130,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     dataset = load_external_labels(args.data)
     result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
-                            args.seed, args.device)
+                            args.seed, args.device, args.tta)
     print_scores(result)
     if args.out is not None:
         write_json(args.out, result)

@@ -644,21 +644,23 @@ def load_finetuned(model_dir: Path | str,
 
 
 def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
-                  paths: Sequence[str]) -> np.ndarray:
-    """Calibrated probabilities of a loaded fine-tuned network for image ``paths``."""
+                  paths: Sequence[str], tta: str | None = None) -> np.ndarray:
+    """Calibrated probabilities of a loaded fine-tuned network for image ``paths``; ``tta``
+    overrides the card's test-time views (the temperature stays the card's)."""
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
-                        tuple(card.details["image_size"]), dev, tta=card.details["tta"],
+                        tuple(card.details["image_size"]), dev,
+                        tta=tta or card.details["tta"],
                         bf16=use_bf16(card.config["precision"], dev),
                         color_constancy=card.config["color_constancy"])
     return apply_temperature(raw, card.temperature)
 
 
 def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
-                      device: str = "auto") -> np.ndarray:
+                      device: str = "auto", tta: str | None = None) -> np.ndarray:
     """Calibrated probabilities of a fine-tuned model folder for image ``paths``."""
     model, card, spec = load_finetuned(model_dir, device)
-    return network_proba(model, card, spec, paths)
+    return network_proba(model, card, spec, paths, tta)
 
 
 def build_parser() -> argparse.ArgumentParser:

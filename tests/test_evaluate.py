@@ -70,3 +70,18 @@ def test_evaluate_cli_json_and_bad_column(models, two_sources: Path, tmp_path: P
     assert saved["by"]["column"] == "dataset" and saved["overall"]["n"] == 87
     with pytest.raises(LesionLabError, match="--by 'centre' is not a column"):
         evaluate_model(models["head"], load_external_labels(two_sources), by="centre")
+
+
+def test_d4_tta_override_changes_a_networks_probabilities_not_a_heads(models,
+                                                                       two_sources: Path) -> None:
+    from models.evaluate import model_proba
+
+    ds = load_external_labels(two_sources)
+    sub = type(ds)(root=ds.root, frame=ds.frame.iloc[:6].reset_index(drop=True))
+    card_tta = model_proba(models["finetune"], sub)
+    d4 = model_proba(models["finetune"], sub, tta="d4")
+    assert d4.shape == card_tta.shape and np.allclose(d4.sum(1), 1)
+    assert not np.allclose(d4, card_tta)
+    assert np.array_equal(model_proba(models["head"], sub, tta="d4"),
+                          model_proba(models["head"], sub))
+    assert evaluate_model(models["finetune"], sub, n_boot=0, tta="d4")["tta"] == "d4"
