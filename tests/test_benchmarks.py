@@ -118,16 +118,21 @@ def test_full_plan_covers_the_study() -> None:
     assert {f.backbone for f in plan.featurize} == set(ra.LITE) | {"classical"}
     heads = [c.config for c in cells if c.kind == "head"]
     grid = {(h.head, h.imbalance) for h in heads if h.features == f"{ra.LITE[0]}:multistage"}
-    assert grid == {(h, i) for h in ("logreg", "lightgbm")
-                    for i in ("none", "class_weight", "smote")}
-    for h in ("logreg", "lightgbm"):
-        feats = {c.features for c in heads if c.head == h and not c.metadata}
-        assert {f"{b}:multistage" for b in ra.LITE} | {"classical"} <= feats
-        assert any("+" in f for f in feats)  # concatenated feature sets
-        assert any(c.metadata for c in heads if c.head == h)
+    assert grid == {("logreg", i) for i in ("none", "class_weight", "smote")} | {
+        ("lightgbm", "class_weight"), ("lightgbm", "smote")}
+    logreg = {c.features for c in heads if c.head == "logreg" and not c.metadata}
+    assert {f"{b}:multistage" for b in ra.LITE} | {"classical"} <= logreg
+    assert any("+" in f for f in logreg)  # concatenated feature sets
+    assert any(c.metadata for c in heads if c.head == "logreg")
+    # boosting where it should be strongest (few informative columns), never on 5k columns
+    assert {c.features for c in heads if c.head == "lightgbm"} == {
+        f"{ra.LITE[0]}:multistage", "classical"}
     assert all(c.train_fraction == 1.0 for c in heads)
-    assert sum(c.kind == "finetune" for c in cells) == 1 and plan.curve_finetune is not None
-    assert plan.curve_fractions == (0.1, 0.25, 0.5, 1.0)
+    networks = [c.config for c in cells if c.kind == "finetune"]
+    assert [n.backbone for n in networks] == list(ra.LITE)
+    assert plan.curve_finetune is networks[0] and plan.curve_fractions == (0.1, 0.25, 0.5, 1.0)
+    ensemble = [c for c in cells if c.kind == "ensemble"]
+    assert len(ensemble) == 1 and set(ensemble[0].config.members) <= set(ids)
 
 
 def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
