@@ -37,7 +37,7 @@ def models(trained_models) -> dict[str, Path]:
 def test_evaluate_by_source(models, two_sources: Path, kind: str, tmp_path: Path) -> None:
     ext = load_external_labels(two_sources)
     res = evaluate_model(models[kind], ext, by="dataset", n_boot=50)
-    assert set(res) == {"model", "data", "overall", "by"}
+    assert set(res) == {"model", "data", "tta", "overall", "by"} and res["tta"] is None
     assert set(res["overall"]) == set(SCORE_KEYS)
     groups = res["by"]["groups"]
     assert set(groups) == {"external", "vidir_modern"}
