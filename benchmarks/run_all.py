@@ -62,31 +62,39 @@ FULL_HEAD_TIMEOUT = 60.0  # seconds of Optuna tuning per head cell in the full p
 
 
 def plan_for(preset: str, seed: int) -> Plan:
-    """The cells of the ``quick`` or ``full`` preset."""
+    """The cells of the ``quick``, ``full``, ``best`` (or ``smoke``) preset."""
     if preset in ("quick", "smoke"):
-        # smoke: the quick pipeline with tiny budgets, for tests on the fixture
-        smoke = preset == "smoke"
-        size = (72, 96) if smoke else (168, 224)
-        feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none", image_size=size)]
-        plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0),
-                    curve_head_trials=2 if smoke else 4)
-        for head in ("logreg", "lightgbm"):
-            cfg = HeadConfig(features="tf_efficientnet_lite0:none", head=head,
-                             imbalance="class_weight", trials=2 if smoke else 6, folds=3,
-                             seed=seed, n_boot=50 if smoke else 500)
-            plan.cells.append(_head_cell(cfg))
-        ft = FinetuneConfig(image_size=(48, 64) if smoke else (96, 128), epochs=1,
-                            train_fraction=0.25 if not smoke else 1.0, seed=seed,
-                            n_boot=50 if smoke else 500, tta="none", num_workers=0 if smoke else 2)
-        plan.cells.append(Cell(ft.model_name(), "finetune", ft))
-        plan.curve_finetune = None
-        return plan
+        return quick_plan(seed, smoke=preset == "smoke")
     if preset == "best":
         return best_plan(seed)
     if preset != "full":
         raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full or best "
                              f"(or smoke)")
-    # Budgets are sized so the whole preset fits 2 h on a 2-core CPU (measured on an AMD EPYC
+    return full_plan(seed)
+
+
+def quick_plan(seed: int, smoke: bool = False) -> Plan:
+    """The default preset (lite0 only, small budgets); ``smoke``: tiny budgets for tests."""
+    size = (72, 96) if smoke else (168, 224)
+    feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none", image_size=size)]
+    plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0),
+                curve_head_trials=2 if smoke else 4)
+    for head in ("logreg", "lightgbm"):
+        cfg = HeadConfig(features="tf_efficientnet_lite0:none", head=head,
+                         imbalance="class_weight", trials=2 if smoke else 6, folds=3,
+                         seed=seed, n_boot=50 if smoke else 500)
+        plan.cells.append(_head_cell(cfg))
+    ft = FinetuneConfig(image_size=(48, 64) if smoke else (96, 128), epochs=1,
+                        train_fraction=0.25 if not smoke else 1.0, seed=seed,
+                        n_boot=50 if smoke else 500, tta="none", num_workers=0 if smoke else 2)
+    plan.cells.append(Cell(ft.model_name(), "finetune", ft))
+    plan.curve_finetune = None
+    return plan
+
+
+def full_plan(seed: int) -> Plan:
+    """The whole study."""
+    # Budgets are sized so the whole preset fits 150 min on a 2-core CPU (141 min on an AMD EPYC
     # with avx512_bf16): heads get a 60 s tuning cap; lite0 fine-tunes with the study's recipe
     # (FinetuneConfig's defaults: 200x150, ISIC augmentation, 12 epochs, schedule finished,
     # epoch chosen on val, stem + 2 blocks frozen), lite1 and lite2 with 6 epochs.
