@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lesionlab import metrics
-from lesionlab.artifacts import library_versions
+from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main, safe_name
 from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
@@ -48,9 +48,9 @@ class EnsembleConfig:
     member_weights: list[float] = field(default_factory=list)  # filled when built
 
 
-def member_dirs(folder: Path | str) -> list[Path]:
+def member_dirs(folder: Path | str, card: ModelCard | None = None) -> list[Path]:
     """The member folders inside an ensemble folder, in the card's order."""
-    card = load_card(folder)
+    card = card or load_card(folder)
     if card.kind != "ensemble":
         raise LesionLabError(f"{folder} holds a {card.kind!r} model, not an ensemble")
     return [Path(folder) / MEMBERS / name for name in card.config["members"]]
@@ -111,7 +111,6 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
     models saved them) computed once from the model and saved beside it."""
     path = folder / "val_proba.npy"
     if not path.exists():
-        from lesionlab.artifacts import atomic_path
         from models.evaluate import model_proba
 
         card = load_card(folder)
@@ -129,9 +128,7 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
             val = Dataset(root=dataset.root,
                           frame=dataset.frame.iloc[va].reset_index(drop=True))
             proba = model_proba(folder, val, workdir)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, proba)
+        save_npy(path, proba)
     proba = np.load(path)
     if len(proba) != len(va):
         raise LesionLabError(f"{path} holds {len(proba)} rows; val has {len(va)}")
@@ -203,7 +200,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     joined = oof_join(cards, dirs)
     if joined is not None:
         card.details["oof_image_ids"] = joined[0]
-        np.save(folder / "oof_proba.npy", joined[1])
+        save_npy(folder / "oof_proba.npy", joined[1])
     save_card(folder, card)
     return card
 
@@ -224,8 +221,8 @@ def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str,
         shutil.copytree(d, folder / MEMBERS / c.name,
                         ignore=shutil.ignore_patterns("checkpoint.pt", "study*", "*.db"))
     cfg.members = [c.name for c in cards]
-    np.save(folder / "test_proba.npy", proba_te)
-    np.save(folder / "val_proba.npy", proba_va)
+    save_npy(folder / "test_proba.npy", proba_te)
+    save_npy(folder / "val_proba.npy", proba_va)
     return folder
 
 
@@ -234,7 +231,7 @@ def ensemble_proba(folder: Path | str,
     """Calibrated probabilities of an ensemble folder, given each member's (a callback, so
     predict, evaluate and the server each use their own way of running a member)."""
     card = load_card(folder)
-    probas = [member_proba(d) for d in member_dirs(folder)]
+    probas = [member_proba(d) for d in member_dirs(folder, card)]
     return combine(probas, card.config["member_weights"], card.temperature)
 
 

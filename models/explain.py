@@ -93,7 +93,8 @@ def network_folder(model_dir: Path | str) -> Path:
     if card.kind == "ensemble":
         from models.ensemble import member_dirs
 
-        nets = [(m["weight"], d) for m, d in zip(card.details["members"], member_dirs(model_dir))
+        dirs = member_dirs(model_dir, card)
+        nets = [(m["weight"], d) for m, d in zip(card.details["members"], dirs)
                 if m["kind"] == "finetune"]
         if nets:
             return max(nets, key=lambda wd: wd[0])[1]

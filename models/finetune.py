@@ -28,7 +28,7 @@ from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from featurize.extract import (DEVICES, PRECISIONS, TTA_MODES, ImagePathDataset,
                                resolve_device, tta_views, use_bf16)
 from lesionlab import metrics
-from lesionlab.artifacts import atomic_path, library_versions
+from lesionlab.artifacts import atomic_path, library_versions, save_npy
 from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
                            resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset, load_rgb
@@ -572,12 +572,12 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
         y[run.te], proba_te[:, metrics.MEL], mel_threshold, groups[run.te], cfg.n_boot, cfg.seed)
     with atomic_path(folder / WEIGHTS) as tmp:
         torch.save(run.model.state_dict(), tmp)
-    np.save(folder / "test_proba.npy", proba_te)
-    np.save(folder / "val_proba.npy", val_proba)  # what ensembles choose their weights on
+    save_npy(folder / "test_proba.npy", proba_te)
+    save_npy(folder / "val_proba.npy", val_proba)  # what ensembles choose their weights on
     if run.held is not None:  # out-of-fold: rows this network never trained on
         _, raw_oof = evaluate(run.model, paths[run.held].tolist(), y[run.held], run.spec,
                               run.device, cfg, tta=cfg.tta)
-        np.save(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
+        save_npy(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
     val = metrics.evaluate(y[run.va], val_proba, n_boot=0)
     card = build_card(run, state, dataset, folder, val, test, temperature,
                       {"eval_img_per_s": round(len(run.te) / eval_s, 1),

@@ -51,7 +51,8 @@ class Predictor:
         if self.card.kind == "ensemble":
             from models.ensemble import member_dirs
 
-            self.members = [Predictor(m, device) for m in member_dirs(model_dir)]
+            self.members = [Predictor(m, device)
+                            for m in member_dirs(model_dir, self.card)]
             nets = [(w, m) for w, m in zip(self.card.config["member_weights"], self.members)
                     if m.network is not None]
             self.cam = max(nets, key=lambda wm: wm[0])[1] if nets else None

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import optuna
 
-from lesionlab.artifacts import library_versions
+from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
                            resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset
@@ -255,8 +255,8 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
                                                   groups[te], cfg.n_boot, cfg.seed)
     proba_va = model.predict_proba(x[va])
     save_head(folder, model)
-    np.save(folder / "test_proba.npy", proba_te)
-    np.save(folder / "val_proba.npy", proba_va)  # what ensembles choose their weights on
+    save_npy(folder / "test_proba.npy", proba_te)
+    save_npy(folder / "val_proba.npy", proba_va)  # what ensembles choose their weights on
     ids = dataset.frame["image_id"].to_numpy()
     return ModelCard(
         kind="head", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
