@@ -18,6 +18,7 @@ from lesionlab.artifacts import write_text  # noqa: E402
 from lesionlab.data import CLASSES, Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
 from models.bundle import load_card  # noqa: E402
+from models.design import INPUTS, input_kind  # noqa: E402
 
 MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->"),
            "external": ("<!-- external:start -->", "<!-- external:end -->"),
@@ -36,6 +37,13 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
+def cell_cost_s(row: dict) -> float:
+    """Seconds a row's cell cost in the run (fold rows are inside their K-fold cell's)."""
+    if row.get("group") == "fold":
+        return 0.0
+    return row.get("cell_time_s", row["total_time_s"])
+
+
 def leaderboard_md(rows: list[dict], title: str = "") -> str:
     """Markdown table sorted by test balanced accuracy, one row per cell."""
     head = ("| # | features | head | imbalance | metadata | train frac | balanced acc [95% CI] "
@@ -50,8 +58,17 @@ def leaderboard_md(rows: list[dict], title: str = "") -> str:
             f"**{_fmt(r['balanced_accuracy'])}** [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
             f"{_fmt(r['macro_f1'])} | {_fmt(r['macro_auc'])} | {_fmt(r['mel_sensitivity'])} | "
             f"{_fmt(r['ece'])} | {_fmt(r.get('val_balanced_accuracy'))} | "
-            f"{_fmt(r['total_time_s'], 0)} |")
+            f"{_time(r)} |")
     return (title + "\n\n" if title else "") + head + "\n".join(lines) + "\n"
+
+
+def _time(row: dict) -> str:
+    """A model's whole cost; where its cell cost less here (an ensemble of models trained by
+    other cells) or more (features made first), the cell's own time beside it."""
+    total, cell = row["total_time_s"], row.get("cell_time_s")
+    if cell is None or abs(cell - total) <= 0.1 * total + 5:
+        return _fmt(total, 0)
+    return f"{_fmt(total, 0)} (cell {_fmt(cell, 0)})"
 
 
 def sources_md(rows: list[dict]) -> str:
@@ -152,22 +169,6 @@ def training_md(rows: list[dict], cpu: str) -> str:
                      f"{d['train_img_per_s']:.1f} | {d['epoch_time_s'] / 60:.1f} | "
                      f"{card.total_time_s / 60:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-INPUTS = ("ImageNet embedding", "hand-made features", "fine-tuned embedding",
-          "OOF probabilities")
-
-
-def input_kind(features: str) -> str:
-    """Which kind of input a head's feature spec is (its richest block decides)."""
-    keys = features.split("+")
-    if any(k.startswith("oof:") for k in keys):
-        return INPUTS[3]
-    if any(k.startswith("ft_") for k in keys):
-        return INPUTS[2]
-    if all(k == "classical" for k in keys):
-        return INPUTS[1]
-    return INPUTS[0]
 
 
 def head_input_md(rows: list[dict]) -> str:
@@ -286,17 +287,24 @@ def fig_learning_curves(rows: list[dict], out: Path) -> None:
     """Test balanced accuracy vs train fraction, frozen+head vs fine-tuning."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for kind, label in (("head", "frozen embeddings + head"), ("finetune", "fine-tuning")):
-        pts = sorted((r["train_fraction"], r["balanced_accuracy"], r.get("ci95"))
-                     for r in rows if r["kind"] == kind)
-        if not pts:
+        by_frac: dict[float, list[dict]] = {}
+        for r in rows:
+            if r["kind"] == kind:
+                by_frac.setdefault(r["train_fraction"], []).append(r)
+        if not by_frac:
             continue
-        xs = [p[0] for p in pts]
-        ys = [p[1] for p in pts]
-        err = np.array([[y - (p[2] or [y, y])[0], (p[2] or [y, y])[1] - y]
-                        for y, p in zip(ys, pts)]).T
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        xs = sorted(by_frac)
+        ys, err = [], []
+        for x in xs:  # one model: its CI; several (the K fold networks): their mean and range
+            accs = [r["balanced_accuracy"] for r in by_frac[x]]
+            y = float(np.mean(accs))
+            lo, hi = ((by_frac[x][0].get("ci95") or [y, y]) if len(accs) == 1
+                      else (min(accs), max(accs)))
+            ys.append(y)
+            err.append([y - lo, hi - y])
+        ax.errorbar(xs, ys, yerr=np.array(err).T, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
-    ax.set_xticks([0.1, 0.25, 0.5, 1.0], ["10%", "25%", "50%", "100%"])
+    ax.set_xticks([0.1, 0.25, 0.5, 2 / 3, 1.0], ["10%", "25%", "50%", "67%", "100%"])
     ax.set_xlabel("fraction of the train split (lesion-grouped)")
     ax.set_ylabel("test balanced accuracy")
     ax.legend(fontsize=8)
@@ -345,8 +353,11 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
     made.append(("Images per lesion", "images_per_lesion.png"))
     main = [r for r in summary["rows"] if r.get("group", "main") == "main"]
     chosen = []
-    for kind, label in (("head", "best frozen + head"), ("finetune", "best fine-tuned")):
-        cands = [r for r in main if r["kind"] == kind]
+    for kind, label in (("head", "best frozen + head"), ("finetune", "best fine-tuned"),
+                        ("any", "best pipeline")):
+        cands = [r for r in main if r["kind"] == kind or kind == "any"]
+        if kind == "head":
+            cands = [r for r in cands if input_kind(r["features"]) in INPUTS[:2]]
         if cands:
             best = max(cands, key=lambda r: r["val_balanced_accuracy"])  # chosen on val
             chosen.append({**best, "label": label})
@@ -364,14 +375,15 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
         fig_reliability(rel, fig_dir / "reliability.png")
         made.append(("Reliability diagram (test, after temperature scaling on val)",
                      "reliability.png"))
-    curve_rows = [r for r in summary["rows"] if r.get("group") == "curve"]
+    curve_rows = [r for r in summary["rows"] if r.get("group") in ("curve", "fold")]
     if curve_rows:
-        base = {r["name"] for r in curve_rows}
-        full = []
-        for row in chosen:
-            full.append(row)
-        fig_learning_curves(curve_rows + [r for r in full if r["name"] not in base],
-                            fig_dir / "learning_curves.png")
+        # the curve's full-data points: the frozen head it was drawn for, and a fine-tuned
+        # network of the curve's backbone on all of train if the run has one
+        backbones = {r["features"].split(" (")[0] for r in curve_rows if r["kind"] == "finetune"}
+        full = [r for r in chosen if r["label"] == "best frozen + head"]
+        full += [r for r in main if r["kind"] == "finetune"
+                 and r["features"].split(" (")[0] in backbones]
+        fig_learning_curves(curve_rows + full, fig_dir / "learning_curves.png")
         made.append(("Learning curves: test balanced accuracy vs training data",
                      "learning_curves.png"))
     ft = [r for r in chosen if r["kind"] == "finetune"]
@@ -390,11 +402,12 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     fig_dir = Path(fig_dir) if fig_dir else report.parent / "reports" / "figures"
     text = report.read_text(encoding="utf-8") if report.exists() else "# lesionlab report\n"
     main_rows = [r for r in summary["rows"] if r.get("group", "main") == "main"]
-    curve_rows = [r for r in summary["rows"] if r.get("group") == "curve"]
+    curve_rows = [r for r in summary["rows"] if r.get("group") in ("curve", "fold")]
     body = leaderboard_md(main_rows)
     if curve_rows:
-        body += "\n" + leaderboard_md(curve_rows, "Learning-curve cells (train fractions):")
-    compute = sum(r["total_time_s"] for r in summary["rows"]) / 60
+        body += "\n" + leaderboard_md(curve_rows, "Learning-curve cells (train fractions; "
+                                                  "2/3: the K-fold run's fold networks):")
+    compute = sum(cell_cost_s(r) for r in summary["rows"]) / 60
     wall = summary["wall_time_s"]
     wall_txt = (f"wall time of the last run {wall / 60:.1f} min (cells reused from earlier "
                 f"runs count as 0)" if not math.isnan(wall) else "rebuilt from saved cells")

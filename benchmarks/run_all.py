@@ -27,7 +27,10 @@ from lesionlab.splits import class_counts, load_or_make_split
 from models.bundle import ModelCard, load_card, save_card
 from models.ensemble import EnsembleConfig, build_ensemble
 from models.finetune import FinetuneConfig, finetune
-from models.kfold import kfold_finetune, kfold_name
+from models.bundle import model_path
+from models.design import FROZEN_INPUTS, input_kind
+from models.ensemble import member_dirs
+from models.kfold import fold_configs, kfold_finetune, kfold_name
 from models.train_head import HeadConfig, train_head
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class Cell:
     kind: str  # head | finetune | kfold (K fold networks -> their ensemble) | ensemble
     config: Any
     group: str = "main"  # main | curve
+    needs: list[FeaturizeConfig] = field(default_factory=list)  # features made first, if missing
 
 
 @dataclass
@@ -55,13 +59,14 @@ class Plan:
     late_cells: list[Cell] = field(default_factory=list)  # run after the learning curves
     curve_fractions: tuple[float, ...] = FRACTIONS
     curve_finetune: FinetuneConfig | None = None
+    curve_finetune_fractions: tuple[float, ...] | None = None  # None: curve_fractions
     curve_head_trials: int = 10
 
 
 FULL_HEAD_TIMEOUT = 60.0  # seconds of Optuna tuning per head cell in the full preset
 
 
-def plan_for(preset: str, seed: int) -> Plan:
+def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
     """The cells of the ``quick``, ``full``, ``best`` (or ``smoke``) preset."""
     if preset in ("quick", "smoke"):
         return quick_plan(seed, smoke=preset == "smoke")
@@ -70,7 +75,7 @@ def plan_for(preset: str, seed: int) -> Plan:
     if preset != "full":
         raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full or best "
                              f"(or smoke)")
-    return full_plan(seed)
+    return full_plan(seed, workdir)
 
 
 def quick_plan(seed: int, smoke: bool = False) -> Plan:
@@ -92,15 +97,17 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
     return plan
 
 
-def full_plan(seed: int) -> Plan:
+def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     """The whole study."""
-    # Budgets are sized so the whole preset fits 150 min on a 2-core CPU (141 min on an AMD EPYC
-    # with avx512_bf16): heads get a 60 s tuning cap; lite0 fine-tunes with the study's recipe
-    # (FinetuneConfig's defaults: 200x150, ISIC augmentation, 12 epochs, schedule finished,
-    # epoch chosen on val, stem + 2 blocks frozen), lite1 and lite2 with 6 epochs.
+    # Budgets are sized so the whole preset fits 150 min on a 2-core CPU (AMD EPYC with
+    # avx512_bf16): heads get a 60 s tuning cap; lite0 is fine-tuned 3-fold with the study's
+    # recipe (FinetuneConfig's defaults: 200x150, ISIC augmentation, 12 epochs, schedule
+    # finished, epoch chosen on val, stem + 2 blocks frozen), lite1 and lite2 with 6 epochs on
+    # all of train. A single lite0 on all of train and the 50% fine-tuning curve point gave way
+    # to the K-fold run; its fold networks (2/3 of train) are the curve's last point.
     feats = [FeaturizeConfig(backbone=b, tta="flip", pool="multistage") for b in LITE]
     feats += [FeaturizeConfig(backbone="classical", num_workers=2)]
-    plan = Plan(featurize=feats)
+    plan = Plan(featurize=feats, curve_finetune_fractions=(0.1, 0.25))
     ms = [f"{b}:multistage" for b in LITE]
 
     def cell(features: str, head: str, imbalance: str = "class_weight",
@@ -110,27 +117,43 @@ def full_plan(seed: int) -> Plan:
 
     for imb in ("none", "class_weight", "smote"):  # the imbalance grid on the cheapest backbone
         plan.cells.append(cell(ms[0], "logreg", imb))
-    plan.cells += [cell(ms[0], "lightgbm", "class_weight"), cell(ms[0], "lightgbm", "smote")]
+    plan.cells.append(cell(ms[0], "lightgbm", "class_weight"))
     concat = "+".join(ms)
-    plan.cells += [cell(concat, "logreg"), cell(concat + "+classical", "logreg"),
-                   cell(concat + "+classical", "logreg", metadata=True),
+    frozen = cell(concat + "+classical", "logreg", metadata=True)
+    plan.cells += [cell(concat, "logreg"), cell(concat + "+classical", "logreg"), frozen,
                    cell(ms[1], "logreg"), cell(ms[2], "logreg"),
                    # boosting where it should be strongest: 75 informative hand-made columns
                    cell("classical", "logreg"), cell("classical", "lightgbm")]
-    ft = FinetuneConfig(seed=seed)
-    plan.cells.append(Cell(ft.model_name(), "finetune", ft))
-    plan.curve_finetune = ft
-    networks = [ft]
-    for backbone in LITE[1:]:
-        other = FinetuneConfig(backbone=backbone, epochs=6, seed=seed)
-        plan.cells.append(Cell(other.model_name(), "finetune", other))
-        networks.append(other)
-    # The three networks and the richest frozen head, averaged with weights chosen on val.
-    members = [c.model_name() for c in networks] + [plan.cells[7].cell_id]
-    ens = EnsembleConfig(members=members, name=f"ensemble__lite012-finetuned+head__seed{seed}",
+    networks = [FinetuneConfig(backbone=b, epochs=6, seed=seed) for b in LITE[1:]]
+    plan.cells += [Cell(n.model_name(), "finetune", n) for n in networks]
+    ft = FinetuneConfig(seed=seed, cv_folds=3)
+    plan.cells.append(Cell(kfold_name(ft), "kfold", ft))
+    plan.curve_finetune = FinetuneConfig(seed=seed)
+    # stacks: out-of-fold probabilities + metadata (+ hand-made features), logreg vs LightGBM
+    stacks = [cell(f"oof:{kfold_name(ft)}{extra}", head, metadata=True)
+              for extra in ("", "+classical") for head in ("logreg", "lightgbm")]
+    plan.cells += stacks + embedding_cells(ft, seed, workdir)
+    # the logreg stack, lite1, lite2 and the richest frozen head, weights chosen on val
+    members = [stacks[2].cell_id] + [n.model_name() for n in networks] + [frozen.cell_id]
+    ens = EnsembleConfig(members=members, name=f"ensemble__stack+lite12-finetuned+head__seed{seed}",
                          weights="val", seed=seed)
     plan.late_cells.append(Cell(ens.name, "ensemble", ens))
     return plan
+
+
+def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[Cell]:
+    """Heads on the embedding of fold network 0 of the K-fold run, trained only on the fold it
+    held out (``train_head`` drops the rows it trained on): the fine-tuned-embedding input."""
+    fold0 = fold_configs(ft)[0]
+    backbone = str(model_path(workdir, fold0.model_name()))
+    emb = FeaturizeConfig(backbone=backbone, tta="flip", num_workers=2)
+    short = f"{fold0.backbone.removeprefix('tf_efficientnet_')}-fold1of{fold0.cv_folds}"
+    return [Cell(f"ftemb__{short}__{head}__class_weight__seed{seed}", "head",
+                 HeadConfig(features=f"{backbone}:flip", head=head, seed=seed,
+                            tune_timeout=FULL_HEAD_TIMEOUT,
+                            name=f"ftemb__{short}__{head}__class_weight__seed{seed}"),
+                 needs=[emb])
+            for head in ("logreg", "lightgbm")]
 
 
 def best_plan(seed: int, folds: int = 3) -> Plan:
@@ -190,6 +213,9 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
     out = results_dir(workdir) / f"{cell.cell_id}.json"
     if out.exists():
         return read_json(out)
+    t0 = time.perf_counter()
+    for need in cell.needs:  # e.g. the embedding of a network an earlier cell fine-tuned
+        featurize(dataset, workdir, need)
     if cell.kind == "head":
         card = train_head(dataset, workdir, cell.config)
     elif cell.kind == "kfold":
@@ -202,6 +228,8 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
     row = summarize(card)
     row["group"] = cell.group
     row["model_dir"] = str(Path(workdir) / "models" / card.name)
+    # what this cell cost here; an ensemble's card also counts its members' training
+    row["cell_time_s"] = round(time.perf_counter() - t0, 1)
     write_json(out, row)
     return row
 
@@ -231,7 +259,8 @@ def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
 
 def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
     """Learning-curve cells for the best frozen recipe (chosen on val, not test) and fine-tuning."""
-    heads_rows = [r for r in main_rows if r["kind"] == "head"]
+    heads_rows = [r for r in main_rows if r["kind"] == "head"
+                  and input_kind(r["features"]) in FROZEN_INPUTS]
     cells: list[Cell] = []
     if heads_rows:
         best = max(heads_rows, key=lambda r: r["val_balanced_accuracy"])
@@ -243,12 +272,30 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
                                 "trials": plan.curve_head_trials})
             cells.append(_head_cell(cfg, group="curve"))
     if plan.curve_finetune is not None:
-        for frac in plan.curve_fractions:
+        for frac in plan.curve_finetune_fractions or plan.curve_fractions:
             if frac >= 1.0:
                 continue
             cfg = FinetuneConfig(**{**asdict(plan.curve_finetune), "train_fraction": frac})
             cells.append(Cell(cfg.model_name(), "finetune", cfg, group="curve"))
     return cells
+
+
+def fold_rows(rows: list[dict]) -> list[dict]:
+    """The fold networks of each K-fold cell as rows of group ``fold``: single networks on
+    (K-1)/K of train, the fine-tuning learning curve's last point (their cost is the cell's)."""
+    out = []
+    for row in rows:
+        if row["kind"] != "ensemble" or row.get("group", "main") != "main":
+            continue
+        card = load_card(row["model_dir"])
+        if not card.details.get("oof_image_ids"):
+            continue
+        for member in member_dirs(row["model_dir"], card):
+            fold = load_card(member)
+            k = fold.config["cv_folds"]
+            out.append({**summarize(fold), "group": "fold", "model_dir": str(member),
+                        "train_fraction": round((k - 1) / k, 3)})
+    return out
 
 
 def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
@@ -263,6 +310,12 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
     out = []
     for row in rows:
         folder = Path(row["model_dir"])
+        cache = results_dir(workdir) / "external" / f"{row['name']}.json"
+        key = {"data": str(external.root), "n": len(external),
+               "test_balanced_accuracy": row["balanced_accuracy"]}
+        if cache.exists() and read_json(cache).get("key") == key:
+            out.append(read_json(cache)["row"])  # scored in an earlier part of this run
+            continue
         res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500)
         overall = res["overall"]
         card = load_card(folder)
@@ -276,6 +329,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
                     "mel_sensitivity": overall["mel_sensitivity"], "ece": overall["ece"],
                     "mel_operating_point": overall["mel_operating_point"],
                     "sources": res["by"]["groups"] if res["by"] else None})
+        write_json(cache, {"key": key, "row": out[-1]})
     return out
 
 
@@ -287,7 +341,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
     """
     t0 = time.perf_counter()
-    plan = plan_for(preset, seed)
+    plan = plan_for(preset, seed, workdir)
     dataset = ensure_data(data, download=download)
     split = load_or_make_split(dataset, workdir, seed)
     print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
@@ -306,6 +360,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     curve = curve_cells(plan, rows, seed)
     _run_cells(curve, dataset, workdir, t0, rows, durations)
     _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations)
+    rows += fold_rows(rows)
     ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
                              workdir) if ext_ds is not None else None
     wall = time.perf_counter() - t0
@@ -329,10 +384,13 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
 def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                        report: Path | None, preset: str, seed: int) -> dict:
     """Rebuild the report from finished cells (no training); unfinished cells are listed."""
-    rows = []
-    for path in sorted(results_dir(workdir).glob("*.json")):
-        if not path.name.startswith("summary_"):
-            rows.append(read_json(path))
+    saved_rows = {p.stem: read_json(p) for p in results_dir(workdir).glob("*.json")
+                  if not p.name.startswith("summary_")}
+    rows = [saved_rows[c.cell_id] for c in plan.cells if c.cell_id in saved_rows]
+    rows += [saved_rows[c.cell_id] for c in curve_cells(plan, rows, seed)
+             if c.cell_id in saved_rows]
+    rows += [saved_rows[c.cell_id] for c in plan.late_cells if c.cell_id in saved_rows]
+    rows += fold_rows(rows)
     planned = {c.cell_id for c in plan.cells + plan.late_cells}
     missing = sorted(planned - {r["name"] for r in rows})
     prev = results_dir(workdir) / f"summary_{preset}.json"

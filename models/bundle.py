@@ -68,10 +68,14 @@ class ModelCard:
             c = self.config
             h, w = c["image_size"]
             cc = ", SoG" if c.get("color_constancy") == "shades_of_gray" else ""
-            return f"{c['backbone']} (fine-tuned {w}x{h}, {c['epochs']} ep{cc})"
+            fold = f", fold {c['cv_fold'] + 1}/{c['cv_folds']}" if c.get("cv_folds") else ""
+            return f"{c['backbone']} (fine-tuned {w}x{h}, {c['epochs']} ep{cc}{fold})"
         if self.kind == "ensemble":
-            return " + ".join(m["features"] for m in self.details["members"])
-        return self.config["features"]
+            label = members_label([m["features"] for m in self.details["members"]])
+            k = len(self.details["members"])
+            return f"{label} x{k} folds" if self.details.get("oof_image_ids") else label
+        # a fine-tuned network's folder as backbone: its folder name, not the whole path
+        return short_oof(re.sub(r"[^+:]*/(finetune__)", r"\1", self.config["features"]))
 
     @property
     def head_label(self) -> str:
@@ -90,6 +94,19 @@ class ModelCard:
         if self.kind == "ensemble":
             return f"weights: {self.config['weights']}"
         return self.config["imbalance"]
+
+
+def members_label(labels: list[str]) -> str:
+    """An ensemble's members for tables: fold networks once, common prefixes dropped."""
+    unique = dict.fromkeys(re.sub(r", fold \d+/\d+\)", ")", label) for label in labels)
+    text = " + ".join(unique).replace("tf_efficientnet_", "").replace(":multistage", "")
+    return short_oof(text)
+
+
+def short_oof(spec: str) -> str:
+    """``oof:kfold__k3__finetune__<backbone>__...`` -> ``oof:<backbone> 3-fold`` for tables."""
+    return re.sub(r"oof:kfold__k(\d+)__finetune__(?:tf_efficientnet_)?(\w+?)__[^+ ]*",
+                  r"oof:\2 \1-fold", spec)
 
 
 def save_card(folder: Path, card: ModelCard) -> None:

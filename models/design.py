@@ -117,6 +117,29 @@ def copy_stack_members(workdir: Path | str, features: str, folder: Path) -> None
                         ignore=shutil.ignore_patterns("checkpoint.pt"))
 
 
+INPUTS = ("ImageNet embedding", "hand-made features", "fine-tuned embedding",
+          "OOF probabilities")
+FROZEN_INPUTS = INPUTS[:2]
+
+
+def is_finetuned_key(key: str) -> bool:
+    """Whether a ``--features`` block names a fine-tuned network folder (or its cache key)."""
+    backbone = key.partition(":")[0]
+    return backbone.startswith("ft_") or "finetune__" in Path(backbone).name
+
+
+def input_kind(features: str) -> str:
+    """Which kind of input a head's ``--features`` spec is (its richest block decides)."""
+    keys = split_keys(features)
+    if any(k.startswith(OOF_PREFIX) for k in keys):
+        return INPUTS[3]
+    if any(is_finetuned_key(k) for k in keys):
+        return INPUTS[2]
+    if all(k.partition(":")[0] == "classical" for k in keys):
+        return INPUTS[1]
+    return INPUTS[0]
+
+
 def log_proba(proba: np.ndarray) -> np.ndarray:
     """Probabilities as a head's input: logs, so a linear head can weigh evidence."""
     return np.log(np.clip(proba, 1e-6, 1.0))

@@ -16,7 +16,7 @@ import argparse
 import itertools
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -178,8 +178,9 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
         y[te], combine(test_p, weights))
     test["mel_operating_point"] = metrics.operating_point(
         y[te], proba_te[:, metrics.MEL], mel_threshold, groups[te], cfg.n_boot, cfg.seed)
-    folder = _write_folder(dirs, cards, workdir, cfg, proba_te, proba_va)
-    cfg.member_weights = weights
+    folder = _write_folder(dirs, cards, workdir, cfg.name, proba_te, proba_va)
+    # the card names its members by their folder names inside the ensemble folder
+    cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
     card = ModelCard(
         kind="ensemble", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
         val=metrics.evaluate(y[va], proba_va, n_boot=0), test=test, temperature=t,
@@ -210,17 +211,16 @@ def _split_seed(card: ModelCard) -> int:
     return c["seed"] if c.get("split_seed") is None else c["split_seed"]
 
 
-def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str,
-                  cfg: EnsembleConfig, proba_te: np.ndarray, proba_va: np.ndarray) -> Path:
+def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str, name: str,
+                  proba_te: np.ndarray, proba_va: np.ndarray) -> Path:
     """Copy the members (not their resume checkpoints) into a fresh ensemble folder."""
-    folder = model_path(workdir, cfg.name)
+    folder = model_path(workdir, name)
     if folder.exists():
         shutil.rmtree(folder)
     (folder / MEMBERS).mkdir(parents=True)
     for d, c in zip(dirs, cards):
         shutil.copytree(d, folder / MEMBERS / c.name,
                         ignore=shutil.ignore_patterns("checkpoint.pt", "study*", "*.db"))
-    cfg.members = [c.name for c in cards]
     save_npy(folder / "test_proba.npy", proba_te)
     save_npy(folder / "val_proba.npy", proba_va)
     return folder

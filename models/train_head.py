@@ -220,6 +220,7 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     split = load_or_make_split(dataset, workdir, cfg.data_seed)
     design = load_design(workdir, dataset, cfg.features, cfg.metadata)
     tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
+    tr = unseen_train_rows(design, dataset, tr, (va, te))
     x, y = design.x, dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     folder = model_path(workdir, cfg.model_name())
@@ -239,6 +240,36 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     copy_stack_members(workdir, cfg.features, folder)
     save_card(folder, card)
     return card
+
+
+def unseen_train_rows(design: Design, dataset: Dataset, tr: np.ndarray,
+                      scored: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The train rows no fine-tuned embedding network of ``design`` trained on.
+
+    A network embeds its own training images far more separably than unseen ones, so a head
+    fitted on those rows learns a separation it will not meet at test time. With a K-fold fold
+    network (``models.kfold``) that leaves the fold it held out; a network trained on all of
+    train leaves nothing, which is refused. Val and test rows must be unseen by it too.
+    """
+    from featurize.backbones import finetuned_card
+
+    ids = dataset.frame["image_id"].astype(str).to_numpy()
+    for fs in design.feature_sets:
+        card = finetuned_card(str(fs.manifest["settings"]["backbone"]))
+        if card is None:
+            continue
+        seen = np.isin(ids, np.asarray(card["train_image_ids"], dtype=str))
+        if any(seen[rows].any() for rows in scored):
+            raise LesionLabError(f"embedding network {fs.manifest['settings']['backbone']} "
+                                 f"trained on val or test images of this split")
+        tr = tr[~seen[tr]]
+        if len(tr) == 0:
+            raise LesionLabError(
+                f"embedding network {fs.manifest['settings']['backbone']} was fine-tuned on "
+                f"every training image, so a head on its embedding would learn from leaked "
+                f"separability; embed with a fold network of `python -m models.kfold` (the "
+                f"head then trains on the fold it held out)")
+    return tr
 
 
 def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,

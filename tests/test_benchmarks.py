@@ -11,6 +11,8 @@ import pytest
 from benchmarks import run_all as ra
 from benchmarks.report import leaderboard_md, replace_block
 from lesionlab.errors import LesionLabError
+from models.design import input_kind
+from models.kfold import fold_configs
 
 PROSE = "# Report\n\nHand-written intro.\n\n<!-- leaderboard:start -->\nold table\n" \
         "<!-- leaderboard:end -->\n\nHand-written conclusions.\n"
@@ -119,20 +121,38 @@ def test_full_plan_covers_the_study() -> None:
     heads = [c.config for c in cells if c.kind == "head"]
     grid = {(h.head, h.imbalance) for h in heads if h.features == f"{ra.LITE[0]}:multistage"}
     assert grid == {("logreg", i) for i in ("none", "class_weight", "smote")} | {
-        ("lightgbm", "class_weight"), ("lightgbm", "smote")}
+        ("lightgbm", "class_weight")}
     logreg = {c.features for c in heads if c.head == "logreg" and not c.metadata}
     assert {f"{b}:multistage" for b in ra.LITE} | {"classical"} <= logreg
     assert any("+" in f for f in logreg)  # concatenated feature sets
     assert any(c.metadata for c in heads if c.head == "logreg")
     # boosting where it should be strongest (few informative columns), never on 5k columns
-    assert {c.features for c in heads if c.head == "lightgbm"} == {
-        f"{ra.LITE[0]}:multistage", "classical"}
+    kfold = [c for c in cells if c.kind == "kfold"]
+    assert len(kfold) == 1 and kfold[0].config.cv_folds == 3
+    oof = f"oof:{kfold[0].cell_id}"
+    by_input = {}
+    for h in heads:
+        by_input.setdefault(input_kind(h.features), set()).add(h.head)
+    assert all(heads_ == {"logreg", "lightgbm"} for heads_ in by_input.values())
+    assert {h.features for h in heads if h.head == "lightgbm" and input_kind(h.features) in
+            ("ImageNet embedding", "hand-made features")} == {f"{ra.LITE[0]}:multistage",
+                                                             "classical"}
+    assert {h.features for h in heads if h.features.startswith("oof:")} == {
+        oof, oof + "+classical"}
     assert all(c.train_fraction == 1.0 for c in heads)
+    # the fine-tuned-embedding heads embed with fold network 1 of the K-fold run, featurized first
+    emb = [c for c in cells if input_kind(c.config.features if c.kind == "head" else "x")
+           == "fine-tuned embedding"]
+    fold1 = fold_configs(kfold[0].config)[0].model_name()
+    assert len(emb) == 2 and all(c.needs[0].backbone.endswith(fold1) for c in emb)
     networks = [c.config for c in cells if c.kind == "finetune"]
-    assert [n.backbone for n in networks] == list(ra.LITE)
-    assert plan.curve_finetune is networks[0] and plan.curve_fractions == (0.1, 0.25, 0.5, 1.0)
+    assert [n.backbone for n in networks] == list(ra.LITE[1:])
+    assert plan.curve_finetune.backbone == ra.LITE[0] and plan.curve_finetune.cv_folds == 0
+    assert plan.curve_finetune_fractions == (0.1, 0.25)
     ensemble = [c for c in cells if c.kind == "ensemble"]
     assert len(ensemble) == 1 and set(ensemble[0].config.members) <= set(ids)
+    assert ensemble[0].config.members[0] == f"{oof}+classical".replace(":", "_") + \
+        "__logreg__class_weight__meta__seed0"
 
 
 def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
@@ -189,6 +209,8 @@ def test_head_input_table_pairs_heads_per_kind_of_input() -> None:
 
     assert input_kind("oof:kfold__x+classical") == "OOF probabilities"
     assert input_kind("ft_finetune__a") == "fine-tuned embedding"
+    assert input_kind("runs/models/finetune__lite0__cv1of3__seed0:flip") == \
+        "fine-tuned embedding"
     assert input_kind("classical") == "hand-made features"
     assert input_kind("tf_efficientnet_lite0:multistage+classical") == "ImageNet embedding"
 
@@ -204,3 +226,20 @@ def test_head_input_table_pairs_heads_per_kind_of_input() -> None:
     assert "| hand-made features | 0.590 (val 0.600) | 0.520 (val 0.500) | -0.070 |" in md
     assert "| OOF probabilities | not run | 0.780 (val 0.800) |  |" in md
     assert "| fine-tuned embedding | not run | not run |  |" in md
+
+
+def test_tta_cost_scores_val_and_test_per_setting(trained_models) -> None:
+    """Each TTA setting is scored on val (where it may be chosen) and test, with its cost;
+    flip views change the network's probabilities, so the two settings differ somewhere."""
+    from benchmarks.tta_cost import table, tta_rows
+    from lesionlab.data import load_dataset
+    from tests.conftest import FIXTURE
+
+    folder = trained_models["finetune"]
+    rows = tta_rows(folder, load_dataset(FIXTURE), folder.parent.parent, ("none", "flip"),
+                    n_boot=5)
+    assert [r["tta"] for r in rows] == ["none", "flip"]
+    assert all(0 <= r[p]["balanced_accuracy"] <= 1 and r[f"{p}_s_per_image"] > 0
+               for r in rows for p in ("val", "test"))
+    assert rows[0]["test"] != rows[1]["test"] or rows[0]["val"] != rows[1]["val"]
+    assert "| flip |" in table(rows, folder.name, "a CPU")

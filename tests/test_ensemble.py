@@ -182,3 +182,26 @@ def test_members_without_saved_val_probabilities_get_them_computed(trained_model
         assert np.allclose(np.load(dest / "val_proba.npy"),
                            np.load(trained_models[kind] / "val_proba.npy"), atol=1e-5)
     assert card.kind == "ensemble"
+
+
+def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_saw(
+        kfold, trained_models) -> None:
+    """Embedding with fold network 0: the head's training rows are exactly the fold that network
+    held out; a network fine-tuned on all of train is refused as an embedder for a head."""
+    from featurize.extract import FeaturizeConfig, featurize
+    from models.train_head import HeadConfig, train_head
+
+    work, ens = kfold
+    ds = load_dataset(FIXTURE)
+    fold0 = ens / "members" / load_card(ens).config["members"][0]
+    net = load_card(fold0)
+    featurize(ds, work, FeaturizeConfig(backbone=str(fold0), num_workers=0))
+    card = train_head(ds, work, HeadConfig(features=str(fold0), trials=1, folds=2, n_boot=20,
+                                           tune_timeout=None, name="ftemb_head"))
+    assert sorted(card.train_image_ids) == sorted(net.details["oof_image_ids"])
+    assert not set(card.train_image_ids) & set(net.train_image_ids)
+    full = trained_models["finetune"]  # fine-tuned on every training image of the same split
+    featurize(ds, work, FeaturizeConfig(backbone=str(full), num_workers=0))
+    with pytest.raises(LesionLabError, match="fine-tuned on every training image"):
+        train_head(ds, work, HeadConfig(features=str(full), trials=1, folds=2, n_boot=20,
+                                        tune_timeout=None, name="leaky_head"))

@@ -1,0 +1,96 @@
+"""``python -m benchmarks.tta_cost --model DIR``: what test-time augmentation buys, and costs.
+
+Scores one model folder (a fine-tuned network, an ensemble or a stack) with each TTA setting
+(none, flip, d4: 8 dihedral views) on the val split, which is where a setting may be chosen,
+and on the test split, reported beside it but never used to choose. Prints balanced accuracy,
+macro AUC, melanoma sensitivity and seconds per image, with the CPU model, as a markdown table;
+``--out`` keeps the rows as JSON for REPORT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.serve_load import cpu_model
+from lesionlab.artifacts import write_json
+from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.data import Dataset
+from lesionlab.download import ensure_data
+from lesionlab.splits import load_or_make_split, split_indices
+from models.bundle import load_card
+from models.evaluate import evaluate_model
+
+TTAS = ("none", "flip", "d4")
+
+
+def subset(dataset: Dataset, rows) -> Dataset:
+    """The rows ``rows`` of ``dataset`` as a dataset of their own."""
+    return Dataset(root=dataset.root, frame=dataset.frame.iloc[rows].reset_index(drop=True))
+
+
+def tta_rows(model: Path, dataset: Dataset, workdir: Path, ttas: Sequence[str] = TTAS,
+             n_boot: int = 500) -> list[dict]:
+    """One row per TTA setting: val and test scores and seconds per image."""
+    card = load_card(model)
+    seed = card.config.get("split_seed")
+    split = load_or_make_split(dataset, workdir, card.config.get("seed", 0) if seed is None
+                               else seed)
+    _, va, te = split_indices(dataset, split)
+    rows = []
+    for tta in ttas:
+        row = {"tta": tta}
+        for part, idx in (("val", va), ("test", te)):
+            t0 = time.perf_counter()
+            res = evaluate_model(model, subset(dataset, idx), workdir=workdir, n_boot=n_boot,
+                                 tta=tta)["overall"]
+            row[part] = {k: res[k] for k in ("balanced_accuracy", "balanced_accuracy_ci95",
+                                             "macro_auc", "mel_sensitivity")}
+            row[f"{part}_s_per_image"] = (time.perf_counter() - t0) / len(idx)
+        rows.append(row)
+        print(f"tta {tta}: val {row['val']['balanced_accuracy']:.3f}, test "
+              f"{row['test']['balanced_accuracy']:.3f}, {row['test_s_per_image'] * 1000:.0f} "
+              f"ms/image", flush=True)
+    return rows
+
+
+def table(rows: list[dict], model: str, cpu: str) -> str:
+    """Markdown: one line per TTA setting."""
+    lines = [f"TTA on `{model}` ({cpu}); chosen on val, test shown beside it:\n",
+             "| TTA | val bal.acc | test bal.acc [95% CI] | test macro AUC | test mel sens | "
+             "ms/image |", "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lo, hi = r["test"]["balanced_accuracy_ci95"]
+        lines.append(f"| {r['tta']} | {r['val']['balanced_accuracy']:.3f} | "
+                     f"{r['test']['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['test']['macro_auc']:.3f} | {r['test']['mel_sensitivity']:.3f} | "
+                     f"{r['test_s_per_image'] * 1000:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments."""
+    p = make_parser("python -m benchmarks.tta_cost", __doc__)
+    p.add_argument("--model", type=Path, required=True, help="a model folder")
+    p.add_argument("--tta", nargs="+", default=list(TTAS), choices=TTAS)
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    add_data_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score the model with each TTA setting and print the table."""
+    args = build_parser().parse_args(argv)
+    dataset = ensure_data(resolve_data(args))
+    rows = tta_rows(args.model, dataset, args.workdir, args.tta)
+    cpu = cpu_model()
+    print(table(rows, Path(args.model).name, cpu))
+    if args.out:
+        write_json(args.out, {"model": Path(args.model).name, "cpu": cpu, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
