@@ -211,8 +211,12 @@ def results_dir(workdir: Path | str) -> Path:
 def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
     """Run one cell (or load its saved result) and return its leaderboard row."""
     out = results_dir(workdir) / f"{cell.cell_id}.json"
-    if out.exists():
-        return read_json(out)
+    if out.exists():  # finished earlier; its labels follow the card's current wording
+        row = read_json(out)
+        card = load_card(row["model_dir"])
+        row.update(features=card.features_label, head=card.head_label,
+                   imbalance=card.imbalance_label)
+        return row
     t0 = time.perf_counter()
     for need in cell.needs:  # e.g. the embedding of a network an earlier cell fine-tuned
         featurize(dataset, workdir, need)
@@ -228,8 +232,10 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
     row = summarize(card)
     row["group"] = cell.group
     row["model_dir"] = str(Path(workdir) / "models" / card.name)
-    # what this cell cost here; an ensemble's card also counts its members' training
-    row["cell_time_s"] = round(time.perf_counter() - t0, 1)
+    # what this cell cost: a network's training time (summed over resumed parts and folds),
+    # otherwise this call's wall time (an ensemble's card also counts its members' training)
+    row["cell_time_s"] = (card.total_time_s if cell.kind in ("finetune", "kfold")
+                          else round(time.perf_counter() - t0, 1))
     write_json(out, row)
     return row
 
