@@ -146,7 +146,7 @@ def test_full_plan_covers_the_study() -> None:
     fold1 = fold_configs(kfold[0].config)[0].model_name()
     assert len(emb) == 2 and all(c.needs[0].backbone.endswith(fold1) for c in emb)
     networks = [c.config for c in cells if c.kind == "finetune"]
-    assert [n.backbone for n in networks] == list(ra.LITE[1:])
+    assert [n.backbone for n in networks] == [ra.LITE[2]]
     assert plan.curve_finetune.backbone == ra.LITE[0] and plan.curve_finetune.cv_folds == 0
     assert plan.curve_finetune_fractions == (0.1, 0.25)
     ensemble = [c for c in cells if c.kind == "ensemble"]
