@@ -71,6 +71,12 @@ def _time(row: dict) -> str:
     return f"{_fmt(total, 0)} (cell {_fmt(cell, 0)})"
 
 
+def _head(row: dict) -> str:
+    """The head, with its imbalance handling where it is not the default class weights."""
+    extra = row.get("imbalance") in ("none", "smote")
+    return f"{row['head']} ({row['imbalance']})" if extra else row["head"]
+
+
 def sources_md(rows: list[dict]) -> str:
     """Per-source table of the external test set: balanced accuracy and macro AUC, with n."""
     with_sources = [r for r in rows if r.get("sources")]
@@ -85,7 +91,7 @@ def sources_md(rows: list[dict]) -> str:
         cells = [f"{_fmt(r['sources'][n]['balanced_accuracy'])} / "
                  f"{_fmt(r['sources'][n]['macro_auc'])}" if n in r["sources"] else "n/a"
                  for n in names]
-        lines.append(f"| {r['features']} | {r['head']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['features']} | {_head(r)} | " + " | ".join(cells) + " |")
     return ("Balanced accuracy / macro AUC per image source:\n\n" + head + "\n".join(lines)
             + "\n")
 
@@ -107,7 +113,7 @@ def melanoma_md(rows: list[dict], external: list[dict] | None) -> str:
     lines = []
     for r in sorted(rows, key=lambda r: -r["balanced_accuracy"]):
         op = r.get("mel_operating_point")
-        lines.append(f"| {r['features']} | {r['head']} | {_fmt(op and op['threshold'])} | "
+        lines.append(f"| {r['features']} | {_head(r)} | {_fmt(op and op['threshold'])} | "
                      f"{_op_cell(op, 'sensitivity')} | {_op_cell(op, 'specificity')} | "
                      f"{_op_cell(op, 'benign_per_melanoma_found')} | "
                      f"{_op_cell(ext.get(r['name']), 'sensitivity')} | "
@@ -164,7 +170,8 @@ def training_md(rows: list[dict], cpu: str) -> str:
         card = load_card(r["model_dir"])
         c, d = card.config, card.details
         h, w = c["image_size"]
-        lines.append(f"| {c['backbone']} | {c['train_fraction']:g} | {w}x{h} | "
+        fold = f" (fold {c['cv_fold'] + 1}/{c['cv_folds']})" if c.get("cv_folds") else ""
+        lines.append(f"| {c['backbone']}{fold} | {r['train_fraction']:g} | {w}x{h} | "
                      f"{c.get('freeze_stages', 0)} | {d['epochs_run']} ({d['best_epoch']}) | "
                      f"{d['train_img_per_s']:.1f} | {d['epoch_time_s'] / 60:.1f} | "
                      f"{card.total_time_s / 60:.1f} |")

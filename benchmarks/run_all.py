@@ -71,7 +71,7 @@ def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
     if preset in ("quick", "smoke"):
         return quick_plan(seed, smoke=preset == "smoke")
     if preset == "best":
-        return best_plan(seed)
+        return best_plan(seed, workdir)
     if preset != "full":
         raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full or best "
                              f"(or smoke)")
@@ -157,22 +157,21 @@ def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[
             for head in ("logreg", "lightgbm")]
 
 
-def best_plan(seed: int, folds: int = 3) -> Plan:
-    """``--preset best``: only the recommended pipeline, its recipe written down here.
+def best_plan(seed: int, workdir: Path | str = "runs") -> Plan:
+    """``--preset best``: only the pipeline the full study recommends, its recipe written down
+    here (not re-chosen): the full preset's late ensemble, which val ranked first (0.821).
 
     Three lite0 networks fine-tuned with the study's recipe, each on two thirds of train
-    (lesion-grouped folds): averaged, they are the CNN ensemble; their out-of-fold
-    probabilities, with the hand-made colour/texture/shape features and age, sex and site,
-    feed a logistic-regression stack. The final model folder is the stack's.
+    (lesion-grouped folds), give out-of-fold probabilities; with the hand-made
+    colour/texture/shape features and age, sex and site they feed a logistic-regression stack.
+    The stack, lite2 fine-tuned for 6 epochs and the frozen 3-backbone + hand-made + metadata
+    head are averaged with weights chosen on val. The final model folder is the ensemble's.
     """
-    plan = Plan(featurize=[FeaturizeConfig(backbone="classical", num_workers=2)],
-                curve_fractions=())
-    ft = FinetuneConfig(seed=seed, cv_folds=folds)
-    plan.cells.append(Cell(kfold_name(ft), "kfold", ft))
-    stack = HeadConfig(features=f"oof:{kfold_name(ft)}+classical", head="logreg",
-                       metadata=True, seed=seed, tune_timeout=FULL_HEAD_TIMEOUT)
-    plan.cells.append(_head_cell(stack))
-    return plan
+    full = full_plan(seed, workdir)
+    ens = full.late_cells[0]
+    wanted = set(ens.config.members) | {c.cell_id for c in full.cells if c.kind == "kfold"}
+    return Plan(featurize=full.featurize, cells=[c for c in full.cells if c.cell_id in wanted],
+                late_cells=[ens], curve_fractions=())
 
 
 def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
@@ -213,11 +212,7 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
     """Run one cell (or load its saved result) and return its leaderboard row."""
     out = results_dir(workdir) / f"{cell.cell_id}.json"
     if out.exists():  # finished earlier; its labels follow the card's current wording
-        row = read_json(out)
-        card = load_card(row["model_dir"])
-        row.update(features=card.features_label, head=card.head_label,
-                   imbalance=card.imbalance_label)
-        return row
+        return with_current_labels(read_json(out))
     t0 = time.perf_counter()
     for need in cell.needs:  # e.g. the embedding of a network an earlier cell fine-tuned
         featurize(dataset, workdir, need)
@@ -239,6 +234,13 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
                           else round(time.perf_counter() - t0, 1))
     write_json(out, row)
     return row
+
+
+def with_current_labels(row: dict) -> dict:
+    """A saved row with its table labels re-read from its model card (wording changes)."""
+    card = load_card(row["model_dir"])
+    return {**row, "features": card.features_label, "head": card.head_label,
+            "imbalance": card.imbalance_label}
 
 
 def _eta(done_s: list[float], left: int) -> str:
@@ -384,15 +386,17 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     print(f"done in {wall / 60:.1f} min; {len(rows)} cells; best by val: {best['name']} "
           f"test bal.acc {best['balanced_accuracy']:.3f}; report: {report}")
     if preset == "best":  # the recommended pipeline's folder: the last cell's
-        print(f"model folder (predict, evaluate, explain, serve): {rows[-1]['model_dir']}")
+        final = (plan.late_cells or plan.cells)[-1].cell_id
+        folder = next(r["model_dir"] for r in rows if r["name"] == final)
+        print(f"model folder (predict, evaluate, explain, serve): {folder}")
     return summary
 
 
 def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                        report: Path | None, preset: str, seed: int) -> dict:
     """Rebuild the report from finished cells (no training); unfinished cells are listed."""
-    saved_rows = {p.stem: read_json(p) for p in results_dir(workdir).glob("*.json")
-                  if not p.name.startswith("summary_")}
+    saved_rows = {p.stem: with_current_labels(read_json(p))
+                  for p in results_dir(workdir).glob("*.json") if not p.name.startswith("summary_")}
     rows = [saved_rows[c.cell_id] for c in plan.cells if c.cell_id in saved_rows]
     rows += [saved_rows[c.cell_id] for c in curve_cells(plan, rows, seed)
              if c.cell_id in saved_rows]
@@ -402,9 +406,12 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     missing = sorted(planned - {r["name"] for r in rows})
     prev = results_dir(workdir) / f"summary_{preset}.json"
     saved = read_json(prev) if prev.exists() else {}
+    labels = {r["name"]: r for r in rows}
+    external = [{**e, **{k: labels[e["name"]][k] for k in ("features", "head", "imbalance")}}
+                if e["name"] in labels else e for e in saved.get("external") or []]
     summary = {"preset": preset, "seed": seed,
                "wall_time_s": saved.get("wall_time_s", float("nan")), "rows": rows,
-               "external": saved.get("external"), "n_images": len(dataset),
+               "external": external or None, "n_images": len(dataset),
                "unfinished": missing, "cpu": saved.get("cpu", machine_label())}
     if report is not None:
         from benchmarks.report import write_report

@@ -74,8 +74,11 @@ class ModelCard:
             label = members_label([m["features"] for m in self.details["members"]])
             k = len(self.details["members"])
             return f"{label} x{k} folds" if self.details.get("oof_image_ids") else label
-        # a fine-tuned network's folder as backbone: its folder name, not the whole path
-        return short_oof(re.sub(r"[^+:]*/(finetune__)", r"\1", self.config["features"]))
+        # a fine-tuned network's folder as backbone: "ft:<backbone> [fold k/K]", not its path
+        return short_oof(re.sub(
+            r"[^+:]*/finetune__(?:tf_efficientnet_)?(\w+?)__[^+:]*?(?:__cv(\d+)of(\d+))?__seed\d+",
+            lambda m: f"ft:{m[1]}" + (f" fold {m[2]}/{m[3]}" if m[2] else ""),
+            self.config["features"]))
 
     @property
     def head_label(self) -> str:

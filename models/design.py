@@ -125,7 +125,7 @@ FROZEN_INPUTS = INPUTS[:2]
 def is_finetuned_key(key: str) -> bool:
     """Whether a ``--features`` block names a fine-tuned network folder (or its cache key)."""
     backbone = key.partition(":")[0]
-    return backbone.startswith("ft_") or "finetune__" in Path(backbone).name
+    return key.startswith(("ft_", "ft:")) or "finetune__" in Path(backbone).name
 
 
 def input_kind(features: str) -> str:
@@ -133,7 +133,7 @@ def input_kind(features: str) -> str:
     keys = split_keys(features)
     if any(k.startswith(OOF_PREFIX) for k in keys):
         return INPUTS[3]
-    if any(is_finetuned_key(k) for k in keys):
+    if any(is_finetuned_key(k) for k in keys):  # a folder, its cache key or its table label
         return INPUTS[2]
     if all(k.partition(":")[0] == "classical" for k in keys):
         return INPUTS[1]

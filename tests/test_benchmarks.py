@@ -161,16 +161,23 @@ def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
     assert ra.default_report("quick", tmp_path) == tmp_path / "REPORT_quick.md"
 
 
-def test_best_preset_is_the_kfold_ensemble_and_its_stack() -> None:
+def test_best_preset_is_the_full_studys_ensemble_and_nothing_else() -> None:
     from benchmarks.run_all import plan_for
 
-    plan = plan_for("best", 0)
-    kinds = [c.kind for c in plan.cells]
-    assert kinds == ["kfold", "head"]
-    kfold, stack = plan.cells
+    best, full = plan_for("best", 0), plan_for("full", 0)
+    assert [c.kind for c in best.late_cells] == ["ensemble"]
+    ens = best.late_cells[0].config
+    assert ens.members == full.late_cells[0].config.members and ens.weights == "val"
+    kinds = sorted(c.kind for c in best.cells)
+    assert kinds == ["finetune", "head", "head", "kfold"]
+    kfold = next(c for c in best.cells if c.kind == "kfold")
+    stack = next(c for c in best.cells if c.cell_id == ens.members[0])
     assert kfold.config.cv_folds == 3
     assert stack.config.features == f"oof:{kfold.cell_id}+classical" and stack.config.metadata
-    assert [f.backbone for f in plan.featurize] == ["classical"]
+    assert [c.cell_id for c in best.cells].index(kfold.cell_id) < \
+        [c.cell_id for c in best.cells].index(stack.cell_id)  # the stack reads the K-fold run
+    assert set(ens.members) | {kfold.cell_id} == {c.cell_id for c in best.cells}
+    assert not best.curve_fractions and best.curve_finetune is None
 
 
 def test_ablation_levers_change_one_thing_and_render_as_deltas(tmp_path) -> None:
@@ -211,6 +218,7 @@ def test_head_input_table_pairs_heads_per_kind_of_input() -> None:
     assert input_kind("ft_finetune__a") == "fine-tuned embedding"
     assert input_kind("runs/models/finetune__lite0__cv1of3__seed0:flip") == \
         "fine-tuned embedding"
+    assert input_kind("ft:lite0 fold 1/3:flip") == "fine-tuned embedding"  # its table label
     assert input_kind("classical") == "hand-made features"
     assert input_kind("tf_efficientnet_lite0:multistage+classical") == "ImageNet embedding"
 

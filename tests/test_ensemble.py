@@ -199,6 +199,7 @@ def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_sa
     card = train_head(ds, work, HeadConfig(features=str(fold0), trials=1, folds=2, n_boot=20,
                                            tune_timeout=None, name="ftemb_head"))
     assert sorted(card.train_image_ids) == sorted(net.details["oof_image_ids"])
+    assert card.features_label == "ft:lite0 fold 1/3"  # the table label, not the folder path
     assert not set(card.train_image_ids) & set(net.train_image_ids)
     full = trained_models["finetune"]  # fine-tuned on every training image of the same split
     featurize(ds, work, FeaturizeConfig(backbone=str(full), num_workers=0))
