@@ -106,15 +106,32 @@ def stack_member_dir(model_dir: Path | str, block: str) -> Path:
 
 
 def copy_stack_members(workdir: Path | str, features: str, folder: Path) -> None:
-    """Copy the K-fold ensembles a stacking head reads into its folder (self-contained)."""
+    """Copy the K-fold ensembles a stacking head reads, and the fine-tuned networks it embeds
+    with, into its folder (self-contained: it predicts after being moved)."""
     import shutil
 
-    for name in stack_members(features):
-        dest = folder / "members" / name
+    sources = [model_path(workdir, name) for name in stack_members(features)]
+    sources += [Path(k.partition(":")[0]) for k in split_keys(features)
+                if is_finetuned_key(k) and Path(k.partition(":")[0]).is_dir()]
+    for source in sources:
+        dest = folder / "members" / source.name
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(model_path(workdir, name), dest,
-                        ignore=shutil.ignore_patterns("checkpoint.pt"))
+        shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoint.pt"))
+
+
+def localized(card: ModelCard, model_dir: Path | str) -> ModelCard:
+    """``card`` with each fine-tuned embedding network read from the copy inside its folder
+    (``members/<network>``) where there is one, so a moved head folder still predicts."""
+    import dataclasses
+
+    blocks = []
+    for block in card.features:
+        copy = Path(model_dir) / "members" / Path(block["backbone"]).name
+        if is_finetuned_key(block["backbone"]) and (copy / "card.json").exists():
+            block = {**block, "backbone": str(copy)}
+        blocks.append(block)
+    return dataclasses.replace(card, features=blocks)
 
 
 INPUTS = ("ImageNet embedding", "hand-made features", "fine-tuned embedding",

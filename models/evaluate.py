@@ -22,7 +22,7 @@ from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard, load_card, load_head
-from models.design import card_design, stack_member_dir, stacked_blocks
+from models.design import card_design, localized, stack_member_dir, stacked_blocks
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
               "mel_sensitivity", "ece", "per_class_recall", "mel_operating_point")
@@ -49,8 +49,8 @@ def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | N
         return predict_finetuned(model_dir, dataset.frame["path"].tolist(), device, tta)
     stacked = {b: model_proba(stack_member_dir(model_dir, b), dataset, workdir, device,
                               tta=tta) for b in stacked_blocks(card)}
-    return load_head(model_dir).predict_proba(card_design(card, dataset, workdir, device,
-                                                          stacked=stacked))
+    return load_head(model_dir).predict_proba(card_design(localized(card, model_dir), dataset,
+                                                          workdir, device, stacked=stacked))
 
 
 def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,

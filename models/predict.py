@@ -20,7 +20,7 @@ from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import load_card, load_head
-from models.design import (LOCALIZATIONS, SEXES, card_design, card_extractors,
+from models.design import (LOCALIZATIONS, SEXES, card_design, card_extractors, localized,
                            stack_member_dir, stacked_blocks)
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
@@ -63,6 +63,7 @@ class Predictor:
             self.cam = self
         else:
             self.head = load_head(model_dir)
+            self.card = localized(self.card, model_dir)  # embedding networks it carries
             self.extractors = card_extractors(self.card, device)
             self.stacked = {b: Predictor(stack_member_dir(model_dir, b), device)
                             for b in stacked_blocks(self.card)}

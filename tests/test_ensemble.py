@@ -185,7 +185,7 @@ def test_members_without_saved_val_probabilities_get_them_computed(trained_model
 
 
 def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_saw(
-        kfold, trained_models) -> None:
+        kfold, trained_models, tmp_path: Path) -> None:
     """Embedding with fold network 0: the head's training rows are exactly the fold that network
     held out; a network fine-tuned on all of train is refused as an embedder for a head."""
     from featurize.extract import FeaturizeConfig, featurize
@@ -200,6 +200,17 @@ def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_sa
                                            tune_timeout=None, name="ftemb_head"))
     assert sorted(card.train_image_ids) == sorted(net.details["oof_image_ids"])
     assert card.features_label == "ft:lite0 fold 1/3"  # the table label, not the folder path
+    import shutil
+
+    from models.predict import Predictor
+
+    moved = tmp_path / "moved"  # the head carries its embedding network: it works elsewhere
+    shutil.copytree(work / "models" / "ftemb_head", moved)
+    predictor = Predictor(moved)
+    assert predictor.card.features[0]["backbone"] == str(moved / "members" / fold0.name)
+    proba = predictor.predict_proba(ds.frame["path"].tolist()[:3])
+    predictor.close()
+    assert proba.shape == (3, 7) and np.allclose(proba.sum(1), 1)
     assert not set(card.train_image_ids) & set(net.train_image_ids)
     full = trained_models["finetune"]  # fine-tuned on every training image of the same split
     featurize(ds, work, FeaturizeConfig(backbone=str(full), num_workers=0))
