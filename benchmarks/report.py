@@ -178,6 +178,11 @@ def training_md(rows: list[dict], cpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _input(row: dict) -> str:
+    """A head row's kind of input (rows saved before rows carried it: from its spec)."""
+    return row.get("input") or input_kind(row["features"])
+
+
 def head_input_md(rows: list[dict]) -> str:
     """Logistic regression vs LightGBM per kind of input: the test balanced accuracy of the
     class-weighted, full-data cell each head scored best on val."""
@@ -188,7 +193,7 @@ def head_input_md(rows: list[dict]) -> str:
     for kind in INPUTS:
         best = {}
         for head in ("logreg", "lightgbm"):
-            cands = [r for r in heads if input_kind(r["features"]) == kind
+            cands = [r for r in heads if _input(r) == kind
                      and r["head"].removeprefix("stack (").removesuffix(")") == head]
             if cands:
                 best[head] = max(cands, key=lambda r: r["val_balanced_accuracy"])
@@ -364,7 +369,7 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
                         ("any", "best pipeline")):
         cands = [r for r in main if r["kind"] == kind or kind == "any"]
         if kind == "head":
-            cands = [r for r in cands if input_kind(r["features"]) in INPUTS[:2]]
+            cands = [r for r in cands if _input(r) in INPUTS[:2]]
         if cands:
             best = max(cands, key=lambda r: r["val_balanced_accuracy"])  # chosen on val
             chosen.append({**best, "label": label})

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
@@ -24,12 +25,10 @@ from lesionlab.data import Dataset, load_external_labels
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import class_counts, load_or_make_split
-from models.bundle import ModelCard, load_card, save_card
-from models.ensemble import EnsembleConfig, build_ensemble
-from models.finetune import FinetuneConfig, finetune
-from models.bundle import model_path
+from models.bundle import ModelCard, load_card, model_path, save_card
 from models.design import FROZEN_INPUTS, input_kind
-from models.ensemble import member_dirs
+from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
+from models.finetune import FinetuneConfig, finetune
 from models.kfold import fold_configs, kfold_finetune, kfold_name
 from models.train_head import HeadConfig, train_head
 
@@ -149,12 +148,11 @@ def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[
     backbone = str(model_path(workdir, fold0.model_name()))
     emb = FeaturizeConfig(backbone=backbone, tta="flip", num_workers=2)
     short = f"{fold0.backbone.removeprefix('tf_efficientnet_')}-fold1of{fold0.cv_folds}"
-    return [Cell(f"ftemb__{short}__{head}__class_weight__seed{seed}", "head",
-                 HeadConfig(features=f"{backbone}:flip", head=head, seed=seed,
-                            tune_timeout=FULL_HEAD_TIMEOUT,
-                            name=f"ftemb__{short}__{head}__class_weight__seed{seed}"),
-                 needs=[emb])
+    cfgs = [HeadConfig(features=f"{backbone}:flip", head=head, seed=seed,
+                       tune_timeout=FULL_HEAD_TIMEOUT,
+                       name=f"ftemb__{short}__{head}__class_weight__seed{seed}")
             for head in ("logreg", "lightgbm")]
+    return [Cell(cfg.name, "head", cfg, needs=[emb]) for cfg in cfgs]
 
 
 def best_plan(seed: int, workdir: Path | str = "runs") -> Plan:
@@ -185,6 +183,9 @@ def summarize(card: ModelCard) -> dict:
         "name": card.name, "kind": card.kind,
         "features": card.features_label, "head": card.head_label,
         "imbalance": card.imbalance_label, "metadata": card.metadata,
+        # what a head reads, from its spec (not its table label): ImageNet / hand-made /
+        # fine-tuned embedding / OOF probabilities
+        "input": input_kind(card.config["features"]) if card.kind == "head" else None,
         "train_fraction": card.config.get("train_fraction", 1.0),
         "balanced_accuracy": t["balanced_accuracy"],
         "ci95": t.get("ci95", {}).get("balanced_accuracy"),
@@ -240,7 +241,8 @@ def with_current_labels(row: dict) -> dict:
     """A saved row with its table labels re-read from its model card (wording changes)."""
     card = load_card(row["model_dir"])
     return {**row, "features": card.features_label, "head": card.head_label,
-            "imbalance": card.imbalance_label}
+            "imbalance": card.imbalance_label,
+            "input": input_kind(card.config["features"]) if card.kind == "head" else None}
 
 
 def _eta(done_s: list[float], left: int) -> str:
@@ -268,8 +270,7 @@ def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
 
 def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
     """Learning-curve cells for the best frozen recipe (chosen on val, not test) and fine-tuning."""
-    heads_rows = [r for r in main_rows if r["kind"] == "head"
-                  and input_kind(r["features"]) in FROZEN_INPUTS]
+    heads_rows = [r for r in main_rows if r["kind"] == "head" and r["input"] in FROZEN_INPUTS]
     cells: list[Cell] = []
     if heads_rows:
         best = max(heads_rows, key=lambda r: r["val_balanced_accuracy"])
@@ -320,8 +321,9 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
     for row in rows:
         folder = Path(row["model_dir"])
         cache = results_dir(workdir) / "external" / f"{row['name']}.json"
+        # the same images scored by the same trained model (its saved test probabilities)
         key = {"data": str(external.root), "n": len(external),
-               "test_balanced_accuracy": row["balanced_accuracy"]}
+               "model": sha256_file(folder / "test_proba.npy")}
         if cache.exists() and read_json(cache).get("key") == key:
             out.append(read_json(cache)["row"])  # scored in an earlier part of this run
             continue
@@ -395,12 +397,13 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
 def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                        report: Path | None, preset: str, seed: int) -> dict:
     """Rebuild the report from finished cells (no training); unfinished cells are listed."""
-    saved_rows = {p.stem: with_current_labels(read_json(p))
-                  for p in results_dir(workdir).glob("*.json") if not p.name.startswith("summary_")}
-    rows = [saved_rows[c.cell_id] for c in plan.cells if c.cell_id in saved_rows]
-    rows += [saved_rows[c.cell_id] for c in curve_cells(plan, rows, seed)
-             if c.cell_id in saved_rows]
-    rows += [saved_rows[c.cell_id] for c in plan.late_cells if c.cell_id in saved_rows]
+    def saved(cells: list[Cell]) -> list[dict]:  # the planned cells that finished
+        paths = [results_dir(workdir) / f"{c.cell_id}.json" for c in cells]
+        return [with_current_labels(read_json(p)) for p in paths if p.exists()]
+
+    rows = saved(plan.cells)
+    rows += saved(curve_cells(plan, rows, seed))
+    rows += saved(plan.late_cells)
     rows += fold_rows(rows)
     planned = {c.cell_id for c in plan.cells + plan.late_cells}
     missing = sorted(planned - {r["name"] for r in rows})

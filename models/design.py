@@ -105,7 +105,7 @@ def stack_member_dir(model_dir: Path | str, block: str) -> Path:
     return Path(model_dir) / "members" / block[len(OOF_PREFIX):]
 
 
-def copy_stack_members(workdir: Path | str, features: str, folder: Path) -> None:
+def copy_members(workdir: Path | str, features: str, folder: Path) -> None:
     """Copy the K-fold ensembles a stacking head reads, and the fine-tuned networks it embeds
     with, into its folder (self-contained: it predicts after being moved)."""
     import shutil

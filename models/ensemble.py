@@ -226,11 +226,11 @@ def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str,
     return folder
 
 
-def ensemble_proba(folder: Path | str,
-                   member_proba: Callable[[Path], np.ndarray]) -> np.ndarray:
+def ensemble_proba(folder: Path | str, member_proba: Callable[[Path], np.ndarray],
+                   card: ModelCard | None = None) -> np.ndarray:
     """Calibrated probabilities of an ensemble folder, given each member's (a callback, so
     predict, evaluate and the server each use their own way of running a member)."""
-    card = load_card(folder)
+    card = card or load_card(folder)
     probas = [member_proba(d) for d in member_dirs(folder, card)]
     return combine(probas, card.config["member_weights"], card.temperature)
 

@@ -42,7 +42,7 @@ def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | N
         from models.ensemble import ensemble_proba
 
         return ensemble_proba(model_dir, lambda m: model_proba(m, dataset, workdir, device,
-                                                               tta=tta))
+                                                               tta=tta), card)
     if card.kind == "finetune":
         from models.finetune import predict_finetuned
 

@@ -32,7 +32,7 @@ from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operati
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import ModelCard, TrainingRun, model_name, model_path, save_card, save_head
-from models.design import Design, copy_stack_members, load_design
+from models.design import Design, copy_members, load_design
 
 log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
@@ -237,7 +237,7 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     card.tune_time_s = round(tune_s, 1)
     card.fit_time_s = round(fit_s, 2)
     card.total_time_s = round(time.perf_counter() - t_start, 1)
-    copy_stack_members(workdir, cfg.features, folder)
+    copy_members(workdir, cfg.features, folder)
     save_card(folder, card)
     return card
 
