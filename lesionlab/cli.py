@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from lesionlab.artifacts import DEFAULT_WORKDIR
 from lesionlab.data import default_data_dir
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, flush_warnings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm",
@@ -170,9 +170,11 @@ def run_main(main: Callable[[Sequence[str] | None], int | None],
     try:
         code = main(argv)
     except LesionLabError as exc:
+        flush_warnings()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    flush_warnings()
     sys.exit(code or 0)

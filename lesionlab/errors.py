@@ -1,5 +1,51 @@
-"""The one exception type that means "the user's input is wrong" (printed without traceback)."""
+"""The user-facing error type, and counted warnings that are shown once each.
+
+``LesionLabError`` means "the user's input is wrong": CLIs print it on one line, without a
+traceback. :func:`warn_once` is the one way lesionlab warns about a condition that may repeat
+(a rare class in every tuning trial, a metric undefined on every bootstrap draw): the first
+occurrence is logged on one line, repeats are only counted, and :func:`flush_warnings` (called
+by every CLI on exit) logs how often each one recurred.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+log = logging.getLogger("lesionlab")
+
+_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 class LesionLabError(Exception):
     """A user-facing error: bad data, bad option, missing artifact. CLIs print it on one line."""
+
+
+def warn_once(message: str, key: str | None = None) -> None:
+    """Log ``warning: <message>`` the first time ``key`` (default: the message) is seen.
+
+    Later calls with the same key are counted, not printed; :func:`flush_warnings` reports the
+    counts. The message should be one line.
+    """
+    key = message if key is None else key
+    _COUNTS[key] += 1
+    if _COUNTS[key] == 1:
+        log.warning("warning: %s", message)
+
+
+def warning_counts() -> dict[str, int]:
+    """How often each warning key was raised since the last :func:`flush_warnings`."""
+    return dict(_COUNTS)
+
+
+def flush_warnings() -> dict[str, int]:
+    """Log one line per warning that recurred (``... (N times in all)``) and reset the counts.
+
+    Returns the counts as they were, keyed by warning key.
+    """
+    counts = dict(_COUNTS)
+    for key, n in counts.items():
+        if n > 1:
+            log.warning("warning repeated: %s (%d times in all)", key, n)
+    _COUNTS.clear()
+    return counts
