@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lesionlab.artifacts import read_json, write_json
+from lesionlab.provenance import provenance
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import load_external_labels
 from lesionlab.download import ensure_data
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     external = load_external_labels(args.external_test) if args.external_test else None
     done = read_json(args.out) if args.out.exists() else {"rows": []}
     done["device"] = device_name(args.device)
+    done["provenance"] = provenance()
     for lever in levers:
         row = run_lever(lever, configs[lever], dataset, external, args.workdir)
         done["rows"] = [r for r in done["rows"] if r["lever"] != lever] + [row]

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from lesionlab.artifacts import write_text  # noqa: E402
 from lesionlab.data import CLASSES, Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
+from lesionlab.provenance import same_code, short  # noqa: E402
 from models.bundle import load_card  # noqa: E402
 from models.design import INPUTS, input_kind  # noqa: E402
 
@@ -52,14 +53,33 @@ def leaderboard_md(rows: list[dict], title: str = "") -> str:
     lines = []
     for i, r in enumerate(sorted(rows, key=lambda r: -r["balanced_accuracy"]), 1):
         ci = r.get("ci95") or [None, None]
+        stale = " **(stale)**" if r.get("stale") else ""
         lines.append(
-            f"| {i} | {r['features']} | {r['head']} | {r['imbalance']} | "
+            f"| {i} | {r['features']}{stale} | {r['head']} | {r['imbalance']} | "
             f"{'yes' if r.get('metadata') else 'no'} | {r.get('train_fraction', 1.0):g} | "
             f"**{_fmt(r['balanced_accuracy'])}** [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
             f"{_fmt(r['macro_f1'])} | {_fmt(r['macro_auc'])} | {_fmt(r['mel_sensitivity'])} | "
             f"{_fmt(r['ece'])} | {_fmt(r.get('val_balanced_accuracy'))} | "
             f"{_time(r)} |")
     return (title + "\n\n" if title else "") + head + "\n".join(lines) + "\n"
+
+
+def provenance_md(rows: list[dict], current: dict | None) -> str:
+    """Which code made the cells: one line per commit (or code hash), with its cell count, the
+    lock it ran on, and how many rows were reused from other code (``--reuse-stale``)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(short(r.get("provenance")), []).append(r)
+    lines = []
+    for label, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        rec = members[0].get("provenance") or {}
+        lock = (rec.get("lock_sha256") or "none")[:10] if rec else "?"
+        n_stale = sum(1 for r in members if r.get("stale"))
+        here = " (this run's code)" if rec and current and same_code(rec, current) else ""
+        lines.append(f"- `{label}`{here}: {len(members)} cells, lock `{lock}`"
+                     + (f", {n_stale} reused as stale" if n_stale else ""))
+    return "_Code that made these cells (commit, or code sha256 where there was no git):_\n\n" \
+        + "\n".join(lines) + "\n"
 
 
 def _time(row: dict) -> str:
@@ -428,6 +448,7 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
              f"plus feature extraction (time (s): a cell's whole wall time: tuning, training, "
              f"calibration and test). Test split: lesion-grouped, touched once per cell; "
              f"CIs: lesion-level bootstrap resamples._\n")
+    body += "\n" + provenance_md(summary["rows"], summary.get("provenance"))
     if summary.get("unfinished"):
         body += ("\n_Cells of this preset not finished yet: "
                  + ", ".join(f"`{m}`" for m in summary["unfinished"]) + "._\n")

@@ -23,9 +23,10 @@ from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.download import ensure_data
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, warn_once
+from lesionlab.provenance import provenance, same_code, short
 from lesionlab.splits import class_counts, load_or_make_split
-from models.bundle import ModelCard, load_card, model_path, save_card
+from models.bundle import CARD, ModelCard, load_card, model_path, save_card
 from models.design import FROZEN_INPUTS, input_kind
 from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
 from models.finetune import FinetuneConfig, finetune
@@ -209,11 +210,25 @@ def results_dir(workdir: Path | str) -> Path:
     return Path(workdir) / "results"
 
 
-def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
-    """Run one cell (or load its saved result) and return its leaderboard row."""
+def run_cell(cell: Cell, dataset: Dataset, workdir: Path, reuse_stale: bool = False) -> dict:
+    """Run one cell (or load its saved result) and return its leaderboard row.
+
+    A saved result is reused only when the code and lock that made it are this process's
+    (:func:`lesionlab.provenance.same_code`). Otherwise the cell is run again, its old result
+    and model folders moved under ``<workdir>/stale/`` first (nothing is deleted); with
+    ``reuse_stale`` the old row is kept and marked ``"stale": True``.
+    """
     out = results_dir(workdir) / f"{cell.cell_id}.json"
     if out.exists():  # finished earlier; its labels follow the card's current wording
-        return with_current_labels(read_json(out))
+        row = read_json(out)
+        if same_code(row.get("provenance")):
+            return with_current_labels(row)
+        if reuse_stale:
+            warn_once(f"reusing cells made by other code (--reuse-stale), e.g. {cell.cell_id} "
+                      f"({short(row.get('provenance'))}); their rows are marked stale",
+                      key="reuse_stale")
+            return {**with_current_labels(row), "stale": True}
+    archive_stale(cell, workdir)
     t0 = time.perf_counter()
     for need in cell.needs:  # e.g. the embedding of a network an earlier cell fine-tuned
         featurize(dataset, workdir, need)
@@ -233,8 +248,49 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path) -> dict:
     # otherwise this call's wall time (an ensemble's card also counts its members' training)
     row["cell_time_s"] = (card.total_time_s if cell.kind in ("finetune", "kfold")
                           else round(time.perf_counter() - t0, 1))
+    row["provenance"] = card.provenance
     write_json(out, row)
     return row
+
+
+def cell_folders(cell: Cell, workdir: Path | str) -> list[Path]:
+    """The model folders a cell writes (a K-fold cell: its fold networks and their ensemble)."""
+    folders = [model_path(workdir, cell.cell_id)]
+    if cell.kind == "kfold":
+        folders += [model_path(workdir, c.model_name()) for c in fold_configs(cell.config)]
+    return folders
+
+
+def archive_stale(cell: Cell, workdir: Path | str) -> list[Path]:
+    """Move a cell's result and model folders made by other code (or of unknown provenance)
+    to ``<workdir>/stale/<code sha256[:12]>/``, so the rerun starts clean and nothing is lost.
+
+    A folder whose card was made by this code (a resumed or finished part of this run) stays.
+    Returns the paths moved.
+    """
+    moved = []
+    result = results_dir(workdir) / f"{cell.cell_id}.json"
+    for folder in cell_folders(cell, workdir):
+        if not (folder / CARD).exists() or same_code(load_card(folder).provenance):
+            continue
+        moved.append(_move_aside(folder, workdir, load_card(folder).provenance))
+    if result.exists():
+        moved.append(_move_aside(result, workdir, read_json(result).get("provenance")))
+    for path in moved:
+        log.info("stale (made by %s): moved to %s", path.parent.name, path)
+    return moved
+
+
+def _move_aside(path: Path, workdir: Path | str, record: dict | None) -> Path:
+    """Rename ``path`` into ``<workdir>/stale/<code sha256[:12] or unknown>/`` (never over
+    an earlier copy: a numbered suffix is added)."""
+    dest_dir = Path(workdir) / "stale" / ((record or {}).get("code_sha256", "unknown")[:12])
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest, i = dest_dir / path.name, 1
+    while dest.exists():
+        dest, i = dest_dir / f"{path.name}.{i}", i + 1
+    path.rename(dest)
+    return dest
 
 
 def with_current_labels(row: dict) -> dict:
@@ -252,18 +308,19 @@ def _eta(done_s: list[float], left: int) -> str:
 
 
 def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
-               rows: list[dict], durations: list[float]) -> None:
+               rows: list[dict], durations: list[float], reuse_stale: bool = False) -> None:
     for i, cell in enumerate(cells):
         ts = time.perf_counter()
-        cached = (results_dir(workdir) / f"{cell.cell_id}.json").exists()
-        row = run_cell(cell, dataset, workdir)
+        saved = results_dir(workdir) / f"{cell.cell_id}.json"
+        cached = saved.exists() and (reuse_stale or same_code(read_json(saved).get("provenance")))
+        row = run_cell(cell, dataset, workdir, reuse_stale)
         took = time.perf_counter() - ts
         if not cached:
             durations.append(took)
         rows.append(row)
         lo, hi = row["ci95"] or (float("nan"), float("nan"))
         print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc {row['balanced_accuracy']:.3f} "
-              f"[{lo:.3f}, {hi:.3f}] {'(cached) ' if cached else ''}{took:.0f} s | elapsed "
+              f"[{lo:.3f}, {hi:.3f}] {'(stale, reused) ' if row.get('stale') else '(cached) ' if cached else ''}{took:.0f} s | elapsed "
               f"{(time.perf_counter() - t0) / 60:.1f} min, remaining ~"
               f"{_eta(durations, len(cells) - i - 1)}", flush=True)
 
@@ -339,17 +396,21 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
                     "macro_auc": overall["macro_auc"],
                     "mel_sensitivity": overall["mel_sensitivity"], "ece": overall["ece"],
                     "mel_operating_point": overall["mel_operating_point"],
-                    "sources": res["by"]["groups"] if res["by"] else None})
+                    "sources": res["by"]["groups"] if res["by"] else None,
+                    "provenance": provenance()})
         write_json(cache, {"key": key, "row": out[-1]})
     return out
 
 
 def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             external: Path | None = None, report: Path | None = Path("REPORT.md"),
-            download: bool = True, report_only: bool = False) -> dict:
+            download: bool = True, report_only: bool = False,
+            reuse_stale: bool = False) -> dict:
     """The whole study; returns the rows written to the report.
 
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
+    A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
+    marked stale); see :func:`run_cell`.
     """
     t0 = time.perf_counter()
     plan = plan_for(preset, seed, workdir)
@@ -367,17 +428,17 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
               f"{time.perf_counter() - ts:.0f} s", flush=True)
     rows: list[dict] = []
     durations: list[float] = []
-    _run_cells(plan.cells, dataset, workdir, t0, rows, durations)
+    _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale)
     curve = curve_cells(plan, rows, seed)
-    _run_cells(curve, dataset, workdir, t0, rows, durations)
-    _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations)
+    _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale)
+    _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale)
     rows += fold_rows(rows)
     ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
                              workdir) if ext_ds is not None else None
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
                "rows": rows, "external": ext_rows, "n_images": len(dataset),
-               "cpu": machine_label()}
+               "cpu": machine_label(), "provenance": provenance()}
     write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
     if report is not None:
         from benchmarks.report import write_report
@@ -399,7 +460,9 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     """Rebuild the report from finished cells (no training); unfinished cells are listed."""
     def saved(cells: list[Cell]) -> list[dict]:  # the planned cells that finished
         paths = [results_dir(workdir) / f"{c.cell_id}.json" for c in cells]
-        return [with_current_labels(read_json(p)) for p in paths if p.exists()]
+        rows = [with_current_labels(read_json(p)) for p in paths if p.exists()]
+        return [{**r, "stale": True} if not same_code(r.get("provenance")) else r
+                for r in rows]
 
     rows = saved(plan.cells)
     rows += saved(curve_cells(plan, rows, seed))
@@ -415,7 +478,8 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     summary = {"preset": preset, "seed": seed,
                "wall_time_s": saved.get("wall_time_s", float("nan")), "rows": rows,
                "external": external or None, "n_images": len(dataset),
-               "unfinished": missing, "cpu": saved.get("cpu", machine_label())}
+               "unfinished": missing, "cpu": saved.get("cpu", machine_label()),
+               "provenance": provenance()}
     if report is not None:
         from benchmarks.report import write_report
 
@@ -461,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from finished cells without running anything")
+    p.add_argument("--reuse-stale", action="store_true",
+                   help="reuse finished cells made by other code (lesionlab/, featurize/, "
+                        "models/ or the lock differ) instead of running them again; their "
+                        "rows are marked stale in the report")
     p.add_argument("--seed", type=int, default=0, help="model seed of every cell")
     add_data_args(p)
     return p
@@ -471,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
-            report, download=not args.no_download, report_only=args.report_only)
+            report, download=not args.no_download, report_only=args.report_only,
+            reuse_stale=args.reuse_stale)
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from benchmarks.serve_load import cpu_model
 from lesionlab.artifacts import write_json
+from lesionlab.provenance import provenance
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = cpu_model()
     print(table(rows, Path(args.model).name, cpu))
     if args.out:
-        write_json(args.out, {"model": Path(args.model).name, "cpu": cpu, "rows": rows})
+        write_json(args.out, {"model": Path(args.model).name, "cpu": cpu, "rows": rows,
+                              "provenance": provenance()})
     return 0
 
 

@@ -34,6 +34,7 @@ from lesionlab.artifacts import (atomic_path, exclusive_lock, features_dir, libr
 from lesionlab.cli import check_choices, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
 from lesionlab.errors import LesionLabError
+from lesionlab.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +490,7 @@ def _manifest(key: str, cfg: FeaturizeConfig, extractor: Extractor, data_fp: str
         "images_per_s": round(computed / wall, 2) if wall > 0 and computed else None,
         "resumed_images": resumed,
         "versions": library_versions(),
+        "provenance": provenance(),
     }
 
 

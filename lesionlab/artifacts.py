@@ -101,8 +101,8 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("lesionlab", "numpy", "pandas", "scikit-learn", "torch", "timm", "lightgbm",
-                "imbalanced-learn", "optuna", "pillow", "scikit-image"):
+    for pkg in ("lesionlab", "numpy", "pandas", "scikit-learn", "torch", "torchvision", "timm", "lightgbm",
+                "imbalanced-learn", "optuna", "pillow", "scikit-image", "onnxruntime"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

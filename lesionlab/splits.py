@@ -6,31 +6,178 @@ split groups by ``lesion_id``: no lesion ever sits on both sides of a split.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionlab.artifacts import atomic_path, splits_dir
 from lesionlab.data import CLASSES, Dataset
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, warn_once
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
+MIN_LESIONS_PER_CLASS = 4  # the train/val/test split: 2 in train (for its CV), 1 in val, 1 in test
 
 
-def _grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float,
-                     seed: int) -> np.ndarray:
-    """Boolean mask of a stratified, grouped holdout of about ``fraction`` of the rows.
+def _class_name(label: object) -> str:
+    """A class label as the user reads it (integer labels index ``CLASSES``)."""
+    if isinstance(label, (int, np.integer)) and 0 <= int(label) < len(CLASSES):
+        return CLASSES[int(label)]
+    return str(label)
 
-    Uses ``StratifiedGroupKFold`` with round(1 / fraction) folds and keeps one fold.
+
+def lesions_per_class(labels: np.ndarray, groups: np.ndarray) -> dict[Any, int]:
+    """Number of distinct lesions (groups) of each class present in ``labels``.
+
+    Args:
+        labels: (n_images,) class labels.
+        groups: (n_images,) lesion ids.
+
+    Returns:
+        {label: n_lesions} for every label that occurs, in sorted label order.
     """
+    pairs = pd.DataFrame({"y": np.asarray(labels), "g": np.asarray(groups)}).drop_duplicates()
+    return {k: int(v) for k, v in pairs.groupby("y")["g"].nunique().sort_index().items()}
+
+
+def fold_count(labels: np.ndarray, groups: np.ndarray, n_folds: int, purpose: str,
+               allow_fewer: bool = True) -> int:
+    """How many lesion-grouped, stratified folds ``labels`` / ``groups`` can have.
+
+    The one place that decides it, for every K-fold-style split (CV folds of head tuning,
+    K-fold fine-tuning): each class must lie in the training part of every fold, so it needs at
+    least 2 lesions, and a fold count above a class's lesion count leaves that class out of some
+    folds' held-out parts. The answer is ``min(n_folds, fewest lesions of any class)``.
+
+    Args:
+        labels: (n_images,) class labels.
+        groups: (n_images,) lesion ids.
+        n_folds: folds asked for (>= 2).
+        purpose: what the folds are for, named in messages (e.g. "head tuning CV").
+        allow_fewer: if False, a class with fewer lesions than ``n_folds`` is an error instead
+            of a reason for fewer folds (K-fold runs, whose fold count names its networks).
+
+    Returns:
+        The number of folds to use, 2 <= k <= n_folds.
+
+    Raises:
+        LesionLabError: a class has fewer than 2 lesions, or fewer than ``n_folds`` when
+            ``allow_fewer`` is False, or ``n_folds`` < 2.
+    """
+    if n_folds < 2:
+        raise LesionLabError(f"{purpose}: a lesion-grouped split needs at least 2 folds, "
+                             f"got {n_folds}")
+    counts = lesions_per_class(labels, groups)
+    label, fewest = min(counts.items(), key=lambda kv: kv[1])
+    name = _class_name(label)
+    if fewest < 2:
+        raise LesionLabError(
+            f"{purpose}: class {name} has {fewest} lesion; a lesion-grouped split needs at "
+            f"least 2 so that it appears on both sides")
+    if fewest >= n_folds:
+        return n_folds
+    if not allow_fewer:
+        raise LesionLabError(
+            f"{purpose}: class {name} has {fewest} lesions, fewer than the {n_folds} folds asked "
+            f"for; use at most {fewest} folds")
+    warn_once(f"{purpose}: class {name} has only {fewest} lesions; using {fewest} folds "
+              f"instead of {n_folds}", key=f"fold_count:{purpose}:{name}:{fewest}:{n_folds}")
+    return fewest
+
+
+def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
+                    purpose: str, min_held: int = 1, min_rest: int = 1) -> np.ndarray:
+    """Boolean mask of a stratified, lesion-grouped holdout of about ``fraction`` of the rows.
+
+    Classes with at least round(1 / fraction) lesions are split by ``StratifiedGroupKFold``
+    with that many folds (fold 0 held out). A rarer class would be left to chance by it, so its
+    lesions are shuffled (seeded) and round(fraction x n_lesions) of them held out. Either way
+    each class then keeps at least ``min_held`` lesions in the holdout and ``min_rest`` outside
+    it (lesions are moved where needed). One counted warning line per ``purpose`` names the
+    rare classes and their lesion counts. A lesion whose images carry several classes follows
+    its first image's class.
+
+    Args:
+        labels: (n_images,) class labels.
+        groups: (n_images,) lesion ids.
+        fraction: share of rows to hold out, in (0, 1).
+        seed: seeds both the folds and the rare classes' draw.
+        purpose: what the holdout is, named in messages (e.g. "test split").
+        min_held: lesions of every class that the holdout must hold.
+        min_rest: lesions of every class that must stay outside it.
+
+    Returns:
+        (n_images,) bool, True for held-out rows.
+
+    Raises:
+        LesionLabError: a class has fewer than ``min_held + min_rest`` lesions.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise LesionLabError(f"{purpose}: holdout fraction must be in (0, 1), got {fraction}")
+    labels, groups = np.asarray(labels), np.asarray(groups)
     n_splits = max(2, int(round(1.0 / fraction)))
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, hold = next(sgkf.split(np.zeros(len(labels)), labels, groups))
+    first = pd.DataFrame({"y": labels, "g": groups}).drop_duplicates("g")
+    counts = first.groupby("y")["g"].nunique()
+    for c, m in counts.items():
+        _check_sides(c, int(m), min_held + min_rest, purpose)
+    row_class = pd.Series(groups).map(dict(zip(first["g"], first["y"]))).to_numpy()
+    rare = [c for c, m in counts.items() if m < n_splits]
+    common = ~np.isin(row_class, np.array(rare, dtype=row_class.dtype))
     mask = np.zeros(len(labels), dtype=bool)
-    mask[hold] = True
+    rng = np.random.default_rng(seed)
+    if common.any():
+        rows = np.flatnonzero(common)
+        mask[rows[_sgkf_holdout(labels[common], groups[common], n_splits, seed)]] = True
+    for c in rare:
+        lesions = rng.permutation(np.sort(first.loc[first["y"] == c, "g"].to_numpy()))
+        mask[np.isin(groups, lesions[:int(round(fraction * len(lesions)))])] = True
+    _ensure_sides(mask, row_class, groups, min_held, min_rest, rng)
+    if rare:
+        warn_once(f"{purpose}: " + ", ".join(
+            f"class {_class_name(c)} has {int(counts[c])} lesions" for c in rare)
+            + f", fewer than the {n_splits} folds of a {fraction:.0%} stratified holdout; "
+              f"their lesions were drawn at random (each class keeps >= {min_held} held out, "
+              f">= {min_rest} outside)", key=f"holdout:{purpose}")
     return mask
+
+
+def _ensure_sides(mask: np.ndarray, row_class: np.ndarray, groups: np.ndarray, min_held: int,
+                  min_rest: int, rng: np.random.Generator) -> None:
+    """Move random lesions (in place) until every class has ``min_held`` lesions in the
+    holdout and ``min_rest`` outside it (``StratifiedGroupKFold``'s greedy folds can leave a
+    class with fewer when it has few lesions per fold)."""
+    for c in pd.unique(row_class):
+        rows = row_class == c
+        for side, needed in ((True, min_held), (False, min_rest)):
+            have = np.unique(groups[rows & (mask == side)])
+            other = np.unique(groups[rows & (mask != side)])
+            if len(have) < needed:
+                moved = rng.choice(other, size=needed - len(have), replace=False)
+                mask[np.isin(groups, moved)] = side
+
+
+def _check_sides(label: object, n_lesions: int, need: int, purpose: str) -> None:
+    """Raise if a class has fewer lesions than a split needs of it."""
+    if n_lesions < need:
+        raise LesionLabError(
+            f"{purpose}: class {_class_name(label)} has {n_lesions} lesion(s); a lesion-grouped "
+            f"split needs at least {need} of every class here")
+
+
+def _sgkf_holdout(labels: np.ndarray, groups: np.ndarray, n_splits: int,
+                  seed: int) -> np.ndarray:
+    """Indices of fold 0 of ``StratifiedGroupKFold`` (every class has >= n_splits lesions,
+    except where there are fewer lesions than folds altogether: then one lesion per fold)."""
+    n_groups = len(np.unique(groups))
+    sgkf = StratifiedGroupKFold(n_splits=min(n_splits, n_groups), shuffle=True,
+                                random_state=seed)
+    with warnings.catch_warnings():  # class sizes were checked by the caller
+        warnings.simplefilter("ignore", UserWarning)
+        return next(sgkf.split(np.zeros(len(labels)), labels, groups))[1]
 
 
 def make_split(dataset: Dataset, seed: int = 0,
@@ -42,11 +189,16 @@ def make_split(dataset: Dataset, seed: int = 0,
     labels = frame["label"].to_numpy()
     groups = frame["lesion_id"].astype(str).to_numpy()
     split = np.full(len(frame), "train", dtype=object)
-    test = _grouped_holdout(labels, groups, fractions[2], seed)
+    # each class keeps a lesion in test and val and two in train (so train can be
+    # cross-validated): 4 lesions at least
+    for label, n in lesions_per_class(labels, groups).items():
+        _check_sides(label, n, MIN_LESIONS_PER_CLASS, "train/val/test split")
+    test = grouped_holdout(labels, groups, fractions[2], seed, "test split", min_rest=3)
     split[test] = "test"
     rest = np.flatnonzero(~test)
     val_frac = fractions[1] / (fractions[0] + fractions[1])
-    val = _grouped_holdout(labels[rest], groups[rest], val_frac, seed + 1)
+    val = grouped_holdout(labels[rest], groups[rest], val_frac, seed + 1, "val split",
+                          min_rest=2)
     split[rest[val]] = "val"
     return pd.DataFrame({
         "image_id": frame["image_id"].to_numpy(),
@@ -86,11 +238,33 @@ def class_counts(split: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int,
-                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Lesion-grouped stratified K folds as (train_idx, val_idx) pairs."""
-    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return list(sgkf.split(np.zeros(len(labels)), labels, groups))
+def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
+                  purpose: str = "CV folds",
+                  allow_fewer: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Lesion-grouped stratified K folds as (train_idx, val_idx) pairs.
+
+    The fold count comes from :func:`fold_count` (fewer than ``n_folds``, with a warning, when
+    a class has fewer lesions; an error when one has fewer than 2).
+
+    Args:
+        labels: (n_images,) class labels.
+        groups: (n_images,) lesion ids.
+        n_folds: folds asked for.
+        seed: seeds ``StratifiedGroupKFold``'s shuffle.
+        purpose: what the folds are for, named in messages.
+        allow_fewer: see :func:`fold_count`.
+
+    Returns:
+        k pairs of row-index arrays; every row is in exactly one val part.
+
+    Raises:
+        LesionLabError: see :func:`fold_count`.
+    """
+    k = fold_count(labels, groups, n_folds, purpose, allow_fewer)
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # every class has >= k lesions, so >= k images
+        warnings.simplefilter("ignore", UserWarning)
+        return list(sgkf.split(np.zeros(len(labels)), labels, groups))
 
 
 def train_fraction(labels: np.ndarray, groups: np.ndarray, fraction: float,
@@ -100,7 +274,10 @@ def train_fraction(labels: np.ndarray, groups: np.ndarray, fraction: float,
         raise LesionLabError(f"train fraction must be in (0, 1], got {fraction}")
     if fraction >= 1.0:
         return np.arange(len(labels))
-    return np.flatnonzero(_grouped_holdout(labels, groups, fraction, seed))
+    # two lesions of every class, so the subset can still be cross-validated
+    return np.flatnonzero(grouped_holdout(labels, groups, fraction, seed,
+                                          f"{fraction:.0%} training fraction", min_held=2,
+                                          min_rest=0))
 
 
 def split_indices(dataset: Dataset, split: pd.DataFrame, train_frac: float = 1.0,

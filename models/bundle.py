@@ -16,6 +16,7 @@ from typing import Any
 from lesionlab.artifacts import atomic_path, models_dir, read_json, write_json
 from lesionlab.cli import safe_name
 from lesionlab.errors import LesionLabError
+from lesionlab.provenance import provenance
 
 CARD = "card.json"
 HEAD_FILE = "head.skops"
@@ -60,6 +61,9 @@ class ModelCard:
     metadata: bool = False  # head: age, sex and site appended to the features
     mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
     details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
+    # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
+    # written before this field existed loads with {} (unknown provenance, so stale)
+    provenance: dict = field(default_factory=provenance)
 
     @property
     def features_label(self) -> str:
@@ -130,7 +134,7 @@ def load_card(folder: Path | str) -> ModelCard:
         raise LesionLabError(
             f"{folder / CARD} is not a card this version reads (retrain the model); "
             f"missing: {sorted(missing - set(raw)) if isinstance(raw, dict) else 'all'}")
-    return ModelCard(**{k: v for k, v in raw.items() if k in names})
+    return ModelCard(**{"provenance": {}, **{k: v for k, v in raw.items() if k in names}})
 
 
 class TrainingRun:

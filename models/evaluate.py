@@ -18,6 +18,7 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import write_json
+from lesionlab.provenance import provenance
 from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
@@ -138,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
                             args.seed, args.device, args.tta)
     print_scores(result)
-    if args.out is not None:
-        write_json(args.out, result)
+    if args.out is not None:  # what scored it, and what made the model
+        write_json(args.out, {**result, "provenance": provenance(),
+                              "model_provenance": load_card(args.model).provenance})
     return 0
 
 

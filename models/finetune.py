@@ -517,8 +517,8 @@ def cv_rows(dataset: Dataset, tr: np.ndarray,
     from lesionlab.splits import grouped_folds
 
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    fit, held = grouped_folds(dataset.labels[tr], groups[tr], cfg.cv_folds,
-                              cfg.data_seed)[cfg.cv_fold]
+    fit, held = grouped_folds(dataset.labels[tr], groups[tr], cfg.cv_folds, cfg.data_seed,
+                              f"{cfg.cv_folds}-fold fine-tuning", allow_fewer=False)[cfg.cv_fold]
     return tr[fit], tr[held]
 
 

@@ -130,13 +130,17 @@ def early_stopping_split(y: np.ndarray, groups: np.ndarray,
                          seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, early-stopping rows) of a fold's training part: a lesion-grouped, stratified
     fifth is held out to stop boosting on, so the rows a fold is scored on never choose the
-    number of trees."""
-    from lesionlab.splits import grouped_folds
+    number of trees. Every class keeps a lesion in the fit rows (a class with one lesion has
+    none to stop on); see :func:`lesionlab.splits.grouped_holdout`."""
+    from lesionlab.splits import grouped_holdout, lesions_per_class
 
-    with warnings.catch_warnings():  # tiny folds: a rare class may have < 5 lesions
-        warnings.simplefilter("ignore", UserWarning)
-        fit_rows, stop_rows = grouped_folds(y, groups, 5, seed)[0]
-    return fit_rows, stop_rows
+    stop = grouped_holdout(y, groups, 0.2, seed, "early-stopping split", min_held=0)
+    counts = lesions_per_class(y, groups)
+    largest = max(counts, key=counts.get)
+    if not stop.any() and counts[largest] >= 2:  # tiny folds: one lesion of the largest class
+        lesion = np.random.default_rng(seed).choice(np.unique(groups[y == largest]))
+        stop = groups == lesion
+    return np.flatnonzero(~stop), np.flatnonzero(stop)
 
 
 def _transform(pipe: Pipeline, x_fit: np.ndarray, y_fit: np.ndarray,
@@ -173,15 +177,17 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
 
     groups_tr = np.arange(len(y_tr)) if groups_tr is None else groups_tr
     fit_rows, stop_rows = early_stopping_split(y_tr, groups_tr, seed)
-    xt, yt, (xs, xv) = _transform(pipe, x_tr[fit_rows], y_tr[fit_rows],
-                                  [x_tr[stop_rows], x_va])
     ys = y_tr[stop_rows]
-    seen = np.isin(ys, np.unique(yt))  # LightGBM rejects classes it never trained on
+    seen = np.isin(ys, np.unique(y_tr[fit_rows]))  # LightGBM rejects classes it never saw
+    xt, yt, (xs, xv) = _transform(pipe, x_tr[fit_rows], y_tr[fit_rows],
+                                  [x_tr[stop_rows][seen] if seen.any() else x_va, x_va])
+    stopping = ({"eval_set": [(xs, ys[seen])],
+                 "callbacks": [lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)]}
+                if seen.any() else {})  # one lesion per class: nothing to stop on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clf.fit(xt, yt, eval_set=[(xs[seen], ys[seen])],
-                callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
-    return full_proba(clf, xv), int(clf.best_iteration_ or clf.n_estimators)
+        clf.fit(xt, yt, **stopping)
+    return full_proba(clf, xv), int(getattr(clf, "best_iteration_", 0) or clf.n_estimators)
 
 
 def _is_lightgbm(clf: Any) -> bool:

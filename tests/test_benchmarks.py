@@ -78,11 +78,52 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     again = ra.run_all(fixture_dir, work, "smoke", report=None, download=False)
     assert [r["balanced_accuracy"] for r in again["rows"]] == \
         [r["balanced_accuracy"] for r in summary["rows"]]
+    _stale_cells_are_rerun_or_marked(summary, work, fixture_dir, tmp_path, monkeypatch)
     (work / "results" / f"{summary['rows'][0]['name']}.json").unlink()
     rebuilt = ra.run_all(fixture_dir, work, "smoke", report=report, download=False,
                          report_only=True)
     assert rebuilt["unfinished"] == [summary["rows"][0]["name"]]
     assert "not finished yet" in report.read_text()
+
+
+def _stale_cells_are_rerun_or_marked(summary: dict, work: Path, fixture_dir: Path,
+                                     tmp_path: Path, monkeypatch) -> None:
+    """Every result, card and feature manifest names its commit and lock; a cell whose
+    recorded code differs is run again (old files kept under stale/) or, with reuse_stale,
+    reused and marked."""
+    from lesionlab.artifacts import read_json, write_json
+    from lesionlab.provenance import provenance
+    from models.bundle import load_card, save_card
+
+    now = provenance()
+    assert now["commit"] and len(now["lock_sha256"]) == 64
+    head_row = next(r for r in summary["rows"] if r["kind"] == "head")
+    name = head_row["name"]
+    saved = read_json(work / "results" / f"{name}.json")
+    card = load_card(work / "models" / name)
+    for record in (saved["provenance"], card.provenance, summary["provenance"],
+                   read_json(next((work / "features").glob("*/manifest.json")))["provenance"]):
+        assert record["commit"] == now["commit"] and record["lock_sha256"] == now["lock_sha256"]
+        assert record["versions"]["scikit-learn"] == now["versions"]["scikit-learn"]
+    # the cell was made by other code: rewrite its recorded code hash
+    old = {**saved["provenance"], "code_sha256": "0" * 64, "commit": "f" * 40, "dirty": False}
+    write_json(work / "results" / f"{name}.json", {**saved, "provenance": old})
+    card.provenance = old
+    save_card(work / "models" / name, card)
+    report = tmp_path / "STALE.md"
+    marked = ra.run_all(fixture_dir, work, "smoke", report=report, download=False,
+                        reuse_stale=True)  # train_head and finetune still raise here
+    assert [r["name"] for r in marked["rows"] if r.get("stale")] == [name]
+    text = report.read_text()
+    assert "**(stale)**" in text and "`ffffffffff`: 1 cells" in text
+    monkeypatch.undo()  # training allowed again: the stale cell alone is rerun
+    rerun = ra.run_all(fixture_dir, work, "smoke", report=None, download=False)
+    assert not any(r.get("stale") for r in rerun["rows"])
+    fresh = read_json(work / "results" / f"{name}.json")["provenance"]
+    assert fresh["code_sha256"] == now["code_sha256"]
+    kept = list((work / "stale" / ("0" * 12)).iterdir())
+    assert sorted(p.name for p in kept) == sorted([name, f"{name}.json"])
+    assert read_json(kept[0] / "card.json" if kept[0].is_dir() else kept[1] / "card.json")
 
 
 def test_markers_regenerate_without_touching_prose() -> None:
