@@ -289,7 +289,7 @@ def verify_release(root: Path | str, release: Release = OFFICIAL_RELEASE) -> Dat
 
     Checks, in order: the metadata CSV's sha256, the published counts, no image that the CSV
     does not list, and every image decoding at ``release.image_size`` (see
-    :func:`check_images`). Takes about 1 s per 10,000 200x150 images.
+    :func:`check_images`). About 4 s for the 10,015 200x150 images, 10 s at 600x450 (2 cores).
 
     Raises:
         LesionLabError: any check fails (one line naming the count and a few examples), or
