@@ -1,30 +1,108 @@
-"""Fetch the official HAM10000 files: resumable, size-checked, unzipped, then validated."""
+"""Fetch the official HAM10000 files: resumable, size-checked, unzipped, then verified.
+
+A folder is declared ready only when it matches a :class:`Release`: the metadata CSV's sha256,
+the published counts, no stray images, and every image decoding at the one size its source
+documents (``ACCEPTED_IMAGE_SIZES``). Placeholder, resized or truncated images and an edited
+CSV are refused with one line naming the count and a few examples.
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import logging
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Mapping
 
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from lesionlab.data import METADATA_FILE, Dataset, index_images, load_dataset, load_rgb
+from lesionlab.data import MAX_IMAGE_PIXELS, METADATA_FILE, Dataset, index_images, load_dataset
 from lesionlab.errors import LesionLabError
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "https://storage.googleapis.com/peltarion-ml-assignment/HAM10000/"
-FILES: tuple[str, ...] = (
-    "HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", METADATA_FILE)
+ZIPS: tuple[str, ...] = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
+FILES: tuple[str, ...] = (*ZIPS, METADATA_FILE)
 CHUNK = 1 << 20
 # The release as published (Tschandl et al. 2018, Sci. Data 5:180161, Table 1 and the CSV).
-# The mirror publishes no checksums for its zips, so these counts are what a download is
-# checked against before the data is declared ready.
 OFFICIAL_COUNTS: dict[str, int] = {
     "images": 10015, "lesions": 7470, "akiec": 327, "bcc": 514, "bkl": 1099, "df": 115,
     "mel": 1113, "nv": 6705, "vasc": 142}
+# sha256 of the official HAM10000_metadata.csv (563,277 bytes, 10,015 rows; md5
+# 70bb67f71bd23dde0bd2eda4bdcc98e5), computed from the project's verified copy of the release
+# (/work/shared/data/ham10000/HAM10000_metadata.csv), which is that file byte for byte.
+OFFICIAL_METADATA_SHA256 = "06aee5e603d313ba69de38263053c792a1dff030eb9c44a96ceb477ceefb99a5"
+# No checksum of the image zips is recorded: the mirror at BASE_URL publishes none, and the MD5s
+# of the Harvard Dataverse record (doi:10.7910/DVN/DBW86T, files HAM10000_images_part1/2.zip)
+# could not be retrieved offline to cite. The zips are checked through their contents instead.
+# Every image of the official zips is a 600x450 (width x height) 8-bit RGB JPEG.
+OFFICIAL_IMAGE_SIZE: tuple[int, int] = (600, 450)
+# The only sizes a verified copy may have, all 4:3 (width, height): 600x450, the official
+# release; 200x150, the same images downscaled by 3 (the project's shared copy and test
+# fixture). A folder must be all one size, the one its source documents.
+ACCEPTED_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((600, 450), (200, 150))
+IMAGE_MODE = "RGB"
+EXAMPLES = 5
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """``(600, 450)`` -> ``"600x450"`` (width x height)."""
+    return f"{size[0]}x{size[1]}"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"200x150"`` -> ``(200, 150)``, one of ``ACCEPTED_IMAGE_SIZES``.
+
+    Raises:
+        LesionLabError: the text is not WxH, or the size is not an accepted one.
+    """
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise LesionLabError(f"image size {text!r} is not WIDTHxHEIGHT, e.g. 600x450") from None
+    return _accepted((w, h))
+
+
+def _accepted(size: tuple[int, int]) -> tuple[int, int]:
+    size = (int(size[0]), int(size[1]))
+    if size not in ACCEPTED_IMAGE_SIZES:
+        raise LesionLabError(
+            f"image size {format_size(size)} is not a documented HAM10000 size; accepted: "
+            f"{[format_size(s) for s in ACCEPTED_IMAGE_SIZES]} (600x450: the official zips)")
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """What a HAM10000 folder must match before it is declared ready.
+
+    Attributes:
+        counts: images, lesions and images per class; None skips the count check.
+        metadata_sha256: sha256 of ``HAM10000_metadata.csv``; None skips it (another release).
+        image_size: (width, height) every image must decode at; one of ``ACCEPTED_IMAGE_SIZES``.
+
+    Raises:
+        LesionLabError: ``image_size`` is not an accepted size.
+    """
+
+    counts: Mapping[str, int] | None = dataclasses.field(
+        default_factory=lambda: dict(OFFICIAL_COUNTS))
+    metadata_sha256: str | None = OFFICIAL_METADATA_SHA256
+    image_size: tuple[int, int] = OFFICIAL_IMAGE_SIZE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", _accepted(self.image_size))
+
+
+OFFICIAL_RELEASE = Release()
 
 
 def _remote_size(url: str, timeout: float) -> int | None:
@@ -78,23 +156,157 @@ def release_counts(dataset: Dataset) -> dict[str, int]:
     return counts
 
 
-def verify_release(dataset: Dataset, expected: dict[str, int] | None = OFFICIAL_COUNTS) -> None:
-    """Check a downloaded folder before calling it ready: counts, no stray images, all decode."""
-    if expected is not None:
-        got = release_counts(dataset)
-        wrong = {k: (got.get(k, 0), v) for k, v in expected.items() if got.get(k, 0) != v}
-        if wrong:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_metadata(csv_path: Path, expected_sha256: str | None,
+                   fix: str = "delete it and download it again from the official source") -> None:
+    """Refuse a metadata CSV that is not byte for byte the expected file.
+
+    Raises:
+        LesionLabError: the file is missing, or its sha256 differs from ``expected_sha256``.
+    """
+    if expected_sha256 is None:
+        return
+    if not csv_path.is_file():
+        raise LesionLabError(f"metadata CSV not found: {csv_path}")
+    got = sha256_of(csv_path)
+    if got != expected_sha256:
+        raise LesionLabError(
+            f"{csv_path} is not the official {METADATA_FILE}: sha256 {got}, expected "
+            f"{expected_sha256}; {fix}")
+
+
+def _check_counts(dataset: Dataset, expected: Mapping[str, int] | None) -> None:
+    if expected is None:
+        return
+    got = release_counts(dataset)
+    wrong = {k: (got.get(k, 0), v) for k, v in expected.items() if got.get(k, 0) != v}
+    if wrong:
+        raise LesionLabError(
+            f"downloaded data at {dataset.root} does not match the published release "
+            f"(found, expected): {wrong}; delete the folder and download again")
+
+
+def _decode(path: str) -> tuple[tuple[int, int], str, bool]:
+    """(header size, mode, blank) of an image after decoding all of its data.
+
+    JPEGs decode in draft mode (DCT scaling to 1/8): every byte is still entropy-decoded, so
+    truncated or corrupt data fails as in a full decode, at about half the cost. ``blank``
+    is true when no channel spans more than 8 grey levels (a placeholder, not a photograph).
+
+    Raises:
+        OSError, ValueError, SyntaxError, UnidentifiedImageError, DecompressionBombError or
+        DecompressionBombWarning: the file is not a readable image.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            size, mode = img.size, img.mode
+            if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{format_size(size)} is over {MAX_IMAGE_PIXELS:,} pixels")
+            if img.format == "JPEG":
+                img.draft(mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+            img.load()
+            extrema = img.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return size, mode, all(hi - lo <= 8 for lo, hi in bands)
+
+
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+               Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _scan_images(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Decode every image once; group image ids by what is wrong with them."""
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for image_id, path in tqdm(zip(frame["image_id"], frame["path"]), total=len(frame),
+                               desc="verify images", unit="img"):
+        try:
+            size, mode, blank = _decode(path)
+        except READ_ERRORS as exc:
+            reason = " ".join(str(exc).replace(str(path), "it").split())
+            found["unreadable"].append(f"{Path(path).name} ({type(exc).__name__}: {reason})")
+            continue
+        found[f"size {format_size(size)}"].append(image_id)
+        if mode != IMAGE_MODE:
+            found[f"mode {mode}"].append(image_id)
+        if blank:
+            found["blank"].append(image_id)
+    return found
+
+
+def _size_message(others: dict[str, list[str]], total: int, where: Path, want: str) -> str:
+    """The refusal of images that are not ``want``: how many, which sizes, a few ids, a fix."""
+    ids = sorted(i for v in others.values() for i in v)
+    seen = ", ".join(f"{k}: {len(v)}" for k, v in sorted(others.items()))
+    one = next(iter(others)) if len(others) == 1 else None
+    if len(ids) == total and one in {format_size(s) for s in ACCEPTED_IMAGE_SIZES}:
+        fix = f"if this is a verified copy downscaled to {one}, check it with --image-size {one}"
+    else:
+        fix = "delete the folder and download again"
+    return (f"{len(ids)} of {total} image(s) below {where} are not {want}, the documented size "
+            f"of this source (found {seen}), e.g. {ids[:EXAMPLES]}: placeholder or resized "
+            f"images; {fix}")
+
+
+def check_images(dataset: Dataset, size: tuple[int, int]) -> None:
+    """Refuse a folder unless every image decodes, is 8-bit RGB, not blank, and ``size``.
+
+    Raises:
+        LesionLabError: some image is unreadable, of another size or mode, or blank; the
+            message names how many and a few image ids.
+    """
+    found = _scan_images(dataset.frame)
+    total, where = len(dataset.frame), dataset.root
+    bad = found.pop("unreadable", [])
+    if bad:
+        raise LesionLabError(
+            f"{len(bad)} of {total} corrupt or unreadable image(s) below {where}, e.g. "
+            f"{'; '.join(bad[:3])}; delete the folder and download again")
+    want = format_size(size)
+    others = {k[5:]: v for k, v in found.items() if k.startswith("size ") and k[5:] != want}
+    if others:
+        raise LesionLabError(_size_message(others, total, where, want))
+    flaws = [(k, f"not 8-bit {IMAGE_MODE} ({k})") for k in sorted(found) if k.startswith("mode ")]
+    flaws.append(("blank", "blank (one flat colour: placeholders, not photographs)"))
+    for key, what in flaws:
+        ids = found.get(key, [])
+        if ids:
             raise LesionLabError(
-                f"downloaded data at {dataset.root} does not match the published release "
-                f"(found, expected): {wrong}; delete the folder and download again")
+                f"{len(ids)} of {total} image(s) below {where} are {what}, e.g. "
+                f"{sorted(ids)[:EXAMPLES]}; delete the folder and download again")
+
+
+def verify_release(root: Path | str, release: Release = OFFICIAL_RELEASE) -> Dataset:
+    """Check a HAM10000 folder before calling it ready, and return it loaded.
+
+    Checks, in order: the metadata CSV's sha256, the published counts, no image that the CSV
+    does not list, and every image decoding at ``release.image_size`` (see
+    :func:`check_images`). About 4 s for the 10,015 200x150 images, 10 s at 600x450 (2 cores).
+
+    Raises:
+        LesionLabError: any check fails (one line naming the count and a few examples), or
+            the folder is not a readable HAM10000 folder at all.
+    """
+    root = Path(root)
+    check_metadata(root / METADATA_FILE, release.metadata_sha256)
+    dataset = load_dataset(root)
+    _check_counts(dataset, release.counts)
     listed = set(dataset.frame["image_id"])
     stray = sorted(set(index_images(dataset.root)) - listed)
     if stray:
         raise LesionLabError(
             f"{len(stray)} image(s) below {dataset.root} are not in {METADATA_FILE}, e.g. "
-            f"{stray[:5]}: the zips and the metadata are from different releases")
-    for path in tqdm(dataset.frame["path"], desc="verify images", unit="img"):
-        load_rgb(path)
+            f"{stray[:EXAMPLES]}: the zips and the metadata are from different releases")
+    check_images(dataset, release.image_size)
+    return dataset
 
 
 def _unzip(path: Path) -> None:
@@ -114,16 +326,30 @@ def _unzip(path: Path) -> None:
 
 
 def download_ham10000(dest: Path | str, base_url: str = BASE_URL, http_timeout: float = 60.0,
-                      expected: dict[str, int] | None = OFFICIAL_COUNTS) -> Dataset:
-    """Fetch, unzip and verify HAM10000 into ``dest``; files already there are kept."""
+                      release: Release = OFFICIAL_RELEASE) -> Dataset:
+    """Fetch, unzip and verify HAM10000 into ``dest``; files already there are kept.
+
+    Raises:
+        LesionLabError: a download fails, a zip is broken, or the result does not match
+            ``release`` (see :func:`verify_release`); nothing is reported ready then.
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        path = fetch(base_url + name, dest / name, timeout=http_timeout)
-        if name.endswith(".zip"):
-            _unzip(path)
-    dataset = load_dataset(dest)
-    verify_release(dataset, expected)
+    csv = dest / METADATA_FILE
+    staged = dest / (METADATA_FILE + ".download")
+    if not csv.exists():  # checked first, put in place last: its presence means "all fetched"
+        fetch(base_url + METADATA_FILE, staged, timeout=http_timeout)
+        try:
+            check_metadata(staged, release.metadata_sha256, f"deleted it: {base_url} does not "
+                           f"serve the official file, download from another source")
+        except LesionLabError:
+            staged.unlink()
+            raise
+    for name in ZIPS:
+        _unzip(fetch(base_url + name, dest / name, timeout=http_timeout))
+    if not csv.exists():
+        staged.replace(csv)
+    dataset = verify_release(dest, release)
     log.info("HAM10000 ready at %s: %d images, %d lesions", dest, len(dataset),
              dataset.frame["lesion_id"].nunique())
     return dataset
