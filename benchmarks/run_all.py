@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurize.backbones import sha256_file
-from featurize.extract import FeaturizeConfig, featurize
+from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import Dataset, load_external_labels
@@ -230,10 +230,11 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path, reuse_stale: bool = Fa
             return {**with_current_labels(row), "stale": True}
     archive_stale(cell, workdir)
     t0 = time.perf_counter()
-    for need in cell.needs:  # e.g. the embedding of a network an earlier cell fine-tuned
-        featurize(dataset, workdir, need)
+    # e.g. the embedding of a network an earlier cell fine-tuned; the cell reads exactly these
+    made = [featurize(dataset, workdir, need).key for need in cell.needs]
     if cell.kind == "head":
-        card = train_head(dataset, workdir, cell.config)
+        with pinned_feature_sets(made):
+            card = train_head(dataset, workdir, cell.config)
     elif cell.kind == "kfold":
         card = kfold_finetune(dataset, workdir, cell.config)
     elif cell.kind == "ensemble":
@@ -421,17 +422,20 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     ext_ds = load_external_labels(external) if external else None
     if report_only:
         return _report_from_saved(plan, dataset, split, workdir, report, preset, seed)
+    made = []  # the cells read these exact sets, whatever else the workdir's cache holds
     for cfg in plan.featurize:
         ts = time.perf_counter()
         fs = featurize(dataset, workdir, cfg)
+        made.append(fs.key)
         print(f"features {fs.key}: {fs.features.shape[1]} dims, "
               f"{time.perf_counter() - ts:.0f} s", flush=True)
     rows: list[dict] = []
     durations: list[float] = []
-    _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale)
-    curve = curve_cells(plan, rows, seed)
-    _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale)
-    _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale)
+    with pinned_feature_sets(made):
+        _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale)
+        curve = curve_cells(plan, rows, seed)
+        _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale)
+        _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale)
     rows += fold_rows(rows)
     ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
                              workdir) if ext_ds is not None else None

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -517,42 +520,129 @@ def find_feature_sets(workdir: Path | str) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/manifest.json")) if root.exists() else []
 
 
-def resolve_key(workdir: Path | str, name: str, data_fp: str | None = None) -> Path:
-    """A feature set by exact key, or by backbone name (default settings preferred).
+_PINNED: ContextVar[tuple[str, ...]] = ContextVar("lesionlab_pinned_feature_sets", default=())
+_SIZE = re.compile(r"(\d+)x(\d+)")
+_WEIGHTS = re.compile(r"w([0-9a-f]{8})")
 
-    ``name`` may carry options after a colon: ``tf_efficientnet_lite0:multistage`` or
-    ``tf_efficientnet_lite0:flip``.
+
+@contextmanager
+def pinned_feature_sets(keys: Iterable[str]) -> Iterator[None]:
+    """Inside the block, a ``--features`` name resolves to the one of ``keys`` it matches.
+
+    A caller that made its feature sets from known settings (a study's cells) pins their exact
+    cache keys, so a short name such as ``tf_efficientnet_lite0:none`` reads them and no other
+    entry of the cache (another image size, TTA or pooling someone computed there).
     """
-    root = features_dir(workdir)
-    if (root / name / "manifest.json").exists():
-        return root / name
+    token = _PINNED.set(_PINNED.get() + tuple(keys))
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
+def feature_spec(settings: dict) -> str:
+    """The ``--features`` name stating every setting of a manifest's ``settings``:
+    ``backbone:tta,pool[,colour constancy],HxW``."""
+    cc = settings.get("color_constancy", "none")
+    h, w = settings["image_size"]
+    opts = [settings["tta"], settings["pool"]] + ([cc] if cc != "none" else []) + [f"{h}x{w}"]
+    return f"{settings['backbone']}:{','.join(opts)}"
+
+
+def _parse_options(name: str) -> tuple[str, set[str], tuple[int, int] | None, str | None]:
+    """``backbone:opt,...`` -> (backbone, TTA/pool/colour words, (H, W), weights prefix).
+
+    Raises:
+        LesionLabError: an option that is none of the words, ``HxW`` or ``w<8 hex digits>``.
+    """
     backbone, _, opts = name.partition(":")
-    wanted = set(filter(None, opts.split(",")))
+    words, size, weights = set(), None, None
+    for opt in filter(None, (o.strip() for o in opts.split(","))):
+        if (m := _SIZE.fullmatch(opt)) is not None:
+            size = (int(m[1]), int(m[2]))
+        elif (m := _WEIGHTS.fullmatch(opt)) is not None:
+            weights = m[1]
+        elif opt in TTA_MODES + POOL_MODES + COLOR_CONSTANCY:
+            words.add(opt)
+        else:
+            raise LesionLabError(
+                f"--features {name!r}: unknown option {opt!r}; expected any of "
+                f"{sorted(set(TTA_MODES + POOL_MODES + COLOR_CONSTANCY))}, HxW (image size) "
+                f"or w<first 8 hex digits of the weights sha256>")
+    return backbone, words, size, weights
+
+
+def _matching_sets(workdir: Path | str, name: str,
+                   data_fp: str | None) -> list[tuple[Path, dict]]:
+    """(path, manifest) of every completed feature set whose settings ``name`` names."""
+    backbone, words, size, weights = _parse_options(name)
     matches = []
     for path in find_feature_sets(workdir):
         man = read_json(path / "manifest.json")
         st = man["settings"]
         if st["backbone"] != backbone or (data_fp and man["data_fingerprint"] != data_fp):
             continue
-        if wanted - {st["tta"], st["pool"], st.get("color_constancy", "none")}:
+        if words - {st["tta"], st["pool"], st.get("color_constancy", "none")}:
             continue
-        matches.append((path, st))
+        if size is not None and tuple(st["image_size"]) != size:
+            continue
+        if weights is not None and not man["weights_sha256"].startswith(weights):
+            continue
+        matches.append((path, man))
+    return matches
+
+
+def resolve_key(workdir: Path | str, name: str, data_fp: str | None = None) -> Path:
+    """A feature set by exact key, or by backbone name and the settings it states.
+
+    ``name`` may carry options after a colon, any of: TTA, pooling, colour constancy, the
+    image size ``HxW`` and ``w<sha8>`` of the weights, e.g. ``tf_efficientnet_lite0:flip``
+    or ``tf_efficientnet_lite0:none,avg,168x224``. Among the sets it matches, one pinned by
+    :func:`pinned_feature_sets` wins; otherwise a single match, or the only one without
+    non-default TTA, pooling or colour constancy that nobody asked for.
+
+    Raises:
+        LesionLabError: no set matches, several match equally (the message lists each with
+            the ``--features`` value that picks it), or an option is unknown.
+    """
+    root = features_dir(workdir)
+    if (root / name / "manifest.json").exists():
+        return root / name
+    matches = _matching_sets(workdir, name, data_fp)
     if not matches:
         known = [p.name for p in find_feature_sets(workdir)]
         raise LesionLabError(
             f"no computed features match {name!r} under {root}; run "
-            f"`python -m featurize --backbone {backbone}` first (found: {known or 'none'})")
+            f"`python -m featurize --backbone {name.partition(':')[0]}` first "
+            f"(found: {known or 'none'})")
+    pinned = [m for m in matches if m[0].name in _PINNED.get()]
+    matches = pinned or matches
     if len(matches) == 1:
         return matches[0][0]
-    def extra(item: tuple[Path, dict]) -> int:  # non-default settings nobody asked for
-        st = item[1]
-        return sum(v not in wanted and v != d for v, d in (
+    return _least_extra(name, matches)
+
+
+def _least_extra(name: str, matches: list[tuple[Path, dict]]) -> Path:
+    """The match with the fewest non-default settings ``name`` did not ask for.
+
+    Raises:
+        LesionLabError: a tie; the message lists the candidates and how to pick one.
+    """
+    words = _parse_options(name)[1]
+
+    def extra(item: tuple[Path, dict]) -> int:
+        st = item[1]["settings"]
+        return sum(v not in words and v != d for v, d in (
             (st["tta"], "none"), (st["pool"], "avg"),
             (st.get("color_constancy", "none"), "none")))
+
     ranked = sorted(matches, key=lambda it: (extra(it), it[0].name))
-    best = ranked[0]
-    if extra(ranked[1]) == extra(best):
-        raise LesionLabError(
-            f"{name!r} matches several feature sets {[p.name for p, _ in matches]}; "
-            f"name one by its key")
-    return best[0]
+    tied = [it for it in ranked if extra(it) == extra(ranked[0])]
+    if len(tied) == 1:
+        return tied[0][0]
+    specs = [feature_spec(m["settings"]) for _, m in tied]
+    picks = specs if len(set(specs)) == len(specs) else [p.name for p, _ in tied]
+    raise LesionLabError(
+        f"{name!r} matches several feature sets: "
+        + "; ".join(f"{p.name} (--features {pick})" for (p, _), pick in zip(tied, picks))
+        + "; pick one with --features")

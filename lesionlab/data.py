@@ -161,11 +161,16 @@ def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
 def load_rgb(path: Path | str) -> Image.Image:
     """Open any image (RGBA, grayscale, palette, 16-bit, any size) as 8-bit RGB, file closed.
 
-    Images over ``MAX_IMAGE_PIXELS`` are refused before decoding (decompression bombs).
+    Images over ``MAX_IMAGE_PIXELS`` are refused before decoding (decompression bombs): the
+    one limit of predict, evaluate, explain and serve. PIL's own warning threshold (89.5 MP)
+    is not a second, lower one; its hard error (twice that) lies above ours anyway.
+
+    Raises:
+        LesionLabError: a missing, unreadable, unsupported or too large image.
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > MAX_IMAGE_PIXELS:

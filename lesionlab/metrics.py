@@ -1,6 +1,8 @@
 """Classification metrics for the 7 HAM10000 classes, with lesion-level bootstrap CIs.
 
 Headline: balanced multiclass accuracy (mean per-class recall; ISIC 2018 Task 3 metric).
+Averages run over the classes present in the labels scored; a class absent from them has no
+recall (NaN, ``null`` in JSON), and :func:`evaluate` says so once via a counted warning.
 """
 
 from __future__ import annotations
@@ -8,18 +10,30 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import (confusion_matrix, f1_score, precision_recall_fscore_support,
+                             recall_score, roc_auc_score)
 
 from lesionlab.data import CLASS_INDEX, CLASSES
+from lesionlab.errors import warn_once
 
 N_CLASSES = len(CLASSES)
 MEL = CLASS_INDEX["mel"]
 
 
+ABSENT_CLASSES_WARNING = ("scored labels lack some classes: averages use the classes present, "
+                          "per-class values of the absent ones are null")
+
+
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``y_true``."""
-    return float(balanced_accuracy_score(y_true, y_pred))
+    """Mean per-class recall over the classes present in ``y_true`` (NaN when it is empty).
+
+    Predictions of a class absent from ``y_true`` count as errors of the true class; unlike
+    scikit-learn's ``balanced_accuracy_score`` this raises no warning about them.
+    """
+    present = np.unique(y_true)
+    if len(present) == 0:
+        return float("nan")
+    return float(recall_score(y_true, y_pred, labels=present, average="macro"))
 
 
 def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
@@ -137,8 +151,10 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = 
     y_pred = proba.argmax(axis=1)
     result: dict = point_metrics(y_true, proba, y_pred)
     labels = list(range(N_CLASSES))
+    warn_absent_classes(y_true)
+    # undefined ratios (no true or no predicted case of a class) are NaN, never a made-up 0
     prec, rec, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
+        y_true, y_pred, labels=labels, zero_division=np.nan)
     result["per_class"] = {
         c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
             "support": int(support[i])}
@@ -150,6 +166,18 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = 
                                                   n_boot=n_boot, seed=seed))
                           for name, fn in _CI_METRICS.items()}
     return result
+
+
+def warn_absent_classes(y_true: np.ndarray) -> None:
+    """One counted warning (:func:`lesionlab.errors.warn_once`) when ``y_true`` lacks classes.
+
+    The first occurrence names them; repeats (every group of ``evaluate --by``, every small
+    val or test split) are counted under one key and reported once on exit.
+    """
+    absent = [c for i, c in enumerate(CLASSES) if not np.any(np.asarray(y_true) == i)]
+    if absent:
+        warn_once(f"{ABSENT_CLASSES_WARNING} (first case: {len(y_true)} labels without "
+                  f"{', '.join(absent)})", key=ABSENT_CLASSES_WARNING)
 
 
 MEL_TARGET_SENSITIVITY = 0.80
