@@ -30,8 +30,10 @@ def _isic_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-# A 25% learning-curve subset of the 87-image fixture holds one image of the rarest class.
-@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+# A 25% learning-curve subset of the 87-image fixture holds 2 lesions of its rarest classes:
+# the splits must never hand scikit-learn more folds than a class has members.
+@pytest.mark.filterwarnings("error:The least populated class:UserWarning")
+@pytest.mark.filterwarnings("error:n_splits=:UserWarning")
 def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Path,
                                                  monkeypatch) -> None:
     report = tmp_path / "REPORT.md"
