@@ -298,8 +298,8 @@ def test_full_disk_hidden_by_torch_save_is_named(workdir: Path, trained_models, 
     Disk(monkeypatch, workdir, errno.ENOSPC)
     code, err = cli("models.finetune", "--epochs", "1", "--image-size", "48", "64",
                     "--batch-size", "16", "--num-workers", "0", "--n-boot", "20", "--tta",
-                    "none", "--train-fraction", "0.25", "--data", str(FIXTURE), "--workdir", str(workdir),
-                    capsys=capsys)
+                    "none", "--train-fraction", "0.25", "--data", str(FIXTURE),
+                    "--workdir", str(workdir), capsys=capsys)
     assert code == 2
     assert_one_line(err, str(folder / "checkpoint.pt"), "No space left on device")
     assert temp_files(workdir) == []
