@@ -157,7 +157,10 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dest.parent, dest.name)
-    tmp_path, fd = _new_temp(dest)
+    try:
+        tmp_path, fd = _new_temp(dest)
+    except OSError as exc:  # name what the user asked for, not the temp file
+        raise OSError(exc.errno, exc.strerror, str(dest)) from exc
     try:
         try:
             yield tmp_path
