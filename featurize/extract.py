@@ -9,6 +9,7 @@ under ``chunks/``; a killed run resumes from the last complete chunk.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -32,8 +33,8 @@ from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, backbone_lab
                                  finetuned_backbone, finetuned_card, sha256_file, weights_file)
 from featurize.classical import FEATURE_NAMES, classical_features
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
-from lesionlab.artifacts import (atomic_path, exclusive_lock, features_dir, library_versions,
-                                 read_json, save_npy, write_json)
+from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, features_dir,
+                                 library_versions, read_json, reserve, save_npy, write_json)
 from lesionlab.cli import check_choices, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
 from lesionlab.errors import LesionLabError
@@ -448,7 +449,9 @@ def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor
             done = run_on_cluster(cfg, paths, todo)
         else:
             done = ((i, s, e, embed_chunk(extractor, paths[s:e])) for i, s, e in todo)
-        for i, s, e, features in done:
+        for k, (i, s, e, features) in enumerate(done):
+            if k == 0:  # the dimension is known now: fail before hours of work, not after
+                _check_room(chunks, todo, len(paths), features.shape[1])
             save_npy(chunk_file(chunks, s, e), features)
             bar.update(e - s)
             if on_chunk is not None:
@@ -456,17 +459,39 @@ def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor
     return resumed, len(paths) - resumed, time.perf_counter() - t0
 
 
+def _check_room(chunks: Path, todo: list[tuple[int, int, int]], n: int, dim: int) -> None:
+    """Enough free space for the chunks still to write and then ``features.npy`` beside them.
+
+    Raises:
+        LesionLabError: not enough: how many MB are needed and how many are free.
+    """
+    rows = sum(e - s for _, s, e in todo) + n  # chunks to come, then the assembled array
+    check_room(chunks, rows * dim * 4 + 4096 * (len(todo) + 1), str(chunks.parent))
+
+
 def _assemble(chunks: Path, out: Path, n: int, chunk_size: int) -> int:
-    """Concatenate the chunks into ``features.npy`` (atomically); returns the dimension."""
+    """Concatenate the chunks into ``features.npy`` (atomically); returns the dimension.
+
+    The file's space is reserved before any row is written and the rows are written with
+    plain writes (no memory map of a sparse file, which dies of SIGBUS on a full disk).
+
+    Raises:
+        LesionLabError: not enough disk space for the file (chunks are kept for a rerun).
+    """
     bounds = chunk_bounds(n, chunk_size)
     first = _read_chunk(chunk_file(chunks, *bounds[0]), bounds[0][1] - bounds[0][0])
     dim = first.shape[1]
-    with atomic_path(out / "features.npy") as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+              "shape": (n, int(dim))}
+    dest = out / "features.npy"
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, header)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        reserve(fh, len(head.getvalue()) + n * dim * 4, dest)
+        fh.write(head.getvalue())
         for s, e in bounds:
-            mm[s:e] = _read_chunk(chunk_file(chunks, s, e), e - s)
-        mm.flush()
-        del mm
+            fh.write(np.ascontiguousarray(_read_chunk(chunk_file(chunks, s, e), e - s),
+                                          dtype="<f4").tobytes())
     return int(dim)
 
 

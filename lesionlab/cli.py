@@ -163,7 +163,16 @@ def one_line(exc: LesionLabError) -> str:
 
 def run_main(main: Callable[[Sequence[str] | None], int | None],
              argv: Sequence[str] | None = None) -> None:
-    """Run ``main``; a ``LesionLabError`` prints ``error: ...`` on one line and exits 2."""
+    """Run ``main``; a ``LesionLabError`` prints ``error: ...`` on one line and exits 2.
+
+    So does an error of the disk rather than of the program: an ``OSError`` with errno EROFS,
+    EACCES, EPERM, ENOSPC or EDQUOT (or SQLite's "disk is full" / "readonly database")
+    prints ``error: cannot write <path>: <reason> (<what to do>)`` (see
+    ``lesionlab.artifacts.write_failure``). Any other exception keeps its traceback: it is a
+    bug, or a failure (EIO, a missing file nobody checked for) whose traceback is the report.
+    """
+    from lesionlab.artifacts import write_failure
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in QUIET_LOGGERS:  # network retries and hub chatter are not the user's business
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -172,6 +181,13 @@ def run_main(main: Callable[[Sequence[str] | None], int | None],
     except LesionLabError as exc:
         flush_warnings()
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the disk caused it
+        message = write_failure(exc)
+        if message is None:
+            raise
+        flush_warnings()
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
