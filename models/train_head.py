@@ -51,17 +51,17 @@ class HeadConfig(TrainingRun):
     imbalance: str = option("class_weight", "against the class imbalance",
                             choices=heads.IMBALANCE)
     metadata: bool = option(False, "append age, sex and localization")
-    trials: int = option(20, "Optuna trials (completed or pruned) the study must hold")
+    trials: int = option(20, "Optuna trials (completed or pruned) the study must hold", ge=1)
     tune_timeout: float | None = option(150.0, "tuning time cap in seconds (results are "
-                                               "reproducible when --trials ends the study)")
-    folds: int = option(3, "lesion-grouped CV folds of the train split")
-    seed: int = option(0, "model and tuning seed")
+                                               "reproducible when --trials ends the study)", gt=0)
+    folds: int = option(3, "lesion-grouped CV folds of the train split", ge=2)
+    seed: int = option(0, "model and tuning seed", ge=0, le=2**32 - 1)
     split_seed: int | None = option(None, "seed of the train/val/test split; None: the same "
-                                          "as --seed")
-    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
+                                          "as --seed", ge=0, le=2**32 - 1)
+    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use", gt=0, le=1)
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
-    n_boot: int = option(1000, "bootstrap resamples for the test CIs")
+    n_boot: int = option(1000, "bootstrap resamples for the test CIs", ge=0)
     storage: str | None = option(None, "Optuna storage shared by workers: a SQLAlchemy URL "
                                        "(postgresql+psycopg2://user@host/db) or "
                                        "journal:///path/file.log; None: study.db in the "
