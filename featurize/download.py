@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.download import BASE_URL, download_ham10000
 
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m featurize.download", __doc__)
     add_data_args(p, workdir=False)
     p.add_argument("--base-url", default=BASE_URL, help=argparse.SUPPRESS)
-    p.add_argument("--http-timeout", type=float, default=60.0,
+    p.add_argument("--http-timeout", type=ranged(float, gt=0), default=60.0,
                    help="seconds to wait for the server before a download counts as failed")
     return p
 
