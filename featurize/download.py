@@ -22,7 +22,7 @@ class DownloadConfig:
     """Options of the download entry point (its flags)."""
 
     http_timeout: float = option(
-        60.0, "seconds to wait for the server before a download counts as failed")
+        60.0, "seconds to wait for the server before a download counts as failed", gt=0)
     image_size: str = option(
         format_size(ACCEPTED_IMAGE_SIZES[0]), "WIDTHxHEIGHT every image must decode at: "
         "600x450 for the official zips; 200x150 for a copy downscaled by 3",

@@ -67,19 +67,19 @@ class FeaturizeConfig:
                                 "fine-tuned model folder from models.finetune",
                            parse=lambda v: check_backbone(v))
     image_size: tuple[int, int] | None = option(
-        None, "input (H, W); None: the backbone's size, 4:3", metavar=("H", "W"))
+        None, "input (H, W); None: the backbone's size, 4:3", metavar=("H", "W"), ge=1)
     tta: str = option("none", "test-time views averaged per image", choices=TTA_MODES)
     pool: str = option("avg", "pooling: final layer, or the last stages too", choices=POOL_MODES)
     color_constancy: str = option("none", "colour constancy before the model sees the image",
                                   choices=COLOR_CONSTANCY)
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     # runtime only (do not change the numbers beyond float tolerance):
-    batch_size: int = option(64, "images per forward pass")
+    batch_size: int = option(64, "images per forward pass", ge=1)
     device: str = option("auto", "where the network runs", choices=DEVICES)
     engine: str = option("auto", "CPU engine (auto: ONNX Runtime when installed)",
                          choices=ENGINES)
-    num_workers: int = option(1, "image decoding worker processes")
-    chunk_size: int = option(1024, "images per resumable chunk")
+    num_workers: int = option(1, "image decoding worker processes", ge=0)
+    chunk_size: int = option(1024, "images per resumable chunk", ge=1)
     scheduler: str | None = option(None, "Dask scheduler to fan chunks out to: tcp://HOST:8786, "
                                          "or local:N for a LocalCluster of N workers; None: "
                                          "this process", parse=lambda v: check_scheduler(v))

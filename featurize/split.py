@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.download import ensure_data
 from lesionlab.splits import class_counts, load_or_make_split, split_path
 
@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of the split entry point."""
     p = make_parser("python -m featurize.split", __doc__)
     add_data_args(p)
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--split-seed", type=ranged(int, ge=0, le=2**32 - 1), default=0,
+                   help="seed of the split")
     return p
 
 

@@ -1,10 +1,12 @@
 """Configs that are their CLIs: a stage's dataclass builds its argparse parser.
 
-Each config field carries its help text and (where the values are a fixed set) its choices in
-``dataclasses.field(metadata=...)``, made with :func:`option`. :func:`add_config_args` turns the
-fields into flags with ``choices=`` and defaults, so a bad value fails in argparse (exit 2)
-before any data is read; :func:`check_choices` applies the same choices to configs built in
-Python. One source for defaults, choices and help.
+Each config field carries its help text, (where the values are a fixed set) its choices and
+(for numbers) its range in ``dataclasses.field(metadata=...)``, made with :func:`option`.
+:func:`add_config_args` turns the fields into flags with ``choices=``, range-checking types and
+defaults, so a bad value fails in argparse (exit 2, one line) before any data is read;
+:func:`check_choices` applies the same choices and ranges to configs built in Python. One
+source for defaults, choices, ranges and help. Flags built by hand get their range check from
+:func:`ranged`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import numbers
 import re
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from lesionlab.artifacts import DEFAULT_WORKDIR
 from lesionlab.data import default_data_dir
@@ -28,13 +32,97 @@ QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", 
                  "distributed")
 
 
+def _number(value: float | None) -> str:
+    """A bound as the user would write it: ``1``, ``0.5``, ``4294967295``."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed interval of a numeric option; ``None`` leaves that side open-ended.
+
+    ``inclusive`` says, for (low, high), whether the bound itself is allowed. Non-finite
+    floats (nan, inf) are never in a range.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    inclusive: tuple[bool, bool] = (True, True)
+
+    def __str__(self) -> str:
+        lo_in, hi_in = self.inclusive
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>=' if lo_in else '>'} {low}" if self.low is not None else "any number"
+        if self.low is None:
+            return f"{'<=' if hi_in else '<'} {high}"
+        return f"in {'[' if lo_in else '('}{low}, {high}{']' if hi_in else ')'}"
+
+    def problem(self, value: Any) -> str | None:
+        """None when ``value`` is inside the range, else why not (``must be >= 1, got 0``)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"must be a number {self}, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number {self}, got {value!r}"
+        lo_in, hi_in = self.inclusive
+        below = self.low is not None and (value < self.low or (value == self.low and not lo_in))
+        above = self.high is not None and (value > self.high or (value == self.high and not hi_in))
+        return f"must be {self}, got {value!r}" if below or above else None
+
+
+def bounds_of(ge: float | None = None, gt: float | None = None, le: float | None = None,
+              lt: float | None = None) -> Range | None:
+    """The :class:`Range` of pydantic-style bounds (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <).
+
+    Raises:
+        ValueError: both ``ge`` and ``gt``, or both ``le`` and ``lt`` (a programming error).
+    """
+    if (ge is not None and gt is not None) or (le is not None and lt is not None):
+        raise ValueError("give at most one lower (ge/gt) and one upper (le/lt) bound")
+    low, high = (ge if gt is None else gt), (le if lt is None else lt)
+    if low is None and high is None:
+        return None
+    return Range(low, high, (gt is None, lt is None))
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse name
            choices: Sequence[Any] | None = None, cli: bool = True, metavar: Any = None,
-           parse: Callable[[str], Any] | None = None) -> Any:
-    """A dataclass field that knows its CLI flag: help text, choices, parser of one value."""
+           parse: Callable[[str], Any] | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field that knows its CLI flag: help, choices, value parser, numeric range.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (each element of a tuple): >=, >, <=, <.
+    ``None`` values are never range-checked.
+    """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "cli": cli,
-            "metavar": metavar, "parse": parse}
+            "metavar": metavar, "parse": parse, "range": bounds_of(ge, gt, le, lt)}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def check_range(value: Any, bounds: Range | None, flag: str) -> None:
+    """Raise ``LesionLabError`` (``--flag must be >= 1, got 0``) when ``value`` is outside.
+
+    ``None`` passes; a tuple or list is checked element by element.
+    """
+    if bounds is None or value is None:
+        return
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+        why = bounds.problem(item)
+        if why:
+            raise LesionLabError(f"{flag} {why}")
+
+
+def ranged(parse: Callable[[str], Any] = int, *, ge: float | None = None,
+           gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses one value and checks its range (for hand-built flags).
+
+    A value outside fails in argparse (exit 2, one line); unparseable text keeps argparse's
+    ``invalid int value`` message.
+    """
+    return _with_range(parse, bounds_of(ge, gt, le, lt))
 
 
 def safe_name(value: str) -> str:
@@ -54,6 +142,20 @@ def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = getattr(fn, "__name__", "value")
     return parse
+
+
+def _with_range(parse: Callable[[str], Any], bounds: Range | None) -> Callable[[str], Any]:
+    """``parse``, then the range check of ``bounds`` (when there is one)."""
+    if bounds is None:
+        return parse
+
+    def parse_checked(text: str) -> Any:
+        value = parse(text)
+        if value is not None and (why := bounds.problem(value)):
+            raise argparse.ArgumentTypeError(why)
+        return value
+    parse_checked.__name__ = getattr(parse, "__name__", "value")
+    return parse_checked
 
 
 def _base_type(hint: Any) -> tuple[Any, bool]:
@@ -77,11 +179,15 @@ def _field_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if base is bool:
         kw["action"] = argparse.BooleanOptionalAction
         return kw
+    bounds = meta.get("range")
+    if bounds is not None:
+        kw["help"] = f"{kw['help'].rstrip()}; {bounds}"
     if typing.get_origin(base) is tuple:
-        kw.update(nargs=2, type=int, metavar=meta.get("metavar") or ("H", "W"))
+        kw.update(nargs=2, type=_with_range(int, bounds),
+                  metavar=meta.get("metavar") or ("H", "W"))
         return kw
     parse = meta.get("parse") or (base if base in (int, float) else str)
-    kw["type"] = _argtype(parse)
+    kw["type"] = _with_range(_argtype(parse), bounds)
     if meta.get("choices"):
         kw["choices"] = meta["choices"]
     if meta.get("metavar"):
@@ -113,7 +219,12 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def check_choices(cfg: Any) -> None:
-    """Apply the fields' choices and value parsers to a config built in Python."""
+    """Apply the fields' choices, value parsers and ranges to a config built in Python.
+
+    Raises:
+        LesionLabError: a value not among its field's choices, refused by its parser, or
+            outside its field's range (one line naming the flag).
+    """
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
@@ -123,12 +234,21 @@ def check_choices(cfg: Any) -> None:
         parse = f.metadata.get("parse")
         if parse is not None and value is not None:
             parse(str(value))
+        check_range(value, f.metadata.get("range"), flag)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (``error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``error: <message> (see <prog> --help)`` and exit 2."""
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A parser whose help shows every default."""
-    return argparse.ArgumentParser(prog=prog, description=doc,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """A parser whose help shows every default and whose errors are one line (exit 2)."""
+    return OneLineParser(prog=prog, description=doc,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def config_parser(prog: str, doc: str | None, cls: type) -> argparse.ArgumentParser:

@@ -24,7 +24,8 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import library_versions, save_npy
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main, safe_name
+from lesionlab.cli import (add_data_args, make_parser, ranged, resolve_data, run_main,
+                           safe_name)
 from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
@@ -243,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="val", choices=WEIGHT_MODES,
                    help="val: best val balanced accuracy on a 0.1 grid; equal: plain mean")
     add_data_args(p)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for test CIs")
+    p.add_argument("--n-boot", type=ranged(int, ge=0), default=1000,
+                   help="bootstrap resamples for test CIs")
     return p
 
 

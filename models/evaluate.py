@@ -18,8 +18,8 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import write_json
+from lesionlab.cli import make_parser, ranged, run_main
 from lesionlab.provenance import provenance
-from lesionlab.cli import make_parser, run_main
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard, load_card, load_head
@@ -123,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
     p.add_argument("--workdir", type=Path, default=None,
                    help="cache a head's features here; None: compute them in memory")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--n-boot", type=ranged(int, ge=0), default=1000,
+                   help="bootstrap resamples for CIs")
+    p.add_argument("--seed", type=ranged(int, ge=0, le=2**32 - 1), default=0,
+                   help="bootstrap seed")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tta", default=None, choices=("none", "flip", "d4"),
                    help="test-time views of the fine-tuned networks (d4: 8 dihedral views); "

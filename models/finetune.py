@@ -59,46 +59,47 @@ class FinetuneConfig(TrainingRun):
                            parse=lambda v: check_backbone(v))
     image_size: tuple[int, int] = option((150, 200), "training and evaluation (H, W), 4:3; "
                                                      "200x150 is the shared copy's own size",
-                                         metavar=("H", "W"))
-    epochs: int = option(12, "most epochs to train")
-    batch_size: int = option(32, "images per step")
-    lr: float = option(5e-4, "peak learning rate of the backbone")
-    head_lr_mult: float = option(10.0, "the new classifier's learning rate is this x --lr")
-    weight_decay: float = option(1e-4, "AdamW decay (none on norms and biases)")
-    warmup_epochs: float = option(1.0, "linear warm-up before the cosine decay")
-    drop_rate: float = option(0.2, "dropout before the classifier")
+                                         metavar=("H", "W"), ge=1)
+    epochs: int = option(12, "most epochs to train", ge=1)
+    batch_size: int = option(32, "images per step", ge=1)
+    lr: float = option(5e-4, "peak learning rate of the backbone", gt=0)
+    head_lr_mult: float = option(10.0, "the new classifier's learning rate is this x --lr", gt=0)
+    weight_decay: float = option(1e-4, "AdamW decay (none on norms and biases)", ge=0)
+    warmup_epochs: float = option(1.0, "linear warm-up before the cosine decay", ge=0)
+    drop_rate: float = option(0.2, "dropout before the classifier", ge=0, lt=1)
     augment: str = option("isic", "training augmentation", choices=AUGMENTS)
     sampler: str = option("balanced", "class-balanced sampling of training images",
                           choices=SAMPLERS)
     loss: str = option("ce", "training loss", choices=LOSSES)
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
-    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", ge=0, lt=1)
+    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use", gt=0, le=1)
     patience: int | None = option(None, "stop after this many epochs without a better val "
                                         "score; None: the schedule always finishes (its "
                                         "low-LR tail is where fine-tuning gains most)",
-                                  parse=lambda v: None if v in ("None", "none") else int(v))
+                                  parse=lambda v: None if v in ("None", "none") else int(v), ge=1)
     freeze_stages: int = option(2, "keep the stem and the first N blocks frozen (BatchNorm "
-                                   "statistics too); 0: train everything")
+                                   "statistics too); 0: train everything", ge=0)
     histo_weight: float = option(1.0, "loss weight of histopathology-confirmed images "
-                                      "(dx_type 'histo'); dx_type is never an input")
+                                      "(dx_type 'histo'); dx_type is never an input", gt=0)
     tta: str = option("flip", "test-time views at evaluation", choices=TTA_MODES)
     color_constancy: str = option("shades_of_gray", "colour constancy before training and "
                                                     "prediction (chosen on val: see the "
                                                     "ablation)", choices=COLOR_CONSTANCY)
     cv_folds: int = option(0, "K > 1: train on all lesion-grouped folds of train but one "
-                              "(--cv-fold) and predict that fold out of fold; 0: all of train")
-    cv_fold: int = option(0, "which of the --cv-folds folds is held out (0-based)")
-    seed: int = option(0, "model seed")
-    split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed")
+                              "(--cv-fold) and predict that fold out of fold; 0: all train", ge=0)
+    cv_fold: int = option(0, "which of the --cv-folds folds is held out (0-based)", ge=0)
+    seed: int = option(0, "model seed", ge=0, le=2**32 - 1)
+    split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed",
+                                     ge=0, le=2**32 - 1)
     device: str = option("auto", "where training runs", choices=DEVICES)
-    num_workers: int = option(2, "image decoding worker processes")
+    num_workers: int = option(2, "image decoding worker processes", ge=0)
     precision: str = option("auto", "CPU arithmetic; auto: bf16 autocast where the CPU has "
                                     "avx512_bf16 or AMX, else fp32 (CUDA: fp16 AMP)",
                             choices=PRECISIONS)
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
-    n_boot: int = option(1000, "bootstrap resamples for the test CIs")
+    n_boot: int = option(1000, "bootstrap resamples for the test CIs", ge=0)
 
     def validate(self) -> None:
         """Reject unknown option values."""

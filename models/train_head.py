@@ -51,17 +51,17 @@ class HeadConfig(TrainingRun):
     imbalance: str = option("class_weight", "against the class imbalance",
                             choices=heads.IMBALANCE)
     metadata: bool = option(False, "append age, sex and localization")
-    trials: int = option(20, "Optuna trials (completed or pruned) the study must hold")
+    trials: int = option(20, "Optuna trials (completed or pruned) the study must hold", ge=1)
     tune_timeout: float | None = option(150.0, "tuning time cap in seconds (results are "
-                                               "reproducible when --trials ends the study)")
-    folds: int = option(3, "lesion-grouped CV folds of the train split")
-    seed: int = option(0, "model and tuning seed")
+                                               "reproducible when --trials ends the study)", gt=0)
+    folds: int = option(3, "lesion-grouped CV folds of the train split", ge=2)
+    seed: int = option(0, "model and tuning seed", ge=0, le=2**32 - 1)
     split_seed: int | None = option(None, "seed of the train/val/test split; None: the same "
-                                          "as --seed")
-    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use")
+                                          "as --seed", ge=0, le=2**32 - 1)
+    train_fraction: float = option(1.0, "lesion-grouped fraction of train to use", gt=0, le=1)
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
-    n_boot: int = option(1000, "bootstrap resamples for the test CIs")
+    n_boot: int = option(1000, "bootstrap resamples for the test CIs", ge=0)
     storage: str | None = option(None, "Optuna storage shared by workers: a SQLAlchemy URL "
                                        "(postgresql+psycopg2://user@host/db) or "
                                        "journal:///path/file.log; None: study.db in the "
@@ -88,11 +88,23 @@ def study_fingerprint(design: Design, cfg: HeadConfig, n_train: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_storage(url: str | None, folder: Path) -> str | optuna.storages.BaseStorage:
+def make_storage(url: str | None, folder: Path,
+                 timeout: float = 10.0) -> str | optuna.storages.BaseStorage:
     """Optuna storage: the model folder's SQLite file, a journal file, or any SQLAlchemy URL.
 
     RDB storages get heartbeats, so a trial whose worker died is failed by the next worker.
+    An RDB server must accept a connection within ``timeout`` seconds (PostgreSQL and MySQL
+    drivers; a peer that accepts and never answers would otherwise hang every worker).
+
+    Raises:
+        LesionLabError: the journal file's folder cannot be made or written, or the RDB URL is
+            malformed, lacks its driver, or its server does not connect within ``timeout``.
     """
+    import math
+    import os
+
+    import sqlalchemy
+
     if url is None:
         folder.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{folder / STUDY_FILE}"
@@ -100,8 +112,31 @@ def make_storage(url: str | None, folder: Path) -> str | optuna.storages.BaseSto
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url[len("journal://"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"folder {path.parent} is not writable")
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            why = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
+            raise LesionLabError(f"cannot use journal storage {url}: {why}") from None
+    try:
+        parsed = sqlalchemy.make_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+    except Exception:  # sqlalchemy.exc.ArgumentError, and whatever a dialect plug-in raises
+        raise LesionLabError(f"cannot open Optuna storage {url!r}: not a SQLAlchemy URL "
+                             "(dialect://user@host/db) or journal:///path/file.log") from None
+    connect_args = ({"connect_timeout": max(1, math.ceil(timeout))}
+                    if parsed.get_backend_name() in ("postgresql", "mysql") else {})
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args)
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+    except Exception as exc:  # driver missing, refused, timed out, not that kind of server
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LesionLabError(f"cannot open Optuna storage {shown}: {why}") from None
     return _rdb_storage(url)
 
 

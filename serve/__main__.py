@@ -8,41 +8,39 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Sequence
 
-from lesionlab.cli import make_parser, run_main
+from lesionlab.cli import add_config_args, config_from_args, make_parser, run_main
 from lesionlab.errors import LesionLabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    from serve.app import DEFAULT_MAX_MB
+    """CLI arguments: one flag per field of ``ServeConfig`` (ranges checked by argparse)."""
+    from serve.app import ServeConfig
 
     p = make_parser("python -m serve", __doc__)
-    p.add_argument("--model", required=True, type=Path, help="a model folder (with card.json)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind; 0.0.0.0 serves every network interface")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB, help="upload size limit")
-    p.add_argument("--threads", type=int, default=2, help="inference threads (bounded pool)")
+    add_config_args(p, ServeConfig)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Load the model folder, then serve until interrupted."""
+    """Load the model folder, then serve until interrupted.
+
+    Raises:
+        LesionLabError: the model folder is missing or not a lesionlab model.
+    """
     import uvicorn
 
-    from serve.app import create_app
+    from serve.app import ServeConfig, create_app
 
-    args = build_parser().parse_args(argv)
-    if not (args.model / "card.json").is_file():
-        raise LesionLabError(f"model folder not found or not a lesionlab model: {args.model}")
-    app = create_app(args.model, args.device, args.max_mb, args.threads)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", args.model, args.host,
-                                     args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    cfg = config_from_args(ServeConfig, build_parser().parse_args(argv))
+    cfg.validate()
+    if not (cfg.model / "card.json").is_file():
+        raise LesionLabError(f"model folder not found or not a lesionlab model: {cfg.model}")
+    app = create_app(cfg.model, cfg.device, cfg.max_mb, cfg.threads)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", cfg.model, cfg.host,
+                                     cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
 
 

@@ -11,6 +11,7 @@ import base64
 import io
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from lesionlab.cli import check_choices, option
 from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard
@@ -27,8 +29,29 @@ from models.predict import Predictor, result_line
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_MB = 20.0
+MAX_MB_LIMIT = 1024.0  # uploads are read into memory
+MAX_THREADS = 256
+DEVICES = ("auto", "cpu", "cuda")
+UPLOAD_SUFFIX = ".upload"  # images are recognised by content; the client's filename never
+                           # reaches the filesystem
 DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagnose, treat or "
               "rule out any disease.")
+
+
+@dataclass
+class ServeConfig:
+    """What ``python -m serve`` serves and how; its flags come from these fields."""
+
+    model: Path = option(help="a model folder (with card.json)", parse=Path)
+    host: str = option("127.0.0.1", "address to bind; 0.0.0.0 serves every network interface")
+    port: int = option(8000, "TCP port", ge=1, le=65535)
+    device: str = option("cpu", "where the model runs", choices=DEVICES)
+    max_mb: float = option(DEFAULT_MAX_MB, "upload size limit in MB", gt=0, le=MAX_MB_LIMIT)
+    threads: int = option(2, "inference threads (bounded pool)", ge=1, le=MAX_THREADS)
+
+    def validate(self) -> None:
+        """Raise ``LesionLabError`` for a value outside its choices or range."""
+        check_choices(self)
 
 
 def has_network(card: ModelCard) -> bool:
@@ -89,8 +112,7 @@ class Service:
 
     def predict(self, data: bytes, filename: str, meta: pd.DataFrame, gradcam: bool) -> dict:
         """Check the image, predict, and add a Grad-CAM overlay (PNG, base64) when asked."""
-        suffix = Path(filename or "upload").suffix or ".img"
-        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        with tempfile.NamedTemporaryFile(suffix=UPLOAD_SUFFIX) as tmp:
             tmp.write(data)
             tmp.flush()
             try:
@@ -115,7 +137,14 @@ class Service:
 
 def create_app(model_dir: Path | str, device: str = "cpu", max_mb: float = DEFAULT_MAX_MB,
                threads: int = 2) -> FastAPI:
-    """The app over one model folder (loaded here: a bad folder fails before serving)."""
+    """The app over one model folder (loaded here: a bad folder fails before serving).
+
+    Raises:
+        LesionLabError: ``device``, ``max_mb`` or ``threads`` outside what
+            :class:`ServeConfig` allows (``threads`` 0 would queue every request forever),
+            or a model folder that does not load.
+    """
+    ServeConfig(model=Path(model_dir), device=device, max_mb=max_mb, threads=threads).validate()
     service = Service(model_dir, device, threads)
     max_bytes = int(max_mb * 2**20)
     app = FastAPI(title="lesionlab", description=DISCLAIMER)
