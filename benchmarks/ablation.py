@@ -22,7 +22,7 @@ from typing import Sequence
 
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.provenance import provenance
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import load_external_labels
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports/ablation.json"),
                    help="JSON results, rewritten after every lever")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--num-workers", type=ranged(int, ge=0), default=2, help="image decoding processes")
     p.add_argument("--weights", default=None, help="local lite0 checkpoint (offline machines)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=ranged(int, ge=0), default=0)
     add_data_args(p)
     return p
 

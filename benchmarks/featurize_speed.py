@@ -17,7 +17,7 @@ import torch
 
 from featurize.backbones import Embedder, create_backbone
 from featurize.extract import Extractor, FeaturizeConfig, Runner
-from lesionlab.cli import make_parser, run_main
+from lesionlab.cli import make_parser, ranged, run_main
 from lesionlab.data import default_data_dir, load_dataset
 
 
@@ -34,19 +34,19 @@ def model_bench_parser(prog: str, doc: str | None, size: tuple[int, int],
     """The options every model-speed benchmark has: backbone, input size, batch size."""
     p = make_parser(prog, doc)
     p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
-    p.add_argument("--image-size", nargs=2, type=int, default=size, metavar=("H", "W"),
+    p.add_argument("--image-size", nargs=2, type=ranged(int, ge=1), default=size, metavar=("H", "W"),
                    help="input (H, W)")
-    p.add_argument("--batch-size", type=int, default=batch, help="images per batch")
+    p.add_argument("--batch-size", type=ranged(int, ge=1), default=batch, help="images per batch")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments."""
     p = model_bench_parser("python -m benchmarks.featurize_speed", __doc__, (168, 224), 64)
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per row")
+    p.add_argument("--repeats", type=ranged(int, ge=1), default=5, help="timed passes per row")
     p.add_argument("--data", type=Path, default=None, help="HAM10000 folder for the end-to-end "
                                                              "row; None: the default folder")
-    p.add_argument("--n-images", type=int, default=1024, help="for the end-to-end row")
+    p.add_argument("--n-images", type=ranged(int, ge=1), default=1024, help="for the end-to-end row")
     return p
 
 

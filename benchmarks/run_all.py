@@ -20,7 +20,7 @@ import numpy as np
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse finished cells made by other code (lesionlab/, featurize/, "
                         "models/ or the lock differ) instead of running them again; their "
                         "rows are marked stale in the report")
-    p.add_argument("--seed", type=int, default=0, help="model seed of every cell")
+    p.add_argument("--seed", type=ranged(int, ge=0), default=0, help="model seed of every cell")
     add_data_args(p)
     return p
 

@@ -20,7 +20,7 @@ import optuna
 
 from benchmarks.serve_load import cpu_model
 from featurize.extract import FeaturizeConfig, featurize
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
 from models.train_head import FINISHED, make_storage
@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m benchmarks.scale", __doc__)
     p.add_argument("--features", default="tf_efficientnet_lite0",
                    help="cached feature set the tuning workers read (featurize it first)")
-    p.add_argument("--trials", type=int, default=12, help="trials of each tuning study")
+    p.add_argument("--trials", type=ranged(int, ge=1), default=12, help="trials of each tuning study")
     p.add_argument("--storage", default=None,
                    help="shared Optuna storage URL; None: a journal file in a temp folder")
     p.add_argument("--backbone", default="tf_efficientnet_lite0", help="for the Dask rows")
-    p.add_argument("--n-images", type=int, default=512, help="images for the Dask rows")
+    p.add_argument("--n-images", type=ranged(int, ge=1), default=512, help="images for the Dask rows")
     add_data_args(p)
     return p
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lesionlab.cli import make_parser, run_main
+from lesionlab.cli import make_parser, ranged, run_main
 from lesionlab.errors import LesionLabError
 
 FIXTURE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ham_small"
@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m benchmarks.serve_load", __doc__)
     p.add_argument("--model", required=True, type=Path, help="a model folder to serve")
     p.add_argument("--image", type=Path, default=None, help="image to send; None: a fixture")
-    p.add_argument("--requests", type=int, default=64, help="requests in all")
-    p.add_argument("--concurrency", type=int, default=8, help="client threads")
-    p.add_argument("--threads", type=int, default=2, help="the server's inference threads")
+    p.add_argument("--requests", type=ranged(int, ge=1), default=64, help="requests in all")
+    p.add_argument("--concurrency", type=ranged(int, ge=1), default=8, help="client threads")
+    p.add_argument("--threads", type=ranged(int, ge=1), default=2, help="the server's inference threads")
     p.add_argument("--gradcam", action="store_true", help="ask for Grad-CAM overlays too")
     return p
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from benchmarks.serve_load import cpu_model
 from featurize.extract import cpu_flags
-from lesionlab.cli import add_data_args, resolve_data, run_main
+from lesionlab.cli import add_data_args, ranged, resolve_data, run_main
 from lesionlab.data import load_rgb
 from lesionlab.download import ensure_data
 from models.finetune import FinetuneConfig, TrainSet, build_model, param_groups
@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.featurize_speed import model_bench_parser
 
     p = model_bench_parser("python -m benchmarks.train_speed", __doc__, (120, 160), 32)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per row")
+    p.add_argument("--steps", type=ranged(int, ge=1), default=6, help="timed steps per row")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
-    p.add_argument("--n-images", type=int, default=512, help="images for the loader rows")
+    p.add_argument("--n-images", type=ranged(int, ge=1), default=512, help="images for the loader rows")
     add_data_args(p, workdir=False)
     return p
 
