@@ -11,7 +11,7 @@ import pandas as pd
 from featurize.extract import FeaturizeConfig, FeatureSet, load_feature_set, resolve_key
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard, load_card, model_path
+from models.bundle import ModelCard, load_card, load_proba, model_path
 
 OOF_PREFIX = "oof:"  # a feature block of out-of-fold CNN probabilities: oof:<K-fold ensemble>
 
@@ -175,7 +175,8 @@ def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> Feature
         raise LesionLabError(f"--features {OOF_PREFIX}{name}: {folder} is not a K-fold ensemble "
                              f"with out-of-fold probabilities (make it with models.kfold)")
     ids = dataset.frame["image_id"].astype(str)
-    oof = pd.DataFrame(np.load(folder / "oof_proba.npy"), index=card.details["oof_image_ids"])
+    held = card.details["oof_image_ids"]
+    oof = pd.DataFrame(load_proba(folder, "oof_proba.npy", len(held)), index=held)
     proba = np.zeros((len(ids), oof.shape[1]))
     in_oof = ids.isin(oof.index).to_numpy()
     proba[in_oof] = oof.loc[ids[in_oof]].to_numpy()

@@ -29,7 +29,8 @@ from lesionlab.cli import (add_data_args, make_parser, ranged, resolve_data, run
 from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
-from models.bundle import ModelCard, load_card, model_path, save_card
+from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, load_card,
+                           load_proba, model_path, release_claims, save_card)
 from models.heads import apply_temperature, fit_temperature
 
 MEMBERS = "members"
@@ -130,10 +131,7 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
                           frame=dataset.frame.iloc[va].reset_index(drop=True))
             proba = model_proba(folder, val, workdir)
         save_npy(path, proba)
-    proba = np.load(path)
-    if len(proba) != len(va):
-        raise LesionLabError(f"{path} holds {len(proba)} rows; val has {len(va)}")
-    return proba
+    return load_proba(folder, path.name, len(va))
 
 
 def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.ndarray] | None:
@@ -147,19 +145,27 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
         if set(held) & set(card.train_image_ids):
             raise LesionLabError(f"{card.name}: out-of-fold rows overlap its training rows")
         ids += held
-        probas.append(np.load(folder / "oof_proba.npy"))
+        probas.append(load_proba(folder, "oof_proba.npy", len(held)))
     if len(set(ids)) != len(ids):
         raise LesionLabError("the fold models' held-out rows overlap; they are not one K-fold run")
     return ids, np.concatenate(probas)
 
 
+@release_claims
 def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path | str,
                    cfg: EnsembleConfig) -> ModelCard:
-    """Choose weights and temperature on val, score test once, write the ensemble folder."""
+    """Choose weights and temperature on val, score test once, write the ensemble folder.
+
+    Raises:
+        LesionLabError: when the members do not fit together (:func:`_check_members`), one
+            of their saved arrays is damaged, or the output folder is a member, holds a model
+            of another kind or is being written by another run (``claim_folder``).
+    """
     t0 = time.perf_counter()
     dirs = [Path(d) for d in dirs]
     cards = [load_card(d) for d in dirs]
     _check_members(cards, dirs)
+    claim_folder(model_path(workdir, cfg.name), "ensemble", inputs=dirs)
     if dataset.fingerprint() != cards[0].data_fingerprint:
         raise LesionLabError(f"the data at {dataset.root} is not what the members were made on")
     split = load_or_make_split(dataset, workdir, _split_seed(cards[0]))
@@ -169,7 +175,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
                              f"on; use the members' workdir")
     y, groups = dataset.labels, dataset.frame["lesion_id"].astype(str).to_numpy()
     val_p = [member_val_proba(d, dataset, va, workdir) for d in dirs]
-    test_p = [np.load(d / "test_proba.npy") for d in dirs]
+    test_p = [load_proba(d, "test_proba.npy", len(te)) for d in dirs]
     weights = choose_weights(val_p, y[va], cfg.weights)
     t = fit_temperature(combine(val_p, weights), y[va])
     proba_va, proba_te = combine(val_p, weights, t), combine(test_p, weights, t)
@@ -214,14 +220,14 @@ def _split_seed(card: ModelCard) -> int:
 
 def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str, name: str,
                   proba_te: np.ndarray, proba_va: np.ndarray) -> Path:
-    """Copy the members (not their resume checkpoints) into a fresh ensemble folder."""
+    """Copy the members (not their resume checkpoints) into the emptied ensemble folder
+    (claimed by the caller)."""
     folder = model_path(workdir, name)
-    if folder.exists():
-        shutil.rmtree(folder)
+    clear_folder(folder)
     (folder / MEMBERS).mkdir(parents=True)
     for d, c in zip(dirs, cards):
-        shutil.copytree(d, folder / MEMBERS / c.name,
-                        ignore=shutil.ignore_patterns("checkpoint.pt", "study*", "*.db"))
+        shutil.copytree(d, folder / MEMBERS / c.name, ignore=shutil.ignore_patterns(
+            "checkpoint.pt", "study*", "*.db", LOCK_FILE))
     save_npy(folder / "test_proba.npy", proba_te)
     save_npy(folder / "val_proba.npy", proba_va)
     return folder

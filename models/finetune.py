@@ -35,8 +35,8 @@ from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
-from models.bundle import (ModelCard, TrainingRun, load_card, model_name, model_path,
-                           save_card)
+from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, model_name,
+                           model_path, release_claims, save_card, verify_weights)
 from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
                                 gather_rng, init_world)
 from models.heads import apply_temperature, fit_temperature
@@ -486,8 +486,8 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
     split = load_or_make_split(dataset, workdir, cfg.data_seed)
     tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
     tr, held = cv_rows(dataset, tr, cfg)
-    folder = model_path(workdir, cfg.model_name())
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = claim_folder(model_path(workdir, cfg.model_name()), "finetune",
+                          inputs=[cfg.backbone], exclusive=world.main)  # the main one writes
     model, spec = build_model(cfg)
     model = model.to(device).to(memory_format=torch.channels_last)
     net = None
@@ -523,6 +523,7 @@ def cv_rows(dataset: Dataset, tr: np.ndarray,
     return tr[fit], tr[held]
 
 
+@release_claims
 def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume: bool = False,
              on_epoch_end: Callable[[int], None] | None = None) -> ModelCard | None:
     """Train, select by val, evaluate once on test; write the model folder; return its card.
@@ -635,8 +636,9 @@ def load_finetuned(model_dir: Path | str,
     if card.kind != "finetune":
         raise LesionLabError(f"{model_dir} holds a {card.kind!r} model, not a fine-tuned network")
     model, spec = build_model(finetune_config(card))
+    path = verify_weights(model_dir, WEIGHTS, card)  # the sha256 its card recorded
     try:
-        state = torch.load(Path(model_dir) / WEIGHTS, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # missing, damaged or crafted file
         raise LesionLabError(f"cannot load {Path(model_dir) / WEIGHTS}: "
                              f"{str(exc).splitlines()[0][:200]}") from None

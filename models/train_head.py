@@ -31,7 +31,8 @@ from lesionlab.errors import LesionLabError
 from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operating_point
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
-from models.bundle import ModelCard, TrainingRun, model_name, model_path, save_card, save_head
+from models.bundle import (ModelCard, TrainingRun, claim_folder, model_name, model_path,
+                           release_claims, save_card, save_head)
 from models.design import Design, copy_members, load_design
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.
     return model, details, fit_s
 
 
+@release_claims
 def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
                stage: str | None = None) -> ModelCard | None:
     """Tune, refit, calibrate on val, test once; save the model folder; return its card.
@@ -258,7 +260,9 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     tr = unseen_train_rows(design, dataset, tr, (va, te))
     x, y = design.x, dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    folder = model_path(workdir, cfg.model_name())
+    # tune workers share a --storage study and write nothing into the folder: no lock
+    folder = claim_folder(model_path(workdir, cfg.model_name()), "head",
+                          exclusive=stage != "tune")
     study = open_study(folder, cfg, study_fingerprint(design, cfg, len(tr)))
     tune_s = tune(study, x[tr], y[tr], groups[tr], cfg) if stage != "refit" else 0.0
     if stage == "tune":
