@@ -182,7 +182,7 @@ def check_card(folder: Path, card: ModelCard) -> None:
     Raises:
         LesionLabError: naming the field and what was expected, for: classes other than
             ``CLASSES``; a temperature that is not a finite number > 0; a melanoma threshold
-            outside [0, 1]; test image ids that do not match ``n_test``; sha256 records that
+            outside [0, 1]; image ids that are not a list of strings; sha256 records that
             are not 64 hex digits; and, for an ensemble, members that are not distinct plain
             folder names or member weights that are not one finite number >= 0 per member
             with a sum > 0.
@@ -198,10 +198,10 @@ def check_card(folder: Path, card: ModelCard) -> None:
     t = card.mel_threshold
     if t is not None and not (_is_number(t) and (math.isnan(t) or 0 <= t <= 1)):
         raise _card_error(folder, "mel_threshold", "null or a number in [0, 1]", t)
-    ids = card.test_image_ids
-    if not isinstance(ids, list) or len(ids) != card.n_test:
-        raise _card_error(folder, "test_image_ids", f"a list of n_test={card.n_test} ids",
-                          f"{len(ids) if isinstance(ids, list) else ids} ids")
+    for name in ("train_image_ids", "test_image_ids"):
+        ids = getattr(card, name)
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise _card_error(folder, name, "a list of image ids", ids)
     for name, digest in card.files.items():
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise _card_error(folder, f"files[{name!r}]", "a sha256 (64 hex digits)", digest)
@@ -236,17 +236,19 @@ def sha256_file(path: Path | str) -> str:
 def verify_weights(folder: Path | str, name: str, card: ModelCard | None = None) -> Path:
     """Check a weights file against the sha256 its card recorded; call before loading it.
 
-    Cards written before checksums were recorded have none, and pass. Returns the path.
+    Cards written before checksums were recorded have none (nor has a folder without a
+    card), and pass. Returns the path.
 
     Raises:
         LesionLabError: when the file is missing, or its sha256 is not the recorded one (the
             file was replaced or damaged after the model was saved).
     """
-    card = card or load_card(folder)
+    if card is None and (Path(folder) / CARD).exists():
+        card = load_card(folder)
     path = Path(folder) / name
     if not path.is_file():
         raise LesionLabError(f"model folder {folder} has no {name}")
-    want = card.files.get(name)
+    want = card.files.get(name) if card is not None else None
     if want is not None:
         got = sha256_file(path)
         if got != want:
