@@ -93,7 +93,8 @@ def test_an_ensemble_named_after_one_of_its_members_is_refused(work, members) ->
     with pytest.raises(LesionLabError) as err:
         build_ensemble([head, net], load_dataset(FIXTURE), work,
                        EnsembleConfig(members=[], name=head.name, n_boot=10))
-    assert str(err.value) == f"output folder {head} is also an input ({head}); choose another --name"
+    assert str(err.value) == (f"output folder {head} is also an input ({head}); "
+                              f"choose another --name")
     assert (head / "head.skops").read_bytes() == stamp and not (head / "members").exists()
     # rebuilding an ensemble into its own folder still works (same kind)
     card = build_ensemble([head, net], load_dataset(FIXTURE), work,
