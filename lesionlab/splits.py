@@ -239,8 +239,8 @@ def class_counts(split: pd.DataFrame) -> pd.DataFrame:
 
 
 def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
-                  purpose: str = "CV folds",
-                  allow_fewer: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+                  purpose: str = "CV folds", allow_fewer: bool = True,
+                  keep_singletons: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Lesion-grouped stratified K folds as (train_idx, val_idx) pairs.
 
     The fold count comes from :func:`fold_count` (fewer than ``n_folds``, with a warning, when
@@ -253,18 +253,35 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: in
         seed: seeds ``StratifiedGroupKFold``'s shuffle.
         purpose: what the folds are for, named in messages.
         allow_fewer: see :func:`fold_count`.
+        keep_singletons: a class with a single lesion is no error: that lesion goes into
+            every fold's training part and no val part (so it is trained on, never scored),
+            with a counted warning. For tuning CV, where a fold only has to train on every
+            class; never for out-of-fold predictions.
 
     Returns:
-        k pairs of row-index arrays; every row is in exactly one val part.
+        k pairs of row-index arrays; every row is in at most one val part (exactly one,
+        but for kept singletons).
 
     Raises:
         LesionLabError: see :func:`fold_count`.
     """
-    k = fold_count(labels, groups, n_folds, purpose, allow_fewer)
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    rows = np.arange(len(labels))
+    if keep_singletons:
+        counts = lesions_per_class(labels, groups)
+        single = [c for c, m in counts.items() if m == 1]
+        if single:
+            warn_once(f"{purpose}: " + ", ".join(f"class {_class_name(c)}" for c in single)
+                      + " has a single lesion: trained on in every fold, scored in none",
+                      key=f"singletons:{purpose}")
+            rows = rows[~np.isin(groups, groups[np.isin(labels, single)])]
+    k = fold_count(labels[rows], groups[rows], n_folds, purpose, allow_fewer)
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    kept = np.setdiff1d(np.arange(len(labels)), rows)
     with warnings.catch_warnings():  # every class has >= k lesions, so >= k images
         warnings.simplefilter("ignore", UserWarning)
-        return list(sgkf.split(np.zeros(len(labels)), labels, groups))
+        folds = sgkf.split(np.zeros(len(rows)), labels[rows], groups[rows])
+        return [(np.sort(np.concatenate([rows[tr], kept])), rows[va]) for tr, va in folds]
 
 
 def train_fraction(labels: np.ndarray, groups: np.ndarray, fraction: float,

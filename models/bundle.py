@@ -391,10 +391,13 @@ def _lock(folder: Path) -> IO[str]:
         holder = fh.read().strip() or "unknown"
         fh.close()
         raise LesionLabError(f"folder {folder} is in use by another run (pid {holder})") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    try:  # the pid is a note for the error above; the flock is what holds the folder
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+    except OSError:  # a full disk: the run's first real write says so, naming its file
+        pass
     return fh
 
 

@@ -210,7 +210,8 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     remaining = max(0, cfg.trials - finished_trials(study))
     if not remaining:
         return 0.0
-    folds = grouped_folds(y, groups, cfg.folds, cfg.seed, "head tuning CV")
+    folds = grouped_folds(y, groups, cfg.folds, cfg.seed, "head tuning CV",
+                          keep_singletons=True)
     t0 = time.perf_counter()
     study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed, groups),
                    n_trials=remaining, timeout=cfg.tune_timeout, show_progress_bar=True,

@@ -208,3 +208,18 @@ def test_train_fraction_keeps_two_lesions_of_every_class(n_rare: int) -> None:
     assert len(set(g[idx][y[idx] == RARE])) == 2
     assert bool(warning_counts().get("holdout:10% training fraction")) == (n_rare < 10)
     assert 0.07 < len(idx) / len(y) < 0.2
+
+
+def test_tuning_cv_trains_on_a_single_lesion_class_and_never_scores_it() -> None:
+    """Head tuning on a small training set (a fold network's held-out rows, say): a class with
+    one lesion is trained on in every fold and scored in none, with one warning."""
+    y, g = make_labels(1)
+    folds = grouped_folds(y, g, 5, 0, "head tuning CV", keep_singletons=True)
+    assert len(folds) == 5
+    rare_rows = np.flatnonzero(y == RARE)
+    for tr, va in folds:
+        assert set(rare_rows) <= set(tr) and not set(rare_rows) & set(va)
+        assert not set(g[tr]) & set(g[va])
+    scored = np.sort(np.concatenate([va for _, va in folds]))
+    assert list(scored) == sorted(set(range(len(y))) - set(rare_rows))
+    assert warning_counts() == {"singletons:head tuning CV": 1}
