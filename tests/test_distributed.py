@@ -204,6 +204,24 @@ def _torchrun(workdir: Path, epochs: int, *extra: str) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def _wait_for_locks_free(workdir: Path, timeout_s: float = 30.0) -> None:
+    """Wait until no process holds a model folder's lock under ``workdir`` (killed workers
+    exit a moment after the launcher that ``wait`` sees, and hold the lock until then)."""
+    import fcntl
+
+    deadline = time.time() + timeout_s
+    for lock in workdir.glob("models/*/.lock"):
+        with open(lock, "a+") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                    break
+                except BlockingIOError:
+                    assert time.time() < deadline, f"{lock} still held after {timeout_s} s"
+                    time.sleep(0.05)
+
+
 def _free_port() -> int:
     import socket
 
@@ -251,6 +269,7 @@ def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
     proc.wait()
+    _wait_for_locks_free(killed)  # the workers too: until they exit they hold the lock
     assert not list(killed.glob("models/*/card.json")), "the run ended before the kill"
     _finish(_torchrun(killed, 4, "--resume"))
     a = load_card(next(straight.glob("models/*")))
