@@ -38,7 +38,7 @@ OFFICIAL_COUNTS: dict[str, int] = {
     "mel": 1113, "nv": 6705, "vasc": 142}
 # sha256 of the official HAM10000_metadata.csv (563,277 bytes, 10,015 rows; md5
 # 70bb67f71bd23dde0bd2eda4bdcc98e5), computed from the project's verified copy of the release
-# (/work/shared/data/ham10000/HAM10000_metadata.csv), which is that file byte for byte.
+# (shared/data/ham10000/HAM10000_metadata.csv beside the repo), which is that file byte for byte.
 OFFICIAL_METADATA_SHA256 = "06aee5e603d313ba69de38263053c792a1dff030eb9c44a96ceb477ceefb99a5"
 # No checksum of the image zips is recorded: the mirror at BASE_URL publishes none, and the MD5s
 # of the Harvard Dataverse record (doi:10.7910/DVN/DBW86T, files HAM10000_images_part1/2.zip)
