@@ -258,3 +258,13 @@ def test_saved_config_of_a_train_head_run_reruns_to_the_same_config(tmp_path: Pa
     code, _, err = _run("models.train_head", ["--config", str(saved)], capsys)
     assert code == 0, err[-500:]
     assert saved.read_text() == text
+
+
+def test_an_abbreviated_config_flag_is_refused(tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path, ".yaml", {"model": "m", "data": "d"})
+    code, _, err = _run("models.evaluate", ["--conf", str(path), "--model", "m", "--data", "d"],
+                        capsys)
+    assert code == 2 and "write --config in full" in err and len(err.strip().splitlines()) == 1
+    # the full flag, as --config=FILE too, is read
+    args = _module("models.evaluate").build_parser().parse_args([f"--config={path}"])
+    assert (args.model, args.data) == (Path("m"), Path("d"))
