@@ -35,7 +35,7 @@ from featurize.classical import FEATURE_NAMES, classical_features
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, features_dir,
                                  library_versions, read_json, reserve, save_npy, write_json)
-from lesionlab.cli import check_choices, option
+from lesionlab.cli import check_choices, device_option, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import provenance
@@ -75,7 +75,7 @@ class FeaturizeConfig:
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     # runtime only (do not change the numbers beyond float tolerance):
     batch_size: int = option(64, "images per forward pass", ge=1)
-    device: str = option("auto", "where the network runs", choices=DEVICES)
+    device: str = device_option()
     engine: str = option("auto", "CPU engine (auto: ONNX Runtime when installed)",
                          choices=ENGINES)
     num_workers: int = option(1, "image decoding worker processes", ge=0)

@@ -29,8 +29,8 @@ from featurize.extract import (DEVICES, PRECISIONS, TTA_MODES, ImagePathDataset,
                                resolve_device, tta_views, use_bf16)
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions, save_npy
-from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
-                           resolve_data, run_main, safe_name)
+from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
+                           device_option, option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -91,7 +91,7 @@ class FinetuneConfig(TrainingRun):
     seed: int = option(0, "model seed", ge=0, le=2**32 - 1)
     split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed",
                                      ge=0, le=2**32 - 1)
-    device: str = option("auto", "where training runs", choices=DEVICES)
+    device: str = device_option()
     num_workers: int = option(2, "image decoding worker processes", ge=0)
     precision: str = option("auto", "CPU arithmetic; auto: bf16 autocast where the CPU has "
                                     "avx512_bf16 or AMX, else fp32 (CUDA: fp16 AMP)",
@@ -666,15 +666,22 @@ def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
     return network_proba(model, card, spec, paths, tta)
 
 
+@dataclass
+class FinetuneRunOptions:
+    """The flags of ``python -m models.finetune`` beyond :class:`FinetuneConfig` and the data."""
+
+    resume: bool = option(False, "continue from the last checkpoint", switch=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments, from ``FinetuneConfig``."""
+    """CLI arguments, from ``FinetuneConfig`` and ``FinetuneRunOptions``."""
     p = config_parser("python -m models.finetune", __doc__, FinetuneConfig)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    add_config_args(p, FinetuneRunOptions)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and fine-tune."""
+    """Parse arguments, fine-tune, and write the resolved config.yaml in the model folder."""
     from models.train_head import summary_line
 
     args = build_parser().parse_args(argv)
@@ -683,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     card = finetune(dataset, args.workdir, cfg, resume=args.resume)
     if card is None:  # a torchrun worker other than the main one
         return 0
+    save_config(model_path(args.workdir, card.name), args, "python -m models.finetune")
     print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
           f"{card.details['train_img_per_s']} img/s train")
     return 0

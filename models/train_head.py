@@ -23,8 +23,8 @@ import numpy as np
 import optuna
 
 from lesionlab.artifacts import library_versions, save_npy
-from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
-                           resolve_data, run_main, safe_name)
+from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
+                           option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -352,17 +352,24 @@ def summary_line(card: ModelCard) -> str:
             + f"{card.total_time_s} s)")
 
 
+@dataclass
+class HeadRunOptions:
+    """The flags of ``python -m models.train_head`` beyond :class:`HeadConfig` and the data."""
+
+    refit_only: bool = option(False, "after the workers of a shared --storage study: refit its "
+                                     "best trial, calibrate, test and write the model folder",
+                              switch=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments, from ``HeadConfig``."""
+    """CLI arguments, from ``HeadConfig`` and ``HeadRunOptions``."""
     p = config_parser("python -m models.train_head", __doc__, HeadConfig)
-    p.add_argument("--refit-only", action="store_true",
-                   help="after the workers of a shared --storage study: refit its best trial, "
-                        "calibrate, test and write the model folder")
+    add_config_args(p, HeadRunOptions)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and train one head."""
+    """Parse arguments, train one head, and write its resolved config.yaml in its folder."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(HeadConfig, args)
     dataset = ensure_data(resolve_data(args))
@@ -372,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{cfg.storage}; when every worker has stopped, run the same command with "
               f"--refit-only to write the model folder")
         return 0
+    save_config(model_path(args.workdir, card.name), args, "python -m models.train_head")
     print(summary_line(card))
     return 0
 
