@@ -24,6 +24,7 @@ from lesionlab.artifacts import read_json, write_json
 from lesionlab.provenance import provenance
 from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import load_external_labels
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from models.finetune import FinetuneConfig, finetune
@@ -65,8 +66,6 @@ def device_name(device: str) -> str:
 
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from benchmarks.serve_load import cpu_model
-
     return f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 

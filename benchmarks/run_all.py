@@ -22,6 +22,7 @@ from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import Dataset, load_external_labels
+from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.provenance import provenance, same_code, short
@@ -495,9 +496,6 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
 def machine_label() -> str:
     """The CPU model, its core count and whether bf16 autocast is used, for every timing."""
     import os
-
-    from benchmarks.serve_load import cpu_model
-    from featurize.extract import cpu_flags
 
     bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
     return (f"{cpu_model()}, {os.cpu_count()} cores, "

@@ -18,10 +18,10 @@ from typing import Sequence
 
 import optuna
 
-from benchmarks.serve_load import cpu_model
 from featurize.extract import FeaturizeConfig, featurize
 from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import Dataset
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from models.train_head import FINISHED, make_storage
 

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.serve_load import cpu_model
-from featurize.extract import cpu_flags
 from lesionlab.cli import add_data_args, ranged, resolve_data, run_main
 from lesionlab.data import load_rgb
+from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
 from models.finetune import FinetuneConfig, TrainSet, build_model, param_groups
 

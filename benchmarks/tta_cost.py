@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.serve_load import cpu_model
 from lesionlab.artifacts import write_json
 from lesionlab.provenance import provenance
 from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
 from lesionlab.data import Dataset
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import load_card

@@ -37,6 +37,7 @@ from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, featur
                                  library_versions, read_json, reserve, save_npy, write_json)
 from lesionlab.cli import check_choices, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
+from lesionlab.device import DEVICES, resolve_device
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import provenance
 
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 TTA_MODES = ("none", "flip", "d4")
 POOL_MODES = ("avg", "multistage")
 ENGINES = ("auto", "eager", "onnx")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_scheduler(value: str) -> str:
@@ -106,43 +105,6 @@ class FeaturizeConfig:
     def size(self) -> tuple[int, int]:
         """(H, W) actually used."""
         return tuple(self.image_size) if self.image_size else default_image_size(self.backbone)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LesionLabError("--device cuda asked for, but no CUDA device is available")
-    if device not in DEVICES:
-        raise LesionLabError(f"unknown --device {device!r}; expected one of {DEVICES}")
-    return torch.device(device)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where unreadable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def use_bf16(precision: str, device: torch.device, flags: set[str] | None = None) -> bool:
-    """Whether CPU work runs under bf16 autocast.
-
-    ``auto`` picks bf16 only where the CPU computes it natively (avx512_bf16 or AMX): on a Xeon
-    with avx512_vnni but no avx512_bf16, bf16 autocast halved lite0 training speed.
-    """
-    if device.type != "cpu" or precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    flags = cpu_flags() if flags is None else flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 class ImagePathDataset(TorchDataset):

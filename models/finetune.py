@@ -25,18 +25,19 @@ from tqdm import tqdm
 
 from featurize.backbones import BackboneSpec, check_backbone, create_backbone
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
-from featurize.extract import (DEVICES, PRECISIONS, TTA_MODES, ImagePathDataset,
-                               resolve_device, tta_views, use_bf16)
+from featurize.extract import TTA_MODES, ImagePathDataset, tta_views
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions, save_npy
 from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
                            resolve_data, run_main, safe_name)
 from lesionlab.data import CLASSES, Dataset, load_rgb
+from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, model_name,
-                           model_path, release_claims, save_card, verify_weights)
+                           model_path, release_claims, save_card, summary_line,
+                           verify_weights)
 from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
                                 gather_rng, init_world)
 from models.heads import apply_temperature, fit_temperature
@@ -675,8 +676,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and fine-tune."""
-    from models.train_head import summary_line
-
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
     dataset = ensure_data(resolve_data(args))
