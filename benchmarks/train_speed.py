@@ -21,7 +21,7 @@ from lesionlab.cli import add_data_args, ranged, resolve_data, run_main
 from lesionlab.data import load_rgb
 from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
-from models.finetune import FinetuneConfig, TrainSet, build_model, param_groups
+from models.finetune import FinetuneConfig, TrainSet, build_model, freeze_stages, param_groups
 
 
 def step_rate(cfg: FinetuneConfig, batch: int, steps: int, channels_last: bool = True,
@@ -30,11 +30,7 @@ def step_rate(cfg: FinetuneConfig, batch: int, steps: int, channels_last: bool =
     """(training images/s, seconds before the first timed step) of one configuration."""
     torch.manual_seed(0)
     model, _ = build_model(cfg)
-    for block in list(model.blocks)[:frozen_stages]:
-        block.requires_grad_(False)
-    if frozen_stages:
-        for module in (model.conv_stem, model.bn1):
-            module.requires_grad_(False)
+    freeze_stages(model, frozen_stages)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.train().to(memory_format=fmt)
     opt = torch.optim.AdamW([g for g in param_groups(model, cfg)

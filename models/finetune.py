@@ -210,16 +210,24 @@ def sample_weights(frame, rows: np.ndarray, histo_weight: float) -> np.ndarray:
 
 
 def freeze_stages(model: nn.Module, n: int) -> None:
-    """Freeze the stem and the first ``n`` blocks (weights and BatchNorm statistics)."""
+    """Freeze the stem and the first ``n`` blocks: their weights here (``timm.utils.freeze``),
+    their BatchNorm statistics in :func:`train_mode`.
+
+    The BatchNorm layers stay ``BatchNorm2d`` (timm's ``FrozenBatchNorm2d`` would drop their
+    ``num_batches_tracked`` entries from the saved weights and round differently).
+
+    Raises:
+        LesionLabError: ``n`` > 0 and the model has no ``blocks`` or fewer than ``n``.
+    """
+    from timm.utils import freeze
+
     if n <= 0:
         return
     blocks = list(getattr(model, "blocks", []))
     if not blocks or n > len(blocks):
         raise LesionLabError(f"--freeze-stages {n}: the model has {len(blocks)} blocks")
-    for module in [getattr(model, m) for m in ("conv_stem", "bn1") if hasattr(model, m)]:
-        module.requires_grad_(False)
-    for block in blocks[:n]:
-        block.requires_grad_(False)
+    stem = [name for name in ("conv_stem", "bn1") if hasattr(model, name)]
+    freeze(model, stem + [f"blocks.{i}" for i in range(n)], include_bn_running_stats=False)
 
 
 def train_mode(model: nn.Module) -> None:
