@@ -25,6 +25,7 @@ from lesionlab.provenance import provenance
 from lesionlab.cli import (command_parser, config_from_args, data_option, device_option, option,
                            resolve_data, run_main, save_config, workdir_option)
 from lesionlab.data import load_external_labels
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from models.finetune import FinetuneConfig, finetune
@@ -66,8 +67,6 @@ def device_name(device: str) -> str:
 
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from benchmarks.serve_load import cpu_model
-
     return f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 

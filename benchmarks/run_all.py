@@ -23,6 +23,7 @@ from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
                            run_main, save_config, workdir_option)
 from lesionlab.data import Dataset, load_external_labels
+from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.provenance import provenance, same_code, short
@@ -496,9 +497,6 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
 def machine_label() -> str:
     """The CPU model, its core count and whether bf16 autocast is used, for every timing."""
     import os
-
-    from benchmarks.serve_load import cpu_model
-    from featurize.extract import cpu_flags
 
     bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
     return (f"{cpu_model()}, {os.cpu_count()} cores, "

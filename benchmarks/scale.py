@@ -19,11 +19,11 @@ from typing import Sequence
 
 import optuna
 
-from benchmarks.serve_load import cpu_model
 from featurize.extract import FeaturizeConfig, featurize
 from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
                            run_main, workdir_option)
 from lesionlab.data import Dataset
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from models.train_head import FINISHED, make_storage
 

@@ -8,7 +8,6 @@ CPU model, then stops the server. Traffic goes to 127.0.0.1 only; the loop is bo
 from __future__ import annotations
 
 import argparse
-import platform
 import socket
 import subprocess
 import sys
@@ -21,20 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from lesionlab.cli import command_parser, config_from_args, model_option, option, run_main
+from lesionlab.device import cpu_model
 from lesionlab.errors import LesionLabError
 
 FIXTURE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ham_small"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (for every timing printed)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def start_server(model: Path, threads: int, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:

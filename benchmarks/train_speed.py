@@ -20,13 +20,12 @@ import torch
 from PIL import Image
 
 from benchmarks.featurize_speed import ModelBenchConfig
-from benchmarks.serve_load import cpu_model
-from featurize.extract import cpu_flags
 from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
                            run_main)
 from lesionlab.data import load_rgb
+from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
-from models.finetune import FinetuneConfig, TrainSet, build_model, param_groups
+from models.finetune import FinetuneConfig, TrainSet, build_model, freeze_stages, param_groups
 
 
 def step_rate(cfg: FinetuneConfig, batch: int, steps: int, channels_last: bool = True,
@@ -35,11 +34,7 @@ def step_rate(cfg: FinetuneConfig, batch: int, steps: int, channels_last: bool =
     """(training images/s, seconds before the first timed step) of one configuration."""
     torch.manual_seed(0)
     model, _ = build_model(cfg)
-    for block in list(model.blocks)[:frozen_stages]:
-        block.requires_grad_(False)
-    if frozen_stages:
-        for module in (model.conv_stem, model.bn1):
-            module.requires_grad_(False)
+    freeze_stages(model, frozen_stages)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.train().to(memory_format=fmt)
     opt = torch.optim.AdamW([g for g in param_groups(model, cfg)

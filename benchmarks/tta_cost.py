@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.serve_load import cpu_model
 from lesionlab.artifacts import write_json
 from lesionlab.provenance import provenance
 from lesionlab.cli import (command_parser, config_from_args, data_option, model_option, option,
                            resolve_data, run_main, save_config, workdir_option)
 from lesionlab.data import Dataset
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import load_card

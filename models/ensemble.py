@@ -30,7 +30,7 @@ from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, load_card,
-                           load_proba, model_path, release_claims, save_card)
+                           load_proba, model_path, release_claims, save_card, summary_line)
 from models.heads import apply_temperature, fit_temperature
 
 MEMBERS = "members"
@@ -262,8 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build an ensemble folder, write its resolved config.yaml and print its test line."""
-    from models.train_head import summary_line
-
     args = config_from_args(EnsembleCommand, build_parser().parse_args(argv))
     cfg = EnsembleConfig(members=[str(m) for m in args.members], name=args.name,
                          weights=args.weights, n_boot=args.n_boot)

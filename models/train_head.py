@@ -32,7 +32,7 @@ from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operati
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import (ModelCard, TrainingRun, claim_folder, model_name, model_path,
-                           release_claims, save_card, save_head)
+                           release_claims, save_card, save_head, summary_line)
 from models.design import Design, copy_members, load_design
 
 log = logging.getLogger(__name__)
@@ -338,18 +338,6 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
         total_time_s=0.0, data_fingerprint=dataset.fingerprint(),
         versions=library_versions(), features=design.describe(), metadata=cfg.metadata,
         mel_threshold=model.mel_threshold_, details=details)
-
-
-def summary_line(card: ModelCard) -> str:
-    """One line of headline numbers for a model card."""
-    t = card.test
-    lo, hi = t.get("ci95", {}).get("balanced_accuracy", [float("nan")] * 2)
-    cv = card.details.get("cv_balanced_accuracy")
-    return (f"{card.name}: test balanced acc {t['balanced_accuracy']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}]  macro F1 {t['macro_f1']:.3f}  AUC {t['macro_auc']:.3f}  "
-            f"mel sens {t['mel_sensitivity']:.3f}  ECE {t['ece']:.3f}  "
-            + (f"(cv {cv:.3f}, " if cv is not None else "(")
-            + f"{card.total_time_s} s)")
 
 
 @dataclass
