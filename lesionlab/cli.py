@@ -33,12 +33,12 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from lesionlab.artifacts import DEFAULT_WORKDIR, write_text
 from lesionlab.data import default_data_dir
+from lesionlab.device import DEVICES
 from lesionlab.errors import LesionLabError, flush_warnings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm",
                  "distributed")
-from lesionlab.device import DEVICES  # noqa: E402 (one definition, in the core device module)
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 SAVED_CONFIG = "config.yaml"  # the resolved config written beside a command's artifacts
 _VALUE_PARSERS: dict[Any, Callable[[str], Any]] = {int: int, float: float, Path: Path}
