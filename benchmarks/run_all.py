@@ -26,7 +26,7 @@ from lesionlab.data import Dataset, load_external_labels
 from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
-from lesionlab.provenance import provenance, same_code, short
+from lesionlab.provenance import move_aside, provenance, same_code, short
 from lesionlab.splits import class_counts, load_or_make_split
 from models.bundle import CARD, ModelCard, load_card, model_path, save_card
 from models.design import FROZEN_INPUTS, input_kind
@@ -233,7 +233,8 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path, reuse_stale: bool = Fa
     archive_stale(cell, workdir)
     t0 = time.perf_counter()
     # e.g. the embedding of a network an earlier cell fine-tuned; the cell reads exactly these
-    made = [featurize(dataset, workdir, need).key for need in cell.needs]
+    made = [featurize(dataset, workdir, need, fresh_code=not reuse_stale).key
+            for need in cell.needs]
     if cell.kind == "head":
         with pinned_feature_sets(made):
             card = train_head(dataset, workdir, cell.config)
@@ -276,24 +277,12 @@ def archive_stale(cell: Cell, workdir: Path | str) -> list[Path]:
     for folder in cell_folders(cell, workdir):
         if not (folder / CARD).exists() or same_code(load_card(folder).provenance):
             continue
-        moved.append(_move_aside(folder, workdir, load_card(folder).provenance))
+        moved.append(move_aside(folder, workdir, load_card(folder).provenance))
     if result.exists():
-        moved.append(_move_aside(result, workdir, read_json(result).get("provenance")))
+        moved.append(move_aside(result, workdir, read_json(result).get("provenance")))
     for path in moved:
         log.info("stale (made by %s): moved to %s", path.parent.name, path)
     return moved
-
-
-def _move_aside(path: Path, workdir: Path | str, record: dict | None) -> Path:
-    """Rename ``path`` into ``<workdir>/stale/<code sha256[:12] or unknown>/`` (never over
-    an earlier copy: a numbered suffix is added)."""
-    dest_dir = Path(workdir) / "stale" / ((record or {}).get("code_sha256", "unknown")[:12])
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest, i = dest_dir / path.name, 1
-    while dest.exists():
-        dest, i = dest_dir / f"{path.name}.{i}", i + 1
-    path.rename(dest)
-    return dest
 
 
 def with_current_labels(row: dict) -> dict:
@@ -427,7 +416,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     made = []  # the cells read these exact sets, whatever else the workdir's cache holds
     for cfg in plan.featurize:
         ts = time.perf_counter()
-        fs = featurize(dataset, workdir, cfg)
+        fs = featurize(dataset, workdir, cfg, fresh_code=not reuse_stale)
         made.append(fs.key)
         print(f"features {fs.key}: {fs.features.shape[1]} dims, "
               f"{time.perf_counter() - ts:.0f} s", flush=True)

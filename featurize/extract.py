@@ -40,7 +40,7 @@ from lesionlab.cli import check_choices, device_option, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
 from lesionlab.device import DEVICES, resolve_device
 from lesionlab.errors import LesionLabError
-from lesionlab.provenance import provenance
+from lesionlab.provenance import move_aside, provenance, same_code
 
 log = logging.getLogger(__name__)
 
@@ -348,11 +348,14 @@ def _read_chunk(path: Path, rows: int) -> np.ndarray | None:
 
 
 def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
-              on_chunk: Callable[[int], None] | None = None) -> FeatureSet:
+              on_chunk: Callable[[int], None] | None = None,
+              fresh_code: bool = False) -> FeatureSet:
     """Compute (or reuse) the cached features of every image in ``dataset``.
 
     One process at a time fills a cache entry (a lock file beside it); a second one waits,
-    then finds the finished entry.
+    then finds the finished entry. With ``fresh_code`` (the study runner's default) an entry
+    made by other code or another lock (:func:`lesionlab.provenance.same_code`) is moved under
+    ``<workdir>/stale/`` and computed again.
     """
     cfg.validate()
     cfg = cfg.resolved()
@@ -361,7 +364,7 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     known = _weights_sha_without_model(cfg)
     if known is not None:  # a cache hit then costs no model load or graph export
         hit = _cached(features_dir(workdir) / cache_key(cfg, known, data_fp))
-        if hit is not None:
+        if hit is not None and (not fresh_code or same_code(hit.manifest.get("provenance"))):
             return hit
     extractor = Extractor(cfg)
     try:
@@ -369,6 +372,10 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
         out = features_dir(workdir) / key
         with exclusive_lock(out.with_name(f".{key}.lock"), f"feature set {key}"):
             hit = _cached(out)
+            if hit is not None and fresh_code and not same_code(hit.manifest.get("provenance")):
+                log.info("features made by other code: moved to %s",
+                         move_aside(out, workdir, hit.manifest.get("provenance")))
+                hit = None
             if hit is not None:
                 return hit
             return _extract(frame, out, key, cfg, extractor, data_fp, on_chunk)

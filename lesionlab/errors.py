@@ -15,6 +15,7 @@ import logging
 log = logging.getLogger("lesionlab")
 
 _COUNTS: collections.Counter[str] = collections.Counter()
+_FIRST: dict[str, str] = {}  # the message each key was first shown with
 
 
 class LesionLabError(Exception):
@@ -30,6 +31,7 @@ def warn_once(message: str, key: str | None = None) -> None:
     key = message if key is None else key
     _COUNTS[key] += 1
     if _COUNTS[key] == 1:
+        _FIRST[key] = message
         log.warning("warning: %s", message)
 
 
@@ -39,13 +41,15 @@ def warning_counts() -> dict[str, int]:
 
 
 def flush_warnings() -> dict[str, int]:
-    """Log one line per warning that recurred (``... (N times in all)``) and reset the counts.
+    """Log one line per warning that recurred (its first message, ``(N times in all)``) and
+    reset the counts.
 
     Returns the counts as they were, keyed by warning key.
     """
     counts = dict(_COUNTS)
     for key, n in counts.items():
         if n > 1:
-            log.warning("warning repeated: %s (%d times in all)", key, n)
+            log.warning("warning repeated %d times in all (first: %s)", n, _FIRST.get(key, key))
     _COUNTS.clear()
+    _FIRST.clear()
     return counts

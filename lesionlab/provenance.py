@@ -91,6 +91,20 @@ def same_code(recorded: dict | None, current: dict | None = None) -> bool:
                                   for k in ("code_sha256", "lock_sha256"))
 
 
+def move_aside(path: Path, workdir: Path | str, record: dict | None) -> Path:
+    """Rename ``path`` (an artifact made by other code) into
+    ``<workdir>/stale/<its code sha256[:12] or "unknown">/``, never over an earlier copy (a
+    numbered suffix is added), so a rerun starts clean and nothing is lost. Returns the new
+    path."""
+    dest_dir = Path(workdir) / "stale" / ((record or {}).get("code_sha256", "unknown")[:12])
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest, i = dest_dir / path.name, 1
+    while dest.exists():
+        dest, i = dest_dir / f"{path.name}.{i}", i + 1
+    path.rename(dest)
+    return dest
+
+
 def short(record: dict | None) -> str:
     """``<commit[:10]>[+dirty]`` or ``code <sha[:10]>`` (no commit) or ``unknown``."""
     if not record:

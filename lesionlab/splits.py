@@ -142,12 +142,20 @@ def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, see
         mask[np.isin(groups, lesions[:int(round(fraction * len(lesions)))])] = True
     _ensure_sides(mask, row_class, groups, min_held, min_rest, rng)
     if rare:
+        keeps = " and ".join(t for t in (f">= {min_held} held out" if min_held else "",
+                                         f">= {min_rest} outside" if min_rest else "") if t)
         warn_once(f"{purpose}: " + ", ".join(
-            f"class {_class_name(c)} has {int(counts[c])} lesions" for c in rare)
+            f"class {_class_name(c)} has {_lesions(int(counts[c]))}" for c in rare)
             + f", fewer than the {n_splits} folds of a {fraction:.0%} stratified holdout; "
-              f"their lesions were drawn at random (each class keeps >= {min_held} held out, "
-              f">= {min_rest} outside)", key=f"holdout:{purpose}")
+              f"their lesions were drawn at random" + (f" (each class keeps {keeps})"
+                                                       if keeps else ""),
+            key=f"holdout:{purpose}")
     return mask
+
+
+def _lesions(n: int) -> str:
+    """``"1 lesion"``, ``"3 lesions"``."""
+    return f"{n} lesion" + ("" if n == 1 else "s")
 
 
 def _ensure_sides(mask: np.ndarray, row_class: np.ndarray, groups: np.ndarray, min_held: int,
@@ -169,7 +177,7 @@ def _check_sides(label: object, n_lesions: int, need: int, purpose: str) -> None
     """Raise if a class has fewer lesions than a split needs of it."""
     if n_lesions < need:
         raise LesionLabError(
-            f"{purpose}: class {_class_name(label)} has {n_lesions} lesion(s); a lesion-grouped "
+            f"{purpose}: class {_class_name(label)} has {_lesions(n_lesions)}; a lesion-grouped "
             f"split needs at least {need} of every class here")
 
 

@@ -112,6 +112,8 @@ def _stale_cells_are_rerun_or_marked(summary: dict, work: Path, fixture_dir: Pat
     write_json(work / "results" / f"{name}.json", {**saved, "provenance": old})
     card.provenance = old
     save_card(work / "models" / name, card)
+    manifest_path = next((work / "features").glob("*/manifest.json"))
+    write_json(manifest_path, {**read_json(manifest_path), "provenance": old})
     report = tmp_path / "STALE.md"
     marked = ra.run_all(fixture_dir, work, "smoke", report=report, download=False,
                         reuse_stale=True)  # train_head and finetune still raise here
@@ -124,7 +126,10 @@ def _stale_cells_are_rerun_or_marked(summary: dict, work: Path, fixture_dir: Pat
     fresh = read_json(work / "results" / f"{name}.json")["provenance"]
     assert fresh["code_sha256"] == now["code_sha256"]
     kept = list((work / "stale" / ("0" * 12)).iterdir())
-    assert sorted(p.name for p in kept) == sorted([name, f"{name}.json"])
+    assert sorted(p.name for p in kept) == sorted([name, f"{name}.json",
+                                                   manifest_path.parent.name])
+    kept = [p for p in kept if p.name != manifest_path.parent.name]
+    assert read_json(manifest_path)["provenance"]["code_sha256"] == now["code_sha256"]
     assert read_json(kept[0] / "card.json" if kept[0].is_dir() else kept[1] / "card.json")
 
 

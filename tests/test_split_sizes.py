@@ -91,7 +91,7 @@ def fake_dataset(n_rare: int) -> FakeDataset:
 @pytest.mark.parametrize("n_rare", [1, 2, 3])
 def test_split_refuses_class_with_too_few_lesions(n_rare: int) -> None:
     with pytest.raises(LesionLabError, match=rf"train/val/test split: class df has {n_rare} "
-                                             rf"lesion\(s\); .* at least 4"):
+                                             rf"lesions?; .* at least 4"):
         make_split(fake_dataset(n_rare), seed=0)
 
 
@@ -109,7 +109,7 @@ def test_split_keeps_rare_class_on_every_side(n_rare: int,
     if n_rare < 7:  # fewer lesions than the 15% holdout's 7 folds: said once, by name
         assert said == [f"warning: test split: class df has {n_rare} lesions, fewer than the 7 "
                         f"folds of a 15% stratified holdout; their lesions were drawn at random "
-                        f"(each class keeps >= 1 held out, >= 3 outside)"]
+                        f"(each class keeps >= 1 held out and >= 3 outside)"]
     else:
         assert said == []
     assert abs((split["split"] == "test").mean() - 0.15) < 0.05
