@@ -97,7 +97,7 @@ class FeaturizeConfig:
         card = finetuned_card(self.backbone)
         if card is None:
             return self
-        own = card["config"].get("color_constancy", "none")
+        own = card.config.get("color_constancy", "none")
         if self.color_constancy not in ("none", own):
             raise LesionLabError(f"{self.backbone} was trained with colour constancy {own!r}; "
                                  f"drop --color-constancy {self.color_constancy}")
