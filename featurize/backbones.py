@@ -61,7 +61,8 @@ def finetuned_card(name: str) -> ModelCard | None:
     if not (path / CARD).is_file():
         return None
     card = load_card_cached(path)
-    require_kind(card, "finetune", path, "a fine-tuned network (only those embed images)")
+    require_kind(card, "finetune", f"{path} holds a {{have}} model; only a fine-tuned network "
+                                   f"folder can embed images")
     if not (path / "model.pt").is_file():
         raise LesionLabError(f"fine-tuned model folder {path} has no model.pt")
     return card

@@ -191,14 +191,14 @@ def _cached_card(folder: str, stamp: int) -> ModelCard:
     return load_card(folder)
 
 
-def require_kind(card: ModelCard, kind: str, folder: Path | str, what: str) -> None:
+def require_kind(card: ModelCard, kind: str, error: str) -> None:
     """Refuse a card of another kind than ``kind``.
 
     Raises:
-        LesionLabError: ``<folder> holds a <kind> model, not <what>``.
+        LesionLabError: ``error``, its ``{have}`` replaced by the card's kind (quoted).
     """
     if card.kind != kind:
-        raise LesionLabError(f"{folder} holds a {card.kind!r} model, not {what}")
+        raise LesionLabError(error.replace("{have}", repr(card.kind)))
 
 
 def _card_error(folder: Path, what: str, expected: str, got: Any) -> LesionLabError:

@@ -634,7 +634,7 @@ def load_finetuned(model_dir: Path | str,
                    device: str = "cpu") -> tuple[nn.Module, ModelCard, BackboneSpec]:
     """A fine-tuned model folder -> (model in eval mode, card, backbone spec)."""
     card = load_card(model_dir)
-    require_kind(card, "finetune", model_dir, "a fine-tuned network")
+    require_kind(card, "finetune", f"{model_dir} holds a {{have}} model, not a fine-tuned network")
     model, spec = build_model(finetune_config(card))
     path = verify_weights(model_dir, WEIGHTS, card)  # the sha256 its card recorded
     try:

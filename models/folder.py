@@ -282,7 +282,7 @@ def member_dirs(folder: Path | str, card: ModelCard | None = None) -> list[Path]
         LesionLabError: the folder is not an ensemble.
     """
     card = card or load_card(folder)
-    require_kind(card, "ensemble", folder, "an ensemble")
+    require_kind(card, "ensemble", f"{folder} holds a {{have}} model, not an ensemble")
     return [Path(folder) / MEMBERS / name for name in card.config["members"]]
 
 

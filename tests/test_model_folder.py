@@ -110,8 +110,8 @@ def test_featurize_reads_a_fine_tuned_card_through_the_core(folders) -> None:
     assert finetuned_card(str(folders["finetune"] / "nothing")) is None
     with pytest.raises(LesionLabError) as err:
         finetuned_card(str(folders["head_meta"]))
-    assert str(err.value) == (f"{folders['head_meta']} holds a 'head' model, not a "
-                              f"fine-tuned network (only those embed images)")
+    assert str(err.value) == (f"{folders['head_meta']} holds a 'head' model; only a "
+                              f"fine-tuned network folder can embed images")
 
 
 def test_the_registry_knows_every_kind_and_picks_the_class_of_each_folder(folders) -> None:
@@ -175,7 +175,7 @@ def test_a_new_kind_is_one_registered_class(folders, monkeypatch) -> None:
     class TaggedHead(HeadFolder):
         @classmethod
         def claims(cls, card) -> bool:
-            return card.name.startswith("head")
+            return card.config.get("head") == "logreg"
 
         @classmethod
         def labels(cls, card) -> Labels:
