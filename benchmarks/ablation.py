@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.provenance import provenance
-from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
+from lesionlab.cli import (command_parser, config_from_args, data_option, device_option, option,
+                           resolve_data, run_main, save_config, workdir_option)
 from lesionlab.data import load_external_labels
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from models.finetune import FinetuneConfig, finetune
@@ -65,8 +67,6 @@ def device_name(device: str) -> str:
 
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from benchmarks.serve_load import cpu_model
-
     return f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -105,26 +105,31 @@ def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path)
     return row
 
 
+@dataclass
+class AblationConfig:
+    """The flags of ``python -m benchmarks.ablation``."""
+
+    levers: str = option(",".join(LEVERS), "comma-separated levers to run, in order")
+    external_test: Path | None = option(None, "labelled external folder, scored once per lever, "
+                                              "per image source")
+    out: Path = option(Path("reports/ablation.json"), "JSON results, rewritten after every "
+                                                      "lever (the resolved config beside it)")
+    device: str = device_option()
+    num_workers: int = option(2, "image decoding processes", ge=0)
+    weights: str | None = option(None, "local lite0 checkpoint (offline machines)")
+    seed: int = option(0, "model seed", ge=0)
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m benchmarks.ablation", __doc__)
-    p.add_argument("--levers", default=",".join(LEVERS),
-                   help="comma-separated levers to run, in order")
-    p.add_argument("--external-test", type=Path, default=None,
-                   help="labelled external folder, scored once per lever, per image source")
-    p.add_argument("--out", type=Path, default=Path("reports/ablation.json"),
-                   help="JSON results, rewritten after every lever")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=ranged(int, ge=0), default=2, help="image decoding processes")
-    p.add_argument("--weights", default=None, help="local lite0 checkpoint (offline machines)")
-    p.add_argument("--seed", type=ranged(int, ge=0), default=0)
-    add_data_args(p)
-    return p
+    """CLI arguments, from ``AblationConfig``."""
+    return command_parser("python -m benchmarks.ablation", __doc__, AblationConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the levers; keep earlier rows of ``--out`` for levers not rerun."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(AblationConfig, build_parser().parse_args(argv))
     levers = [v.strip() for v in args.levers.split(",") if v.strip()]
     base = FinetuneConfig(seed=args.seed, device=args.device, num_workers=args.num_workers,
                           weights=args.weights, n_boot=500, color_constancy="none")
@@ -138,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = run_lever(lever, configs[lever], dataset, external, args.workdir)
         done["rows"] = [r for r in done["rows"] if r["lever"] != lever] + [row]
         write_json(args.out, done)
+        save_config(args.out, args, "python -m benchmarks.ablation")
         ext = row["external"]["overall"] if row["external"] else float("nan")
         print(f"{lever}: val {row['val_balanced_accuracy']:.3f}  test "
               f"{row['test_balanced_accuracy']:.3f}  external {ext:.3f}  best epoch "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +18,7 @@ import torch
 
 from featurize.backbones import Embedder, create_backbone
 from featurize.extract import Extractor, FeaturizeConfig, Runner
-from lesionlab.cli import make_parser, ranged, run_main
+from lesionlab.cli import command_parser, config_from_args, option, run_main
 from lesionlab.data import default_data_dir, load_dataset
 
 
@@ -29,25 +30,29 @@ def _rate(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -
     return repeats * len(x) / (time.perf_counter() - t0)
 
 
-def model_bench_parser(prog: str, doc: str | None, size: tuple[int, int],
-                       batch: int) -> argparse.ArgumentParser:
+@dataclass
+class ModelBenchConfig:
     """The options every model-speed benchmark has: backbone, input size, batch size."""
-    p = make_parser(prog, doc)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name")
-    p.add_argument("--image-size", nargs=2, type=ranged(int, ge=1), default=size, metavar=("H", "W"),
-                   help="input (H, W)")
-    p.add_argument("--batch-size", type=ranged(int, ge=1), default=batch, help="images per batch")
-    return p
+
+    backbone: str = option("tf_efficientnet_lite0", "timm model name")
+    image_size: tuple[int, int] = option((168, 224), "input (H, W)", metavar=("H", "W"), ge=1)
+    batch_size: int = option(64, "images per batch", ge=1)
+
+
+@dataclass
+class FeaturizeSpeedConfig(ModelBenchConfig):
+    """The flags of ``python -m benchmarks.featurize_speed``."""
+
+    repeats: int = option(5, "timed passes per row", ge=1)
+    data: Path | None = option(None, "HAM10000 folder for the end-to-end row; None: the default "
+                                     "folder")
+    n_images: int = option(1024, "for the end-to-end row", ge=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = model_bench_parser("python -m benchmarks.featurize_speed", __doc__, (168, 224), 64)
-    p.add_argument("--repeats", type=ranged(int, ge=1), default=5, help="timed passes per row")
-    p.add_argument("--data", type=Path, default=None, help="HAM10000 folder for the end-to-end "
-                                                             "row; None: the default folder")
-    p.add_argument("--n-images", type=ranged(int, ge=1), default=1024, help="for the end-to-end row")
-    return p
+    """CLI arguments, from ``FeaturizeSpeedConfig``."""
+    return command_parser("python -m benchmarks.featurize_speed", __doc__,
+                          FeaturizeSpeedConfig)
 
 
 def _eager_rows(backbone: str, x: torch.Tensor, repeats: int) -> tuple[list, np.ndarray]:
@@ -87,7 +92,7 @@ def _runner_rows(backbone: str, x: torch.Tensor, repeats: int, ref: np.ndarray) 
     return rows
 
 
-def _end_to_end_row(args: argparse.Namespace, size: tuple[int, int]) -> list:
+def _end_to_end_row(args: FeaturizeSpeedConfig, size: tuple[int, int]) -> list:
     """Images/s of the whole featurize path (JPEG decode in a worker) on real images."""
     data = args.data or default_data_dir()
     if not (Path(data) / "HAM10000_metadata.csv").exists():
@@ -106,7 +111,7 @@ def _end_to_end_row(args: argparse.Namespace, size: tuple[int, int]) -> list:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison and print the table."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(FeaturizeSpeedConfig, build_parser().parse_args(argv))
     size = tuple(args.image_size)
     x = torch.randn(args.batch_size, 3, *size)
     rows, ref = _eager_rows(args.backbone, x, args.repeats)

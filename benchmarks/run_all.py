@@ -20,8 +20,10 @@ import numpy as np
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
-from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
+from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
+                           run_main, save_config, workdir_option)
 from lesionlab.data import Dataset, load_external_labels
+from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.provenance import provenance, same_code, short
@@ -503,9 +505,6 @@ def machine_label() -> str:
     """The CPU model, its core count and whether bf16 autocast is used, for every timing."""
     import os
 
-    from benchmarks.serve_load import cpu_model
-    from featurize.extract import cpu_flags
-
     bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
     return (f"{cpu_model()}, {os.cpu_count()} cores, "
             f"{'bf16 autocast (avx512_bf16)' if bf16 else 'fp32 (no avx512_bf16/AMX)'}")
@@ -523,35 +522,42 @@ def default_report(preset: str, workdir: Path | str) -> Path:
 PRESETS = ("quick", "full", "best", "smoke")
 
 
+@dataclass
+class RunAllConfig:
+    """The flags of ``python -m benchmarks.run_all``."""
+
+    preset: str = option("quick", "quick (<= 10 min) | full (the study, <= 2.5 h) | smoke "
+                                  "(tests)", choices=PRESETS)
+    external_test: Path | None = option(None, "folder of images + one label CSV (HAM10000 or "
+                                              "ISIC 2018 format)")
+    report: Path | None = option(None, "markdown file to update; None: REPORT.md for --preset "
+                                       "full, WORKDIR/REPORT_<preset>.md otherwise")
+    no_download: bool = option(False, "fail instead of downloading", switch=True)
+    report_only: bool = option(False, "rebuild the report from finished cells without running "
+                                      "anything", switch=True)
+    reuse_stale: bool = option(False, "reuse finished cells made by other code (lesionlab/, "
+                                      "featurize/, models/ or the lock differ) instead of "
+                                      "running them again; their rows are marked stale in the "
+                                      "report", switch=True)
+    seed: int = option(0, "model seed of every cell", ge=0)
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m benchmarks.run_all", __doc__)
-    p.add_argument("--preset", default="quick", choices=PRESETS,
-                   help="quick (<= 10 min) | full (the study, <= 2.5 h) | smoke (tests)")
-    p.add_argument("--external-test", type=Path, default=None,
-                   help="folder of images + one label CSV (HAM10000 or ISIC 2018 format)")
-    p.add_argument("--report", type=Path, default=None,
-                   help="markdown file to update; None: REPORT.md for --preset full, "
-                        "WORKDIR/REPORT_<preset>.md otherwise")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild the report from finished cells without running anything")
-    p.add_argument("--reuse-stale", action="store_true",
-                   help="reuse finished cells made by other code (lesionlab/, featurize/, "
-                        "models/ or the lock differ) instead of running them again; their "
-                        "rows are marked stale in the report")
-    p.add_argument("--seed", type=ranged(int, ge=0), default=0, help="model seed of every cell")
-    add_data_args(p)
-    return p
+    """CLI arguments, from ``RunAllConfig``."""
+    return command_parser("python -m benchmarks.run_all", __doc__, RunAllConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and run the study."""
-    args = build_parser().parse_args(argv)
+    """Parse arguments, run the study, and write the resolved config.yaml in its results."""
+    args = config_from_args(RunAllConfig, build_parser().parse_args(argv))
     report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only,
             reuse_stale=args.reuse_stale)
+    results_dir(args.workdir).mkdir(parents=True, exist_ok=True)
+    save_config(results_dir(args.workdir), args, "python -m benchmarks.run_all")
     return 0
 
 

@@ -13,20 +13,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import optuna
 
-from benchmarks.serve_load import cpu_model
 from featurize.extract import FeaturizeConfig, featurize
-from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
+from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
+                           run_main, workdir_option)
 from lesionlab.data import Dataset
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from models.train_head import FINISHED, make_storage
 
 
-def tuning_rate(args: argparse.Namespace, workers: int, storage: str) -> float:
+def tuning_rate(args: ScaleConfig, workers: int, storage: str) -> float:
     """Finished trials per minute of ``workers`` processes sharing one study."""
     name = f"scale-{workers}-{time.time_ns()}"
     cmd = [sys.executable, "-m", "models.train_head", "--features", args.features,
@@ -51,23 +53,29 @@ def featurize_rate(dataset: Dataset, cfg: FeaturizeConfig) -> float:
         return len(dataset) / (time.perf_counter() - t0)
 
 
+@dataclass
+class ScaleConfig:
+    """The flags of ``python -m benchmarks.scale``."""
+
+    features: str = option("tf_efficientnet_lite0", "cached feature set the tuning workers read "
+                                                    "(featurize it first)")
+    trials: int = option(12, "trials of each tuning study", ge=1)
+    storage: str | None = option(None, "shared Optuna storage URL; None: a journal file in a "
+                                       "temp folder")
+    backbone: str = option("tf_efficientnet_lite0", "for the Dask rows")
+    n_images: int = option(512, "images for the Dask rows", ge=1)
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m benchmarks.scale", __doc__)
-    p.add_argument("--features", default="tf_efficientnet_lite0",
-                   help="cached feature set the tuning workers read (featurize it first)")
-    p.add_argument("--trials", type=ranged(int, ge=1), default=12, help="trials of each tuning study")
-    p.add_argument("--storage", default=None,
-                   help="shared Optuna storage URL; None: a journal file in a temp folder")
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="for the Dask rows")
-    p.add_argument("--n-images", type=ranged(int, ge=1), default=512, help="images for the Dask rows")
-    add_data_args(p)
-    return p
+    """CLI arguments, from ``ScaleConfig``."""
+    return command_parser("python -m benchmarks.scale", __doc__, ScaleConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print both tables."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(ScaleConfig, build_parser().parse_args(argv))
     dataset = ensure_data(resolve_data(args))
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(w, tuning_rate(args, w, args.storage or f"journal://{tmp}/study-{w}.log"))

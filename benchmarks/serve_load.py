@@ -8,32 +8,22 @@ CPU model, then stops the server. Traffic goes to 127.0.0.1 only; the loop is bo
 from __future__ import annotations
 
 import argparse
-import platform
 import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from lesionlab.cli import make_parser, ranged, run_main
+from lesionlab.cli import command_parser, config_from_args, model_option, option, run_main
+from lesionlab.device import cpu_model
 from lesionlab.errors import LesionLabError
 
 FIXTURE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ham_small"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (for every timing printed)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def start_server(model: Path, threads: int, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
@@ -77,21 +67,26 @@ def fire(url: str, image: Path, n: int, concurrency: int, gradcam: bool) -> tupl
     return [t for t, _ in out], sum(not ok for _, ok in out)
 
 
+@dataclass
+class ServeLoadConfig:
+    """The flags of ``python -m benchmarks.serve_load``."""
+
+    model: Path = model_option("a model folder to serve")
+    image: Path | None = option(None, "image to send; None: a fixture")
+    requests: int = option(64, "requests in all", ge=1)
+    concurrency: int = option(8, "client threads", ge=1)
+    threads: int = option(2, "the server's inference threads", ge=1)
+    gradcam: bool = option(False, "ask for Grad-CAM overlays too", switch=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m benchmarks.serve_load", __doc__)
-    p.add_argument("--model", required=True, type=Path, help="a model folder to serve")
-    p.add_argument("--image", type=Path, default=None, help="image to send; None: a fixture")
-    p.add_argument("--requests", type=ranged(int, ge=1), default=64, help="requests in all")
-    p.add_argument("--concurrency", type=ranged(int, ge=1), default=8, help="client threads")
-    p.add_argument("--threads", type=ranged(int, ge=1), default=2, help="the server's inference threads")
-    p.add_argument("--gradcam", action="store_true", help="ask for Grad-CAM overlays too")
-    return p
+    """CLI arguments, from ``ServeLoadConfig``."""
+    return command_parser("python -m benchmarks.serve_load", __doc__, ServeLoadConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve, load, print the figures, stop."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(ServeLoadConfig, build_parser().parse_args(argv))
     image = args.image or sorted((FIXTURE_IMAGE / "images").glob("*.jpg"))[0]
     proc, url = start_server(args.model, args.threads)
     try:

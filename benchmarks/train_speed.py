@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.serve_load import cpu_model
-from featurize.extract import cpu_flags
-from lesionlab.cli import add_data_args, ranged, resolve_data, run_main
+from benchmarks.featurize_speed import ModelBenchConfig
+from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
+                           run_main)
 from lesionlab.data import load_rgb
+from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
-from models.finetune import FinetuneConfig, TrainSet, build_model, param_groups
+from models.finetune import FinetuneConfig, TrainSet, build_model, freeze_stages, param_groups
 
 
 def step_rate(cfg: FinetuneConfig, batch: int, steps: int, channels_last: bool = True,
@@ -31,11 +34,7 @@ def step_rate(cfg: FinetuneConfig, batch: int, steps: int, channels_last: bool =
     """(training images/s, seconds before the first timed step) of one configuration."""
     torch.manual_seed(0)
     model, _ = build_model(cfg)
-    for block in list(model.blocks)[:frozen_stages]:
-        block.requires_grad_(False)
-    if frozen_stages:
-        for module in (model.conv_stem, model.bn1):
-            module.requires_grad_(False)
+    freeze_stages(model, frozen_stages)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.train().to(memory_format=fmt)
     opt = torch.optim.AdamW([g for g in param_groups(model, cfg)
@@ -89,21 +88,26 @@ class InRam(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    from benchmarks.featurize_speed import model_bench_parser
+@dataclass
+class TrainSpeedConfig(ModelBenchConfig):
+    """The flags of ``python -m benchmarks.train_speed``."""
 
-    p = model_bench_parser("python -m benchmarks.train_speed", __doc__, (120, 160), 32)
-    p.add_argument("--steps", type=ranged(int, ge=1), default=6, help="timed steps per row")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile")
-    p.add_argument("--n-images", type=ranged(int, ge=1), default=512, help="images for the loader rows")
-    add_data_args(p, workdir=False)
-    return p
+    image_size: tuple[int, int] = option((120, 160), "input (H, W)", metavar=("H", "W"), ge=1)
+    batch_size: int = option(32, "images per batch", ge=1)
+    steps: int = option(6, "timed steps per row", ge=1)
+    compile: bool = option(False, "also time torch.compile", switch=True)
+    n_images: int = option(512, "images for the loader rows", ge=1)
+    data: Path | None = data_option()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments, from ``TrainSpeedConfig``."""
+    return command_parser("python -m benchmarks.train_speed", __doc__, TrainSpeedConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the two tables."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(TrainSpeedConfig, build_parser().parse_args(argv))
     cfg = FinetuneConfig(backbone=args.backbone, image_size=tuple(args.image_size))
     flags = sorted({"avx512_bf16", "amx_bf16", "avx512_vnni"} & cpu_flags())
     rows = [("NCHW fp32", dict(channels_last=False)), ("channels_last fp32", {}),

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.serve_load import cpu_model
 from lesionlab.artifacts import write_json
 from lesionlab.provenance import provenance
-from lesionlab.cli import add_data_args, make_parser, resolve_data, run_main
+from lesionlab.cli import (command_parser, config_from_args, data_option, model_option, option,
+                           resolve_data, run_main, save_config, workdir_option)
 from lesionlab.data import Dataset
+from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import load_card
@@ -71,19 +73,26 @@ def table(rows: list[dict], model: str, cpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class TtaCostConfig:
+    """The flags of ``python -m benchmarks.tta_cost``."""
+
+    model: Path = model_option("a model folder")
+    tta: tuple[str, ...] = option(TTAS, "TTA settings to score", choices=TTAS)
+    out: Path | None = option(None, "write the rows as JSON here (the resolved config beside "
+                                    "it)")
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m benchmarks.tta_cost", __doc__)
-    p.add_argument("--model", type=Path, required=True, help="a model folder")
-    p.add_argument("--tta", nargs="+", default=list(TTAS), choices=TTAS)
-    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    add_data_args(p)
-    return p
+    """CLI arguments, from ``TtaCostConfig``."""
+    return command_parser("python -m benchmarks.tta_cost", __doc__, TtaCostConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Score the model with each TTA setting and print the table."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(TtaCostConfig, build_parser().parse_args(argv))
     dataset = ensure_data(resolve_data(args))
     rows = tta_rows(args.model, dataset, args.workdir, args.tta)
     cpu = cpu_model()
@@ -91,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         write_json(args.out, {"model": Path(args.model).name, "cpu": cpu, "rows": rows,
                               "provenance": provenance()})
+        save_config(args.out, args, "python -m benchmarks.tta_cost")
     return 0
 
 

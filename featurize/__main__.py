@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Sequence
 
-from lesionlab.cli import (add_config_args, add_data_args, config_from_args, make_parser,
+from lesionlab.cli import (add_config_args, add_data_args, config_from_args, make_parser, option,
                            resolve_data, run_main)
 from lesionlab.download import ensure_data
 
@@ -23,12 +24,20 @@ def list_backbones() -> None:
     print("Any timm model name is accepted; hub weights need a network or a --weights file.")
 
 
+@dataclass
+class FeaturizeRunOptions:
+    """The flags of ``python -m featurize`` beyond ``FeaturizeConfig`` and the data."""
+
+    list: bool = option(False, "list backbones and exit", switch=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser for the featurize entry point (flags from ``FeaturizeConfig``)."""
+    """Argument parser for the featurize entry point (flags from ``FeaturizeConfig``
+    and ``FeaturizeRunOptions``)."""
     from featurize.extract import FeaturizeConfig
 
     p = make_parser("python -m featurize", __doc__)
-    p.add_argument("--list", action="store_true", help="list backbones and exit")
+    add_config_args(p, FeaturizeRunOptions)
     add_config_args(p, FeaturizeConfig, optional=("backbone",))
     add_data_args(p)
     return p

@@ -8,6 +8,7 @@ under ``chunks/``; a killed run resumes from the last complete chunk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -37,8 +38,9 @@ from featurize.cluster import run_on_cluster
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, features_dir,
                                  library_versions, read_json, reserve, save_npy, write_json)
-from lesionlab.cli import check_choices, option
+from lesionlab.cli import check_choices, device_option, option
 from lesionlab.data import Dataset, frame_fingerprint, load_rgb
+from lesionlab.device import DEVICES, resolve_device
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import provenance
 
@@ -47,8 +49,6 @@ log = logging.getLogger(__name__)
 TTA_MODES = ("none", "flip", "d4")
 POOL_MODES = ("avg", "multistage")
 ENGINES = ("auto", "eager", "onnx")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_scheduler(value: str) -> str:
@@ -77,7 +77,7 @@ class FeaturizeConfig:
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
     # runtime only (do not change the numbers beyond float tolerance):
     batch_size: int = option(64, "images per forward pass", ge=1)
-    device: str = option("auto", "where the network runs", choices=DEVICES)
+    device: str = device_option()
     engine: str = option("auto", "CPU engine (auto: ONNX Runtime when installed)",
                          choices=ENGINES)
     num_workers: int = option(1, "image decoding worker processes", ge=0)
@@ -110,55 +110,23 @@ class FeaturizeConfig:
         return tuple(self.image_size) if self.image_size else default_image_size(self.backbone)
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LesionLabError("--device cuda asked for, but no CUDA device is available")
-    if device not in DEVICES:
-        raise LesionLabError(f"unknown --device {device!r}; expected one of {DEVICES}")
-    return torch.device(device)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where unreadable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def use_bf16(precision: str, device: torch.device, flags: set[str] | None = None) -> bool:
-    """Whether CPU work runs under bf16 autocast.
-
-    ``auto`` picks bf16 only where the CPU computes it natively (avx512_bf16 or AMX): on a Xeon
-    with avx512_vnni but no avx512_bf16, bf16 autocast halved lite0 training speed.
-    """
-    if device.type != "cpu" or precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    flags = cpu_flags() if flags is None else flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+EVAL_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # any other name: bicubic
 
 
 class ImagePathDataset(TorchDataset):
-    """A list of image paths, decoded and resized in DataLoader workers: (tensor, index)."""
+    """A list of image paths, decoded and resized in DataLoader workers: (tensor, index).
+
+    Item ``i``: a (3, H, W) float32 tensor from :func:`eval_transform` (or, ``classical``, the
+    (F,) hand-made features) and ``i``.
+    """
 
     def __init__(self, paths: Sequence[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], classical: bool = False,
                  interpolation: str = "bicubic", color_constancy: str = "none") -> None:
         self.paths = list(paths)
         self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
         self.classical = classical
-        self.interpolation = interpolation
+        self.transform = None if classical else eval_transform(size, mean, std, interpolation)
         self.color_constancy = color_constancy
 
     def __len__(self) -> int:
@@ -168,19 +136,37 @@ class ImagePathDataset(TorchDataset):
         img = apply_color_constancy(load_rgb(self.paths[i]), self.color_constancy)
         if self.classical:
             return torch.from_numpy(classical_features(img, self.size)), i
-        return eval_tensor(img, self.size, self.mean, self.std, self.interpolation), i
+        return self.transform(img), i
 
 
-def eval_tensor(img, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
+def eval_transform(size: tuple[int, int], mean: Sequence[float] | torch.Tensor,
+                   std: Sequence[float] | torch.Tensor,
+                   interpolation: str = "bicubic") -> Callable:
+    """timm's deterministic eval transform, PIL RGB image -> (3, H, W) float32 tensor: resize
+    to ``size`` = (H, W) (squashed to it: no crop, no padding), scale to [0, 1], then
+    ``(x - mean) / std`` per channel (``mean``, ``std``: 3 values each, in [0, 1] units)."""
+    return _eval_transform(tuple(int(v) for v in size), _three(mean), _three(std),
+                           interpolation if interpolation in EVAL_INTERPOLATIONS else "bicubic")
+
+
+def _three(values: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    return tuple(torch.as_tensor(values, dtype=torch.float32).flatten().tolist())
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_transform(size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...],
+                    interpolation: str) -> Callable:
+    from timm.data import create_transform
+
+    return create_transform(input_size=(3, *size), is_training=False, interpolation=interpolation,
+                            mean=mean, std=std, crop_pct=1.0, crop_mode="squash")
+
+
+def eval_tensor(img, size: tuple[int, int], mean: Sequence[float] | torch.Tensor,
+                std: Sequence[float] | torch.Tensor,
                 interpolation: str = "bicubic") -> torch.Tensor:
-    """Deterministic eval transform: resize to (H, W), scale to [0,1], normalise."""
-    from PIL import Image
-
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR,
-                "nearest": Image.NEAREST}.get(interpolation, Image.BICUBIC)
-    img = img.resize((size[1], size[0]), resample)
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
-    return (arr - mean) / std
+    """One PIL image through :func:`eval_transform`: a (3, H, W) float32 tensor."""
+    return eval_transform(size, mean, std, interpolation)(img)
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:

@@ -7,6 +7,13 @@ defaults, so a bad value fails in argparse (exit 2, one line) before any data is
 :func:`check_choices` applies the same choices and ranges to configs built in Python. One
 source for defaults, choices, ranges and help. Flags built by hand get their range check from
 :func:`ranged`.
+
+Options several commands share have one definition here: :func:`device_option`,
+:func:`data_option`, :func:`workdir_option`, :func:`model_option`. Every parser made by
+:func:`make_parser` takes ``--config FILE``: a TOML or YAML file whose keys are the config's
+field names (the flags with ``_`` for ``-``); flags on the command line override it and an
+unknown key stops in one line. :func:`save_config` writes the resolved config (file + flags)
+beside what a command made, as ``config.yaml``, which ``--config`` reads back.
 """
 
 from __future__ import annotations
@@ -18,18 +25,23 @@ import math
 import numbers
 import re
 import sys
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from lesionlab.artifacts import DEFAULT_WORKDIR
+from lesionlab.artifacts import DEFAULT_WORKDIR, write_text
 from lesionlab.data import default_data_dir
+from lesionlab.device import DEVICES
 from lesionlab.errors import LesionLabError, flush_warnings
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm",
                  "distributed")
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+SAVED_CONFIG = "config.yaml"  # the resolved config written beside a command's artifacts
+_VALUE_PARSERS: dict[Any, Callable[[str], Any]] = {int: int, float: float, Path: Path}
 
 
 def _number(value: float | None) -> str:
@@ -90,15 +102,49 @@ def bounds_of(ge: float | None = None, gt: float | None = None, le: float | None
 def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse name
            choices: Sequence[Any] | None = None, cli: bool = True, metavar: Any = None,
            parse: Callable[[str], Any] | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+           gt: float | None = None, le: float | None = None, lt: float | None = None,
+           switch: bool = False, positional: bool = False) -> Any:
     """A dataclass field that knows its CLI flag: help, choices, value parser, numeric range.
 
     ``ge``/``gt``/``le``/``lt`` bound a number (each element of a tuple): >=, >, <=, <.
-    ``None`` values are never range-checked.
+    ``None`` values are never range-checked. A ``bool`` field is ``--flag/--no-flag``, or
+    with ``switch`` a plain ``--flag`` (``store_true``). ``positional`` makes the field a
+    positional argument (a ``tuple[str, ...]`` one takes one or more values); positionals
+    are given on the command line only, never in a ``--config`` file.
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "cli": cli,
-            "metavar": metavar, "parse": parse, "range": bounds_of(ge, gt, le, lt)}
+            "metavar": metavar, "parse": parse, "range": bounds_of(ge, gt, le, lt),
+            "switch": switch, "positional": positional}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def device_option() -> Any:
+    """The one ``--device`` of every command: ``auto`` (CUDA where available, else CPU)."""
+    return option("auto", "where the network runs; auto: CUDA where available, else CPU",
+                  choices=DEVICES)
+
+
+def data_option() -> Any:
+    """The one ``--data`` of every command that reads HAM10000 (None: the default folder)."""
+    return option(None, "HAM10000 folder; None: $LESIONLAB_DATA, else ./data/ham10000")
+
+
+def workdir_option() -> Any:
+    """The one ``--workdir`` of every command that writes under the artifact folder."""
+    return option(Path(DEFAULT_WORKDIR), "folder for all artifacts")
+
+
+def model_option(what: str = "a model folder (with card.json)") -> Any:
+    """A required ``--model DIR``: the model folder a command reads."""
+    return option(help=what, parse=Path)
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """``--data`` and ``--workdir`` as a config (what :func:`add_data_args` adds)."""
+
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
 
 
 def check_range(value: Any, bounds: Range | None, flag: str) -> None:
@@ -177,16 +223,19 @@ def _field_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     else:
         kw["default"] = f.default
     if base is bool:
-        kw["action"] = argparse.BooleanOptionalAction
+        kw["action"] = "store_true" if meta.get("switch") else argparse.BooleanOptionalAction
         return kw
     bounds = meta.get("range")
     if bounds is not None:
         kw["help"] = f"{kw['help'].rstrip()}; {bounds}"
-    if typing.get_origin(base) is tuple:
+    items = typing.get_args(base) if typing.get_origin(base) is tuple else ()
+    if len(items) == 2 and items[1] is Ellipsis:  # tuple[X, ...]: one or more values
+        kw["nargs"], base = "+", items[0]
+    elif items:  # tuple[int, int]: an (H, W) size
         kw.update(nargs=2, type=_with_range(int, bounds),
                   metavar=meta.get("metavar") or ("H", "W"))
         return kw
-    parse = meta.get("parse") or (base if base in (int, float) else str)
+    parse = meta.get("parse") or _VALUE_PARSERS.get(base, str)
     kw["type"] = _with_range(_argtype(parse), bounds)
     if meta.get("choices"):
         kw["choices"] = meta["choices"]
@@ -205,7 +254,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
         kw = _field_kwargs(f, hints[f.name])
         if f.name in optional and kw.pop("required", False):
             kw["default"] = None
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+        if f.metadata.get("positional"):
+            kw.pop("dest")
+            kw.pop("required", None)
+            parser.add_argument(f.name, **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
@@ -229,26 +283,196 @@ def check_choices(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise LesionLabError(f"unknown {flag} {value!r}; expected one of {list(choices)}")
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if choices and item not in choices:
+                raise LesionLabError(f"unknown {flag} {item!r}; expected one of {list(choices)}")
         parse = f.metadata.get("parse")
         if parse is not None and value is not None:
             parse(str(value))
         check_range(value, f.metadata.get("range"), flag)
 
 
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """The option values of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config file.
+
+    Returns:
+        Field name -> value (a flat mapping; an empty file gives ``{}``).
+
+    Raises:
+        LesionLabError: another suffix, an unreadable file, a syntax error, or a file that
+            is not a flat mapping of names to values (one line naming the file).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise LesionLabError(f"--config {path}: expected a .toml, .yaml or .yml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LesionLabError(f"cannot read --config {path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    import yaml
+
+    try:
+        values = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        kind = "TOML" if suffix == ".toml" else "YAML"
+        raise LesionLabError(f"--config {path} is not valid {kind}: "
+                             f"{' '.join(str(exc).split())}") from None
+    values = {} if values is None else values
+    nested = [k for k, v in values.items() if isinstance(v, dict)] \
+        if isinstance(values, dict) else None
+    if nested is None or nested:
+        raise LesionLabError(f"--config {path} must map option names to values"
+                             + (f"; {', '.join(map(str, nested))} is a table" if nested else ""))
+    return values
+
+
+def _config_path(args: Sequence[str]) -> Path | None:
+    """The file of the last ``--config FILE`` / ``--config=FILE`` in ``args``."""
+    path = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--config" and i + 1 < len(args):
+            path = Path(args[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+    return path
+
+
+def _tokens(action: argparse.Action, key: str, value: Any) -> list[str]:
+    """The command-line words that give ``action`` the value ``value`` of config key ``key``.
+
+    Raises:
+        LesionLabError: a switch given a non-boolean value.
+    """
+    flag = next(s for s in action.option_strings if s.startswith("--"))
+    if action.nargs == 0:  # --flag (store_true) or --flag/--no-flag
+        if not isinstance(value, bool):
+            raise LesionLabError(f"config key {key} must be true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else "--no-" + flag[2:]]
+        return [flag] if value else []
+    if action.nargs is not None and action.nargs != "?":
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return [flag, *(str(v) for v in values)]
+    return [f"{flag}={value}"]
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line on stderr (``error: ...``), exit 2."""
+    """An argparse parser whose errors are one line on stderr (``error: ...``), exit 2.
+
+    ``--config FILE`` (when the parser has it) is read before the command line: its values
+    become flags placed first, so the command line's own flags override them, and argparse
+    checks them like typed ones (choices, ranges, required options).
+    """
 
     def error(self, message: str) -> NoReturn:
         """Print ``error: <message> (see <prog> --help)`` and exit 2."""
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, with the values of ``--config FILE`` in front of ``args``."""
+        args = list(sys.argv[1:] if args is None else args)
+        path = _config_path(args) if any(a.dest == "config" for a in self._actions) else None
+        if path is not None:
+            namespace = namespace or argparse.Namespace()
+            try:
+                args = self._config_words(read_config_file(path), path, namespace) + args
+            except LesionLabError as exc:
+                self.error(str(exc))
+        parsed, rest = super().parse_known_args(args, namespace)
+        given = getattr(parsed, "config", None)
+        if given is not None and Path(given) != path:
+            self.error(f"write --config in full (got an abbreviation for {given})")
+        values = vars(parsed)  # in the parser's order, whatever the file set first
+        ordered = {a.dest: values[a.dest] for a in self._actions if a.dest in values}
+        ordered.update(values)
+        values.clear()
+        values.update(ordered)
+        return parsed, rest
+
+    def _config_words(self, values: dict[str, Any], path: Path,
+                      namespace: argparse.Namespace) -> list[str]:
+        """Command-line words for the file's values; its nulls are set on ``namespace``.
+
+        Raises:
+            LesionLabError: a key that is no option of this command (all such keys named).
+        """
+        actions = {a.dest: a for a in self._actions
+                   if a.option_strings and a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise LesionLabError(f"unknown key{'s' if len(unknown) > 1 else ''} in {path}: "
+                                 f"{', '.join(map(str, unknown))} (known: "
+                                 f"{', '.join(sorted(actions))})")
+        words: list[str] = []
+        for key, value in values.items():
+            if value is None:
+                setattr(namespace, key, None)
+            else:
+                words += _tokens(actions[key], key, value)
+        return words
+
 
 def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A parser whose help shows every default and whose errors are one line (exit 2)."""
-    return OneLineParser(prog=prog, description=doc,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """A parser whose help shows every default, whose errors are one line (exit 2), and
+    which takes ``--config FILE`` (TOML or YAML; flags override it)."""
+    parser = OneLineParser(prog=prog, description=doc,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="TOML or YAML file of option values, keyed by the option names "
+                             "with _ for - (n_boot: 20); flags given here override it")
+    return parser
+
+
+def command_parser(prog: str, doc: str | None, *classes: type) -> argparse.ArgumentParser:
+    """A command's parser: one flag per field of each config dataclass in ``classes``."""
+    parser = make_parser(prog, doc)
+    for cls in classes:
+        add_config_args(parser, cls)
+    return parser
+
+
+def config_values(cfg: Any) -> dict[str, Any]:
+    """What ``--config`` would need to give ``cfg`` again: field or option name -> value.
+
+    ``cfg`` is a config dataclass (its flag fields, not its positionals) or parsed
+    arguments (all but ``--config``). Paths become strings and tuples lists.
+    """
+    if dataclasses.is_dataclass(cfg):
+        raw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if f.metadata.get("cli", True) and not f.metadata.get("positional")}
+    else:
+        raw = {k: v for k, v in vars(cfg).items() if k != "config"}
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+    return {k: plain(v) for k, v in raw.items()}
+
+
+def save_config(where: Path | str, cfg: Any, command: str = "") -> Path:
+    """Write the resolved config beside an artifact, atomically; returns the file written.
+
+    ``where`` is a folder (the file is ``<folder>/config.yaml``) or a file artifact (the
+    file is ``<name>.config.yaml`` beside it). ``--config`` reads the file back.
+    """
+    import yaml
+
+    where = Path(where)
+    dest = where / SAVED_CONFIG if where.is_dir() else where.with_name(
+        f"{where.name}.{SAVED_CONFIG}")
+    head = f"# resolved config of `{command}`; rerun it with --config {dest.name}\n" \
+        if command else ""
+    write_text(dest, head + yaml.safe_dump(config_values(cfg), sort_keys=False))
+    return dest
 
 
 def config_parser(prog: str, doc: str | None, cls: type) -> argparse.ArgumentParser:
@@ -261,15 +485,14 @@ def config_parser(prog: str, doc: str | None, cls: type) -> argparse.ArgumentPar
 
 def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
     """Add ``--data`` (and ``--workdir``), shared by every entry point that reads HAM10000."""
-    parser.add_argument("--data", type=Path, default=None,
-                        help="HAM10000 folder; None: $LESIONLAB_DATA, else ./data/ham10000")
-    if workdir:
-        parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR),
-                            help="folder for all artifacts")
+    hints = typing.get_type_hints(DataOptions)
+    for f in dataclasses.fields(DataOptions):
+        if workdir or f.name != "workdir":
+            parser.add_argument("--" + f.name, **_field_kwargs(f, hints[f.name]))
 
 
-def resolve_data(args: argparse.Namespace) -> Path:
-    """The data folder the user asked for, or the default."""
+def resolve_data(args: Any) -> Path:
+    """The data folder ``args.data`` (parsed arguments or a config) names, or the default."""
     return Path(args.data) if args.data is not None else default_data_dir()
 
 

@@ -148,7 +148,7 @@ def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
     if not root.is_dir():
         raise LesionLabError(
             f"data folder not found: {root} (download it with "
-            f"`python -m featurize.download --data {root}` or pass --data DIR)")
+            f"`python -m lesionlab.download --data {root}` or pass --data DIR)")
     csv_path = root / METADATA_FILE
     meta = read_metadata(csv_path)
     frame = _attach_paths(meta, root, csv_path)

@@ -4,10 +4,15 @@ A folder is declared ready only when it matches a :class:`Release`: the metadata
 the published counts, no stray images, and every image decoding at the one size its source
 documents (``ACCEPTED_IMAGE_SIZES``). Placeholder, resized or truncated images and an edited
 CSV are refused with one line naming the count and a few examples.
+
+``python -m lesionlab.download --data DIR`` fetches, unzips and verifies the files;
+``--check-only`` verifies a folder already there (e.g. a downscaled copy, with
+``--image-size 200x150``) without downloading anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import hashlib
@@ -17,12 +22,14 @@ import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from lesionlab.cli import (
+    add_config_args, add_data_args, config_from_args, make_parser, option, resolve_data, run_main)
 from lesionlab.data import MAX_IMAGE_PIXELS, METADATA_FILE, Dataset, index_images, load_dataset
 from lesionlab.errors import LesionLabError
 
@@ -38,7 +45,7 @@ OFFICIAL_COUNTS: dict[str, int] = {
     "mel": 1113, "nv": 6705, "vasc": 142}
 # sha256 of the official HAM10000_metadata.csv (563,277 bytes, 10,015 rows; md5
 # 70bb67f71bd23dde0bd2eda4bdcc98e5), computed from the project's verified copy of the release
-# (/work/shared/data/ham10000/HAM10000_metadata.csv), which is that file byte for byte.
+# (shared/data/ham10000/HAM10000_metadata.csv beside the repo), which is that file byte for byte.
 OFFICIAL_METADATA_SHA256 = "06aee5e603d313ba69de38263053c792a1dff030eb9c44a96ceb477ceefb99a5"
 # No checksum of the image zips is recorded: the mirror at BASE_URL publishes none, and the MD5s
 # of the Harvard Dataverse record (doi:10.7910/DVN/DBW86T, files HAM10000_images_part1/2.zip)
@@ -362,3 +369,50 @@ def ensure_data(root: Path | str, download: bool = False) -> Dataset:
         log.info("no HAM10000 at %s: downloading the official files (about 2.7 GB)", root)
         return download_ham10000(root)
     return load_dataset(root)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadConfig:
+    """Options of ``python -m lesionlab.download`` (its flags)."""
+
+    http_timeout: float = option(
+        60.0, "seconds to wait for the server before a download counts as failed", gt=0)
+    image_size: str = option(
+        format_size(ACCEPTED_IMAGE_SIZES[0]), "WIDTHxHEIGHT every image must decode at: "
+        "600x450 for the official zips; 200x150 for a copy downscaled by 3",
+        choices=[format_size(s) for s in ACCEPTED_IMAGE_SIZES])
+    check_only: bool = option(
+        False, "only verify the files already in --data (metadata sha256, counts, every image "
+        "decoded at --image-size); download nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m lesionlab.download``."""
+    p = make_parser("python -m lesionlab.download",
+                    "Fetch, unzip and verify the HAM10000 files. --check-only verifies a "
+                    "folder already there (e.g. a downscaled copy, with --image-size 200x150) "
+                    "without downloading anything.")
+    add_config_args(p, DownloadConfig)
+    add_data_args(p, workdir=False)
+    p.add_argument("--base-url", default=BASE_URL, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Download (unless --check-only), unzip and verify HAM10000 into --data."""
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(DownloadConfig, args)
+    dest = resolve_data(args)
+    release = Release(image_size=parse_size(cfg.image_size))
+    if cfg.check_only:
+        ds = verify_release(dest, release)
+    else:
+        ds = download_ham10000(dest, base_url=args.base_url, http_timeout=cfg.http_timeout,
+                               release=release)
+    print(f"{dest}: {len(ds)} images, {ds.frame['lesion_id'].nunique()} lesions, all "
+          f"{cfg.image_size}, metadata sha256 {release.metadata_sha256[:12]}... as published")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -46,22 +46,37 @@ def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: bin by confidence, weight |accuracy - confidence| by bin size."""
-    conf = proba.max(axis=1)
-    correct = (proba.argmax(axis=1) == y_true).astype(float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    """Top-label ECE: bin by confidence, weight |accuracy - confidence| by bin size.
+
+    Args:
+        y_true: (n,) class indices.
+        proba: (n, n_classes) probabilities.
+        n_bins: equal-width confidence bins on [0, 1] (the bins of :func:`reliability_curve`).
+
+    Returns:
+        The ECE in [0, 1]; 0.0 for no rows.
+    """
+    curve = reliability_curve(y_true, proba, n_bins)
+    n = sum(curve["count"])
     ece = 0.0
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    for conf, acc, count in zip(curve["confidence"], curve["accuracy"], curve["count"]):
+        ece += (count / n) * abs(acc - conf)
     return float(ece)
 
 
 def reliability_curve(y_true: np.ndarray, proba: np.ndarray,
                       n_bins: int = 15) -> dict[str, list[float]]:
-    """Per-bin mean confidence, accuracy and count, for reliability diagrams."""
+    """Per-bin mean confidence, accuracy and count, for reliability diagrams and the ECE.
+
+    Args:
+        y_true: (n,) class indices.
+        proba: (n, n_classes) probabilities; a row's confidence is its largest one.
+        n_bins: equal-width bins on [0, 1], right edges closed (the first also holds 0).
+
+    Returns:
+        ``confidence``, ``accuracy`` (both in [0, 1]) and ``count`` per non-empty bin, in
+        bin order.
+    """
     conf = proba.max(axis=1)
     correct = (proba.argmax(axis=1) == y_true).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)

@@ -2,20 +2,25 @@
 
 One lesion is often photographed several times (10,015 images of 7,470 lesions), so every
 split groups by ``lesion_id``: no lesion ever sits on both sides of a split.
+
+``python -m lesionlab.splits --data DIR [--split-seed N]`` makes (or shows) the split.
 """
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionlab.artifacts import atomic_path, splits_dir
+from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
 from lesionlab.data import CLASSES, Dataset
+from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -309,3 +314,28 @@ def split_indices(dataset: Dataset, split: pd.DataFrame, train_frac: float = 1.0
         groups = dataset.frame["lesion_id"].astype(str).to_numpy()
         tr = tr[train_fraction(dataset.labels[tr], groups[tr], train_frac, seed)]
     return tr, va, te
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m lesionlab.splits``."""
+    p = make_parser("python -m lesionlab.splits",
+                    "Make (or show) the lesion-grouped train/val/test split.")
+    add_data_args(p)
+    p.add_argument("--split-seed", type=ranged(int, ge=0, le=2**32 - 1), default=0,
+                   help="seed of the split")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Create or load the split and print per-split class counts."""
+    args = build_parser().parse_args(argv)
+    dataset = ensure_data(resolve_data(args))
+    split = load_or_make_split(dataset, args.workdir, args.split_seed)
+    print(f"split: {split_path(args.workdir, args.split_seed)}  ({len(dataset)} images, "
+          f"{dataset.frame['lesion_id'].nunique()} lesions)")
+    print(class_counts(split).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -102,6 +102,18 @@ def load_proba(folder: Path | str, name: str, rows: int | None = None) -> np.nda
     return arr
 
 
+def summary_line(card: ModelCard) -> str:
+    """One line of headline numbers for a model card."""
+    t = card.test
+    lo, hi = t.get("ci95", {}).get("balanced_accuracy", [float("nan")] * 2)
+    cv = card.details.get("cv_balanced_accuracy")
+    return (f"{card.name}: test balanced acc {t['balanced_accuracy']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}]  macro F1 {t['macro_f1']:.3f}  AUC {t['macro_auc']:.3f}  "
+            f"mel sens {t['mel_sensitivity']:.3f}  ECE {t['ece']:.3f}  "
+            + (f"(cv {cv:.3f}, " if cv is not None else "(")
+            + f"{card.total_time_s} s)")
+
+
 class TrainingRun:
     """Shared by the head and fine-tuning configs: the data seed and the name's tail parts.
 

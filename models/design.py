@@ -7,11 +7,13 @@ other rows are predicted by their ensemble) is ``models.train_design``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.preprocessing import OneHotEncoder
 
 from featurize.extract import Extractor, FeaturizeConfig, FeatureSet, featurize
 from lesionlab.data import Dataset
@@ -25,22 +27,38 @@ LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "ge
                  "lower extremity", "neck", "scalp", "trunk", "upper extremity")
 
 
+@functools.cache
+def metadata_encoder() -> OneHotEncoder:
+    """sex and localization one-hot, columns in ``SEXES`` then ``LOCALIZATIONS`` order; a
+    value outside them (missing, "unknown", a typo) encodes as all zeros."""
+    encoder = OneHotEncoder(categories=[list(SEXES), list(LOCALIZATIONS)],
+                            handle_unknown="ignore", sparse_output=False, dtype=np.float64,
+                            feature_name_combiner=lambda column, value: f"{column}={value}")
+    return encoder.fit(np.array([[SEXES[0], LOCALIZATIONS[0]]], dtype=object))
+
+
 def metadata_matrix(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-    """age (NaN kept for imputation), sex and localization one-hot; unknown -> all zeros."""
+    """The metadata block of a head's input and its column names.
+
+    Args:
+        frame: one row per image; ``age`` (years), ``sex`` and ``localization`` columns, any
+            of them may be missing (then NaN age, all-zero one-hots).
+
+    Returns:
+        (n, 17) float64: age (NaN kept for imputation), then sex (2) and localization (14)
+        one-hot (case-insensitive; unknown -> all zeros); and the 17 names (``age``,
+        ``sex=male``, ..., ``loc=upper extremity``).
+    """
     age = pd.to_numeric(frame.get("age", pd.Series(np.nan, index=frame.index)),
                         errors="coerce").to_numpy(dtype=float)
-    cols = [age[:, None]]
-    names = ["age"]
     sex = frame.get("sex", pd.Series(index=frame.index, dtype=object)).astype(str).str.lower()
     loc = frame.get("localization", pd.Series(index=frame.index, dtype=object)).astype(
         str).str.lower()
-    for value in SEXES:
-        cols.append((sex == value).to_numpy(dtype=float)[:, None])
-        names.append(f"sex={value}")
-    for value in LOCALIZATIONS:
-        cols.append((loc == value).to_numpy(dtype=float)[:, None])
-        names.append(f"loc={value}")
-    return np.hstack(cols), names
+    encoder = metadata_encoder()
+    names = ["age", *encoder.get_feature_names_out(["sex", "loc"])]
+    values = np.column_stack([sex.to_numpy(object), loc.to_numpy(object)])
+    onehot = encoder.transform(values) if len(values) else np.zeros((0, len(names) - 1))
+    return np.hstack([age[:, None], onehot]), names
 
 
 def split_keys(spec: str) -> list[str]:

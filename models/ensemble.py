@@ -24,13 +24,14 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import library_versions, save_npy
-from lesionlab.cli import (add_data_args, make_parser, ranged, resolve_data, run_main,
-                           safe_name)
+from lesionlab.cli import (command_parser, config_from_args, data_option, option,
+                           resolve_data, run_main, safe_name, save_config, workdir_option)
 from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, load_card,
-                           load_head, load_proba, model_path, release_claims, save_card)
+                           load_head, load_proba, model_path, release_claims, save_card,
+                           summary_line)
 # member_dirs and combine are re-exported (they lived here)
 from models.folder import (MEMBERS, EnsembleFolder, HeadFolder, combine,  # noqa: F401
                            folder_class, labels, load_model_folder, member_dirs)
@@ -217,27 +218,32 @@ def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str,
     return folder
 
 
+@dataclass
+class EnsembleCommand:
+    """The flags of ``python -m models.ensemble`` (:class:`EnsembleConfig` is what it builds)."""
+
+    members: tuple[Path, ...] = option(help="model folders", parse=Path)
+    name: str = option(help="ensemble folder name", parse=safe_name)
+    weights: str = option("val", "val: best val balanced accuracy on a 0.1 grid; equal: plain "
+                                 "mean", choices=WEIGHT_MODES)
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
+    n_boot: int = option(1000, "bootstrap resamples for test CIs", ge=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m models.ensemble", __doc__)
-    p.add_argument("--members", nargs="+", type=Path, required=True, help="model folders")
-    p.add_argument("--name", required=True, type=safe_name, help="ensemble folder name")
-    p.add_argument("--weights", default="val", choices=WEIGHT_MODES,
-                   help="val: best val balanced accuracy on a 0.1 grid; equal: plain mean")
-    add_data_args(p)
-    p.add_argument("--n-boot", type=ranged(int, ge=0), default=1000,
-                   help="bootstrap resamples for test CIs")
-    return p
+    """CLI arguments, from ``EnsembleCommand``."""
+    return command_parser("python -m models.ensemble", __doc__, EnsembleCommand)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Build an ensemble folder and print its test line."""
-    from models.train_head import summary_line
-
-    args = build_parser().parse_args(argv)
+    """Build an ensemble folder, write its resolved config.yaml and print its test line."""
+    args = config_from_args(EnsembleCommand, build_parser().parse_args(argv))
     cfg = EnsembleConfig(members=[str(m) for m in args.members], name=args.name,
                          weights=args.weights, n_boot=args.n_boot)
-    card = build_ensemble(args.members, load_dataset(resolve_data(args)), args.workdir, cfg)
+    card = build_ensemble(list(args.members), load_dataset(resolve_data(args)), args.workdir,
+                          cfg)
+    save_config(model_path(args.workdir, card.name), args, "python -m models.ensemble")
     print(summary_line(card) + "  weights " + ", ".join(f"{w:.2f}" for w in
                                                          card.config["member_weights"]))
     return 0

@@ -11,6 +11,7 @@ labelled folder used here is a test set: score each final model once; never tune
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,8 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import write_json
-from lesionlab.cli import make_parser, ranged, run_main
+from lesionlab.cli import (command_parser, config_from_args, device_option, model_option, option,
+                           run_main, save_config)
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
@@ -105,29 +107,33 @@ def print_scores(result: dict) -> None:
     print("recall: " + "  ".join(f"{c} {_fmt(recall[c])}" for c in CLASSES if c in recall))
 
 
+@dataclass
+class EvaluateConfig:
+    """What ``python -m models.evaluate`` scores and how; its flags come from these fields."""
+
+    model: Path = model_option()
+    data: Path = option(help="images + one label CSV", parse=Path)
+    by: str | None = option(None, "column to score per value, e.g. dataset")
+    out: Path | None = option(None, "write the scores as JSON here (and the resolved config "
+                                    "beside it, as <out>.config.yaml)")
+    workdir: Path | None = option(None, "cache a head's features here; None: compute them in "
+                                        "memory")
+    n_boot: int = option(1000, "bootstrap resamples for CIs", ge=0)
+    seed: int = option(0, "bootstrap seed", ge=0, le=2**32 - 1)
+    device: str = device_option()
+    tta: str | None = option(None, "test-time views of the fine-tuned networks (d4: 8 dihedral "
+                                   "views); None: what each card says. The temperature stays "
+                                   "the card's", choices=("none", "flip", "d4"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = make_parser("python -m models.evaluate", __doc__)
-    p.add_argument("--model", required=True, type=Path, help="a model folder (with card.json)")
-    p.add_argument("--data", required=True, type=Path, help="images + one label CSV")
-    p.add_argument("--by", default=None, help="column to score per value, e.g. dataset")
-    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="cache a head's features here; None: compute them in memory")
-    p.add_argument("--n-boot", type=ranged(int, ge=0), default=1000,
-                   help="bootstrap resamples for CIs")
-    p.add_argument("--seed", type=ranged(int, ge=0, le=2**32 - 1), default=0,
-                   help="bootstrap seed")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tta", default=None, choices=("none", "flip", "d4"),
-                   help="test-time views of the fine-tuned networks (d4: 8 dihedral views); "
-                        "None: what each card says. The temperature stays the card's")
-    return p
+    """CLI arguments, from ``EvaluateConfig``."""
+    return command_parser("python -m models.evaluate", __doc__, EvaluateConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Score the model and print (and optionally save) the table."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(EvaluateConfig, build_parser().parse_args(argv))
     dataset = load_external_labels(args.data)
     result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
                             args.seed, args.device, args.tta)
@@ -135,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:  # what scored it, and what made the model
         write_json(args.out, {**result, "provenance": provenance(),
                               "model_provenance": load_card(args.model).provenance})
+        save_config(args.out, args, "python -m models.evaluate")
     return 0
 
 

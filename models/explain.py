@@ -8,6 +8,7 @@ sum, ReLU'd, upsampled to the input size and scaled to [0, 1].
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
@@ -18,7 +19,8 @@ from torch import nn
 
 from featurize.color import apply_color_constancy
 from featurize.extract import eval_tensor
-from lesionlab.cli import run_main
+from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
+                           option, run_main, save_config)
 from lesionlab.data import CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard
@@ -134,25 +136,34 @@ def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    from models.predict import model_parser
+@dataclass
+class ExplainConfig:
+    """What ``python -m models.explain`` explains and where; its flags come from these fields."""
 
-    p = model_parser("python -m models.explain", __doc__, "a fine-tuned model folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for the overlay PNGs")
-    p.add_argument("--target", default=None, choices=CLASSES,
-                   help="class to explain; None: the predicted one")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    return p
+    model: Path = model_option("a fine-tuned model folder")
+    images: tuple[str, ...] = option(help="image files (JPEG or PNG, any size)",
+                                     positional=True)
+    out: Path = option(help="folder for the overlay PNGs (and the resolved config.yaml)",
+                       parse=Path)
+    target: str | None = option(None, "class to explain; None: the predicted one",
+                                choices=CLASSES)
+    device: str = device_option()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments, from ``ExplainConfig``."""
+    return command_parser("python -m models.explain", __doc__, ExplainConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one overlay per image and print a JSON line for each; exit 1 if any failed."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(ExplainConfig, build_parser().parse_args(argv))
     from models.predict import print_results
 
-    return print_results(explain_images(args.model, args.images, args.out, args.target,
-                                        args.device))
+    results = explain_images(args.model, list(args.images), args.out, args.target, args.device)
+    code = print_results(results)
+    save_config(args.out, args, "python -m models.explain")
+    return code
 
 
 if __name__ == "__main__":

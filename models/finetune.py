@@ -25,19 +25,20 @@ from tqdm import tqdm
 
 from featurize.backbones import BackboneSpec, check_backbone, create_backbone
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
-from featurize.extract import (DEVICES, PRECISIONS, TTA_MODES, ImagePathDataset,
-                               resolve_device, tta_views, use_bf16)
+from featurize.extract import TTA_MODES, ImagePathDataset, tta_views
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions, save_npy
-from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
-                           resolve_data, run_main, safe_name)
+from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
+                           device_option, option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.card import require_kind
 from lesionlab.data import CLASSES, Dataset, load_rgb
+from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, model_name,
-                           model_path, release_claims, save_card, verify_weights)
+                           model_path, release_claims, save_card, summary_line,
+                           verify_weights)
 from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
                                 gather_rng, init_world)
 from models.heads import apply_temperature, fit_temperature
@@ -92,7 +93,7 @@ class FinetuneConfig(TrainingRun):
     seed: int = option(0, "model seed", ge=0, le=2**32 - 1)
     split_seed: int | None = option(None, "seed of the train/val/test split; None: --seed",
                                      ge=0, le=2**32 - 1)
-    device: str = option("auto", "where training runs", choices=DEVICES)
+    device: str = device_option()
     num_workers: int = option(2, "image decoding worker processes", ge=0)
     precision: str = option("auto", "CPU arithmetic; auto: bf16 autocast where the CPU has "
                                     "avx512_bf16 or AMX, else fp32 (CUDA: fp16 AMP)",
@@ -210,16 +211,24 @@ def sample_weights(frame, rows: np.ndarray, histo_weight: float) -> np.ndarray:
 
 
 def freeze_stages(model: nn.Module, n: int) -> None:
-    """Freeze the stem and the first ``n`` blocks (weights and BatchNorm statistics)."""
+    """Freeze the stem and the first ``n`` blocks: their weights here (``timm.utils.freeze``),
+    their BatchNorm statistics in :func:`train_mode`.
+
+    The BatchNorm layers stay ``BatchNorm2d`` (timm's ``FrozenBatchNorm2d`` would drop their
+    ``num_batches_tracked`` entries from the saved weights and round differently).
+
+    Raises:
+        LesionLabError: ``n`` > 0 and the model has no ``blocks`` or fewer than ``n``.
+    """
+    from timm.utils import freeze
+
     if n <= 0:
         return
     blocks = list(getattr(model, "blocks", []))
     if not blocks or n > len(blocks):
         raise LesionLabError(f"--freeze-stages {n}: the model has {len(blocks)} blocks")
-    for module in [getattr(model, m) for m in ("conv_stem", "bn1") if hasattr(model, m)]:
-        module.requires_grad_(False)
-    for block in blocks[:n]:
-        block.requires_grad_(False)
+    stem = [name for name in ("conv_stem", "bn1") if hasattr(model, name)]
+    freeze(model, stem + [f"blocks.{i}" for i in range(n)], include_bn_running_stats=False)
 
 
 def train_mode(model: nn.Module) -> None:
@@ -666,23 +675,29 @@ def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
     return network_proba(model, card, spec, paths, tta)
 
 
+@dataclass
+class FinetuneRunOptions:
+    """The flags of ``python -m models.finetune`` beyond :class:`FinetuneConfig` and the data."""
+
+    resume: bool = option(False, "continue from the last checkpoint", switch=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments, from ``FinetuneConfig``."""
+    """CLI arguments, from ``FinetuneConfig`` and ``FinetuneRunOptions``."""
     p = config_parser("python -m models.finetune", __doc__, FinetuneConfig)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    add_config_args(p, FinetuneRunOptions)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and fine-tune."""
-    from models.train_head import summary_line
-
+    """Parse arguments, fine-tune, and write the resolved config.yaml in the model folder."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
     dataset = ensure_data(resolve_data(args))
     card = finetune(dataset, args.workdir, cfg, resume=args.resume)
     if card is None:  # a torchrun worker other than the main one
         return 0
+    save_config(model_path(args.workdir, card.name), args, "python -m models.finetune")
     print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
           f"{card.details['train_img_per_s']} img/s train")
     return 0

@@ -19,7 +19,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from lesionlab.errors import LesionLabError
+from lesionlab.data import CLASSES
+from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.metrics import (MEL, MEL_TARGET_SENSITIVITY, N_CLASSES, balanced_accuracy,
                                threshold_for_sensitivity)
 
@@ -121,8 +122,21 @@ def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
         pca = pipe.named_steps["pca"]
         pipe.set_params(pca__n_components=min(pca.n_components, *x.shape))
     if "smote" in pipe.named_steps:
-        rarest = int(np.bincount(y)[np.unique(y)].min())
-        pipe.set_params(smote__k_neighbors=max(1, min(5, rarest - 1)))
+        counts = {int(c): int(n) for c, n in zip(*np.unique(y, return_counts=True))}
+        top = max(counts.values())
+        # SMOTE interpolates between a sample and its neighbours: a class with one sample in
+        # this training part has none, so it keeps its one row (said once, counted)
+        lone = sorted(c for c, n in counts.items() if n < 2)
+        if lone:
+            warn_once("SMOTE: class(es) " + ", ".join(CLASSES[c] for c in lone) + " have a "
+                      "single image in a training part; they are not oversampled there",
+                      key="smote_single_image")
+        targets = {c: top for c, n in counts.items() if 2 <= n < top}
+        k = min([5] + [counts[c] - 1 for c in targets])
+        # 'auto' (every class up to the largest) where it can; else the classes it can
+        # (a class at its own count: nothing generated)
+        strategy = "auto" if not lone else targets or {lone[0]: counts[lone[0]]}
+        pipe.set_params(smote__k_neighbors=k, smote__sampling_strategy=strategy)
     return pipe
 
 

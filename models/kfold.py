@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lesionlab.cli import config_from_args, resolve_data, run_main
+from lesionlab.cli import config_from_args, resolve_data, run_main, save_config
 from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
-from models.bundle import CARD, ModelCard, model_name, model_path
+from models.bundle import CARD, ModelCard, model_name, model_path, summary_line
 from models.ensemble import EnsembleConfig, build_ensemble
 from models.finetune import FinetuneConfig, build_parser as finetune_parser, finetune
 
@@ -64,12 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the K folds and print the ensemble's test line."""
-    from models.train_head import summary_line
-
+    """Run the K folds, write the resolved config.yaml in the ensemble folder, print its line."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
     card = kfold_finetune(ensure_data(resolve_data(args)), args.workdir, cfg)
+    save_config(model_path(args.workdir, card.name), args, "python -m models.kfold")
     print(summary_line(card) + f"  ({len(card.config['members'])} fold networks; out-of-fold "
                                f"probabilities for {len(card.details['oof_image_ids'])} "
                                f"training images)")

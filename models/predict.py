@@ -10,21 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from lesionlab.cli import make_parser, run_main
-from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
+from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
+                           option, run_main)
+from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
 from models.design import LOCALIZATIONS, SEXES
 # images_dataset is re-exported (it lived here)
 from models.folder import NetworkFolder, images_dataset, load_model_folder  # noqa: F401
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class Predictor:
@@ -115,12 +116,19 @@ def _age(text: str) -> float:
     return value
 
 
-def model_parser(prog: str, doc: str | None, what: str) -> argparse.ArgumentParser:
-    """A parser with ``--model DIR`` and the image files, shared by predict and explain."""
-    p = make_parser(prog, doc)
-    p.add_argument("--model", required=True, type=Path, help=what)
-    p.add_argument("images", nargs="+", help="image files (JPEG or PNG, any size)")
-    return p
+@dataclass
+class PredictConfig:
+    """What ``python -m models.predict`` predicts and how; its flags come from these fields."""
+
+    model: Path = model_option()
+    images: tuple[str, ...] = option(help="image files (JPEG or PNG, any size)",
+                                     positional=True)
+    age: float | None = option(None, "for models trained with --metadata", parse=_age)
+    sex: str | None = option(None, "for models trained with --metadata",
+                             choices=(*SEXES, "unknown"))
+    localization: str | None = option(None, "for models trained with --metadata",
+                                      choices=(*LOCALIZATIONS, "unknown"))
+    device: str = device_option()
 
 
 def print_results(results: list[dict]) -> int:
@@ -133,22 +141,17 @@ def print_results(results: list[dict]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments."""
-    p = model_parser("python -m models.predict", __doc__, "a model folder (with card.json)")
-    p.add_argument("--age", type=_age, default=None, help="for models trained with --metadata")
-    p.add_argument("--sex", default=None, choices=(*SEXES, "unknown"))
-    p.add_argument("--localization", default=None, choices=(*LOCALIZATIONS, "unknown"))
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    return p
+    """CLI arguments, from ``PredictConfig``."""
+    return command_parser("python -m models.predict", __doc__, PredictConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print one JSON line per image; exit 1 if any image could not be read."""
-    args = build_parser().parse_args(argv)
+    args = config_from_args(PredictConfig, build_parser().parse_args(argv))
     n = len(args.images)
     meta = pd.DataFrame({"age": [args.age] * n, "sex": [args.sex] * n,
                          "localization": [args.localization] * n})
-    return print_results(predict_images(args.model, args.images, meta, args.device))
+    return print_results(predict_images(args.model, list(args.images), meta, args.device))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import optuna
 
 from featurize.backbones import finetuned_card
 from lesionlab.artifacts import library_versions, save_npy
-from lesionlab.cli import (check_choices, config_from_args, config_parser, option,
-                           resolve_data, run_main, safe_name)
+from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
+                           option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -33,7 +33,7 @@ from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operati
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import (ModelCard, TrainingRun, claim_folder, model_name, model_path,
-                           release_claims, save_card, save_head)
+                           release_claims, save_card, save_head, summary_line)
 from models.design import Design, copy_members
 from models.train_design import load_design
 
@@ -340,29 +340,24 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
         mel_threshold=model.mel_threshold_, details=details)
 
 
-def summary_line(card: ModelCard) -> str:
-    """One line of headline numbers for a model card."""
-    t = card.test
-    lo, hi = t.get("ci95", {}).get("balanced_accuracy", [float("nan")] * 2)
-    cv = card.details.get("cv_balanced_accuracy")
-    return (f"{card.name}: test balanced acc {t['balanced_accuracy']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}]  macro F1 {t['macro_f1']:.3f}  AUC {t['macro_auc']:.3f}  "
-            f"mel sens {t['mel_sensitivity']:.3f}  ECE {t['ece']:.3f}  "
-            + (f"(cv {cv:.3f}, " if cv is not None else "(")
-            + f"{card.total_time_s} s)")
+@dataclass
+class HeadRunOptions:
+    """The flags of ``python -m models.train_head`` beyond :class:`HeadConfig` and the data."""
+
+    refit_only: bool = option(False, "after the workers of a shared --storage study: refit its "
+                                     "best trial, calibrate, test and write the model folder",
+                              switch=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """CLI arguments, from ``HeadConfig``."""
+    """CLI arguments, from ``HeadConfig`` and ``HeadRunOptions``."""
     p = config_parser("python -m models.train_head", __doc__, HeadConfig)
-    p.add_argument("--refit-only", action="store_true",
-                   help="after the workers of a shared --storage study: refit its best trial, "
-                        "calibrate, test and write the model folder")
+    add_config_args(p, HeadRunOptions)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and train one head."""
+    """Parse arguments, train one head, and write its resolved config.yaml in its folder."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(HeadConfig, args)
     dataset = ensure_data(resolve_data(args))
@@ -372,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{cfg.storage}; when every worker has stopped, run the same command with "
               f"--refit-only to write the model folder")
         return 0
+    save_config(model_path(args.workdir, card.name), args, "python -m models.train_head")
     print(summary_line(card))
     return 0
 

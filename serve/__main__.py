@@ -10,7 +10,7 @@ import argparse
 import logging
 from typing import Sequence
 
-from lesionlab.cli import add_config_args, config_from_args, make_parser, run_main
+from lesionlab.cli import command_parser, config_from_args, run_main
 from lesionlab.errors import LesionLabError
 
 
@@ -18,9 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI arguments: one flag per field of ``ServeConfig`` (ranges checked by argparse)."""
     from serve.app import ServeConfig
 
-    p = make_parser("python -m serve", __doc__)
-    add_config_args(p, ServeConfig)
-    return p
+    return command_parser("python -m serve", __doc__, ServeConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

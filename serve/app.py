@@ -20,7 +20,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from lesionlab.cli import check_choices, option
+from lesionlab.cli import check_choices, device_option, model_option, option
 from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
 from models.design import LOCALIZATIONS, SEXES
@@ -31,7 +31,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_MB = 20.0
 MAX_MB_LIMIT = 1024.0  # uploads are read into memory
 MAX_THREADS = 256
-DEVICES = ("auto", "cpu", "cuda")
 UPLOAD_SUFFIX = ".upload"  # images are recognised by content; the client's filename never
                            # reaches the filesystem
 DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagnose, treat or "
@@ -42,10 +41,10 @@ DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagn
 class ServeConfig:
     """What ``python -m serve`` serves and how; its flags come from these fields."""
 
-    model: Path = option(help="a model folder (with card.json)", parse=Path)
+    model: Path = model_option()
     host: str = option("127.0.0.1", "address to bind; 0.0.0.0 serves every network interface")
     port: int = option(8000, "TCP port", ge=1, le=65535)
-    device: str = option("cpu", "where the model runs", choices=DEVICES)
+    device: str = device_option()
     max_mb: float = option(DEFAULT_MAX_MB, "upload size limit in MB", gt=0, le=MAX_MB_LIMIT)
     threads: int = option(2, "inference threads (bounded pool)", ge=1, le=MAX_THREADS)
 

@@ -32,7 +32,7 @@ def run_main(module: str, *args: str, capsys) -> Result:
     out = capsys.readouterr()
     return Result(code, out.out, out.err)
 
-CLIS = ("featurize", "featurize.split", "featurize.download", "models.train_head",
+CLIS = ("featurize", "lesionlab.splits", "lesionlab.download", "models.train_head",
         "models.finetune", "models.predict", "models.explain", "benchmarks.run_all",
         "benchmarks.featurize_speed", "benchmarks.serve_load", "benchmarks.scale", "serve",
         "models.evaluate", "benchmarks.train_speed")

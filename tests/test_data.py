@@ -83,7 +83,7 @@ def test_any_mode_and_size_loads_as_rgb(tmp_path: Path, mode: str) -> None:
 
 
 def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
-    proc = run_cli("featurize.split", "--data", str(tmp_path / "missing"),
+    proc = run_cli("lesionlab.splits", "--data", str(tmp_path / "missing"),
                    "--workdir", str(tmp_path / "wd"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -96,7 +96,7 @@ def test_cli_bad_dx_exits_nonzero(data_copy: Path, tmp_path: Path) -> None:
     meta = pd.read_csv(data_copy / "HAM10000_metadata.csv")
     meta.loc[0, "dx"] = "xyz"
     meta.to_csv(data_copy / "HAM10000_metadata.csv", index=False)
-    proc = run_cli("featurize.split", "--data", str(data_copy), "--workdir", str(tmp_path))
+    proc = run_cli("lesionlab.splits", "--data", str(data_copy), "--workdir", str(tmp_path))
     assert proc.returncode == 2
     assert "unknown class(es) ['xyz']" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -164,7 +164,7 @@ def readonly_cases(w: Path, models: dict[str, Path]) -> list[tuple[str, list[str
                        "--engine", "eager", "--num-workers", "0", *data]),
         ("featurize", ["--backbone", "classical", "--color-constancy", "shades_of_gray",
                        "--num-workers", "0", *data]),
-        ("featurize.split", ["--split-seed", "7", *data]),
+        ("lesionlab.splits", ["--split-seed", "7", *data]),
         ("models.train_head", ["--features", "classical", "--trials", "1", "--folds", "2",
                                "--n-boot", "20", "--seed", "5", *data]),
         ("models.finetune", [*tiny, *data]),

@@ -288,7 +288,7 @@ def test_sizes_accepted_as_documented(data_copy: Path, fixture_dir: Path) -> Non
 
 def test_cli_check_only(capsys, tmp_path: Path, full_dir: Path) -> None:
     """--check-only verifies a folder in place and downloads nothing."""
-    from featurize.download import main
+    from lesionlab.download import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--data", str(tmp_path), "--check-only", "--image-size", "8x8"])

@@ -211,7 +211,7 @@ def test_finetuned_card_train_and_test_lesions_are_disjoint(tiny_model,
 
 def test_cpu_features_choose_fp32_or_bf16() -> None:
     """auto: bf16 only where the CPU has it natively (a VNNI-only Xeon stays in fp32)."""
-    from featurize.extract import cpu_flags, use_bf16
+    from lesionlab.device import cpu_flags, use_bf16
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_bf16("auto", cpu, {"avx512f", "avx512_vnni"})

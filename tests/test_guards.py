@@ -113,7 +113,7 @@ def test_blank_lesion_id_is_refused_with_its_rows(data_copy: Path, tmp_path: Pat
     with pytest.raises(LesionLabError, match="2 row.* blank lesion_id") as err:
         load_dataset(data_copy)
     assert meta.loc[3, "image_id"] in str(err.value) and "[5, 9]" in str(err.value)
-    proc = run_cli("featurize.split", "--data", str(data_copy), "--workdir", str(tmp_path))
+    proc = run_cli("lesionlab.splits", "--data", str(data_copy), "--workdir", str(tmp_path))
     assert proc.returncode == 2 and "blank lesion_id" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -101,9 +101,9 @@ def test_config_flags_out_of_range_fail_in_argparse(module: str, args: list[str]
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("featurize.split", ["--split-seed", "-3"],
+    ("lesionlab.splits", ["--split-seed", "-3"],
      "argument --split-seed: must be in [0, 4294967295], got -3"),
-    ("featurize.download", ["--http-timeout", "0"], "argument --http-timeout: must be > 0, got 0.0"),
+    ("lesionlab.download", ["--http-timeout", "0"], "argument --http-timeout: must be > 0, got 0.0"),
     ("models.evaluate", ["--model", "m", "--data", "d", "--n-boot", "-1"],
      "argument --n-boot: must be >= 0, got -1"),
     ("models.ensemble", ["--members", "a", "b", "--name", "e", "--n-boot", "-1"],

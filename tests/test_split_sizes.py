@@ -223,3 +223,20 @@ def test_tuning_cv_trains_on_a_single_lesion_class_and_never_scores_it() -> None
     scored = np.sort(np.concatenate([va for _, va in folds]))
     assert list(scored) == sorted(set(range(len(y))) - set(rare_rows))
     assert warning_counts() == {"singletons:head tuning CV": 1}
+
+
+@pytest.mark.parametrize("head", ["logreg", "lightgbm"])
+def test_smote_fold_with_a_single_image_class_fits(head: str) -> None:
+    """A class with 2 lesions in train leaves 1 image in some CV training part: SMOTE
+    oversamples the others, keeps that one row, and says so once."""
+    from models.heads import build_pipeline, default_params, fit_fold
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 20 + [1] * 12 + [2] * 6 + [3] * 1 + [4] * 8 + [5] * 40 + [6] * 5)
+    x = rng.normal(size=(len(y), 16)) + y[:, None]
+    pipe = build_pipeline(head, "smote", default_params(head, 16), seed=0)
+    proba, _ = fit_fold(pipe, x, y, x[:7], y[:7], groups_tr=np.arange(len(y)), seed=0)
+    assert proba.shape == (7, 7) and np.allclose(proba.sum(axis=1), 1.0)
+    assert warning_counts().get("smote_single_image") == 1
+    smote = pipe.named_steps["smote"]
+    assert smote.sampling_strategy == {0: 40, 1: 40, 2: 40, 4: 40, 6: 40} or head == "lightgbm"

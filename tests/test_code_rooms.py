@@ -1,0 +1,96 @@
+"""Code lives in its room: device and CPU-flag helpers in the core (``lesionlab.device``), the
+split and download commands in the core's modules (old ``featurize.*`` names still run), and
+the card's summary line beside the card (``models.bundle``)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lesionlab.device as device
+from lesionlab.errors import LesionLabError
+from tests.conftest import FIXTURE, run_cli
+
+CPUINFO = """processor\t: 0
+model name\t: Test CPU 9000 @ 2.00GHz
+flags\t\t: fpu sse2 avx512f avx512_bf16
+"""
+
+
+def test_device_helpers_live_in_the_core() -> None:
+    assert device.resolve_device("cpu") == torch.device("cpu")
+    assert device.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(LesionLabError, match=r"unknown --device 'tpu'; expected one of"):
+        device.resolve_device("tpu")
+    assert device.DEVICES == ("auto", "cpu", "cuda")
+    assert device.PRECISIONS == ("auto", "fp32", "bf16")
+    for module, names in (("featurize.extract", ("resolve_device", "DEVICES")),
+                          ("models.finetune", ("resolve_device", "use_bf16", "DEVICES"))):
+        mod = importlib.import_module(module)
+        assert all(getattr(mod, n) is getattr(device, n) for n in names), module
+
+
+def test_cpu_model_and_flags_read_cpuinfo(tmp_path: Path, monkeypatch) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    monkeypatch.setattr(device, "CPUINFO", info)
+    assert device.cpu_model() == "Test CPU 9000 @ 2.00GHz"
+    assert device.cpu_flags() == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert device.use_bf16("auto", torch.device("cpu"))
+    monkeypatch.setattr(device, "CPUINFO", tmp_path / "absent")
+    assert device.cpu_flags() == set()
+    assert not device.use_bf16("auto", torch.device("cpu"))
+    assert device.cpu_model()  # platform's answer, or "unknown CPU"
+
+
+def test_benchmarks_take_cpu_model_from_the_core() -> None:
+    for module in ("benchmarks.serve_load", "benchmarks.train_speed", "benchmarks.scale",
+                   "benchmarks.tta_cost"):
+        assert importlib.import_module(module).cpu_model is device.cpu_model, module
+
+
+def test_summary_line_sits_beside_the_card() -> None:
+    from models.bundle import summary_line
+
+    card = SimpleNamespace(
+        name="m", total_time_s=12.5, details={"cv_balanced_accuracy": 0.61234},
+        test={"balanced_accuracy": 0.5, "ci95": {"balanced_accuracy": [0.25, 0.75]},
+              "macro_f1": 0.4, "macro_auc": 0.8, "mel_sensitivity": 0.9, "ece": 0.05})
+    assert summary_line(card) == ("m: test balanced acc 0.500 [0.250, 0.750]  macro F1 0.400  "
+                                  "AUC 0.800  mel sens 0.900  ECE 0.050  (cv 0.612, 12.5 s)")
+    card.details, card.test = {}, {k: v for k, v in card.test.items() if k != "ci95"}
+    assert summary_line(card).endswith("[nan, nan]  macro F1 0.400  AUC 0.800  mel sens 0.900  "
+                                       "ECE 0.050  (12.5 s)")
+
+
+def test_split_and_download_commands_are_the_cores(tmp_path: Path, capsys) -> None:
+    import featurize.download
+    import featurize.split
+    import lesionlab.download
+    import lesionlab.splits
+
+    assert featurize.split.main is lesionlab.splits.main
+    assert featurize.download.main is lesionlab.download.main
+    assert lesionlab.splits.main(["--data", str(FIXTURE), "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"split: {tmp_path / 'splits' / 'split_seed0.csv'}  (87 images, ")
+    assert (tmp_path / "splits" / "split_seed0.csv").is_file()
+
+
+@pytest.mark.parametrize("old, new", [("featurize.split", "lesionlab.splits"),
+                                      ("featurize.download", "lesionlab.download")])
+def test_old_command_names_still_run(old: str, new: str) -> None:
+    proc = run_cli(old, "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.startswith(f"usage: python -m {new} ")
+
+
+def test_new_download_command_checks_a_folder(tmp_path: Path) -> None:
+    proc = run_cli("lesionlab.download", "--data", str(tmp_path / "none"), "--check-only",
+                   timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
