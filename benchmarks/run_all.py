@@ -32,6 +32,7 @@ from models.bundle import CARD, ModelCard, load_card, model_path, save_card
 from models.design import FROZEN_INPUTS, input_kind
 from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
 from models.finetune import FinetuneConfig, finetune
+from models.folder import HeadFolder, folder_class, labels
 from models.kfold import fold_configs, kfold_finetune, kfold_name
 from models.train_head import HeadConfig, train_head
 
@@ -181,14 +182,14 @@ def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
 
 def summarize(card: ModelCard) -> dict:
     """The leaderboard row of a model card."""
-    t = card.test
+    t, label = card.test, labels(card)
     return {
         "name": card.name, "kind": card.kind,
-        "features": card.features_label, "head": card.head_label,
-        "imbalance": card.imbalance_label, "metadata": card.metadata,
+        "features": label.features, "head": label.head,
+        "imbalance": label.imbalance, "metadata": card.metadata,
         # what a head reads, from its spec (not its table label): ImageNet / hand-made /
         # fine-tuned embedding / OOF probabilities
-        "input": input_kind(card.config["features"]) if card.kind == "head" else None,
+        "input": head_input(card),
         "train_fraction": card.config.get("train_fraction", 1.0),
         "balanced_accuracy": t["balanced_accuracy"],
         "ci95": t.get("ci95", {}).get("balanced_accuracy"),
@@ -288,9 +289,15 @@ def archive_stale(cell: Cell, workdir: Path | str) -> list[Path]:
 def with_current_labels(row: dict) -> dict:
     """A saved row with its table labels re-read from its model card (wording changes)."""
     card = load_card(row["model_dir"])
-    return {**row, "features": card.features_label, "head": card.head_label,
-            "imbalance": card.imbalance_label,
-            "input": input_kind(card.config["features"]) if card.kind == "head" else None}
+    label = labels(card)
+    return {**row, "features": label.features, "head": label.head,
+            "imbalance": label.imbalance, "input": head_input(card)}
+
+
+def head_input(card: ModelCard) -> str | None:
+    """Which kind of input a head reads (``models.design.INPUTS``); None for other kinds."""
+    is_head = issubclass(folder_class(card), HeadFolder)
+    return input_kind(card.config["features"]) if is_head else None
 
 
 def _eta(done_s: list[float], left: int) -> str:

@@ -9,10 +9,8 @@ back to random weights.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
-import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lesionlab.card import CARD, ModelCard, load_card_cached, require_kind
 from lesionlab.errors import LesionLabError
 
 # backbone -> (module, class with get_model_file_path(), default (H, W) for 4:3 images)
@@ -47,33 +46,26 @@ class BackboneSpec:
     extra: dict = field(default_factory=dict)
 
 
-def finetuned_card(name: str) -> dict | None:
+def finetuned_card(name: str) -> ModelCard | None:
     """The card of a fine-tuned model folder named by ``name``, or None when it names none.
 
-    Read as plain JSON: featurize embeds with a folder from ``models.finetune`` without
-    importing it (its image size, normalisation, colour constancy and weights come from here).
+    Read with the core's card loader (validated, read once per change of the card file), so
+    featurize embeds with a folder from ``models.finetune`` without importing it: its image
+    size, normalisation, colour constancy and weights come from here.
+
+    Raises:
+        LesionLabError: the folder's card does not load, is not a fine-tuned network's, or
+            the folder has no ``model.pt``.
     """
     path = Path(name)
-    try:
-        stamp = (path / "card.json").stat().st_mtime_ns
-    except OSError:
+    if not (path / CARD).is_file():
         return None
-    card = _read_card(str(path / "card.json"), stamp)
-    if card.get("kind") != "finetune" or "details" not in card:
-        raise LesionLabError(f"{path} holds a {card.get('kind')!r} model; only a fine-tuned "
-                             f"network folder can embed images")
+    card = load_card_cached(path)
+    require_kind(card, "finetune", f"{path} holds a {{have}} model; only a fine-tuned network "
+                                   f"folder can embed images")
     if not (path / "model.pt").is_file():
         raise LesionLabError(f"fine-tuned model folder {path} has no model.pt")
     return card
-
-
-@functools.lru_cache(maxsize=32)
-def _read_card(path: str, stamp: int) -> dict:
-    """A card file's JSON, read once per modification (``stamp`` keys the cache)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LesionLabError(f"cannot read {path}: {exc}") from None
 
 
 def backbone_label(name: str) -> str:
@@ -90,7 +82,7 @@ def default_image_size(name: str) -> tuple[int, int]:
         return CLASSICAL_SIZE
     card = finetuned_card(name)
     if card is not None:
-        h, w = card["details"]["image_size"]
+        h, w = card.details["image_size"]
         return int(h), int(w)
     import timm
 
@@ -172,9 +164,9 @@ def weights_file(name: str, weights: Path | str | None = None) -> Path | None:
 def finetuned_backbone(name: str) -> tuple[nn.Module, BackboneSpec]:
     """A fine-tuned model folder as a backbone: its network, preprocessing and weights."""
     card = finetuned_card(name)
-    d = card["details"]
+    d = card.details
     model, spec = create_backbone(d["backbone"], Path(name) / "model.pt",
-                                  num_classes=len(card["classes"]))
+                                  num_classes=len(card.classes))
     return model, replace(spec, name=str(name), image_size=tuple(d["image_size"]),
                           mean=tuple(d["mean"]), std=tuple(d["std"]),
                           interpolation=d.get("interpolation", spec.interpolation))

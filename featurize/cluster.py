@@ -13,33 +13,18 @@ answers, is a one-line ``LesionLabError`` naming the address.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from featurize.extract import Extractor, FeaturizeConfig, embed_chunk
 from lesionlab.errors import LesionLabError
 
 log = logging.getLogger(__name__)
-_EXTRACTORS: dict[str, Extractor] = {}  # per worker process: loaded once per settings
-
-
-def worker_embed(settings: dict, paths: Sequence[str], threads: int | None) -> np.ndarray:
-    """Runs on a worker: embed one chunk with a backbone loaded once per worker process."""
-    key = json.dumps(settings, sort_keys=True)
-    if key not in _EXTRACTORS:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        cfg = FeaturizeConfig(**settings)
-        _EXTRACTORS[key] = Extractor(cfg)
-    return embed_chunk(_EXTRACTORS[key], paths)
+# a worker's task: (featurize settings, image paths, torch threads or None) -> (n, dim) features
+Task = Callable[[dict, Sequence[str], int | None], np.ndarray]
 
 
 def connect_timeout(timeout: float | str | None = None) -> float:
@@ -116,19 +101,23 @@ def dask_client(scheduler: str, timeout: float | str | None = None) -> Iterator:
         yield client
 
 
-def run_on_cluster(cfg: FeaturizeConfig, paths: Sequence[str],
+def run_on_cluster(scheduler: str, settings: dict, task: Task, paths: Sequence[str],
                    todo: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, np.ndarray]]:
-    """Fan the chunks out; yield (index, start, end, features) as each one comes back."""
+    """Fan the chunks out: ``task(settings, paths[start:end], threads)`` runs on a worker for
+    each (index, start, end) of ``todo`` (``task`` must be importable there: a module-level
+    function); yield (index, start, end, features) as each one comes back.
+
+    Raises:
+        LesionLabError: the scheduler cannot be reached (see :func:`dask_client`).
+    """
     from dask.distributed import as_completed
 
-    # workers are daemon processes (no DataLoader workers); one thread each on a LocalCluster
-    settings = asdict(replace(cfg, scheduler=None, num_workers=0))
-    threads = 1 if cfg.scheduler.startswith("local:") else None
-    with dask_client(cfg.scheduler) as client:
-        log.info("featurize on %s: %d chunks over %d workers", cfg.scheduler, len(todo),
+    threads = 1 if scheduler.startswith("local:") else None  # one thread each on a LocalCluster
+    with dask_client(scheduler) as client:
+        log.info("featurize on %s: %d chunks over %d workers", scheduler, len(todo),
                  len(client.scheduler_info()["workers"]))
-        futures = {client.submit(worker_embed, settings, list(paths[s:e]), threads,
-                                 key=f"embed-{s}-{e}-{id(cfg)}", retries=2): (i, s, e)
+        futures = {client.submit(task, settings, list(paths[s:e]), threads,
+                                 key=f"embed-{s}-{e}-{id(settings)}", retries=2): (i, s, e)
                    for i, s, e in todo}
         for future in as_completed(futures):
             i, s, e = futures[future]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, backbone_lab
                                  check_backbone, create_backbone, default_image_size,
                                  finetuned_backbone, finetuned_card, sha256_file, weights_file)
 from featurize.classical import FEATURE_NAMES, classical_features
+from featurize.cluster import run_on_cluster
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, features_dir,
                                  library_versions, read_json, reserve, save_npy, write_json)
@@ -97,7 +99,7 @@ class FeaturizeConfig:
         card = finetuned_card(self.backbone)
         if card is None:
             return self
-        own = card["config"].get("color_constancy", "none")
+        own = card.config.get("color_constancy", "none")
         if self.color_constancy not in ("none", own):
             raise LesionLabError(f"{self.backbone} was trained with colour constancy {own!r}; "
                                  f"drop --color-constancy {self.color_constancy}")
@@ -422,8 +424,23 @@ def _todo_chunks(n: int, chunks: Path, chunk_size: int) -> list[tuple[int, int, 
 
 
 def embed_chunk(extractor: Extractor, paths: Sequence[str]) -> np.ndarray:
-    """Embeddings of one chunk of images (the unit of work, local or on a Dask worker)."""
+    """Embeddings of one chunk of images, (len(paths), dim) float32 (the unit of work, local
+    or on a Dask worker)."""
     return np.concatenate([extractor.embed_batch(x) for x, _ in extractor.loader(paths)])
+
+
+_EXTRACTORS: dict[str, Extractor] = {}  # per Dask worker process: loaded once per settings
+
+
+def worker_embed(settings: dict, paths: Sequence[str], threads: int | None) -> np.ndarray:
+    """Runs on a Dask worker: embed one chunk, (len(paths), dim), with a backbone loaded once
+    per worker process (``settings``: a ``FeaturizeConfig`` as a dict)."""
+    key = json.dumps(settings, sort_keys=True)
+    if key not in _EXTRACTORS:
+        if threads:
+            torch.set_num_threads(threads)
+        _EXTRACTORS[key] = Extractor(FeaturizeConfig(**settings))
+    return embed_chunk(_EXTRACTORS[key], paths)
 
 
 def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor: Extractor,
@@ -436,10 +453,9 @@ def _fill_chunks(paths: list[str], chunks: Path, cfg: FeaturizeConfig, extractor
     t0 = time.perf_counter()
     with tqdm(total=len(paths), initial=resumed, unit="img", desc=cfg.backbone,
               smoothing=0.1) as bar:
-        if cfg.scheduler:
-            from featurize.cluster import run_on_cluster
-
-            done = run_on_cluster(cfg, paths, todo)
+        if cfg.scheduler:  # workers are daemon processes: no DataLoader workers
+            settings = asdict(replace(cfg, scheduler=None, num_workers=0))
+            done = run_on_cluster(cfg.scheduler, settings, worker_embed, paths, todo)
         else:
             done = ((i, s, e, embed_chunk(extractor, paths[s:e])) for i, s, e in todo)
         for k, (i, s, e, features) in enumerate(done):

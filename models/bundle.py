@@ -1,4 +1,5 @@
-"""The model folder: fitted model + ``card.json`` (one schema for heads and fine-tuned networks).
+"""The model folder's files: fitted model + ``card.json`` (its schema: ``lesionlab.card``,
+re-exported here), weights checksums, saved probabilities, and who may write a folder.
 
 Nothing in a model folder runs code when loaded: heads are stored with skops and only the
 types this project writes are trusted; network weights and checkpoints load with
@@ -7,34 +8,29 @@ types this project writes are trusted; network weights and checkpoints load with
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import functools
-import hashlib
-import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, TypeVar
 
 import numpy as np
 
-from lesionlab.artifacts import atomic_path, models_dir, read_json, write_json
+from lesionlab.artifacts import atomic_path, models_dir, read_json
+# the card's schema and loader live in the core; re-exported here for older imports
+from lesionlab.card import (CARD, KINDS, SCHEMA_VERSION, WEIGHT_FILES, ModelCard,  # noqa: F401
+                            check_card, load_card, save_card, sha256_file)
 from lesionlab.cli import safe_name
 from lesionlab.data import CLASSES
 from lesionlab.errors import LesionLabError
-from lesionlab.provenance import provenance
 
-CARD = "card.json"
 HEAD_FILE = "head.skops"
 LOCK_FILE = ".lock"  # flock-ed by the run writing the folder; holds its pid
-WEIGHT_FILES = ("model.pt", "head.skops")  # their sha256 is recorded in the card
 # Files that mark a folder's kind when it has no readable card yet (a run that stopped early).
 KIND_MARKERS = (("finetune", ("model.pt", "checkpoint.pt")), ("head", ("head.skops", "study.db")),
                 ("ensemble", ("members",)))
-KINDS = ("head", "finetune", "ensemble")
 # Every type a saved head holds (skops refuses anything else without running it).
 TRUSTED_TYPES = (
     "models.heads.HeadModel", "imblearn.pipeline.Pipeline",
@@ -42,195 +38,6 @@ TRUSTED_TYPES = (
     "sklearn.metrics._dist_metrics.EuclideanDistance64", "lightgbm.sklearn.LGBMClassifier",
     "lightgbm.basic.Booster", "collections.OrderedDict", "numpy.dtype",
 )
-
-
-@dataclass
-class ModelCard:
-    """What a model is, how it was made and how it scored; ``card.json`` of every model folder.
-
-    Times: ``tune_time_s`` is the hyper-parameter search (0 without one), ``fit_time_s`` the
-    training of the final model, ``total_time_s`` the whole stage's wall time (data, tuning,
-    training, calibration and evaluation).
-    """
-
-    kind: str  # head | finetune | ensemble
-    name: str
-    config: dict
-    classes: list[str]
-    val: dict
-    test: dict
-    temperature: float
-    decision_rule: str  # argmax | prior_corrected
-    train_image_ids: list[str]
-    test_image_ids: list[str]
-    n_train: int
-    n_val: int
-    n_test: int
-    tune_time_s: float
-    fit_time_s: float
-    total_time_s: float
-    data_fingerprint: str
-    versions: dict
-    features: list[dict] = field(default_factory=list)  # head: the feature blocks it reads
-    metadata: bool = False  # head: age, sex and site appended to the features
-    mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
-    details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
-    # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
-    # written before this field existed loads with {} (unknown provenance, so stale)
-    provenance: dict = field(default_factory=provenance)
-    files: dict = field(default_factory=dict)  # sha256 of each weights file, set by save_card
-
-    @property
-    def features_label(self) -> str:
-        """What the model reads, for tables."""
-        if self.kind == "finetune":
-            c = self.config
-            h, w = c["image_size"]
-            cc = ", SoG" if c.get("color_constancy") == "shades_of_gray" else ""
-            fold = f", fold {c['cv_fold'] + 1}/{c['cv_folds']}" if c.get("cv_folds") else ""
-            return f"{c['backbone']} (fine-tuned {w}x{h}, {c['epochs']} ep{cc}{fold})"
-        if self.kind == "ensemble":
-            label = members_label([m["features"] for m in self.details["members"]])
-            k = len(self.details["members"])
-            return f"{label} x{k} folds" if self.details.get("oof_image_ids") else label
-        # a fine-tuned network's folder as backbone: "ft:<backbone> [fold k/K]", not its path
-        return short_oof(re.sub(
-            r"[^+:]*/finetune__(?:tf_efficientnet_)?(\w+?)__[^+:]*?(?:__cv(\d+)of(\d+))?__seed\d+",
-            lambda m: f"ft:{m[1]}" + (f" fold {m[2]}/{m[3]}" if m[2] else ""),
-            self.config["features"]))
-
-    @property
-    def head_label(self) -> str:
-        """The classifier, for tables."""
-        if self.kind == "ensemble":
-            return f"ensemble of {len(self.config['members'])}"
-        if self.kind == "head" and "oof:" in self.config["features"]:
-            return f"stack ({self.config['head']})"
-        return "fine-tune" if self.kind == "finetune" else self.config["head"]
-
-    @property
-    def imbalance_label(self) -> str:
-        """How the class imbalance was handled, for tables."""
-        if self.kind == "finetune":
-            return f"{self.config['sampler']} sampler, {self.config['loss']}"
-        if self.kind == "ensemble":
-            return f"weights: {self.config['weights']}"
-        return self.config["imbalance"]
-
-
-def members_label(labels: list[str]) -> str:
-    """An ensemble's members for tables: fold networks once, common prefixes dropped."""
-    unique = dict.fromkeys(re.sub(r", fold \d+/\d+\)", ")", label) for label in labels)
-    text = " + ".join(unique).replace("tf_efficientnet_", "").replace(":multistage", "")
-    return short_oof(text)
-
-
-def short_oof(spec: str) -> str:
-    """``oof:kfold__k3__finetune__<backbone>__...`` -> ``oof:<backbone> 3-fold`` for tables."""
-    return re.sub(r"oof:kfold__k(\d+)__finetune__(?:tf_efficientnet_)?(\w+?)__[^+ ]*",
-                  r"oof:\2 \1-fold", spec)
-
-
-def save_card(folder: Path, card: ModelCard) -> None:
-    """Write ``card.json`` (last, so a folder with a card is complete), recording the sha256
-    of each weights file of the folder in ``card.files``."""
-    card.files = {name: sha256_file(Path(folder) / name) for name in WEIGHT_FILES
-                  if (Path(folder) / name).is_file()}
-    write_json(folder / CARD, asdict(card))
-
-
-def load_card(folder: Path | str) -> ModelCard:
-    """Read and validate a model folder's card.
-
-    Raises:
-        LesionLabError: (one line naming the folder and the field) when the folder has no
-            card, the card is not one this version reads, or a field holds a value no
-            lesionlab run writes (see :func:`check_card`).
-    """
-    folder = Path(folder)
-    if not (folder / CARD).exists():
-        raise LesionLabError(f"{folder} is not a lesionlab model folder (no {CARD})")
-    try:
-        raw = read_json(folder / CARD)
-    except (OSError, ValueError) as exc:
-        raise LesionLabError(f"cannot read {folder / CARD}: {exc}") from None
-    names = {f.name for f in dataclasses.fields(ModelCard)}
-    missing = {f.name for f in dataclasses.fields(ModelCard)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    if not isinstance(raw, dict) or missing - set(raw) or raw.get("kind") not in KINDS:
-        raise LesionLabError(
-            f"{folder / CARD} is not a card this version reads (retrain the model); "
-            f"missing: {sorted(missing - set(raw)) if isinstance(raw, dict) else 'all'}")
-    card = ModelCard(**{"provenance": {}, **{k: v for k, v in raw.items() if k in names}})
-    check_card(folder, card)
-    return card
-
-
-def _card_error(folder: Path, what: str, expected: str, got: Any) -> LesionLabError:
-    text = repr(got)
-    return LesionLabError(f"{Path(folder) / CARD}: {what} must be {expected}, got "
-                          f"{text if len(text) <= 80 else text[:77] + '...'}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_card(folder: Path, card: ModelCard) -> None:
-    """Refuse card fields no lesionlab run writes (a damaged or edited card).
-
-    Raises:
-        LesionLabError: naming the field and what was expected, for: classes other than
-            ``CLASSES``; a temperature that is not a finite number > 0; a melanoma threshold
-            outside [0, 1]; image ids that are not a list of strings; sha256 records that
-            are not 64 hex digits; and, for an ensemble, members that are not distinct plain
-            folder names or member weights that are not one finite number >= 0 per member
-            with a sum > 0.
-    """
-    for name in ("config", "details", "val", "test", "files"):
-        if not isinstance(getattr(card, name), dict):
-            raise _card_error(folder, name, "an object", getattr(card, name))
-    if card.classes != list(CLASSES):
-        raise _card_error(folder, "classes", f"{list(CLASSES)}", card.classes)
-    if not (_is_number(card.temperature) and math.isfinite(card.temperature)
-            and card.temperature > 0):
-        raise _card_error(folder, "temperature", "a finite number > 0", card.temperature)
-    t = card.mel_threshold
-    if t is not None and not (_is_number(t) and (math.isnan(t) or 0 <= t <= 1)):
-        raise _card_error(folder, "mel_threshold", "null or a number in [0, 1]", t)
-    for name in ("train_image_ids", "test_image_ids"):
-        ids = getattr(card, name)
-        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-            raise _card_error(folder, name, "a list of image ids", ids)
-    for name, digest in card.files.items():
-        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise _card_error(folder, f"files[{name!r}]", "a sha256 (64 hex digits)", digest)
-    if card.kind == "ensemble":
-        _check_ensemble_config(folder, card.config)
-
-
-def _check_ensemble_config(folder: Path, config: dict) -> None:
-    members, weights = config.get("members"), config.get("member_weights")
-    if not (isinstance(members, list) and members and len(set(map(str, members))) == len(members)
-            and all(isinstance(m, str) and m not in (".", "..") and "/" not in m
-                    and "\\" not in m for m in members)):
-        raise _card_error(folder, "config.members", "a list of distinct folder names", members)
-    if not (isinstance(weights, list) and len(weights) == len(members)):
-        raise _card_error(folder, "config.member_weights",
-                          f"a list of {len(members)} weights (one per member)", weights)
-    if not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) \
-            or sum(weights) <= 0:
-        raise _card_error(folder, "config.member_weights",
-                          "finite numbers >= 0 with a sum > 0", weights)
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_weights(folder: Path | str, name: str, card: ModelCard | None = None) -> Path:
@@ -279,7 +86,7 @@ def load_proba(folder: Path | str, name: str, rows: int | None = None) -> np.nda
     except (OSError, EOFError) as exc:
         raise LesionLabError(f"cannot read {path}: {exc}") from None
     want = f"({'N' if rows is None else rows}, {len(CLASSES)})"
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
         raise LesionLabError(f"{path}: dtype {getattr(arr, 'dtype', type(arr).__name__)}, "
                              f"expected float probabilities")
     if arr.ndim != 2 or arr.shape[1] != len(CLASSES) or rows not in (None, arr.shape[0]):
@@ -348,9 +155,9 @@ def folder_kind(folder: Path | str) -> str | None:
     stopped before writing its card); None for a missing or empty folder."""
     folder = Path(folder)
     try:
-        kind = read_json(folder / CARD).get("kind")
-        if kind in KINDS:
-            return kind
+        recorded = read_json(folder / CARD).get("kind")
+        if recorded in KINDS:
+            return recorded
     except (OSError, ValueError, AttributeError):
         pass
     for kind, markers in KIND_MARKERS:

@@ -1,4 +1,9 @@
-"""Design matrices for the heads: cached feature sets (+ optional metadata), aligned to images."""
+"""Design matrices for the heads: feature blocks (+ optional metadata), aligned to images.
+
+What a head's card reads and how its input is rebuilt for new images lives here; the
+training design from the workdir's feature cache (with out-of-fold stacking blocks, whose
+other rows are predicted by their ensemble) is ``models.train_design``.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import OneHotEncoder
 
-from featurize.extract import FeaturizeConfig, FeatureSet, load_feature_set, resolve_key
+from featurize.extract import Extractor, FeaturizeConfig, FeatureSet, featurize
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard, load_card, load_proba, model_path
+from models.bundle import ModelCard, model_path
 
 OOF_PREFIX = "oof:"  # a feature block of out-of-fold CNN probabilities: oof:<K-fold ensemble>
 
@@ -180,55 +185,6 @@ def log_proba(proba: np.ndarray) -> np.ndarray:
     return np.log(np.clip(proba, 1e-6, 1.0))
 
 
-def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> FeatureSet:
-    """Stacking input from a K-fold ensemble (``models.kfold``): for its training images the
-    out-of-fold probabilities (each from the fold model that never trained on the image), for
-    every other image the ensemble's own probabilities. Never the in-fold ones: a network
-    is far more confident on rows it trained on, and a head fitted on those learns that."""
-    from models.evaluate import model_proba
-
-    folder = model_path(workdir, name)
-    card = load_card(folder)
-    if card.kind != "ensemble" or not card.details.get("oof_image_ids"):
-        raise LesionLabError(f"--features {OOF_PREFIX}{name}: {folder} is not a K-fold ensemble "
-                             f"with out-of-fold probabilities (make it with models.kfold)")
-    ids = dataset.frame["image_id"].astype(str)
-    held = card.details["oof_image_ids"]
-    oof = pd.DataFrame(load_proba(folder, "oof_proba.npy", len(held)), index=held)
-    proba = np.zeros((len(ids), oof.shape[1]))
-    in_oof = ids.isin(oof.index).to_numpy()
-    proba[in_oof] = oof.loc[ids[in_oof]].to_numpy()
-    if (~in_oof).any():
-        rest = Dataset(root=dataset.root, frame=dataset.frame[~in_oof].reset_index(drop=True))
-        proba[~in_oof] = model_proba(folder, rest, workdir, card=card)
-    return FeatureSet(key=f"{OOF_PREFIX}{name}", path=folder, features=log_proba(proba),
-                      image_ids=ids.to_numpy(), manifest=oof_manifest(name, card, folder))
-
-
-def oof_manifest(name: str, card: ModelCard, folder: Path) -> dict:
-    """What the model card records about an out-of-fold block; its "weights" hash is that of
-    the out-of-fold probabilities, so a retrained K-fold run starts a fresh head study."""
-    import hashlib
-
-    digest = hashlib.sha256((folder / "oof_proba.npy").read_bytes()).hexdigest()
-    return {"settings": {"backbone": f"{OOF_PREFIX}{name}", "image_size": [0, 0], "tta": "-",
-                         "pool": "-", "weights": None, "color_constancy": "-"},
-            "weights_sha256": digest, "data_fingerprint": card.data_fingerprint}
-
-
-def load_design(workdir: Path | str, dataset: Dataset, features: str,
-                metadata: bool = False) -> Design:
-    """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``;
-    ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking)."""
-    data_fp = dataset.fingerprint()
-    sets = [oof_feature_set(workdir, dataset, key[len(OOF_PREFIX):])
-            if key.startswith(OOF_PREFIX) else
-            load_feature_set(resolve_key(workdir, key, data_fp)) for key in split_keys(features)]
-    blocks = [align(fs, dataset.frame["image_id"]) for fs in sets]
-    return Design(x=build_design(blocks, dataset.frame, metadata), feature_sets=sets,
-                  metadata=metadata)
-
-
 def _check_weights(block: dict, sha256: str) -> None:
     if sha256 != block["weights_sha256"]:
         raise LesionLabError(
@@ -238,8 +194,6 @@ def _check_weights(block: dict, sha256: str) -> None:
 
 def card_extractors(card: ModelCard, device: str = "auto") -> list:
     """One loaded ``Extractor`` per feature block of a head's card (weights checked)."""
-    from featurize.extract import Extractor
-
     extractors = []
     try:
         for block in card.features:
@@ -265,8 +219,6 @@ def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = 
     ``stacked`` holds, per ``oof:<name>`` block of a stacking head, its ensemble member's
     probabilities for these images (new images have no out-of-fold rows: the ensemble's own).
     """
-    from featurize.extract import featurize
-
     stacked = stacked or {}
     missing = [b["backbone"] for b in card.features
                if b["backbone"].startswith(OOF_PREFIX) and b["backbone"] not in stacked]

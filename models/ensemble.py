@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -30,10 +30,14 @@ from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, load_card,
-                           load_proba, model_path, release_claims, save_card, summary_line)
-from models.heads import apply_temperature, fit_temperature
+                           load_head, load_proba, model_path, release_claims, save_card,
+                           summary_line)
+# member_dirs and combine are re-exported (they lived here)
+from models.folder import (MEMBERS, EnsembleFolder, HeadFolder, combine,  # noqa: F401
+                           folder_class, labels, load_model_folder, member_dirs)
+from models.heads import fit_temperature
+from models.train_design import load_design
 
-MEMBERS = "members"
 WEIGHT_MODES = ("val", "equal")
 GRID_STEP = 0.1  # weight grid on the simplex for --weights val
 
@@ -48,21 +52,6 @@ class EnsembleConfig:
     n_boot: int = 1000
     seed: int = 0
     member_weights: list[float] = field(default_factory=list)  # filled when built
-
-
-def member_dirs(folder: Path | str, card: ModelCard | None = None) -> list[Path]:
-    """The member folders inside an ensemble folder, in the card's order."""
-    card = card or load_card(folder)
-    if card.kind != "ensemble":
-        raise LesionLabError(f"{folder} holds a {card.kind!r} model, not an ensemble")
-    return [Path(folder) / MEMBERS / name for name in card.config["members"]]
-
-
-def combine(probas: Sequence[np.ndarray], weights: Sequence[float],
-            temperature: float = 1.0) -> np.ndarray:
-    """Weighted mean of calibrated probabilities, then the ensemble's own temperature."""
-    mean = sum(w * p for w, p in zip(weights, probas)) / float(np.sum(weights))
-    return apply_temperature(mean, temperature)
 
 
 def simplex_grid(n: int, step: float = GRID_STEP) -> list[tuple[float, ...]]:
@@ -97,7 +86,7 @@ def _check_members(cards: list[ModelCard], dirs: list[Path]) -> None:
     if len(set(names)) != len(names):
         raise LesionLabError(f"members must have distinct names: {names}")
     for card, folder in zip(cards, dirs):
-        if card.kind == "ensemble":
+        if issubclass(folder_class(card), EnsembleFolder):
             raise LesionLabError(f"member {folder} is an ensemble; list its members instead")
         if card.data_fingerprint != cards[0].data_fingerprint or \
                 card.test_image_ids != cards[0].test_image_ids:
@@ -113,14 +102,9 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
     models saved them) computed once from the model and saved beside it."""
     path = folder / "val_proba.npy"
     if not path.exists():
-        from models.evaluate import model_proba
-
         card = load_card(folder)
         proba = None
-        if card.kind == "head":  # the features it was trained on are cached in workdir
-            from models.bundle import load_head
-            from models.design import load_design
-
+        if issubclass(folder_class(card), HeadFolder):  # its training features are cached
             try:
                 x = load_design(workdir, dataset, card.config["features"], card.metadata).x
                 proba = load_head(folder).predict_proba(x[va])
@@ -129,7 +113,8 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
         if proba is None:
             val = Dataset(root=dataset.root,
                           frame=dataset.frame.iloc[va].reset_index(drop=True))
-            proba = model_proba(folder, val, workdir)
+            with load_model_folder(folder, workdir=workdir, card=card) as model:
+                proba = model.predict_proba(val)
         save_npy(path, proba)
     return load_proba(folder, path.name, len(va))
 
@@ -200,7 +185,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
         total_time_s=round(sum(c.total_time_s for c in cards) + time.perf_counter() - t0, 1),
         data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
         metadata=any(c.metadata for c in cards), mel_threshold=mel_threshold,
-        details={"members": [{"name": c.name, "kind": c.kind, "features": c.features_label,
+        details={"members": [{"name": c.name, "kind": c.kind, "features": labels(c).features,
                               "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
                               "test_balanced_accuracy": c.test["balanced_accuracy"]}
                              for c, w in zip(cards, weights)],
@@ -231,15 +216,6 @@ def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str,
     save_npy(folder / "test_proba.npy", proba_te)
     save_npy(folder / "val_proba.npy", proba_va)
     return folder
-
-
-def ensemble_proba(folder: Path | str, member_proba: Callable[[Path], np.ndarray],
-                   card: ModelCard | None = None) -> np.ndarray:
-    """Calibrated probabilities of an ensemble folder, given each member's (a callback, so
-    predict, evaluate and the server each use their own way of running a member)."""
-    card = card or load_card(folder)
-    probas = [member_proba(d) for d in member_dirs(folder, card)]
-    return combine(probas, card.config["member_weights"], card.temperature)
 
 
 @dataclass

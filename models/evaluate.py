@@ -24,8 +24,8 @@ from lesionlab.cli import (command_parser, config_from_args, device_option, mode
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard, load_card, load_head
-from models.design import card_design, localized, stack_member_dir, stacked_blocks
+from models.bundle import ModelCard, load_card
+from models.folder import load_model_folder
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
               "mel_sensitivity", "ece", "per_class_recall", "mel_operating_point")
@@ -34,26 +34,17 @@ SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "m
 def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | None = None,
                 device: str = "auto", card: ModelCard | None = None,
                 tta: str | None = None) -> np.ndarray:
-    """Calibrated probabilities of a model folder for every image of ``dataset``.
+    """Calibrated probabilities, (n images, n classes), of a model folder for ``dataset``.
 
     With ``workdir`` a head's features are cached there (rerunning costs no extraction);
     ``card`` spares reading the folder's card again when the caller has it; ``tta``
     overrides the test-time views of every fine-tuned network in the folder (members too).
+
+    Raises:
+        LesionLabError: the folder (or a member) does not load (see ``models.folder``).
     """
-    card = card or load_card(model_dir)
-    if card.kind == "ensemble":
-        from models.ensemble import ensemble_proba
-
-        return ensemble_proba(model_dir, lambda m: model_proba(m, dataset, workdir, device,
-                                                               tta=tta), card)
-    if card.kind == "finetune":
-        from models.finetune import predict_finetuned
-
-        return predict_finetuned(model_dir, dataset.frame["path"].tolist(), device, tta)
-    stacked = {b: model_proba(stack_member_dir(model_dir, b), dataset, workdir, device,
-                              tta=tta) for b in stacked_blocks(card)}
-    return load_head(model_dir).predict_proba(card_design(localized(card, model_dir), dataset,
-                                                          workdir, device, stacked=stacked))
+    with load_model_folder(model_dir, device, workdir, tta, card) as model:
+        return model.predict_proba(dataset)
 
 
 def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,

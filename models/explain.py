@@ -23,7 +23,8 @@ from lesionlab.cli import (command_parser, config_from_args, device_option, mode
                            option, run_main, save_config)
 from lesionlab.data import CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard, load_card
+from models.bundle import ModelCard
+from models.folder import NetworkFolder, load_model_folder
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None = None
@@ -88,39 +89,41 @@ def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path |
             "probability": float(proba[cls])}
 
 
+def gradcam_folder(model_dir: Path | str, device: str = "cpu") -> NetworkFolder:
+    """The fine-tuned network Grad-CAM explains for a model folder (not loaded yet): the
+    folder itself, an ensemble's network member with the largest weight (the map explains
+    that member, not the average), or a stack's K-fold ensemble's.
+
+    Raises:
+        LesionLabError: the folder holds no fine-tuned network (a head on embeddings).
+    """
+    model = load_model_folder(model_dir, device)
+    net = model.gradcam_network()
+    if net is None:
+        raise LesionLabError(
+            f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {model.card.kind!r} "
+            f"model without one (a head on embeddings)")
+    return net
+
+
 def network_folder(model_dir: Path | str) -> Path:
-    """The fine-tuned network Grad-CAM explains: the folder itself, or an ensemble's network
-    member with the largest weight (the map explains that member, not the average)."""
-    card = load_card(model_dir)
-    if card.kind == "ensemble":
-        from models.ensemble import member_dirs
-
-        dirs = member_dirs(model_dir, card)
-        nets = [(m["weight"], d) for m, d in zip(card.details["members"], dirs)
-                if m["kind"] == "finetune"]
-        if nets:
-            return max(nets, key=lambda wd: wd[0])[1]
-    elif card.kind == "finetune":
-        return Path(model_dir)
-    else:
-        from models.design import stack_member_dir, stacked_blocks
-
-        for block in stacked_blocks(card):  # a stack: explain its K-fold ensemble's network
-            return network_folder(stack_member_dir(model_dir, block))
-    raise LesionLabError(
-        f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {card.kind!r} model "
-        f"without one (a head on embeddings)")
+    """The folder of the fine-tuned network Grad-CAM explains (see :func:`gradcam_folder`)."""
+    return gradcam_folder(model_dir).path
 
 
 def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
                    target: str | None = None, device: str = "cpu") -> list[dict]:
-    """Write one overlay PNG per image; an unreadable image gets ``{"path", "error"}``."""
-    from models.finetune import load_finetuned
+    """Write one overlay PNG per image; an unreadable image gets ``{"path", "error"}``.
 
-    model_dir = network_folder(model_dir)
+    Raises:
+        LesionLabError: the folder holds no fine-tuned network, ``target`` is not a class,
+            or the network does not load.
+    """
+    net = gradcam_folder(model_dir, device)
     if target is not None and target not in CLASSES:
         raise LesionLabError(f"unknown class {target!r}; expected one of {list(CLASSES)}")
-    model, card, spec = load_finetuned(model_dir, device)
+    net.load()
+    model, card, spec = net.network, net.card, net.spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cls = None if target is None else CLASSES.index(target)

@@ -30,6 +30,7 @@ from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            device_option, option, resolve_data, run_main, safe_name, save_config)
+from lesionlab.card import require_kind
 from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
 from lesionlab.download import ensure_data
@@ -642,8 +643,7 @@ def load_finetuned(model_dir: Path | str,
                    device: str = "cpu") -> tuple[nn.Module, ModelCard, BackboneSpec]:
     """A fine-tuned model folder -> (model in eval mode, card, backbone spec)."""
     card = load_card(model_dir)
-    if card.kind != "finetune":
-        raise LesionLabError(f"{model_dir} holds a {card.kind!r} model, not a fine-tuned network")
+    require_kind(card, "finetune", f"{model_dir} holds a {{have}} model, not a fine-tuned network")
     model, spec = build_model(finetune_config(card))
     path = verify_weights(model_dir, WEIGHTS, card)  # the sha256 its card recorded
     try:

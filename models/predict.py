@@ -21,72 +21,34 @@ from lesionlab.cli import (command_parser, config_from_args, device_option, mode
                            option, run_main)
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
-from models.bundle import load_card, load_head
-from models.design import (LOCALIZATIONS, SEXES, card_design, card_extractors, localized,
-                           stack_member_dir, stacked_blocks)
+from models.design import LOCALIZATIONS, SEXES
+# images_dataset is re-exported (it lived here)
+from models.folder import NetworkFolder, images_dataset, load_model_folder  # noqa: F401
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
 
 
-def images_dataset(paths: Sequence[str], meta: pd.DataFrame | None = None) -> Dataset:
-    """Unlabelled images (and optional age/sex/localization) in the shape the design expects."""
-    frame = pd.DataFrame({"image_id": [Path(p).stem for p in paths],
-                          "path": [str(p) for p in paths]})
-    if meta is not None:
-        cols = [c for c in ("age", "sex", "localization") if c in meta.columns]
-        frame = pd.concat([frame, meta[cols].reset_index(drop=True)], axis=1)
-    return Dataset(root=Path("."), frame=frame)
-
-
 class Predictor:
-    """A model folder loaded once, to predict many batches of images (predict, the server)."""
+    """A model folder loaded once, to predict many batches of images (predict, the server).
+
+    ``folder`` is the loaded :class:`models.folder.ModelFolder`, ``card`` its card (a head's
+    with its carried embedding networks' paths), ``cam`` the network Grad-CAM explains (a
+    :class:`models.folder.NetworkFolder`, or None).
+
+    Raises:
+        LesionLabError: the folder (or a member) does not load (see ``models.folder``).
+    """
 
     def __init__(self, model_dir: Path | str, device: str = "auto") -> None:
         self.model_dir = Path(model_dir)
-        self.card = load_card(model_dir)
-        self.network = self.spec = self.head = None
-        self.extractors: list = []
-        self.members: list[Predictor] = []
-        self.cam: Predictor | None = None  # whose network Grad-CAM explains
-        self.stacked: dict[str, Predictor] = {}  # a stacking head's K-fold ensembles
-        if self.card.kind == "ensemble":
-            from models.ensemble import member_dirs
-
-            self.members = [Predictor(m, device)
-                            for m in member_dirs(model_dir, self.card)]
-            nets = [(w, m) for w, m in zip(self.card.config["member_weights"], self.members)
-                    if m.network is not None]
-            self.cam = max(nets, key=lambda wm: wm[0])[1] if nets else None
-        elif self.card.kind == "finetune":
-            from models.finetune import load_finetuned
-
-            self.network, _, self.spec = load_finetuned(model_dir, device)
-            self.cam = self
-        else:
-            self.head = load_head(model_dir)
-            self.card = localized(self.card, model_dir)  # embedding networks it carries
-            self.extractors = card_extractors(self.card, device)
-            self.stacked = {b: Predictor(stack_member_dir(model_dir, b), device)
-                            for b in stacked_blocks(self.card)}
-            nets = [m.cam for m in self.stacked.values() if m.cam is not None]
-            self.cam = nets[0] if nets else None
+        self.folder = load_model_folder(model_dir, device).load()
+        self.card = self.folder.card
+        self.cam: NetworkFolder | None = self.folder.gradcam_network()
 
     def predict_proba(self, paths: Sequence[str],
                       meta: pd.DataFrame | None = None) -> np.ndarray:
-        """Calibrated class probabilities (N x 7) of readable images ``paths``."""
-        if self.members:
-            from models.ensemble import combine
-
-            return combine([m.predict_proba(paths, meta) for m in self.members],
-                           self.card.config["member_weights"], self.card.temperature)
-        if self.network is not None:
-            from models.finetune import network_proba
-
-            return network_proba(self.network, self.card, self.spec, paths)
-        stacked = {b: m.predict_proba(paths, meta) for b, m in self.stacked.items()}
-        design = card_design(self.card, images_dataset(paths, meta),
-                             extractors=self.extractors, stacked=stacked)
-        return self.head.predict_proba(design)
+        """Calibrated class probabilities, (len(paths), 7), of readable images ``paths``."""
+        return self.folder.predict_proba(paths, meta)
 
     def predict_images(self, paths: Sequence[str],
                        meta: pd.DataFrame | None = None) -> list[dict]:
@@ -108,15 +70,12 @@ class Predictor:
 
     def close(self) -> None:
         """Free the feature extractors' engines (members' too)."""
-        for ext in self.extractors:
-            ext.close()
-        for member in [*self.members, *self.stacked.values()]:
-            member.close()
+        self.folder.close()
 
 
 def predict_proba(model_dir: Path | str, paths: Sequence[str],
                   meta: pd.DataFrame | None = None, device: str = "auto") -> np.ndarray:
-    """Calibrated class probabilities (N x 7) of readable images ``paths``."""
+    """Calibrated class probabilities, (len(paths), 7), of readable images ``paths``."""
     predictor = Predictor(model_dir, device)
     try:
         return predictor.predict_proba(paths, meta)

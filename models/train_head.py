@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import optuna
 
+from featurize.backbones import finetuned_card
 from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            option, resolve_data, run_main, safe_name, save_config)
@@ -33,7 +34,8 @@ from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import (ModelCard, TrainingRun, claim_folder, model_name, model_path,
                            release_claims, save_card, save_head, summary_line)
-from models.design import Design, copy_members, load_design
+from models.design import Design, copy_members
+from models.train_design import load_design
 
 log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
@@ -291,14 +293,12 @@ def unseen_train_rows(design: Design, dataset: Dataset, tr: np.ndarray,
     network (``models.kfold``) that leaves the fold it held out; a network trained on all of
     train leaves nothing, which is refused. Val and test rows must be unseen by it too.
     """
-    from featurize.backbones import finetuned_card
-
     ids = dataset.frame["image_id"].astype(str).to_numpy()
     for fs in design.feature_sets:
         card = finetuned_card(str(fs.manifest["settings"]["backbone"]))
         if card is None:
             continue
-        seen = np.isin(ids, np.asarray(card["train_image_ids"], dtype=str))
+        seen = np.isin(ids, np.asarray(card.train_image_ids, dtype=str))
         if any(seen[rows].any() for rows in scored):
             raise LesionLabError(f"embedding network {fs.manifest['settings']['backbone']} "
                                  f"trained on val or test images of this split")

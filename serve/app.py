@@ -23,8 +23,8 @@ from fastapi.staticfiles import StaticFiles
 from lesionlab.cli import check_choices, device_option, model_option, option
 from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard
 from models.design import LOCALIZATIONS, SEXES
+from models.folder import ModelFolder
 from models.predict import Predictor, result_line
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -53,20 +53,14 @@ class ServeConfig:
         check_choices(self)
 
 
-def has_network(card: ModelCard) -> bool:
-    """Whether Grad-CAM can run: a fine-tuned network, or an ensemble with one."""
-    return card.kind == "finetune" or (card.kind == "ensemble" and any(
-        m["kind"] == "finetune" for m in card.details["members"])) or any(
-        b["backbone"].startswith("oof:") for b in card.features)
-
-
-def model_summary(card: ModelCard) -> dict:
-    """What the page and ``GET /api/model`` show about the model (from its card)."""
+def model_summary(model: ModelFolder) -> dict:
+    """What the page and ``GET /api/model`` show about the model (from its card and kind)."""
+    card, labels = model.card, model.labels(model.card)
     test = card.test
     return {
-        "name": card.name, "kind": card.kind, "features": card.features_label,
-        "head": card.head_label, "imbalance": card.imbalance_label,
-        "uses_metadata": card.metadata, "has_gradcam": has_network(card),
+        "name": card.name, "kind": card.kind, "features": labels.features,
+        "head": labels.head, "imbalance": labels.imbalance,
+        "uses_metadata": card.metadata, "has_gradcam": model.gradcam_network() is not None,
         "classes": {c: CLASS_NAMES[c] for c in CLASSES},
         "decision_rules": {"balanced_accuracy": card.decision_rule,
                            "melanoma_threshold": card.mel_threshold},
@@ -159,7 +153,7 @@ def create_app(model_dir: Path | str, device: str = "cpu", max_mb: float = DEFAU
 
     @app.get("/api/model")
     def model() -> dict:
-        return model_summary(service.predictor.card)
+        return model_summary(service.predictor.folder)
 
     @app.post("/api/predict")
     async def predict(image: UploadFile = File(...), age: float | None = Form(None),

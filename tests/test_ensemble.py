@@ -138,7 +138,7 @@ def test_stacking_head_reads_out_of_fold_probabilities(kfold, tmp_path: Path) ->
     import shutil
 
     from featurize.extract import FeaturizeConfig, featurize
-    from models.design import load_design
+    from models.train_design import load_design
     from models.evaluate import evaluate_model
     from models.explain import network_folder
     from models.predict import predict_images

@@ -209,7 +209,7 @@ def test_a_damaged_member_array_is_refused_on_load(work, members, tmp_path, dama
 
 def test_out_of_fold_probabilities_rows_short_are_refused(work, members, tmp_path) -> None:
     """Both readers of oof_proba.npy: joining fold models, and a stacking head's input."""
-    from models.design import oof_feature_set
+    from models.train_design import oof_feature_set
 
     _, net = members
     fold = copy_model(work, net.name, tmp_path / "fold")

@@ -15,7 +15,7 @@ from lesionlab.data import CLASSES, load_dataset
 from lesionlab.errors import LesionLabError
 from models import heads
 from models.bundle import load_card, load_head
-from models.design import load_design
+from models.train_design import load_design
 from models.design import card_design
 from models.predict import images_dataset, predict_images
 from models.train_head import HeadConfig, train_head

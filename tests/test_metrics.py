@@ -111,7 +111,7 @@ def test_threshold_is_chosen_on_val_only(tmp_path) -> None:
     from lesionlab.data import load_dataset
     from lesionlab.metrics import MEL, threshold_for_sensitivity
     from models.bundle import load_head
-    from models.design import load_design
+    from models.train_design import load_design
     from models.train_head import HeadConfig, train_head
     from tests.conftest import FIXTURE
 

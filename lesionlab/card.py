@@ -1,0 +1,264 @@
+"""The model card: ``card.json`` of every model folder, its schema, validation and migration.
+
+It lives in the core so that every stage reads a card the same way: ``featurize`` reads a
+fine-tuned folder's card (to embed with its network) and ``models`` every folder's. What a
+folder of each kind *does* (predict, explain, its table labels) is ``models.folder``'s.
+
+Schema versions: a card records the ``schema_version`` it was written with. A card without
+one is version 1 (written before versions were recorded) and loads through
+:func:`migrate`; a card newer than :data:`SCHEMA_VERSION` is refused with one line naming
+its version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lesionlab.artifacts import read_json, write_json
+from lesionlab.data import CLASSES
+from lesionlab.errors import LesionLabError
+from lesionlab.provenance import provenance
+
+CARD = "card.json"
+SCHEMA_VERSION = 2  # 1: no schema_version field; 2: schema_version recorded
+KINDS = ("head", "finetune", "ensemble")  # the ``kind`` a card may hold
+WEIGHT_FILES = ("model.pt", "head.skops")  # their sha256 is recorded in the card
+# (features, head, imbalance) table labels of a card; set by models.folder (each kind's own)
+_LABELER: list[Callable[["ModelCard"], tuple[str, str, str]]] = []
+
+
+@dataclass
+class ModelCard:
+    """What a model is, how it was made and how it scored; ``card.json`` of every model folder.
+
+    Times: ``tune_time_s`` is the hyper-parameter search (0 without one), ``fit_time_s`` the
+    training of the final model, ``total_time_s`` the whole stage's wall time (data, tuning,
+    training, calibration and evaluation).
+    """
+
+    kind: str  # head | finetune | ensemble
+    name: str
+    config: dict
+    classes: list[str]
+    val: dict
+    test: dict
+    temperature: float
+    decision_rule: str  # argmax | prior_corrected
+    train_image_ids: list[str]
+    test_image_ids: list[str]
+    n_train: int
+    n_val: int
+    n_test: int
+    tune_time_s: float
+    fit_time_s: float
+    total_time_s: float
+    data_fingerprint: str
+    versions: dict
+    features: list[dict] = field(default_factory=list)  # head: the feature blocks it reads
+    metadata: bool = False  # head: age, sex and site appended to the features
+    mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
+    details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
+    # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
+    # written before this field existed loads with {} (unknown provenance, so stale)
+    provenance: dict = field(default_factory=provenance)
+    files: dict = field(default_factory=dict)  # sha256 of each weights file, set by save_card
+    schema_version: int = SCHEMA_VERSION
+
+    def _labels(self) -> tuple[str, str, str]:
+        if not _LABELER:
+            raise LesionLabError("table labels of a card come from its model-folder kind; "
+                                 "import models.folder first")
+        return _LABELER[0](self)
+
+    @property
+    def features_label(self) -> str:
+        """What the model reads, for tables (its kind's, ``models.folder``)."""
+        return self._labels()[0]
+
+    @property
+    def head_label(self) -> str:
+        """The classifier, for tables (its kind's, ``models.folder``)."""
+        return self._labels()[1]
+
+    @property
+    def imbalance_label(self) -> str:
+        """How the class imbalance was handled, for tables (its kind's, ``models.folder``)."""
+        return self._labels()[2]
+
+
+def set_labeler(labeler: Callable[[ModelCard], tuple[str, str, str]]) -> None:
+    """Install the function that gives a card's (features, head, imbalance) table labels."""
+    _LABELER[:] = [labeler]
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_card(folder: Path, card: ModelCard) -> None:
+    """Write ``card.json`` (last, so a folder with a card is complete), recording the sha256
+    of each weights file of the folder in ``card.files``."""
+    card.files = {name: sha256_file(Path(folder) / name) for name in WEIGHT_FILES
+                  if (Path(folder) / name).is_file()}
+    write_json(folder / CARD, asdict(card))
+
+
+def _from_v1(raw: dict) -> dict:
+    """A version-1 card (no ``schema_version``) as version 2: the optional fields a v1 card
+    may lack get the values its readers gave them (no provenance: unknown, so stale)."""
+    filled = {"features": [], "metadata": False, "mel_threshold": None, "details": {},
+              "provenance": {}, "files": {}}
+    return {**filled, **raw, "schema_version": 2}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _from_v1}  # version -> its next version
+
+
+def migrate(raw: dict, path: Path | str = CARD) -> dict:
+    """A raw card of any version this code knows, brought to :data:`SCHEMA_VERSION`.
+
+    Raises:
+        LesionLabError: (one line naming ``path`` and the version) when ``schema_version`` is
+            not a whole number >= 1, or is newer than this code reads.
+    """
+    version = raw.get("schema_version", 1)
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
+        raise LesionLabError(f"{path}: schema_version must be a whole number >= 1, got "
+                             f"{version!r}")
+    if version > SCHEMA_VERSION:
+        raise LesionLabError(f"{path}: card schema_version {version} is newer than this "
+                             f"lesionlab reads ({SCHEMA_VERSION}); update lesionlab")
+    while version < SCHEMA_VERSION:
+        raw = MIGRATIONS[version](raw)
+        version = raw["schema_version"]
+    return raw
+
+
+def load_card(folder: Path | str) -> ModelCard:
+    """Read, migrate and validate a model folder's card.
+
+    Raises:
+        LesionLabError: (one line naming the folder and the field) when the folder has no
+            card, the card is newer than this version reads or lacks a required field, or a
+            field holds a value no lesionlab run writes (see :func:`check_card`).
+    """
+    folder = Path(folder)
+    if not (folder / CARD).exists():
+        raise LesionLabError(f"{folder} is not a lesionlab model folder (no {CARD})")
+    try:
+        raw = read_json(folder / CARD)
+    except (OSError, ValueError) as exc:
+        raise LesionLabError(f"cannot read {folder / CARD}: {exc}") from None
+    if isinstance(raw, dict):
+        raw = migrate(raw, folder / CARD)
+    names = {f.name for f in dataclasses.fields(ModelCard)}
+    missing = {f.name for f in dataclasses.fields(ModelCard)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not isinstance(raw, dict) or missing - set(raw) or raw.get("kind") not in KINDS:
+        raise LesionLabError(
+            f"{folder / CARD} is not a card this version reads (retrain the model); "
+            f"missing: {sorted(missing - set(raw)) if isinstance(raw, dict) else 'all'}")
+    card = ModelCard(**{"provenance": {}, **{k: v for k, v in raw.items() if k in names}})
+    check_card(folder, card)
+    return card
+
+
+def load_card_cached(folder: Path | str) -> ModelCard:
+    """:func:`load_card`, read once per modification of the card file (callers must not
+    change the card they get: it is shared)."""
+    path = Path(folder) / CARD
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return load_card(folder)  # says why: no card
+    return _cached_card(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_card(folder: str, stamp: int) -> ModelCard:
+    return load_card(folder)
+
+
+def require_kind(card: ModelCard, kind: str, error: str) -> None:
+    """Refuse a card of another kind than ``kind``.
+
+    Raises:
+        LesionLabError: ``error``, its ``{have}`` replaced by the card's kind (quoted).
+    """
+    if card.kind != kind:
+        raise LesionLabError(error.replace("{have}", repr(card.kind)))
+
+
+def _card_error(folder: Path, what: str, expected: str, got: Any) -> LesionLabError:
+    text = repr(got)
+    return LesionLabError(f"{Path(folder) / CARD}: {what} must be {expected}, got "
+                          f"{text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_card(folder: Path, card: ModelCard) -> None:
+    """Refuse card fields no lesionlab run writes (a damaged or edited card).
+
+    Raises:
+        LesionLabError: naming the field and what was expected, for: classes other than
+            ``CLASSES``; a temperature that is not a finite number > 0; a melanoma threshold
+            outside [0, 1]; image ids that are not a list of strings; sha256 records that
+            are not 64 hex digits; and, for an ensemble, members that are not distinct plain
+            folder names or member weights that are not one finite number >= 0 per member
+            with a sum > 0.
+    """
+    for name in ("config", "details", "val", "test", "files"):
+        if not isinstance(getattr(card, name), dict):
+            raise _card_error(folder, name, "an object", getattr(card, name))
+    if card.classes != list(CLASSES):
+        raise _card_error(folder, "classes", f"{list(CLASSES)}", card.classes)
+    if not (_is_number(card.temperature) and math.isfinite(card.temperature)
+            and card.temperature > 0):
+        raise _card_error(folder, "temperature", "a finite number > 0", card.temperature)
+    t = card.mel_threshold
+    if t is not None and not (_is_number(t) and (math.isnan(t) or 0 <= t <= 1)):
+        raise _card_error(folder, "mel_threshold", "null or a number in [0, 1]", t)
+    for name in ("train_image_ids", "test_image_ids"):
+        ids = getattr(card, name)
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise _card_error(folder, name, "a list of image ids", ids)
+    for name, digest in card.files.items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise _card_error(folder, f"files[{name!r}]", "a sha256 (64 hex digits)", digest)
+    check_config = CONFIG_CHECKS.get(card.kind)
+    if check_config is not None:
+        check_config(folder, card.config)
+
+
+def _check_ensemble_config(folder: Path, config: dict) -> None:
+    members, weights = config.get("members"), config.get("member_weights")
+    if not (isinstance(members, list) and members and len(set(map(str, members))) == len(members)
+            and all(isinstance(m, str) and m not in (".", "..") and "/" not in m
+                    and "\\" not in m for m in members)):
+        raise _card_error(folder, "config.members", "a list of distinct folder names", members)
+    if not (isinstance(weights, list) and len(weights) == len(members)):
+        raise _card_error(folder, "config.member_weights",
+                          f"a list of {len(members)} weights (one per member)", weights)
+    if not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) \
+            or sum(weights) <= 0:
+        raise _card_error(folder, "config.member_weights",
+                          "finite numbers >= 0 with a sum > 0", weights)
+
+
+# kind -> the check of its ``config`` beyond the common fields
+CONFIG_CHECKS: dict[str, Callable[[Path, dict], None]] = {"ensemble": _check_ensemble_config}
