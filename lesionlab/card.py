@@ -30,6 +30,9 @@ CARD = "card.json"
 SCHEMA_VERSION = 2  # 1: no schema_version field; 2: schema_version recorded
 KINDS = ("head", "finetune", "ensemble")  # the ``kind`` a card may hold
 WEIGHT_FILES = ("model.pt", "head.skops")  # their sha256 is recorded in the card
+# temperature scaling is fitted inside these bounds (models.heads.fit_temperature); a card
+# outside them was not written by lesionlab, and a tiny one overflows the softmax
+TEMPERATURE_RANGE: tuple[float, float] = (0.05, 20.0)
 # (features, head, imbalance) table labels of a card; set by models.folder (each kind's own)
 _LABELER: list[Callable[["ModelCard"], tuple[str, str, str]]] = []
 
@@ -216,7 +219,7 @@ def check_card(folder: Path, card: ModelCard) -> None:
 
     Raises:
         LesionLabError: naming the field and what was expected, for: classes other than
-            ``CLASSES``; a temperature that is not a finite number > 0; a melanoma threshold
+            ``CLASSES``; a temperature outside ``TEMPERATURE_RANGE``; a melanoma threshold
             outside [0, 1]; image ids that are not a list of strings; sha256 records that
             are not 64 hex digits; and, for an ensemble, members that are not distinct plain
             folder names or member weights that are not one finite number >= 0 per member
@@ -227,9 +230,10 @@ def check_card(folder: Path, card: ModelCard) -> None:
             raise _card_error(folder, name, "an object", getattr(card, name))
     if card.classes != list(CLASSES):
         raise _card_error(folder, "classes", f"{list(CLASSES)}", card.classes)
-    if not (_is_number(card.temperature) and math.isfinite(card.temperature)
-            and card.temperature > 0):
-        raise _card_error(folder, "temperature", "a finite number > 0", card.temperature)
+    lo, hi = TEMPERATURE_RANGE
+    if not (_is_number(card.temperature) and lo <= card.temperature <= hi):
+        raise _card_error(folder, "temperature", f"a number in [{lo}, {hi}] (the range "
+                          f"temperature scaling is fitted in)", card.temperature)
     t = card.mel_threshold
     if t is not None and not (_is_number(t) and (math.isnan(t) or 0 <= t <= 1)):
         raise _card_error(folder, "mel_threshold", "null or a number in [0, 1]", t)
@@ -255,7 +259,7 @@ def _check_ensemble_config(folder: Path, config: dict) -> None:
         raise _card_error(folder, "config.member_weights",
                           f"a list of {len(members)} weights (one per member)", weights)
     if not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) \
-            or sum(weights) <= 0:
+            or not 0 < sum(float(w) for w in weights) < math.inf:
         raise _card_error(folder, "config.member_weights",
                           "finite numbers >= 0 with a sum > 0", weights)
 

@@ -290,7 +290,9 @@ def combine(probas: Sequence[np.ndarray], weights: Sequence[float],
             temperature: float = 1.0) -> np.ndarray:
     """Weighted mean of calibrated probabilities (each (n, n_classes)), then the ensemble's
     own temperature; (n, n_classes)."""
-    mean = sum(w * p for w, p in zip(weights, probas)) / float(np.sum(weights))
+    w = np.asarray(weights, dtype=float)
+    w = w / w.sum()  # normalised first: extreme but valid weights neither overflow nor vanish
+    mean = sum(wi * p for wi, p in zip(w, probas))
     return apply_temperature(mean, temperature)
 
 

@@ -136,7 +136,12 @@ def test_a_folder_in_use_by_another_run_is_refused_naming_its_pid(work) -> None:
     ("member_weights", [float("nan"), 1.0], "finite numbers >= 0 with a sum > 0, got [nan, 1.0]"),
     ("member_weights", [-0.5, 1.5], "finite numbers >= 0 with a sum > 0, got [-0.5, 1.5]"),
     ("member_weights", [1.0], "a list of 2 weights (one per member), got [1.0]"),
-    ("temperature", 0.0, "a finite number > 0, got 0.0"),
+    ("member_weights", [1e308, 1e308], "finite numbers >= 0 with a sum > 0, got "
+                                       "[1e+308, 1e+308]"),  # the sum overflows
+    ("temperature", 0.0, "a number in [0.05, 20.0] (the range temperature scaling is fitted "
+                         "in), got 0.0"),
+    ("temperature", 1e-320, "a number in [0.05, 20.0] (the range temperature scaling is "
+                            "fitted in), got 1e-320"),
     ("mel_threshold", 1.5, "null or a number in [0, 1], got 1.5"),
 ])
 def test_a_tampered_ensemble_card_is_refused_on_load(work, tmp_path, field, value,
@@ -147,6 +152,19 @@ def test_a_tampered_ensemble_card_is_refused_on_load(work, tmp_path, field, valu
     with pytest.raises(LesionLabError) as err:
         predict_images(ens, load_dataset(FIXTURE).frame["path"].tolist()[:2])
     assert str(err.value) == f"{ens / 'card.json'}: {name} must be {expected}"
+
+
+def test_extreme_but_valid_member_weights_predict_like_their_ratio(work, tmp_path) -> None:
+    """Weights are normalised before use: [1e-320, 0] is [1, 0], not a flat 1/7."""
+    paths = load_dataset(FIXTURE).frame["path"].tolist()[:3]
+    ens = copy_model(work, "ens", tmp_path / "ens")
+    edit_card(ens, member_weights=[1.0, 0.0])
+    expected = [r["probabilities"] for r in predict_images(ens, paths)]
+    edit_card(ens, member_weights=[1e-320, 0.0])
+    got = [r["probabilities"] for r in predict_images(ens, paths)]
+    for e, g in zip(expected, got):
+        assert g == pytest.approx(e, abs=1e-9)
+        assert max(g.values()) > 1 / 7 + 0.01
 
 
 def test_predict_cli_on_zero_member_weights_exits_2_with_one_line(work, tmp_path) -> None:
