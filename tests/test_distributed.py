@@ -267,9 +267,20 @@ def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None
     while time.time() < deadline and not list(killed.glob("models/*/checkpoint.pt")):
         assert proc.poll() is None, proc.stderr.read()[-800:]
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    # torchrun and both workers, mid-run (torch's launcher starts each worker in a session of
+    # its own, so killing the launcher's process group alone leaves them running)
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
-    _wait_for_locks_free(killed)  # the workers too: until they exit they hold the lock
+    psutil.wait_procs(workers, timeout=30)
+    _wait_for_locks_free(killed)
     assert not list(killed.glob("models/*/card.json")), "the run ended before the kill"
     _finish(_torchrun(killed, 4, "--resume"))
     a = load_card(next(straight.glob("models/*")))
