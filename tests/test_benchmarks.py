@@ -114,12 +114,14 @@ def _stale_cells_are_rerun_or_marked(summary: dict, work: Path, fixture_dir: Pat
     save_card(work / "models" / name, card)
     manifest_path = next((work / "features").glob("*/manifest.json"))
     write_json(manifest_path, {**read_json(manifest_path), "provenance": old})
-    report = tmp_path / "STALE.md"
-    marked = ra.run_all(fixture_dir, work, "smoke", report=report, download=False,
+    marked = ra.run_all(fixture_dir, work, "smoke", report=None, download=False,
                         reuse_stale=True)  # train_head and finetune still raise here
     assert [r["name"] for r in marked["rows"] if r.get("stale")] == [name]
-    text = report.read_text()
-    assert "**(stale)**" in text and "`ffffffffff`: 1 cells" in text
+    from benchmarks.report import provenance_md
+
+    assert "**(stale)**" in leaderboard_md(marked["rows"])
+    listed = provenance_md(marked["rows"], marked["provenance"])
+    assert "`ffffffffff`: 1 cells" in listed and "(this run's code)" in listed
     monkeypatch.undo()  # training allowed again: the stale cell alone is rerun
     rerun = ra.run_all(fixture_dir, work, "smoke", report=None, download=False)
     assert not any(r.get("stale") for r in rerun["rows"])

@@ -127,7 +127,8 @@ def test_the_registry_knows_every_kind_and_picks_the_class_of_each_folder(folder
 
 
 def test_one_predict_proba_for_evaluate_predict_and_the_server(folders) -> None:
-    ds = load_dataset(FIXTURE)
+    full = load_dataset(FIXTURE)  # 24 of its images, every class among them: enough to compare
+    ds = type(full)(full.root, full.frame.groupby("dx").head(4).reset_index(drop=True))
     paths = ds.frame["path"].tolist()
     meta = ds.frame[["age", "sex", "localization"]]
     for kind, folder in folders.items():
