@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lesionlab.artifacts import sha256_file
 from lesionlab.card import CARD, ModelCard, load_card_cached, require_kind
 from lesionlab.errors import LesionLabError
 
@@ -89,15 +90,6 @@ def default_image_size(name: str) -> tuple[int, int]:
     cfg = timm.get_pretrained_cfg(name)
     side = cfg.input_size[-1] if cfg is not None else 224
     return (int(round(side * 0.75)), int(side))
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def offline_weights_path(name: str) -> Path | None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lesionlab.artifacts import read_json, write_json
+from lesionlab.artifacts import read_json, sha256_file, write_json
 from lesionlab.data import CLASSES
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import provenance
@@ -99,15 +98,6 @@ class ModelCard:
 def set_labeler(labeler: Callable[[ModelCard], tuple[str, str, str]]) -> None:
     """Install the function that gives a card's (features, head, imbalance) table labels."""
     _LABELER[:] = [labeler]
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_card(folder: Path, card: ModelCard) -> None:

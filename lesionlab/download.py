@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import hashlib
 import logging
 import urllib.error
 import urllib.request
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from lesionlab.cli import (
     add_config_args, add_data_args, config_from_args, make_parser, option, resolve_data, run_main)
+from lesionlab.artifacts import sha256_file
 from lesionlab.data import MAX_IMAGE_PIXELS, METADATA_FILE, Dataset, index_images, load_dataset
 from lesionlab.errors import LesionLabError
 
@@ -163,15 +163,6 @@ def release_counts(dataset: Dataset) -> dict[str, int]:
     return counts
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_metadata(csv_path: Path, expected_sha256: str | None,
                    fix: str = "delete it and download it again from the official source") -> None:
     """Refuse a metadata CSV that is not byte for byte the expected file.
@@ -183,7 +174,7 @@ def check_metadata(csv_path: Path, expected_sha256: str | None,
         return
     if not csv_path.is_file():
         raise LesionLabError(f"metadata CSV not found: {csv_path}")
-    got = sha256_of(csv_path)
+    got = sha256_file(csv_path)
     if got != expected_sha256:
         raise LesionLabError(
             f"{csv_path} is not the official {METADATA_FILE}: sha256 {got}, expected "
