@@ -29,6 +29,9 @@ CLASS_NAMES: dict[str, str] = {
     "vasc": "Vascular lesion",
 }
 CLASS_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
+# Every class name the label vocabularies map onto (HAM10000's 7, then the other public
+# sets' classes), in the order a dataset's class set is listed (see ``class_set``).
+KNOWN_CLASSES: tuple[str, ...] = CLASSES + ("scc",)
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -51,13 +54,15 @@ class Dataset:
 
     root: Path
     frame: pd.DataFrame  # columns: image_id, lesion_id, dx, label, path, (+ metadata columns)
+    # the class names ``label`` indexes (``frame.label == i`` means ``classes[i]``)
+    classes: tuple[str, ...] = CLASSES
 
     def __len__(self) -> int:
         return len(self.frame)
 
     @property
     def labels(self) -> np.ndarray:
-        """Integer class labels in ``CLASSES`` order."""
+        """Integer class labels, shape ``(n_images,)``, indices into ``self.classes``."""
         return self.frame["label"].to_numpy()
 
     def fingerprint(self) -> str:
