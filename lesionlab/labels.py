@@ -554,3 +554,18 @@ def read_label_csv(path: Path, fmt: str, vocab: Vocabulary, *, strict: bool = Tr
     if metadata is not None and fmt in ("isic2018", "isic2019"):
         frame = _merge_isic_metadata(frame, read_csv(metadata, "ISIC metadata CSV"), path.name)
     return finish(frame, vocab, strict=strict, where=path.name, dx_column=DX_COLUMN[fmt])
+
+
+def spelled(kind: str, text: str, vocab: Vocabulary | None = None) -> str:
+    """``text`` as the table spells that name (any case/spacing in), else unchanged: the
+    value parser of a CLI flag whose choices are :meth:`Vocabulary.names`."""
+    key = normalize(text)
+    return next((n for n in (vocab or default_vocabulary()).names(kind)
+                 if normalize(n) == key), text)
+
+
+def name_table(kind: str, vocab: Vocabulary | None = None) -> dict[str, str]:
+    """Every accepted name of ``kind`` (as :meth:`Vocabulary.names` spells it) -> its
+    canonical name: what the web page offers and the API accepts."""
+    vocab = vocab or default_vocabulary()
+    return {n: vocab.lookup(kind, n) or n for n in vocab.names(kind)}
