@@ -218,7 +218,7 @@ def map_names(values: pd.Series, kind: str, vocab: Vocabulary | None = None, *,
         col = column or kind
         label = "class(es)" if kind == "class" else f"{kind} name(s)"
         msg = (f"{where}: unknown {label} {sorted(outside)} in {col} (rows: {counts}); "
-               f"expected one of the vocabulary ({VOCABULARY_FILE.name}, see README \"Bring "
+               f"expected one of the vocabulary (lesionlab/{VOCABULARY_FILE.name}, see README \"Bring "
                f"your own data\"), or add them with --label-map FILE")
         if strict or kind == "class":
             raise LesionLabError(msg)
