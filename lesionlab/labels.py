@@ -569,3 +569,11 @@ def name_table(kind: str, vocab: Vocabulary | None = None) -> dict[str, str]:
     canonical name: what the web page offers and the API accepts."""
     vocab = vocab or default_vocabulary()
     return {n: vocab.lookup(kind, n) or n for n in vocab.names(kind)}
+
+
+def vocabulary_markdown(vocab: Vocabulary | None = None) -> str:
+    """The table as Markdown rows (kind, name, canonical name, why): README's copy of it."""
+    rows = ["| kind | name | lesionlab's name | note |", "|---|---|---|---|"]
+    rows += [f"| {e.kind} | {e.source} | {e.target or '(no class: left out, counted)'} | "
+             f"{e.note} |" for e in (vocab or default_vocabulary()).entries]
+    return "\n".join(rows)

@@ -280,3 +280,9 @@ def test_serve_accepts_the_clis_site_names(trained_models) -> None:
     res = client.post("/api/predict", files={"image": ("x.jpg", image, "image/jpeg")},
                       data={"localization": "elbow"})
     assert res.status_code == 422 and "anterior torso" in res.text
+
+
+def test_readme_shows_the_table_as_shipped() -> None:
+    from lesionlab.labels import vocabulary_markdown
+
+    assert vocabulary_markdown() in (ROOT / "README.md").read_text()
