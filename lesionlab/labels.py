@@ -104,11 +104,12 @@ class Vocabulary:
         targets = _targets(kind) or dict.fromkeys(e.target for e in self.entries
                                                   if e.kind == kind)
         canonical = [t for t in targets if t]
-        seen = {normalize(t) for t in canonical}
-        extra = [e.source for e in self.entries
-                 if e.kind == kind and normalize(e.source) not in seen
-                 and not seen.add(normalize(e.source))]  # type: ignore[func-returns-value]
-        return canonical + extra
+        seen, names = {normalize(t) for t in canonical}, list(canonical)
+        for e in self.entries:
+            if e.kind == kind and normalize(e.source) not in seen:
+                seen.add(normalize(e.source))
+                names.append(e.source)
+        return names
 
     def with_entries(self, entries: Iterable[Entry]) -> Vocabulary:
         """This vocabulary plus ``entries`` (which win on the same source name)."""
@@ -218,8 +219,8 @@ def map_names(values: pd.Series, kind: str, vocab: Vocabulary | None = None, *,
         col = column or kind
         label = "class(es)" if kind == "class" else f"{kind} name(s)"
         msg = (f"{where}: unknown {label} {sorted(outside)} in {col} (rows: {counts}); "
-               f"expected one of the vocabulary (lesionlab/{VOCABULARY_FILE.name}, see README \"Bring "
-               f"your own data\"), or add them with --label-map FILE")
+               f"expected one of the vocabulary (lesionlab/{VOCABULARY_FILE.name}, see "
+               f"README \"Bring your own data\"), or add them with --label-map FILE")
         if strict or kind == "class":
             raise LesionLabError(msg)
         warn_once(msg.replace("; expected", ", read as unknown; expected", 1),
