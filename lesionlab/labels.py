@@ -381,6 +381,8 @@ def finish(frame: pd.DataFrame, vocab: Vocabulary, *, strict: bool, where: str,
             frame[column] = np.nan
     if "lesion_id" not in frame.columns:
         frame["lesion_id"] = np.nan
+    if pd.api.types.is_float_dtype(frame["lesion_id"]):  # numeric ids with gaps: 881, not 881.0
+        frame["lesion_id"] = frame["lesion_id"].astype("Int64").astype(object)
     blank = frame["lesion_id"].isna()
     if blank.any():
         warn_once(f"{where}: {int(blank.sum())} image(s) have no lesion_id; each counts as its "

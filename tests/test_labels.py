@@ -241,9 +241,11 @@ ISIC_SITES = {"anterior torso": "trunk", "posterior torso": "back", "head/neck":
 
 
 def _with_sites(root: Path, sites: list[str]) -> Path:
-    shutil.copytree(FIXTURE / "images", root / "images")
-    meta = META.copy()
-    meta["localization"] = [sites[i % len(sites)] for i in range(len(meta))]
+    """Six fixture images (few: the head featurizes them), one site each, as labels.csv."""
+    meta = META.iloc[::15].iloc[:len(sites)].assign(localization=sites)
+    (root / "images").mkdir(parents=True)
+    for image_id in meta["image_id"]:
+        shutil.copy(FIXTURE / "images" / f"{image_id}.jpg", root / "images")
     meta.to_csv(root / "labels.csv", index=False)
     return root
 
@@ -256,7 +258,7 @@ def test_isic_site_names_reach_the_model(trained_models, tmp_path: Path) -> None
     isic = list(ISIC_SITES)
     proba = {name: model_proba(head, load_external_labels(_with_sites(tmp_path / name, sites)))
              for name, sites in [("isic", isic), ("ham", [ISIC_SITES[s] for s in isic]),
-                                 ("unknown", ["unknown"])]}
+                                 ("unknown", ["unknown"] * len(isic))]}
     np.testing.assert_allclose(proba["isic"], proba["ham"], rtol=0, atol=1e-12)
     assert np.abs(proba["isic"] - proba["unknown"]).max() > 1e-3
 
@@ -286,3 +288,21 @@ def test_readme_shows_the_table_as_shipped() -> None:
     from lesionlab.labels import vocabulary_markdown
 
     assert vocabulary_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_the_split_command_takes_labels_and_label_map(data_copy: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    from lesionlab import splits
+
+    meta = META.copy()
+    meta.loc[[0, 1], "localization"] = "Left Forearm"
+    meta.to_csv(data_copy / "HAM10000_metadata.csv", index=False)
+    argv = ["--data", str(data_copy), "--workdir", str(tmp_path / "w")]
+    with pytest.raises(LesionLabError, match=r"'Left Forearm' \(2\)"):
+        splits.main(argv)
+    with pytest.raises(LesionLabError, match="--labels isic2018: no CSV"):
+        splits.main([*argv, "--labels", "isic2018"])
+    (tmp_path / "map.csv").write_text("kind,source,target\nsite,left forearm,upper extremity\n")
+    assert splits.main([*argv, "--labels", "ham10000", "--label-map",
+                        str(tmp_path / "map.csv")]) == 0
+    assert f"({len(META)} images" in capsys.readouterr().out
