@@ -20,8 +20,9 @@ import numpy as np
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
-from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
-                           run_main, save_config, workdir_option)
+from lesionlab.cli import (command_parser, config_from_args, data_option, label_map_option,
+                           label_options, labels_option, option, resolve_data, run_main,
+                           save_config, workdir_option)
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
@@ -405,8 +406,12 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
 def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             external: Path | None = None, report: Path | None = Path("REPORT.md"),
             download: bool = True, report_only: bool = False,
-            reuse_stale: bool = False) -> dict:
+            reuse_stale: bool = False, labels: str = "auto",
+            label_map: Path | None = None) -> dict:
     """The whole study; returns the rows written to the report.
+
+    ``labels``/``label_map`` say how ``data`` is labelled (``load_dataset``); the label map
+    also applies to ``external``.
 
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
     A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
@@ -414,11 +419,11 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     """
     t0 = time.perf_counter()
     plan = plan_for(preset, seed, workdir)
-    dataset = ensure_data(data, download=download)
+    dataset = ensure_data(data, download=download, labels=labels, label_map=label_map)
     split = load_or_make_split(dataset, workdir, seed)
     print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
           f"split seed {seed}:\n{class_counts(split).to_string()}", flush=True)
-    ext_ds = load_external_labels(external) if external else None
+    ext_ds = load_external_labels(external, label_map=label_map) if external else None
     if report_only:
         return _report_from_saved(plan, dataset, split, workdir, report, preset, seed)
     made = []  # the cells read these exact sets, whatever else the workdir's cache holds
@@ -531,6 +536,8 @@ class RunAllConfig:
                                       "report", switch=True)
     seed: int = option(0, "model seed of every cell", ge=0)
     data: Path | None = data_option()
+    labels: str = labels_option()
+    label_map: Path | None = label_map_option()
     workdir: Path = workdir_option()
 
 
@@ -545,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only,
-            reuse_stale=args.reuse_stale)
+            reuse_stale=args.reuse_stale, **label_options(args))
     results_dir(args.workdir).mkdir(parents=True, exist_ok=True)
     save_config(results_dir(args.workdir), args, "python -m benchmarks.run_all")
     return 0

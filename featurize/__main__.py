@@ -6,8 +6,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Sequence
 
-from lesionlab.cli import (add_config_args, add_data_args, config_from_args, make_parser, option,
-                           resolve_data, run_main)
+from lesionlab.cli import (add_config_args, add_data_args, config_from_args, label_options,
+                           make_parser, option, resolve_data, run_main)
 from lesionlab.download import ensure_data
 
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from featurize.extract import FeaturizeConfig, featurize
 
     cfg = config_from_args(FeaturizeConfig, args)
-    dataset = ensure_data(resolve_data(args))
+    dataset = ensure_data(resolve_data(args), **label_options(args))
     fs = featurize(dataset, args.workdir, cfg)
     man = fs.manifest
     print(f"{fs.path}  {fs.features.shape[0]} x {fs.features.shape[1]}  "

@@ -35,6 +35,7 @@ from lesionlab.artifacts import DEFAULT_WORKDIR, write_text
 from lesionlab.data import default_data_dir
 from lesionlab.device import DEVICES
 from lesionlab.errors import LesionLabError, flush_warnings
+from lesionlab.labels import AUTO, FORMATS
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 QUIET_LOGGERS = ("huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "timm",
@@ -129,6 +130,25 @@ def data_option() -> Any:
     return option(None, "HAM10000 folder; None: $LESIONLAB_DATA, else ./data/ham10000")
 
 
+def labels_option() -> Any:
+    """The one ``--labels FORMAT`` of every command that reads labels (``auto``: detected)."""
+    return option(AUTO, "label format of --data; auto: detected from the label CSV's columns "
+                  "or the folder layout (README: Bring your own data)", choices=(AUTO, *FORMATS))
+
+
+def label_map_option() -> Any:
+    """The one ``--label-map FILE`` of every command that reads labels."""
+    return option(None, "CSV (kind,source,target) or TOML of your own class/site/sex names, "
+                  "added to lesionlab/vocabulary.csv", parse=Path)
+
+
+def label_options(args: Any) -> dict[str, Any]:
+    """``labels`` and ``label_map`` of parsed arguments or a config, as keyword arguments of
+    ``load_dataset``/``ensure_data``/``load_external_labels`` (defaults where absent)."""
+    return {"labels": getattr(args, "labels", AUTO) or AUTO,
+            "label_map": getattr(args, "label_map", None)}
+
+
 def workdir_option() -> Any:
     """The one ``--workdir`` of every command that writes under the artifact folder."""
     return option(Path(DEFAULT_WORKDIR), "folder for all artifacts")
@@ -141,9 +161,12 @@ def model_option(what: str = "a model folder (with card.json)") -> Any:
 
 @dataclasses.dataclass
 class DataOptions:
-    """``--data`` and ``--workdir`` as a config (what :func:`add_data_args` adds)."""
+    """``--data``, ``--labels``, ``--label-map`` and ``--workdir`` as a config (what
+    :func:`add_data_args` adds)."""
 
     data: Path | None = data_option()
+    labels: str = labels_option()
+    label_map: Path | None = label_map_option()
     workdir: Path = workdir_option()
 
 
@@ -483,12 +506,17 @@ def config_parser(prog: str, doc: str | None, cls: type) -> argparse.ArgumentPar
     return parser
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
-    """Add ``--data`` (and ``--workdir``), shared by every entry point that reads HAM10000."""
+def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True,
+                  labels: bool = True) -> None:
+    """Add ``--data`` (and ``--workdir``, ``--labels``, ``--label-map``), shared by every
+    entry point that reads a data folder."""
     hints = typing.get_type_hints(DataOptions)
+    skip = ({"workdir"} if not workdir else set()) | (
+        {"labels", "label_map"} if not labels else set())
     for f in dataclasses.fields(DataOptions):
-        if workdir or f.name != "workdir":
-            parser.add_argument("--" + f.name, **_field_kwargs(f, hints[f.name]))
+        if f.name not in skip:
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, **_field_kwargs(f, hints[f.name]))
 
 
 def resolve_data(args: Any) -> Path:

@@ -1,7 +1,9 @@
 """Reading and validating a HAM10000 folder and external label CSVs.
 
 A HAM10000 folder holds ``HAM10000_metadata.csv`` and the images ``<image_id>.jpg`` anywhere
-below it (flat, or the official ``HAM10000_images_part_1/`` and ``_part_2/`` folders).
+below it (flat, or the official ``HAM10000_images_part_1/`` and ``_part_2/`` folders). A
+folder of another label format (ISIC 2018/2019/2020, PAD-UFES-20, class-per-folder) is read
+by :mod:`lesionlab.labels`, its names mapped through the vocabulary table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from lesionlab.errors import LesionLabError
+from lesionlab.labels import AUTO, NoLabelFile, Vocabulary, finish, load_vocabulary, read_labels
+from lesionlab.labels import read_csv as _read_csv
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_NAMES: dict[str, str] = {
@@ -89,18 +93,38 @@ def index_images(root: Path) -> dict[str, Path]:
     return found
 
 
-def _read_csv(csv_path: Path, what: str) -> pd.DataFrame:
-    """``pd.read_csv`` with user-facing errors for a missing or unparsable file."""
-    if not csv_path.is_file():
-        raise LesionLabError(f"{what} not found: {csv_path}")
-    try:
-        return pd.read_csv(csv_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise LesionLabError(f"cannot parse {what} {csv_path}: {exc}") from None
+def vocabulary(label_map: Path | str | None = None) -> Vocabulary:
+    """The name tables (the shipped one, plus ``--label-map FILE``), their class names
+    checked against :data:`KNOWN_CLASSES`.
+
+    Raises:
+        LesionLabError: an unreadable map, or one mapping onto a class lesionlab lacks.
+    """
+    vocab = load_vocabulary(label_map)
+    bad = sorted({e.target for e in vocab.entries
+                  if e.kind == "class" and e.target and e.target not in KNOWN_CLASSES})
+    if bad:
+        raise LesionLabError(f"label map {label_map}: class name(s) {bad} are none of "
+                             f"lesionlab's classes {list(KNOWN_CLASSES)}")
+    return vocab
 
 
-def read_metadata(csv_path: Path) -> pd.DataFrame:
-    """Read and check a HAM10000 metadata CSV: required columns, known classes, unique ids."""
+def class_set(dx: pd.Series) -> tuple[str, ...]:
+    """The class set of canonical ``dx`` names: HAM10000's 7 (``CLASSES``) when they hold
+    no other class, else the classes present, in :data:`KNOWN_CLASSES` order."""
+    present = set(dx)
+    return CLASSES if present <= set(CLASSES) else tuple(c for c in KNOWN_CLASSES
+                                                          if c in present)
+
+
+def read_metadata(csv_path: Path, vocab: Vocabulary | None = None) -> pd.DataFrame:
+    """Read and check a HAM10000 metadata CSV: required columns, unique ids, and class, site
+    and sex names in the vocabulary (mapped onto the canonical ones).
+
+    Raises:
+        LesionLabError: a missing column, no rows, a blank lesion id, an image listed twice,
+            or a name outside the vocabulary (naming the values and their counts).
+    """
     meta = _read_csv(csv_path, "metadata CSV")
     missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
     if missing:
@@ -108,7 +132,6 @@ def read_metadata(csv_path: Path) -> pd.DataFrame:
             f"metadata CSV {csv_path} lacks column(s) {missing}; found {list(meta.columns)}")
     if meta.empty:
         raise LesionLabError(f"metadata CSV {csv_path} has no rows")
-    _check_classes(meta["dx"], csv_path)
     blank = meta["lesion_id"].isna() | (meta["lesion_id"].astype(str).str.strip() == "")
     if blank.any():
         raise LesionLabError(
@@ -120,21 +143,19 @@ def read_metadata(csv_path: Path) -> pd.DataFrame:
     if len(dup):
         raise LesionLabError(
             f"metadata CSV {csv_path} lists {len(dup)} image_id(s) twice, e.g. {list(dup[:3])}")
-    return meta
+    return finish(meta, vocab or vocabulary(), strict=True, where=str(csv_path))
 
 
-def _check_classes(dx: pd.Series, source: Path) -> None:
-    unknown = sorted(set(dx.astype(str)) - set(CLASSES))
-    if unknown:
-        raise LesionLabError(
-            f"{source}: unknown class(es) {unknown} in dx; expected one of {list(CLASSES)}")
-
-
-def _attach_paths(meta: pd.DataFrame, root: Path, source: Path) -> pd.DataFrame:
-    images = index_images(root)
-    if not images:
-        raise LesionLabError(f"no images (*.jpg, *.png) found below {root}")
-    paths = meta["image_id"].astype(str).map(images)
+def _attach_paths(meta: pd.DataFrame, root: Path,
+                  source: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The frame with ``path`` and ``label`` columns, and the class set ``label`` indexes."""
+    if "path" in meta.columns:  # a class-per-folder tree knows each image's file
+        paths = meta["path"]
+    else:
+        images = index_images(root)
+        if not images:
+            raise LesionLabError(f"no images (*.jpg, *.png) found below {root}")
+        paths = meta["image_id"].astype(str).map(images)
     missing = meta["image_id"][paths.isna()].tolist()
     if missing:
         raise LesionLabError(
@@ -143,24 +164,48 @@ def _attach_paths(meta: pd.DataFrame, root: Path, source: Path) -> pd.DataFrame:
     out = meta.copy()
     out["image_id"] = out["image_id"].astype(str)
     out["path"] = paths.astype(str)
-    out["label"] = out["dx"].map(CLASS_INDEX).astype(int)
-    return out
+    classes = class_set(out["dx"])
+    out["label"] = out["dx"].map({c: i for i, c in enumerate(classes)}).astype(int)
+    return out, classes
 
 
-def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
-    """Load and validate a HAM10000 folder; ``verify_images`` also decodes every image."""
+def load_dataset(root: Path | str, *, verify_images: bool = False, labels: str = AUTO,
+                 label_map: Path | str | None = None) -> Dataset:
+    """Load and validate a training folder; ``verify_images`` also decodes every image.
+
+    Args:
+        root: a HAM10000 folder (``HAM10000_metadata.csv``), or a folder of another label
+            format (:mod:`lesionlab.labels`).
+        verify_images: decode every image now.
+        labels: ``--labels``: a format name, or ``auto`` (HAM10000 metadata when present,
+            else detected).
+        label_map: ``--label-map FILE``: the user's vocabulary rows.
+
+    Raises:
+        LesionLabError: a missing folder or label file, a bad row, a name outside the
+            vocabulary (training stops on every one: values and counts named), a missing image.
+    """
     root = Path(root)
     if not root.is_dir():
         raise LesionLabError(
             f"data folder not found: {root} (download it with "
             f"`python -m lesionlab.download --data {root}` or pass --data DIR)")
-    csv_path = root / METADATA_FILE
-    meta = read_metadata(csv_path)
-    frame = _attach_paths(meta, root, csv_path)
+    vocab, csv_path = vocabulary(label_map), root / METADATA_FILE
+    if labels in (AUTO, "ham10000") and csv_path.exists():
+        meta, source = read_metadata(csv_path, vocab), csv_path
+    else:
+        try:
+            table = read_labels(root, labels, vocab, strict=True)
+        except NoLabelFile as exc:
+            if labels != AUTO:
+                raise
+            raise NoLabelFile(f"metadata CSV not found: {csv_path}; {exc}") from None
+        meta, source = table.frame, table.source
+    frame, classes = _attach_paths(meta, root, source)
     if verify_images:
         for path in frame["path"]:
             load_rgb(path)
-    return Dataset(root=root, frame=frame.reset_index(drop=True))
+    return Dataset(root=root, frame=frame.reset_index(drop=True), classes=classes)
 
 
 def load_rgb(path: Path | str) -> Image.Image:
@@ -206,45 +251,21 @@ def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_external_labels(root: Path | str, csv_path: Path | str | None = None) -> Dataset:
-    """Load an external test folder whose labels come in HAM10000 or ISIC 2018 Task 3 format.
+def load_external_labels(root: Path | str, csv_path: Path | str | None = None, *,
+                         labels: str = AUTO, label_map: Path | str | None = None) -> Dataset:
+    """Load an evaluation folder whose labels come in any format of :mod:`lesionlab.labels`.
 
     HAM10000 format: columns image_id, dx (lesion_id, age, sex, localization optional).
-    ISIC 2018 format: column ``image`` plus one-hot MEL, NV, BCC, AKIEC, BKL, DF, VASC.
+    ISIC 2018 format: column ``image`` plus one-hot MEL, NV, BCC, AKIEC, BKL, DF, VASC; ISIC
+    2019/2020, PAD-UFES-20 and class-per-folder trees as described there. A site or sex
+    name outside the vocabulary is a counted warning (read as ``unknown``); a class name
+    outside it stops.
+
+    Raises:
+        LesionLabError: no label file of a known format (the formats and their columns
+            named), more than one, a malformed row, an unknown class, a missing image.
     """
     root = Path(root)
-    if csv_path is None:
-        csvs = sorted(root.glob("*.csv"))
-        if len(csvs) != 1:
-            raise LesionLabError(
-                f"external test folder {root} must hold exactly one label CSV; found "
-                f"{[c.name for c in csvs]}")
-        csv_path = csvs[0]
-    raw = _read_csv(Path(csv_path), "label CSV")
-    if {"image_id", "dx"} <= set(raw.columns):
-        meta = raw.copy()
-    elif {"image", *ISIC2018_COLUMNS} <= set(raw.columns):
-        onehot = raw[list(ISIC2018_COLUMNS)].to_numpy(dtype=float)
-        if not np.all(np.isclose(onehot.sum(axis=1), 1.0)):
-            bad = raw["image"][~np.isclose(onehot.sum(axis=1), 1.0)].tolist()
-            raise LesionLabError(
-                f"{csv_path}: ISIC 2018 rows must be one-hot; not so for {bad[:5]}")
-        meta = pd.DataFrame({
-            "image_id": raw["image"].astype(str),
-            "dx": [ISIC2018_COLUMNS[i].lower() for i in onehot.argmax(axis=1)],
-        })
-    else:
-        raise LesionLabError(
-            f"label CSV {csv_path} is in neither known format: need columns image_id + dx "
-            f"(HAM10000) or image + {list(ISIC2018_COLUMNS)} (ISIC 2018 Task 3); "
-            f"found {list(raw.columns)}")
-    meta["dx"] = meta["dx"].astype(str).str.lower()
-    _check_classes(meta["dx"], csv_path)
-    if "lesion_id" not in meta.columns:
-        meta["lesion_id"] = meta["image_id"]  # unknown grouping: treat each image as a lesion
-    meta["lesion_id"] = meta["lesion_id"].fillna(meta["image_id"])
-    for col in ("age", "sex", "localization"):
-        if col not in meta.columns:
-            meta[col] = np.nan
-    frame = _attach_paths(meta, root, csv_path)
-    return Dataset(root=root, frame=frame.reset_index(drop=True))
+    table = read_labels(root, labels, vocabulary(label_map), strict=False, csv_path=csv_path)
+    frame, classes = _attach_paths(table.frame, root, table.source)
+    return Dataset(root=root, frame=frame.reset_index(drop=True), classes=classes)

@@ -31,6 +31,7 @@ from lesionlab.cli import (
     add_config_args, add_data_args, config_from_args, make_parser, option, resolve_data, run_main)
 from lesionlab.artifacts import sha256_file
 from lesionlab.data import MAX_IMAGE_PIXELS, METADATA_FILE, Dataset, index_images, load_dataset
+from lesionlab.labels import AUTO
 from lesionlab.errors import LesionLabError
 
 log = logging.getLogger(__name__)
@@ -353,13 +354,16 @@ def download_ham10000(dest: Path | str, base_url: str = BASE_URL, http_timeout: 
     return dataset
 
 
-def ensure_data(root: Path | str, download: bool = False) -> Dataset:
-    """Load the dataset at ``root``; if absent and ``download``, fetch it there first."""
+def ensure_data(root: Path | str, download: bool = False, *, labels: str = AUTO,
+                label_map: Path | str | None = None) -> Dataset:
+    """Load the dataset at ``root`` (``labels``/``label_map``: see ``load_dataset``); if it
+    holds no label CSV, ``download`` and HAM10000 labels, fetch HAM10000 there first."""
     root = Path(root)
-    if not (root / METADATA_FILE).exists() and download:
+    if download and labels in (AUTO, "ham10000") and not (root / METADATA_FILE).exists() and \
+            not any(root.glob("*.csv")):
         log.info("no HAM10000 at %s: downloading the official files (about 2.7 GB)", root)
         return download_ham10000(root)
-    return load_dataset(root)
+    return load_dataset(root, labels=labels, label_map=label_map)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder already there (e.g. a downscaled copy, with --image-size 200x150) "
                     "without downloading anything.")
     add_config_args(p, DownloadConfig)
-    add_data_args(p, workdir=False)
+    add_data_args(p, workdir=False, labels=False)
     p.add_argument("--base-url", default=BASE_URL, help=argparse.SUPPRESS)
     return p
 

@@ -18,7 +18,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionlab.artifacts import atomic_path, splits_dir
-from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
+from lesionlab.cli import (add_data_args, label_options, make_parser, ranged, resolve_data,
+                           run_main)
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Create or load the split and print per-split class counts."""
     args = build_parser().parse_args(argv)
-    dataset = ensure_data(resolve_data(args))
+    dataset = ensure_data(resolve_data(args), **label_options(args))
     split = load_or_make_split(dataset, args.workdir, args.split_seed)
     print(f"split: {split_path(args.workdir, args.split_seed)}  ({len(dataset)} images, "
           f"{dataset.frame['lesion_id'].nunique()} lesions)")

@@ -18,13 +18,11 @@ from sklearn.preprocessing import OneHotEncoder
 from featurize.extract import Extractor, FeaturizeConfig, FeatureSet, featurize
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
+from lesionlab.labels import SEXES, map_names
+from lesionlab.labels import SITES as LOCALIZATIONS  # HAM10000's site names (one source)
 from models.bundle import ModelCard, model_path
 
 OOF_PREFIX = "oof:"  # a feature block of out-of-fold CNN probabilities: oof:<K-fold ensemble>
-
-SEXES = ("male", "female")
-LOCALIZATIONS = ("abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
-                 "lower extremity", "neck", "scalp", "trunk", "upper extremity")
 
 
 @functools.cache
@@ -46,19 +44,25 @@ def metadata_matrix(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
 
     Returns:
         (n, 17) float64: age (NaN kept for imputation), then sex (2) and localization (14)
-        one-hot (case-insensitive; unknown -> all zeros); and the 17 names (``age``,
-        ``sex=male``, ..., ``loc=upper extremity``).
+        one-hot; names go through the vocabulary (``lesionlab/vocabulary.csv``: ``anterior
+        torso`` is ``trunk``); missing or outside it (one counted warning) -> all zeros; and
+        the 17 names (``age``, ``sex=male``, ..., ``loc=upper extremity``).
     """
     age = pd.to_numeric(frame.get("age", pd.Series(np.nan, index=frame.index)),
                         errors="coerce").to_numpy(dtype=float)
-    sex = frame.get("sex", pd.Series(index=frame.index, dtype=object)).astype(str).str.lower()
-    loc = frame.get("localization", pd.Series(index=frame.index, dtype=object)).astype(
-        str).str.lower()
+    sex, loc = _canonical(frame, "sex", "sex"), _canonical(frame, "localization", "site")
     encoder = metadata_encoder()
     names = ["age", *encoder.get_feature_names_out(["sex", "loc"])]
     values = np.column_stack([sex.to_numpy(object), loc.to_numpy(object)])
     onehot = encoder.transform(values) if len(values) else np.zeros((0, len(names) - 1))
     return np.hstack([age[:, None], onehot]), names
+
+
+def _canonical(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
+    """A metadata column in canonical names, lower case, missing as ``"nan"`` (no one-hot)."""
+    values = frame.get(column, pd.Series(index=frame.index, dtype=object))
+    return map_names(values, kind, strict=False, where="metadata", column=column).astype(
+        str).str.lower()
 
 
 def split_keys(spec: str) -> list[str]:

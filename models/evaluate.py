@@ -19,8 +19,9 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import write_json
-from lesionlab.cli import (command_parser, config_from_args, device_option, model_option, option,
-                           run_main, save_config)
+from lesionlab.cli import (command_parser, config_from_args, device_option, label_map_option,
+                           label_options, labels_option, model_option, option, run_main,
+                           save_config)
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
@@ -112,7 +113,9 @@ class EvaluateConfig:
     """What ``python -m models.evaluate`` scores and how; its flags come from these fields."""
 
     model: Path = model_option()
-    data: Path = option(help="images + one label CSV", parse=Path)
+    data: Path = option(help="images + one label CSV (or one folder per class)", parse=Path)
+    labels: str = labels_option()
+    label_map: Path | None = label_map_option()
     by: str | None = option(None, "column to score per value, e.g. dataset")
     out: Path | None = option(None, "write the scores as JSON here (and the resolved config "
                                     "beside it, as <out>.config.yaml)")
@@ -134,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Score the model and print (and optionally save) the table."""
     args = config_from_args(EvaluateConfig, build_parser().parse_args(argv))
-    dataset = load_external_labels(args.data)
+    dataset = load_external_labels(args.data, **label_options(args))
     result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
                             args.seed, args.device, args.tta)
     print_scores(result)

@@ -29,7 +29,8 @@ from featurize.extract import TTA_MODES, ImagePathDataset, tta_views
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
-                           device_option, option, resolve_data, run_main, safe_name, save_config)
+                           device_option, label_options, option, resolve_data, run_main,
+                           safe_name, save_config)
 from lesionlab.card import require_kind
 from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
@@ -693,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, fine-tune, and write the resolved config.yaml in the model folder."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
-    dataset = ensure_data(resolve_data(args))
+    dataset = ensure_data(resolve_data(args), **label_options(args))
     card = finetune(dataset, args.workdir, cfg, resume=args.resume)
     if card is None:  # a torchrun worker other than the main one
         return 0

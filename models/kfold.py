@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lesionlab.cli import config_from_args, resolve_data, run_main, save_config
+from lesionlab.cli import config_from_args, label_options, resolve_data, run_main, save_config
 from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the K folds, write the resolved config.yaml in the ensemble folder, print its line."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
-    card = kfold_finetune(ensure_data(resolve_data(args)), args.workdir, cfg)
+    card = kfold_finetune(ensure_data(resolve_data(args), **label_options(args)), args.workdir, cfg)
     save_config(model_path(args.workdir, card.name), args, "python -m models.kfold")
     print(summary_line(card) + f"  ({len(card.config['members'])} fold networks; out-of-fold "
                                f"probabilities for {len(card.details['oof_image_ids'])} "

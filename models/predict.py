@@ -8,6 +8,7 @@ Model folders hold trained models: load only folders you trust or made yourself.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from lesionlab.cli import (command_parser, config_from_args, device_option, mode
                            option, run_main)
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
 from lesionlab.errors import LesionLabError
-from models.design import LOCALIZATIONS, SEXES
+from lesionlab.labels import default_vocabulary, spelled
 # images_dataset is re-exported (it lived here)
 from models.folder import NetworkFolder, images_dataset, load_model_folder  # noqa: F401
 
@@ -124,10 +125,13 @@ class PredictConfig:
     images: tuple[str, ...] = option(help="image files (JPEG or PNG, any size)",
                                      positional=True)
     age: float | None = option(None, "for models trained with --metadata", parse=_age)
-    sex: str | None = option(None, "for models trained with --metadata",
-                             choices=(*SEXES, "unknown"))
-    localization: str | None = option(None, "for models trained with --metadata",
-                                      choices=(*LOCALIZATIONS, "unknown"))
+    sex: str | None = option(None, "for models trained with --metadata (any case)",
+                             choices=default_vocabulary().names("sex"),
+                             parse=functools.partial(spelled, "sex"))
+    localization: str | None = option(
+        None, "for models trained with --metadata: a HAM10000 site or another name of "
+        "lesionlab/vocabulary.csv (any case)", choices=default_vocabulary().names("site"),
+        parse=functools.partial(spelled, "site"))
     device: str = device_option()
 
 

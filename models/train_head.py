@@ -25,7 +25,7 @@ import optuna
 from featurize.backbones import finetuned_card
 from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
-                           option, resolve_data, run_main, safe_name, save_config)
+                           label_options, option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, train one head, and write its resolved config.yaml in its folder."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(HeadConfig, args)
-    dataset = ensure_data(resolve_data(args))
+    dataset = ensure_data(resolve_data(args), **label_options(args))
     card = train_head(dataset, args.workdir, cfg, "refit" if args.refit_only else None)
     if card is None:
         print(f"tuning worker done: study {cfg.study_name or cfg.model_name()!r} in "

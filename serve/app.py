@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from lesionlab.cli import check_choices, device_option, model_option, option
 from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
-from models.design import LOCALIZATIONS, SEXES
+from lesionlab.labels import default_vocabulary, name_table
 from models.folder import ModelFolder
 from models.predict import Predictor, result_line
 
@@ -69,20 +69,27 @@ def model_summary(model: ModelFolder) -> dict:
                  "macro_auc": test["macro_auc"], "mel_sensitivity": test["mel_sensitivity"],
                  "n": test["n"], "melanoma_rule": test.get("mel_operating_point")},
         "external": card.details.get("external"),
-        "sexes": [*SEXES, "unknown"], "localizations": [*LOCALIZATIONS, "unknown"],
+        # the CLI's vocabulary (lesionlab/vocabulary.csv): every accepted name -> HAM10000's
+        "sexes": list(name_table("sex")), "localizations": list(name_table("site")),
+        "vocabulary": {"sex": name_table("sex"), "site": name_table("site")},
         "disclaimer": DISCLAIMER,
     }
 
 
 def check_metadata(age: float | None, sex: str | None, localization: str | None) -> None:
-    """422 for metadata values the model cannot have seen."""
+    """422 for metadata values outside the CLI's vocabulary (any case and spacing in)."""
     if age is not None and not 0 <= age <= 120:
         raise HTTPException(422, f"age must be between 0 and 120, got {age:g}")
-    if sex not in (None, "", *SEXES, "unknown"):
-        raise HTTPException(422, f"unknown sex {sex!r}; expected one of {[*SEXES, 'unknown']}")
-    if localization not in (None, "", *LOCALIZATIONS, "unknown"):
-        raise HTTPException(422, f"unknown localization {localization!r}; expected one of "
-                                 f"{[*LOCALIZATIONS, 'unknown']}")
+    vocab = default_vocabulary()
+    for what, kind, value in (("sex", "sex", sex), ("localization", "site", localization)):
+        if value not in (None, "") and vocab.lookup(kind, value) is None:
+            raise HTTPException(422, f"unknown {what} {value!r}; expected one of "
+                                     f"{vocab.names(kind)} (any case)")
+
+
+def canonical(kind: str, value: str | None) -> str | None:
+    """A checked form value as HAM10000 names it (``anterior torso`` -> ``trunk``)."""
+    return default_vocabulary().lookup(kind, value) if value else None
 
 
 async def read_upload(image: UploadFile, max_bytes: int) -> bytes:
@@ -161,8 +168,8 @@ def create_app(model_dir: Path | str, device: str = "cpu", max_mb: float = DEFAU
                       gradcam: bool = Query(False)) -> dict:
         check_metadata(age, sex, localization)
         data = await read_upload(image, max_bytes)
-        meta = pd.DataFrame({"age": [age], "sex": [sex or None],
-                             "localization": [localization or None]})
+        meta = pd.DataFrame({"age": [age], "sex": [canonical("sex", sex)],
+                             "localization": [canonical("site", localization)]})
         return await anyio.to_thread.run_sync(
             service.predict, data, image.filename or "upload", meta, gradcam,
             limiter=service.limiter)

@@ -222,8 +222,9 @@ def test_save_config_beside_a_file_and_in_a_folder(tmp_path: Path) -> None:
     written = save_config(tmp_path / "scores.json", cfg, "python -m models.evaluate")
     assert written == tmp_path / "scores.json.config.yaml"
     assert read_config_file(written) == {
-        "model": "m", "data": "d", "by": None, "out": str(tmp_path / "scores.json"),
-        "workdir": None, "n_boot": 1000, "seed": 0, "device": "auto", "tta": None}
+        "model": "m", "data": "d", "labels": "auto", "label_map": None, "by": None,
+        "out": str(tmp_path / "scores.json"), "workdir": None, "n_boot": 1000, "seed": 0,
+        "device": "auto", "tta": None}
     assert save_config(tmp_path, argparse.Namespace(config=None, a=(1, 2))) == \
         tmp_path / SAVED_CONFIG
     assert read_config_file(tmp_path / SAVED_CONFIG) == {"a": [1, 2]}

@@ -46,8 +46,8 @@ def test_fingerprint_changes_with_images(data_copy: Path) -> None:
     (lambda d: (d / "HAM10000_metadata.csv").unlink(), "metadata CSV not found"),
     (lambda d: pd.read_csv(d / "HAM10000_metadata.csv").drop(columns=["lesion_id"]).to_csv(
         d / "HAM10000_metadata.csv", index=False), "lacks column(s) ['lesion_id']"),
-    (lambda d: pd.read_csv(d / "HAM10000_metadata.csv").assign(dx="melanoma").to_csv(
-        d / "HAM10000_metadata.csv", index=False), "unknown class(es) ['melanoma']"),
+    (lambda d: pd.read_csv(d / "HAM10000_metadata.csv").assign(dx="keratoacanthoma").to_csv(
+        d / "HAM10000_metadata.csv", index=False), "unknown class(es) ['keratoacanthoma']"),
     (lambda d: [p.unlink() for p in sorted((d / "images").glob("*.jpg"))[:3]],
      "3 image(s) listed"),
     (lambda d: shutil.rmtree(d / "images"), "no images"),

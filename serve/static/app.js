@@ -6,10 +6,12 @@ let model = null;
 
 function fmt(x) { return (x === null || x === undefined) ? "n/a" : x.toFixed(3); }
 
-function fillSelect(select, values) {
+// values: the accepted names; canonical (optional): name -> the model's name, shown beside
+function fillSelect(select, values, canonical) {
   for (const v of values) {
     const opt = document.createElement("option");
-    opt.value = v; opt.textContent = v;
+    const to = canonical ? canonical[v] : v;
+    opt.value = v; opt.textContent = (to && to !== v) ? `${v} (= ${to})` : v;
     select.appendChild(opt);
   }
 }
@@ -28,8 +30,9 @@ async function loadModel() {
   $("model-scores").textContent = scores;
   $("disclaimer").textContent = model.disclaimer;
   if (model.uses_metadata) {
-    fillSelect($("sex"), model.sexes);
-    fillSelect($("localization"), model.localizations);
+    fillSelect($("sex"), model.sexes, model.vocabulary && model.vocabulary.sex);
+    fillSelect($("localization"), model.localizations,
+               model.vocabulary && model.vocabulary.site);
     $("meta").hidden = false;
   }
 }
