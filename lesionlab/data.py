@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from lesionlab.errors import LesionLabError
+from lesionlab.rowcheck import blank_lesion_ids, drop_repeated_images
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_NAMES: dict[str, str] = {
@@ -109,18 +110,14 @@ def read_metadata(csv_path: Path) -> pd.DataFrame:
     if meta.empty:
         raise LesionLabError(f"metadata CSV {csv_path} has no rows")
     _check_classes(meta["dx"], csv_path)
-    blank = meta["lesion_id"].isna() | (meta["lesion_id"].astype(str).str.strip() == "")
+    blank = blank_lesion_ids(meta["lesion_id"])
     if blank.any():
         raise LesionLabError(
             f"metadata CSV {csv_path}: {int(blank.sum())} row(s) have a blank lesion_id, e.g. "
             f"image_id(s) {meta['image_id'][blank].astype(str).tolist()[:5]} (CSV rows "
             f"{[int(i) + 2 for i in meta.index[blank][:5]]}); lesion-grouped splits need every "
             f"image's lesion: fill them in (the image_id if the image is its own lesion)")
-    dup = meta["image_id"][meta["image_id"].duplicated()]
-    if len(dup):
-        raise LesionLabError(
-            f"metadata CSV {csv_path} lists {len(dup)} image_id(s) twice, e.g. {list(dup[:3])}")
-    return meta
+    return drop_repeated_images(meta, csv_path)
 
 
 def _check_classes(dx: pd.Series, source: Path) -> None:
@@ -242,7 +239,10 @@ def load_external_labels(root: Path | str, csv_path: Path | str | None = None) -
     _check_classes(meta["dx"], csv_path)
     if "lesion_id" not in meta.columns:
         meta["lesion_id"] = meta["image_id"]  # unknown grouping: treat each image as a lesion
-    meta["lesion_id"] = meta["lesion_id"].fillna(meta["image_id"])
+    # a blank (empty or whitespace) lesion id: the image is its own lesion
+    meta["lesion_id"] = meta["lesion_id"].mask(blank_lesion_ids(meta["lesion_id"]),
+                                               meta["image_id"])
+    meta = drop_repeated_images(meta, csv_path)
     for col in ("age", "sex", "localization"):
         if col not in meta.columns:
             meta[col] = np.nan

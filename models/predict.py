@@ -8,7 +8,6 @@ Model folders hold trained models: load only folders you trust or made yourself.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from lesionlab.artifacts import json_text
 from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
                            option, run_main)
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
@@ -134,7 +134,7 @@ class PredictConfig:
 def print_results(results: list[dict]) -> int:
     """One JSON line per image on stdout, errors also on stderr; 1 if any image failed."""
     for res in results:
-        print(json.dumps(res))
+        print(json_text(res, indent=None))
         if "error" in res:
             print(f"error: {res['error']}", file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0
