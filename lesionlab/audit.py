@@ -34,7 +34,7 @@ class AuditConfig:
     against: Path | None = option(None, "a second image folder: report the duplicates "
                                         "between the two", parse=Path)
     near_distance: int = option(NEAR_DISTANCE, "largest perceptual-hash Hamming distance "
-                                               "(bits of 64) that counts as a near duplicate",
+                                               "(bits of 256) that counts as a near duplicate",
                                 ge=0, le=HASH_BITS)
     out: Path | None = option(None, "write counts and pairs as JSON here", parse=Path)
     workdir: Path = workdir_option()
@@ -104,7 +104,7 @@ def summary_lines(result: dict) -> list[str]:
     w = result["within"]
     lines = [f"{result['folder']}: {result['n_images']} images; {w['exact_pairs']} exact "
              f"duplicate pair(s), {w['near_pairs']} near duplicate pair(s) (pHash distance "
-             f"<= {result['near_distance']} of 64 bits, bytes differ)"]
+             f"<= {result['near_distance']} of {HASH_BITS} bits, bytes differ)"]
     ag = result["against"]
     if ag is not None:
         b = ag["between"]

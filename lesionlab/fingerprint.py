@@ -1,12 +1,13 @@
 """Content fingerprints of images: exact (sha256 of the file bytes) and perceptual (pHash).
 
 Two files with the same sha256 are the same image whatever their names (an *exact
-duplicate*); two images whose 64-bit perceptual hashes differ in at most
-:data:`NEAR_DISTANCE` bits look alike to a viewer (a *near duplicate*: re-encoded, resized,
-slightly cropped or recoloured copies). The perceptual hash is ImageHash's ``phash`` (the DCT
-hash of pHash, Zauner 2010: the sign of the 8x8 lowest frequencies of the 32x32 grey image's
-DCT, against their median) of the EXIF-corrected RGB image, so a rotated phone copy is the
-same picture.
+duplicate*); two images whose 256-bit perceptual hashes differ in at most
+:data:`NEAR_DISTANCE` bits are the same picture re-encoded or resized (a *near duplicate*).
+The perceptual hash is ImageHash's ``phash`` with ``hash_size=16`` (the DCT hash of pHash,
+Zauner 2010: the signs of the 16x16 lowest frequencies of the 64x64 grey image's DCT against
+their median) of the EXIF-corrected RGB image, so a rotated phone copy is the same picture.
+ImageHash's default 8x8 (64-bit) hash cannot tell dermoscopic images apart: they share one
+layout (a dark blob on skin), and on HAM10000 pairs of different lesions lie at distance 0.
 
 Fingerprints are cached per image folder in ``<workdir>/fingerprints/<folder key>.csv``
 (columns :data:`CACHE_COLUMNS`); a row is reused while its file's path, size and mtime are
@@ -37,17 +38,18 @@ from lesionlab.artifacts import atomic_path, sha256_file
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
 
-# Near duplicates: pHash Hamming distance <= 6 of 64 bits. pHash's authors call 1-2 differing
-# bits "very likely the same image" and tools use 10-15 for photographs of any kind; all
-# dermoscopic images share one layout (a round brown lesion on skin), so a tighter bound keeps
-# unrelated lesions apart: on HAM10000 (see REPORT.md) pairs at <= 6 are copies of one
-# picture, while distances of 10+ pair different lesions.
-NEAR_DISTANCE = 6
-HASH_BITS = 64
+# Near duplicates: pHash (16x16, 256 bits) Hamming distance <= 24 bits (9%). Measured on
+# HAM10000 (see REPORT.md): a JPEG re-encode at quality 50 moves a hash by at most 16 bits and
+# a halving of the size by at most 8, while the nearest image of another lesion lay 52+ bits
+# away (300 random images); crops of 5% move it 38-56 bits and are not caught.
+NEAR_DISTANCE = 24
+HASH_SIZE = 16  # ImageHash's hash_size: a HASH_SIZE x HASH_SIZE bit matrix
+HASH_BITS = HASH_SIZE * HASH_SIZE
+_WORDS = HASH_BITS // 64
 CACHE_DIR = "fingerprints"
 CACHE_COLUMNS: tuple[str, ...] = ("path", "size", "mtime_ns", "sha256", "phash")
 HASH_THREADS = 4  # Pillow releases the GIL while decoding and resizing
-_CHUNK = 2048  # rows per block of the pairwise Hamming distances (2048 x n uint64 at a time)
+_CHUNK = 512  # rows per block of the pairwise Hamming distances (512 x n uint64 at a time)
 
 
 def cache_path(workdir: Path | str, folder: Path | str) -> Path:
@@ -57,7 +59,11 @@ def cache_path(workdir: Path | str, folder: Path | str) -> Path:
 
 
 def perceptual_hash(path: Path | str) -> str:
-    """pHash (16 hex digits, 64 bits) of the EXIF-corrected RGB image at ``path``.
+    """pHash (64 hex digits, 256 bits) of the EXIF-corrected RGB image at ``path``.
+
+    A JPEG is decoded at the smallest of its DCT scales that keeps 64x64 pixels (Pillow's
+    ``draft``), the size the hash reads: the same hash as a full decode to within a few bits
+    (a halving of the size moves it at most 8), at a third of the cost.
 
     Raises:
         LesionLabError: the file is missing or not a decodable image.
@@ -66,12 +72,14 @@ def perceptual_hash(path: Path | str) -> str:
 
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (HASH_SIZE * 4, HASH_SIZE * 4))
             rgb = ImageOps.exif_transpose(img).convert("RGB")
     except FileNotFoundError:
         raise LesionLabError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
-    return str(imagehash.phash(rgb))
+    return str(imagehash.phash(rgb, hash_size=HASH_SIZE))
 
 
 def _fingerprint_one(path: str) -> tuple[str, str]:
@@ -113,7 +121,7 @@ def fingerprint_paths(paths: Sequence[str | Path], cache: Path | None = None,
         progress: show a progress bar while hashing.
 
     Returns:
-        One row per path, in order: columns ``path``, ``sha256`` (64 hex), ``phash`` (16 hex).
+        One row per path, in order: columns ``path``, ``sha256`` (64 hex), ``phash`` (64 hex).
 
     Raises:
         LesionLabError: a file is missing or not a decodable image.
@@ -147,8 +155,12 @@ def folder_fingerprints(paths: Sequence[str | Path], folder: Path | str,
 
 
 def phash_bits(hexes: Iterable[str]) -> np.ndarray:
-    """(n,) uint64 of 16-hex-digit perceptual hashes."""
-    return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
+    """(n, 4) uint64 words of 64-hex-digit (256-bit) perceptual hashes."""
+    rows = [bytes.fromhex(h) for h in hexes]
+    if any(len(r) != HASH_BITS // 8 for r in rows):
+        raise LesionLabError(f"perceptual hashes must have {HASH_BITS // 4} hex digits")
+    flat = np.frombuffer(b"".join(rows), dtype=">u8").astype(np.uint64)
+    return flat.reshape(len(rows), _WORDS)
 
 
 def near_pairs(a: np.ndarray, b: np.ndarray | None = None,
@@ -156,27 +168,26 @@ def near_pairs(a: np.ndarray, b: np.ndarray | None = None,
     """Index pairs of hashes at Hamming distance <= ``max_distance``.
 
     Args:
-        a: (n,) uint64 hashes (:func:`phash_bits`).
-        b: (m,) uint64 hashes; None: pairs within ``a`` (i < j only).
-        max_distance: the largest distance in bits (0..64) that counts as near.
+        a: (n, w) uint64 hash words (:func:`phash_bits`).
+        b: (m, w) uint64 hash words; None: pairs within ``a`` (i < j only).
+        max_distance: the largest distance in bits that counts as near.
 
     Returns:
         (k, 3) int64 rows ``(i, j, distance)``, i indexing ``a`` and j ``b`` (or ``a``),
         sorted by i then j.
     """
     other = a if b is None else b
-    found = []
+    found = [np.zeros((0, 3), dtype=np.int64)]
     for start in range(0, len(a), _CHUNK):
-        block = a[start:start + _CHUNK, None] ^ other[None, :]
-        dist = np.bitwise_count(block)
+        block = a[start:start + _CHUNK]
+        dist = np.zeros((len(block), len(other)), dtype=np.int64)
+        for w in range(a.shape[1]):
+            dist += np.bitwise_count(block[:, None, w] ^ other[None, :, w])
         i, j = np.nonzero(dist <= max_distance)
-        i = i + start
         if b is None:
-            keep = i < j
+            keep = i + start < j
             i, j = i[keep], j[keep]
-        found.append(np.stack([i, j, dist[i - start, j].astype(np.int64)], axis=1))
-    if not found:
-        return np.zeros((0, 3), dtype=np.int64)
+        found.append(np.stack([i + start, j, dist[i, j]], axis=1))
     return np.concatenate(found).astype(np.int64)
 
 

@@ -6,6 +6,11 @@ as ``dataset`` kept) or ISIC 2018 Task 3 format (image + one-hot columns). Print
 accuracy with its lesion-level bootstrap CI, macro F1 and AUC, melanoma sensitivity and
 per-class recall, overall and, with ``--by``, per value of a column (e.g. image source). A
 labelled folder used here is a test set: score each final model once; never tune on it.
+
+Images the model was trained on inflate its scores: those found in the card's
+``train_image_ids`` or, by identical bytes, in the folder's ``train_sha256.txt`` (written with
+it) are left out, and one line says how many (``--keep-train-overlap`` keeps them). All JSON
+written is strict: an undefined value (AUC of a one-class folder) is ``null``.
 """
 
 from __future__ import annotations

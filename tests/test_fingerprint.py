@@ -30,7 +30,7 @@ def _refuse(name: str) -> None:
 
 
 def _distance(a: str, b: str) -> int:
-    return int(near_pairs(phash_bits([a]), phash_bits([b]), 64)[0, 2])
+    return int(near_pairs(phash_bits([a]), phash_bits([b]), 256)[0, 2])
 
 
 def test_exif_orientation_is_applied_before_hashing(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_cache_is_reused_and_refreshed_by_size_and_mtime(tmp_path: Path, monkeyp
     cache = cache_path(tmp_path / "work", tmp_path)
     first = fingerprint_paths([str(p) for p in paths], cache, progress=False)
     assert cache.is_file() and first["sha256"][0] == first["sha256"][3]
-    assert first["sha256"].nunique() == 3 and first["phash"].str.len().eq(16).all()
+    assert first["sha256"].nunique() == 3 and first["phash"].str.len().eq(64).all()
     calls: list[str] = []
     real = fingerprint._fingerprint_one
     monkeypatch.setattr(fingerprint, "_fingerprint_one",
@@ -73,9 +73,9 @@ def test_cache_is_reused_and_refreshed_by_size_and_mtime(tmp_path: Path, monkeyp
 def test_pairs_and_merged_groups() -> None:
     assert exact_pairs(["a", "b", "a", "c", "a"]).tolist() == [[0, 2], [0, 4], [2, 4]]
     assert exact_pairs(["a", "b"], ["b", "x", "a"]).tolist() == [[0, 2], [1, 0]]
-    bits = np.array([0, 0b111, 0b1111111, (1 << 64) - 1], dtype=np.uint64)
+    bits = phash_bits([f"{v:064x}" for v in (0, 0b111, 0b1111111 << 64, (1 << 256) - 1)])
     assert near_pairs(bits, max_distance=3).tolist() == [[0, 1, 3]]
-    assert near_pairs(bits, max_distance=4).tolist() == [[0, 1, 3], [1, 2, 4]]
+    assert near_pairs(bits, max_distance=10).tolist() == [[0, 1, 3], [0, 2, 7], [1, 2, 10]]
     # L2 and L3 share a picture, L3 and L4 another: one group, named by the smallest id
     groups, pairs, folded = merge_duplicate_groups(
         ["L3", "L2", "L3", "L4", "L1", "L1"], ["x", "x", "y", "y", "z", "z"])
