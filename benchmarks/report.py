@@ -284,7 +284,7 @@ def fig_confusion(row: dict, out: Path) -> None:
     ax.set_yticks(range(len(CLASSES)), CLASSES)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{row['name'][:48]}\nbal.acc {row['balanced_accuracy']:.3f}", fontsize=9)
+    ax.set_title(f"{row['name'][:48]}\nbal.acc {_fmt(row['balanced_accuracy'])}", fontsize=9)
     _save(fig, out)
 
 

@@ -180,14 +180,14 @@ def near_pairs(a: np.ndarray, b: np.ndarray | None = None,
     found = [np.zeros((0, 3), dtype=np.int64)]
     for start in range(0, len(a), _CHUNK):
         block = a[start:start + _CHUNK]
-        dist = np.zeros((len(block), len(other)), dtype=np.int64)
+        first = start if b is None else 0  # within one set: only columns j >= i's block
+        dist = np.zeros((len(block), len(other) - first), dtype=np.int64)
         for w in range(a.shape[1]):
-            dist += np.bitwise_count(block[:, None, w] ^ other[None, :, w])
+            dist += np.bitwise_count(block[:, None, w] ^ other[None, first:, w])
         i, j = np.nonzero(dist <= max_distance)
-        if b is None:
-            keep = i + start < j
-            i, j = i[keep], j[keep]
-        found.append(np.stack([i + start, j, dist[i, j]], axis=1))
+        d, i, j = dist[i, j], i + start, j + first
+        keep = i < j if b is None else np.ones(len(i), dtype=bool)
+        found.append(np.stack([i[keep], j[keep], d[keep]], axis=1))
     return np.concatenate(found).astype(np.int64)
 
 
