@@ -284,7 +284,7 @@ def fig_confusion(row: dict, out: Path) -> None:
     ax.set_yticks(range(len(CLASSES)), CLASSES)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{row['name'][:48]}\nbal.acc {row['balanced_accuracy']:.3f}", fontsize=9)
+    ax.set_title(f"{row['name'][:48]}\nbal.acc {_fmt(row['balanced_accuracy'])}", fontsize=9)
     _save(fig, out)
 
 
@@ -442,7 +442,8 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     compute = sum(cell_cost_s(r) for r in summary["rows"]) / 60
     wall = summary["wall_time_s"]
     wall_txt = (f"wall time of the last run {wall / 60:.1f} min (cells reused from earlier "
-                f"runs count as 0)" if not math.isnan(wall) else "rebuilt from saved cells")
+                f"runs count as 0)" if wall is not None and not math.isnan(wall)
+                else "rebuilt from saved cells")
     body += (f"\n_Preset `{summary['preset']}`, seed {summary['seed']}, {summary['n_images']} "
              f"images; {wall_txt}; the cells above took {compute:.0f} min of compute in all, "
              f"plus feature extraction (time (s): a cell's whole wall time: tuning, training, "

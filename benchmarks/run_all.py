@@ -29,7 +29,7 @@ from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.provenance import move_aside, provenance, same_code, short
 from lesionlab.splits import class_counts, load_or_make_split
-from models.bundle import CARD, ModelCard, load_card, model_path, save_card
+from models.bundle import CARD, ModelCard, load_card, model_path, save_card, score_text
 from models.design import FROZEN_INPUTS, input_kind
 from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
 from models.finetune import FinetuneConfig, finetune
@@ -319,9 +319,9 @@ def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
         if not cached:
             durations.append(took)
         rows.append(row)
-        lo, hi = row["ci95"] or (float("nan"), float("nan"))
-        print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc {row['balanced_accuracy']:.3f} "
-              f"[{lo:.3f}, {hi:.3f}] {'(stale, reused) ' if row.get('stale') else '(cached) ' if cached else ''}{took:.0f} s | elapsed "
+        lo, hi = row["ci95"] or (None, None)
+        print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc "
+              f"{score_text(row['balanced_accuracy'])} [{score_text(lo)}, {score_text(hi)}] {'(stale, reused) ' if row.get('stale') else '(cached) ' if cached else ''}{took:.0f} s | elapsed "
               f"{(time.perf_counter() - t0) / 60:.1f} min, remaining ~"
               f"{_eta(durations, len(cells) - i - 1)}", flush=True)
 

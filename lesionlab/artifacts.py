@@ -309,21 +309,43 @@ def write_text(dest: Path | str, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf; numpy's included) as None, numpy
+    scalars and arrays as Python numbers and lists, and paths as strings.
+
+    Strict JSON (RFC 8259) has no NaN or Infinity: Python's ``json`` would write bare ``NaN``,
+    which other parsers refuse. An undefined metric is ``null`` instead.
+
+    Raises:
+        TypeError: a value JSON cannot hold (names its type).
+    """
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return strict_json_value(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (see :func:`strict_json_value`; NaN and inf as null)."""
+    return json.dumps(strict_json_value(obj), indent=indent, allow_nan=False)
+
+
 def write_json(dest: Path | str, obj: Any) -> None:
-    """Write JSON atomically (numpy scalars and arrays allowed)."""
-    write_text(dest, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Write strict JSON atomically (numpy scalars and arrays allowed; NaN and inf as null)."""
+    write_text(dest, json_text(obj) + "\n")
 
 
 def read_json(path: Path | str) -> Any:

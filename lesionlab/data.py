@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import AUTO, NoLabelFile, Vocabulary, finish, load_vocabulary, read_labels
 from lesionlab.labels import read_csv as _read_csv
+from lesionlab.rowcheck import blank_lesion_ids, drop_repeated_images
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_NAMES: dict[str, str] = {
@@ -132,17 +133,13 @@ def read_metadata(csv_path: Path, vocab: Vocabulary | None = None) -> pd.DataFra
             f"metadata CSV {csv_path} lacks column(s) {missing}; found {list(meta.columns)}")
     if meta.empty:
         raise LesionLabError(f"metadata CSV {csv_path} has no rows")
-    blank = meta["lesion_id"].isna() | (meta["lesion_id"].astype(str).str.strip() == "")
+    blank = blank_lesion_ids(meta["lesion_id"])
     if blank.any():
         raise LesionLabError(
             f"metadata CSV {csv_path}: {int(blank.sum())} row(s) have a blank lesion_id, e.g. "
             f"image_id(s) {meta['image_id'][blank].astype(str).tolist()[:5]} (CSV rows "
             f"{[int(i) + 2 for i in meta.index[blank][:5]]}); lesion-grouped splits need every "
             f"image's lesion: fill them in (the image_id if the image is its own lesion)")
-    dup = meta["image_id"][meta["image_id"].duplicated()]
-    if len(dup):
-        raise LesionLabError(
-            f"metadata CSV {csv_path} lists {len(dup)} image_id(s) twice, e.g. {list(dup[:3])}")
     return finish(meta, vocab or vocabulary(), strict=True, where=str(csv_path))
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from lesionlab.rowcheck import blank_lesion_ids, drop_repeated_images
 from lesionlab.errors import LesionLabError, warn_once
 
 VOCABULARY_FILE = Path(__file__).with_name("vocabulary.csv")
@@ -383,12 +384,12 @@ def finish(frame: pd.DataFrame, vocab: Vocabulary, *, strict: bool, where: str,
         frame["lesion_id"] = np.nan
     if pd.api.types.is_float_dtype(frame["lesion_id"]):  # numeric ids with gaps: 881, not 881.0
         frame["lesion_id"] = frame["lesion_id"].astype("Int64").astype(object)
-    blank = frame["lesion_id"].isna()
+    blank = blank_lesion_ids(frame["lesion_id"])  # missing, empty or whitespace-only
     if blank.any():
         warn_once(f"{where}: {int(blank.sum())} image(s) have no lesion_id; each counts as its "
                   f"own lesion (lesion-grouped splits and bootstraps treat them as independent)")
     frame["lesion_id"] = frame["lesion_id"].where(~blank, frame["image_id"]).astype(str)
-    return frame.reset_index(drop=True)
+    return drop_repeated_images(frame, where).reset_index(drop=True)
 
 
 def is_imagefolder(root: Path, vocab: Vocabulary) -> bool:

@@ -23,6 +23,7 @@ from lesionlab.cli import (add_data_args, label_options, make_parser, ranged, re
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
+from lesionlab.fingerprint import folder_fingerprints, merge_duplicate_groups
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
@@ -195,13 +196,31 @@ def _sgkf_holdout(labels: np.ndarray, groups: np.ndarray, n_splits: int,
 
 
 def make_split(dataset: Dataset, seed: int = 0,
-               fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> pd.DataFrame:
-    """Assign each image to train/val/test, stratified by dx and grouped by lesion_id."""
+               fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+               sha256: Sequence[str] | None = None) -> pd.DataFrame:
+    """Assign each image to train/val/test, stratified by dx and grouped by lesion_id.
+
+    Args:
+        dataset: the images and their labels.
+        seed: seeds the test holdout (``seed``) and the val holdout (``seed + 1``).
+        fractions: shares of (train, val, test), summing to 1.
+        sha256: (n_images,) content digests of the images (``lesionlab.fingerprint``); byte-
+            identical images under different lesion ids then share one group (one warning
+            line says how many), so no picture lies on two sides. None: lesion ids only.
+
+    Returns:
+        One row per image: ``image_id``, ``lesion_id`` (as in the labels), ``dx``, ``split``.
+
+    Raises:
+        LesionLabError: fractions not summing to 1, or a class with fewer than
+            :data:`MIN_LESIONS_PER_CLASS` groups.
+    """
     frame = dataset.frame
     if not np.isclose(sum(fractions), 1.0):
         raise LesionLabError(f"split fractions must sum to 1, got {fractions}")
     labels = frame["label"].to_numpy()
-    groups = frame["lesion_id"].astype(str).to_numpy()
+    lesions = frame["lesion_id"].astype(str).to_numpy()
+    groups = lesions if sha256 is None else _duplicate_groups(lesions, sha256)
     split = np.full(len(frame), "train", dtype=object)
     # each class keeps a lesion in test and val and two in train (so train can be
     # cross-validated): 4 lesions at least
@@ -216,10 +235,21 @@ def make_split(dataset: Dataset, seed: int = 0,
     split[rest[val]] = "val"
     return pd.DataFrame({
         "image_id": frame["image_id"].to_numpy(),
-        "lesion_id": groups,
+        "lesion_id": lesions,
         "dx": frame["dx"].to_numpy(),
         "split": split,
     })
+
+
+def _duplicate_groups(lesions: np.ndarray, sha256: Sequence[str]) -> np.ndarray:
+    """Lesion ids with exact duplicates joined (``fingerprint.merge_duplicate_groups``),
+    saying in one warning line how many pairs and lesions that joined."""
+    groups, n_pairs, n_folded = merge_duplicate_groups(lesions, sha256)
+    if n_pairs:
+        warn_once(f"train/val/test split: {n_pairs} pair(s) of byte-identical images carry "
+                  f"different lesion ids; {n_folded} lesion id(s) joined another's group, so "
+                  f"each picture lies in one split only", key=f"split-duplicates:{n_pairs}")
+    return groups
 
 
 def split_path(workdir: Path | str, seed: int) -> Path:
@@ -228,19 +258,59 @@ def split_path(workdir: Path | str, seed: int) -> Path:
 
 
 def load_or_make_split(dataset: Dataset, workdir: Path | str, seed: int = 0) -> pd.DataFrame:
-    """Reuse the persisted split for ``seed`` if it matches the dataset, else make and save it."""
+    """Reuse the persisted split for ``seed`` if it was made from these labels, else make and
+    save it.
+
+    The cache is keyed by the content it was made from: the split file holds each image's
+    ``lesion_id`` and ``dx``, and a file whose values differ from the labels' now (an edited
+    lesion id or class), or that puts exact duplicates (``lesionlab.fingerprint``, cached in
+    ``workdir``) on two sides, is made again, with a warning saying why.
+
+    Raises:
+        LesionLabError: the split file lists another image set, or see :func:`make_split`.
+    """
     path = split_path(workdir, seed)
+    sha256 = dataset_sha256(dataset, workdir)
     if path.exists():
         split = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
         if set(split["image_id"]) != set(dataset.frame["image_id"]):
             raise LesionLabError(
                 f"split file {path} was made for a different image set "
                 f"({len(split)} images vs {len(dataset)} now); delete it or use another --workdir")
-        return split
-    split = make_split(dataset, seed)
+        stale = _stale_reason(split, dataset, sha256)
+        if stale is None:
+            return split
+        warn_once(f"split file {path} is stale ({stale}); made a new split from the labels "
+                  f"now (models trained on the old one keep their own image lists)",
+                  key=f"stale-split:{path}")
+    split = make_split(dataset, seed, sha256=sha256)
     with atomic_path(path) as tmp:
         split.to_csv(tmp, index=False)
     return split
+
+
+def dataset_sha256(dataset: Dataset, workdir: Path | str) -> np.ndarray:
+    """(n_images,) sha256 of each image of ``dataset``, cached in ``<workdir>/fingerprints``."""
+    prints = folder_fingerprints(dataset.frame["path"].tolist(), dataset.root, workdir)
+    return prints["sha256"].to_numpy(dtype=str)
+
+
+def _stale_reason(split: pd.DataFrame, dataset: Dataset, sha256: np.ndarray) -> str | None:
+    """Why a persisted split (of the same images) no longer fits the labels; None if it does."""
+    frame = dataset.frame
+    old = split.set_index("image_id").reindex(frame["image_id"])
+    changed = [f"{int(n)} {col} value(s) changed" for col, n in (
+        ("lesion_id", (old["lesion_id"].astype(str).to_numpy()
+                       != frame["lesion_id"].astype(str).to_numpy()).sum()),
+        ("dx", (old["dx"].astype(str).to_numpy() != frame["dx"].astype(str).to_numpy()).sum()))
+        if n]
+    if changed:
+        return ", ".join(changed)
+    sides = pd.DataFrame({"h": sha256, "s": old["split"].to_numpy()}).groupby("h")["s"]
+    crossing = int((sides.nunique() > 1).sum())
+    if crossing:
+        return f"{crossing} exact-duplicate image(s) lie on two sides"
+    return None
 
 
 def class_counts(split: pd.DataFrame) -> pd.DataFrame:

@@ -102,15 +102,21 @@ def load_proba(folder: Path | str, name: str, rows: int | None = None) -> np.nda
     return arr
 
 
+def score_text(v: float | None) -> str:
+    """``0.123``; ``n/a`` for an undefined value (None in a card read back, or NaN)."""
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
 def summary_line(card: ModelCard) -> str:
     """One line of headline numbers for a model card."""
     t = card.test
-    lo, hi = t.get("ci95", {}).get("balanced_accuracy", [float("nan")] * 2)
+    lo, hi = t.get("ci95", {}).get("balanced_accuracy") or [None, None]
     cv = card.details.get("cv_balanced_accuracy")
-    return (f"{card.name}: test balanced acc {t['balanced_accuracy']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}]  macro F1 {t['macro_f1']:.3f}  AUC {t['macro_auc']:.3f}  "
-            f"mel sens {t['mel_sensitivity']:.3f}  ECE {t['ece']:.3f}  "
-            + (f"(cv {cv:.3f}, " if cv is not None else "(")
+    n = score_text
+    return (f"{card.name}: test balanced acc {n(t['balanced_accuracy'])} [{n(lo)}, {n(hi)}]  "
+            f"macro F1 {n(t['macro_f1'])}  AUC {n(t['macro_auc'])}  mel sens "
+            f"{n(t['mel_sensitivity'])}  ECE {n(t['ece'])}  "
+            + (f"(cv {n(cv)}, " if cv is not None else "(")
             + f"{card.total_time_s} s)")
 
 

@@ -28,6 +28,7 @@ from lesionlab.cli import (command_parser, config_from_args, data_option, option
                            resolve_data, run_main, safe_name, save_config, workdir_option)
 from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
+from lesionlab.fingerprint import save_train_digests
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, load_card,
                            load_head, load_proba, model_path, release_claims, save_card,
@@ -194,6 +195,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     if joined is not None:
         card.details["oof_image_ids"] = joined[0]
         save_npy(folder / "oof_proba.npy", joined[1])
+    save_train_digests(folder, dataset, card.train_image_ids)
     save_card(folder, card)
     return card
 

@@ -6,6 +6,11 @@ as ``dataset`` kept) or ISIC 2018 Task 3 format (image + one-hot columns). Print
 accuracy with its lesion-level bootstrap CI, macro F1 and AUC, melanoma sensitivity and
 per-class recall, overall and, with ``--by``, per value of a column (e.g. image source). A
 labelled folder used here is a test set: score each final model once; never tune on it.
+
+Images the model was trained on inflate its scores: those found in the card's
+``train_image_ids`` or, by identical bytes, in the folder's ``train_sha256.txt`` (written with
+it) are left out, and one line says how many (``--keep-train-overlap`` keeps them). All JSON
+written is strict: an undefined value (AUC of a one-class folder) is ``null``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lesionlab.cli import (command_parser, config_from_args, device_option, labe
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
+from lesionlab.fingerprint import read_train_digests, train_overlap
 from models.bundle import ModelCard, load_card
 from models.folder import load_model_folder
 
@@ -88,6 +94,53 @@ def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = Non
     return out
 
 
+def leave_out_training_images(model_dir: Path | str, dataset: Dataset,
+                              keep: bool = False) -> tuple[Dataset, dict]:
+    """``dataset`` without the images the model was trained on, and what was found.
+
+    An image counts as a training image when its id is in the card's ``train_image_ids`` or
+    its bytes are those of a training image (``train_sha256.txt`` of the folder, written with
+    it; a folder without one is checked by id only, and the returned ``content_checked``
+    says so). Scores on training images are inflated, so they are left out unless ``keep``.
+
+    Returns:
+        ``(dataset to score, {"n_labelled", "in_training", "by_id", "by_content_only",
+        "content_checked", "kept"})``.
+
+    Raises:
+        LesionLabError: every image is a training image (and ``keep`` is False).
+    """
+    card = load_card(model_dir)
+    frame = dataset.frame
+    by_id, by_content = train_overlap(model_dir, card.train_image_ids,
+                                      frame["image_id"].tolist(), frame["path"].tolist())
+    seen = by_id | by_content
+    info = {"n_labelled": len(frame), "in_training": int(seen.sum()),
+            "by_id": int(by_id.sum()), "by_content_only": int((by_content & ~by_id).sum()),
+            "content_checked": read_train_digests(model_dir) is not None, "kept": keep}
+    if keep or not seen.any():
+        return dataset, info
+    if seen.all():
+        raise LesionLabError(
+            f"all {len(frame)} images of {dataset.root} are in the training set of "
+            f"{model_dir}; nothing is left to score (--keep-train-overlap scores them anyway)")
+    return Dataset(root=dataset.root, frame=frame[~seen].reset_index(drop=True),
+                   classes=dataset.classes), info
+
+
+def overlap_line(info: dict) -> str:
+    """One line: how many evaluation images are training images, and what was done."""
+    how = (f"{info['by_id']} by id, {info['by_content_only']} more by content"
+           if info["content_checked"] else
+           f"{info['by_id']} by id; this folder records no training digests, so copies "
+           f"under other names were not checked")
+    done = ("kept: the scores include them" if info["kept"] else
+            f"left out: scoring {info['n_labelled'] - info['in_training']} "
+            f"(--keep-train-overlap keeps them)") if info["in_training"] else "none to leave out"
+    return (f"train overlap: {info['in_training']} of {info['n_labelled']} evaluation images "
+            f"are in the model's training set ({how}); {done}")
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
@@ -127,6 +180,9 @@ class EvaluateConfig:
     tta: str | None = option(None, "test-time views of the fine-tuned networks (d4: 8 dihedral "
                                    "views); None: what each card says. The temperature stays "
                                    "the card's", choices=("none", "flip", "d4"))
+    keep_train_overlap: bool = option(False, "also score images the model was trained on (by "
+                                             "id or identical bytes); default: leave them "
+                                             "out and say how many")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Score the model and print (and optionally save) the table."""
     args = config_from_args(EvaluateConfig, build_parser().parse_args(argv))
-    dataset = load_external_labels(args.data, **label_options(args))
+    dataset, overlap = leave_out_training_images(
+        args.model, load_external_labels(args.data, **label_options(args)),
+        args.keep_train_overlap)
+    print(overlap_line(overlap))
     result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
                             args.seed, args.device, args.tta)
+    result["train_overlap"] = overlap
     print_scores(result)
     if args.out is not None:  # what scored it, and what made the model
         write_json(args.out, {**result, "provenance": provenance(),

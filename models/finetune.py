@@ -36,6 +36,7 @@ from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
+from lesionlab.fingerprint import save_train_digests
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, model_name,
                            model_path, release_claims, save_card, summary_line,
@@ -555,6 +556,7 @@ def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume:
         card = None
         if run.world.main:
             card = calibrate_and_test(run, state, dataset, folder, t_start)
+            save_train_digests(folder, dataset, card.train_image_ids)
             save_card(folder, card)
     except BaseException:
         close_world(run.world, wait=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from lesionlab.artifacts import json_text
 from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
                            option, run_main)
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
@@ -138,7 +138,7 @@ class PredictConfig:
 def print_results(results: list[dict]) -> int:
     """One JSON line per image on stdout, errors also on stderr; 1 if any image failed."""
     for res in results:
-        print(json.dumps(res))
+        print(json_text(res, indent=None))
         if "error" in res:
             print(f"error: {res['error']}", file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0

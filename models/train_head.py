@@ -29,6 +29,7 @@ from lesionlab.cli import (add_config_args, check_choices, config_from_args, con
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
+from lesionlab.fingerprint import save_train_digests
 from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operating_point
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
@@ -280,6 +281,7 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     card.fit_time_s = round(fit_s, 2)
     card.total_time_s = round(time.perf_counter() - t_start, 1)
     copy_members(workdir, cfg.features, folder)
+    save_train_digests(folder, dataset, card.train_image_ids)
     save_card(folder, card)
     return card
 

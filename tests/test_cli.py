@@ -35,7 +35,7 @@ def run_main(module: str, *args: str, capsys) -> Result:
 CLIS = ("featurize", "lesionlab.splits", "lesionlab.download", "models.train_head",
         "models.finetune", "models.predict", "models.explain", "benchmarks.run_all",
         "benchmarks.featurize_speed", "benchmarks.serve_load", "benchmarks.scale", "serve",
-        "models.evaluate", "benchmarks.train_speed")
+        "models.evaluate", "benchmarks.train_speed", "lesionlab.audit")
 
 
 @pytest.mark.parametrize("module", CLIS)
