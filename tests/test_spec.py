@@ -85,6 +85,14 @@ def test_malformed_specs_raise_one_line_naming_the_part_and_grammar(spec: str, p
         FeatureBlock.from_dict({"kind": "oof", "source": "k", "options": ["flip"]})
 
 
+def test_table_labels_are_made_block_by_block() -> None:
+    from models.folder import _head_features_label
+
+    assert _head_features_label(f"oof:{KFOLD}+{FOLD}:flip+classical:48x64") == \
+        "oof:lite0 3-fold+ft:lite0 fold 1/3:flip+classical:48x64"
+    assert _head_features_label("tf_efficientnet_lite0:none") == "tf_efficientnet_lite0:none"
+
+
 def _card(features: str, head: str = "lightgbm") -> ModelCard:
     blocks = [{"backbone": b.text() if b.kind == "oof" else b.source}
               for b in parse_features(features)]
