@@ -59,6 +59,10 @@ def test_options_are_typed_and_preset_specs_round_trip() -> None:
     assert len(specs) >= 10
     for spec in specs:
         assert format_features(parse_features(spec)) == spec
+    from models.train_head import HeadConfig
+
+    with pytest.raises(LesionLabError, match="unknown option 'flipp'"):
+        HeadConfig(features="classical:flipp").validate()  # refused before any work
 
 
 @pytest.mark.parametrize("spec, part, why", [
