@@ -626,7 +626,7 @@ def resolve_key(workdir: Path | str, name: str, data_fp: str | None = None) -> P
         known = [p.name for p in find_feature_sets(workdir)]
         raise LesionLabError(
             f"no computed features match {name!r} under {root}; run "
-            f"`python -m featurize --backbone {name.partition(':')[0]}` first "
+            f"`python -m featurize --backbone {parse_block(name).source}` first "
             f"(found: {known or 'none'})")
     pinned = [m for m in matches if m[0].name in _PINNED.get()]
     matches = pinned or matches
