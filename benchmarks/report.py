@@ -14,12 +14,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmarks.rows import legacy_input_kind as input_kind  # noqa: E402,F401 (old rows)
+from benchmarks.rows import row_input, row_spec  # noqa: E402
 from lesionlab.artifacts import write_text  # noqa: E402
 from lesionlab.data import CLASSES, Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
 from lesionlab.provenance import same_code, short  # noqa: E402
 from models.bundle import load_card  # noqa: E402
-from models.design import INPUTS, input_kind  # noqa: E402
+from models.design import INPUTS  # noqa: E402
 
 MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->"),
            "external": ("<!-- external:start -->", "<!-- external:end -->"),
@@ -93,7 +95,7 @@ def _time(row: dict) -> str:
 
 def _head(row: dict) -> str:
     """The head, with its imbalance handling where it is not the default class weights."""
-    extra = row.get("imbalance") in ("none", "smote")
+    extra = row_spec(row)["imbalance"] in ("none", "smote")
     return f"{row['head']} ({row['imbalance']})" if extra else row["head"]
 
 
@@ -198,23 +200,17 @@ def training_md(rows: list[dict], cpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _input(row: dict) -> str:
-    """A head row's kind of input (rows saved before rows carried it: from its spec)."""
-    return row.get("input") or input_kind(row["features"])
-
-
 def head_input_md(rows: list[dict]) -> str:
     """Logistic regression vs LightGBM per kind of input: the test balanced accuracy of the
     class-weighted, full-data cell each head scored best on val."""
     heads = [r for r in rows if r["kind"] == "head" and r.get("train_fraction", 1.0) >= 1.0
-             and r["imbalance"] == "class_weight"]
+             and row_spec(r)["imbalance"] == "class_weight"]
     lines = ["| input | logistic regression | LightGBM | LightGBM - logreg |",
              "|---|---|---|---:|"]
     for kind in INPUTS:
         best = {}
         for head in ("logreg", "lightgbm"):
-            cands = [r for r in heads if _input(r) == kind
-                     and r["head"].removeprefix("stack (").removesuffix(")") == head]
+            cands = [r for r in heads if row_input(r) == kind and row_spec(r)["head"] == head]
             if cands:
                 best[head] = max(cands, key=lambda r: r["val_balanced_accuracy"])
         cells = [f"{_fmt(best[h]['balanced_accuracy'])} (val "
@@ -389,7 +385,7 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
                         ("any", "best pipeline")):
         cands = [r for r in main if r["kind"] == kind or kind == "any"]
         if kind == "head":
-            cands = [r for r in cands if _input(r) in INPUTS[:2]]
+            cands = [r for r in cands if row_input(r) in INPUTS[:2]]
         if cands:
             best = max(cands, key=lambda r: r["val_balanced_accuracy"])  # chosen on val
             chosen.append({**best, "label": label})
@@ -411,10 +407,10 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
     if curve_rows:
         # the curve's full-data points: the frozen head it was drawn for, and a fine-tuned
         # network of the curve's backbone on all of train if the run has one
-        backbones = {r["features"].split(" (")[0] for r in curve_rows if r["kind"] == "finetune"}
+        backbones = {row_spec(r)["network"] for r in curve_rows if r["kind"] == "finetune"}
         full = [r for r in chosen if r["label"] == "best frozen + head"]
         full += [r for r in main if r["kind"] == "finetune"
-                 and r["features"].split(" (")[0] in backbones]
+                 and row_spec(r)["network"] in backbones]
         fig_learning_curves(curve_rows + full, fig_dir / "learning_curves.png")
         made.append(("Learning curves: test balanced accuracy vs training data",
                      "learning_curves.png"))

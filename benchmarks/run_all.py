@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks.rows import CARD_KEYS, card_fields
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
@@ -30,10 +31,9 @@ from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.provenance import move_aside, provenance, same_code, short
 from lesionlab.splits import class_counts, load_or_make_split
 from models.bundle import CARD, ModelCard, load_card, model_path, save_card, score_text
-from models.design import FROZEN_INPUTS, input_kind
+from models.design import FROZEN_INPUTS
 from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
 from models.finetune import FinetuneConfig, finetune
-from models.folder import HeadFolder, folder_class, labels
 from models.kfold import fold_configs, kfold_finetune, kfold_name
 from models.train_head import HeadConfig, train_head
 
@@ -183,15 +183,11 @@ def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
 
 
 def summarize(card: ModelCard) -> dict:
-    """The leaderboard row of a model card."""
-    t, label = card.test, labels(card)
+    """The leaderboard row of a model card: its typed ``spec``, the kind of input a head
+    reads and the display labels made from them (``benchmarks.rows``), then its scores."""
+    t = card.test
     return {
-        "name": card.name, "kind": card.kind,
-        "features": label.features, "head": label.head,
-        "imbalance": label.imbalance, "metadata": card.metadata,
-        # what a head reads, from its spec (not its table label): ImageNet / hand-made /
-        # fine-tuned embedding / OOF probabilities
-        "input": head_input(card),
+        "name": card.name, "kind": card.kind, **card_fields(card), "metadata": card.metadata,
         "train_fraction": card.config.get("train_fraction", 1.0),
         "balanced_accuracy": t["balanced_accuracy"],
         "ci95": t.get("ci95", {}).get("balanced_accuracy"),
@@ -289,17 +285,10 @@ def archive_stale(cell: Cell, workdir: Path | str) -> list[Path]:
 
 
 def with_current_labels(row: dict) -> dict:
-    """A saved row with its table labels re-read from its model card (wording changes)."""
-    card = load_card(row["model_dir"])
-    label = labels(card)
-    return {**row, "features": label.features, "head": label.head,
-            "imbalance": label.imbalance, "input": head_input(card)}
-
-
-def head_input(card: ModelCard) -> str | None:
-    """Which kind of input a head reads (``models.design.INPUTS``); None for other kinds."""
-    is_head = issubclass(folder_class(card), HeadFolder)
-    return input_kind(card.config["features"]) if is_head else None
+    """A saved row with its typed fields and display labels made again from its model card:
+    the one place a row saved by older code (without ``spec``) gets them, and labels follow
+    the current wording."""
+    return {**row, **card_fields(load_card(row["model_dir"]))}
 
 
 def _eta(done_s: list[float], left: int) -> str:
@@ -390,8 +379,8 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         card = load_card(folder)
         card.details["external"] = {"data": str(external.root), **overall}
         save_card(folder, card)
-        out.append({**{k: row[k] for k in ("name", "kind", "features", "head", "imbalance",
-                                            "metadata", "train_fraction", "total_time_s")},
+        out.append({**{k: row[k] for k in ("name", "kind", *CARD_KEYS, "metadata",
+                                            "train_fraction", "total_time_s")},
                     "balanced_accuracy": overall["balanced_accuracy"],
                     "ci95": overall["balanced_accuracy_ci95"], "macro_f1": overall["macro_f1"],
                     "macro_auc": overall["macro_auc"],
@@ -481,7 +470,7 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     prev = results_dir(workdir) / f"summary_{preset}.json"
     saved = read_json(prev) if prev.exists() else {}
     labels = {r["name"]: r for r in rows}
-    external = [{**e, **{k: labels[e["name"]][k] for k in ("features", "head", "imbalance")}}
+    external = [{**e, **{k: labels[e["name"]][k] for k in CARD_KEYS}}
                 if e["name"] in labels else e for e in saved.get("external") or []]
     summary = {"preset": preset, "seed": seed,
                "wall_time_s": saved.get("wall_time_s", float("nan")), "rows": rows,

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from featurize.backbones import (CLASSICAL, BackboneSpec, Embedder, backbone_lab
 from featurize.classical import FEATURE_NAMES, classical_features
 from featurize.cluster import run_on_cluster
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
+from featurize.spec import POOL_MODES, TTA_MODES, FeatureBlock, parse_block, source_kind
 from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, features_dir,
                                  library_versions, read_json, reserve, save_npy, write_json)
 from lesionlab.cli import check_choices, device_option, option
@@ -46,8 +46,6 @@ from lesionlab.provenance import move_aside, provenance, same_code
 
 log = logging.getLogger(__name__)
 
-TTA_MODES = ("none", "flip", "d4")
-POOL_MODES = ("avg", "multistage")
 ENGINES = ("auto", "eager", "onnx")
 
 
@@ -555,8 +553,6 @@ def find_feature_sets(workdir: Path | str) -> list[Path]:
 
 
 _PINNED: ContextVar[tuple[str, ...]] = ContextVar("lesionlab_pinned_feature_sets", default=())
-_SIZE = re.compile(r"(\d+)x(\d+)")
-_WEIGHTS = re.compile(r"w([0-9a-f]{8})")
 
 
 @contextmanager
@@ -574,42 +570,25 @@ def pinned_feature_sets(keys: Iterable[str]) -> Iterator[None]:
         _PINNED.reset(token)
 
 
-def feature_spec(settings: dict) -> str:
-    """The ``--features`` name stating every setting of a manifest's ``settings``:
+def settings_block(settings: dict) -> FeatureBlock:
+    """The ``--features`` block stating every setting of a manifest's ``settings``:
     ``backbone:tta,pool[,colour constancy],HxW``."""
     cc = settings.get("color_constancy", "none")
     h, w = settings["image_size"]
     opts = [settings["tta"], settings["pool"]] + ([cc] if cc != "none" else []) + [f"{h}x{w}"]
-    return f"{settings['backbone']}:{','.join(opts)}"
+    return FeatureBlock(source_kind(settings["backbone"]), settings["backbone"], tuple(opts))
 
 
-def _parse_options(name: str) -> tuple[str, set[str], tuple[int, int] | None, str | None]:
-    """``backbone:opt,...`` -> (backbone, TTA/pool/colour words, (H, W), weights prefix).
-
-    Raises:
-        LesionLabError: an option that is none of the words, ``HxW`` or ``w<8 hex digits>``.
-    """
-    backbone, _, opts = name.partition(":")
-    words, size, weights = set(), None, None
-    for opt in filter(None, (o.strip() for o in opts.split(","))):
-        if (m := _SIZE.fullmatch(opt)) is not None:
-            size = (int(m[1]), int(m[2]))
-        elif (m := _WEIGHTS.fullmatch(opt)) is not None:
-            weights = m[1]
-        elif opt in TTA_MODES + POOL_MODES + COLOR_CONSTANCY:
-            words.add(opt)
-        else:
-            raise LesionLabError(
-                f"--features {name!r}: unknown option {opt!r}; expected any of "
-                f"{sorted(set(TTA_MODES + POOL_MODES + COLOR_CONSTANCY))}, HxW (image size) "
-                f"or w<first 8 hex digits of the weights sha256>")
-    return backbone, words, size, weights
+def feature_spec(settings: dict) -> str:
+    """:func:`settings_block` as written in ``--features``."""
+    return settings_block(settings).text()
 
 
 def _matching_sets(workdir: Path | str, name: str,
                    data_fp: str | None) -> list[tuple[Path, dict]]:
     """(path, manifest) of every completed feature set whose settings ``name`` names."""
-    backbone, words, size, weights = _parse_options(name)
+    block = parse_block(name)
+    backbone, words, size, weights = block.source, block.words, block.image_size, block.weights
     matches = []
     for path in find_feature_sets(workdir):
         man = read_json(path / "manifest.json")
@@ -647,7 +626,7 @@ def resolve_key(workdir: Path | str, name: str, data_fp: str | None = None) -> P
         known = [p.name for p in find_feature_sets(workdir)]
         raise LesionLabError(
             f"no computed features match {name!r} under {root}; run "
-            f"`python -m featurize --backbone {name.partition(':')[0]}` first "
+            f"`python -m featurize --backbone {parse_block(name).source}` first "
             f"(found: {known or 'none'})")
     pinned = [m for m in matches if m[0].name in _PINNED.get()]
     matches = pinned or matches
@@ -662,7 +641,7 @@ def _least_extra(name: str, matches: list[tuple[Path, dict]]) -> Path:
     Raises:
         LesionLabError: a tie; the message lists the candidates and how to pick one.
     """
-    words = _parse_options(name)[1]
+    words = parse_block(name).words
 
     def extra(item: tuple[Path, dict]) -> int:
         st = item[1]["settings"]

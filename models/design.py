@@ -16,13 +16,14 @@ import pandas as pd
 from sklearn.preprocessing import OneHotEncoder
 
 from featurize.extract import Extractor, FeaturizeConfig, FeatureSet, featurize
+from featurize.spec import (OOF_PREFIX, FeatureBlock, as_blocks, parse_block, parse_features,
+                            source_kind)
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import SEXES, map_names
 from lesionlab.labels import SITES as LOCALIZATIONS  # HAM10000's site names (one source)
 from models.bundle import ModelCard, model_path
 
-OOF_PREFIX = "oof:"  # a feature block of out-of-fold CNN probabilities: oof:<K-fold ensemble>
 
 
 @functools.cache
@@ -63,14 +64,6 @@ def _canonical(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
     values = frame.get(column, pd.Series(index=frame.index, dtype=object))
     return map_names(values, kind, strict=False, where="metadata", column=column).astype(
         str).str.lower()
-
-
-def split_keys(spec: str) -> list[str]:
-    """'a+b' -> ['a', 'b']."""
-    keys = [k.strip() for k in spec.split("+") if k.strip()]
-    if not keys:
-        raise LesionLabError(f"empty --features {spec!r}")
-    return keys
 
 
 @dataclass
@@ -117,19 +110,24 @@ def build_design(blocks: list[np.ndarray], frame: pd.DataFrame, metadata: bool) 
     return np.hstack(parts).astype(np.float64)
 
 
-def stack_members(features: str) -> list[str]:
+def stack_members(features: str | tuple[FeatureBlock, ...]) -> list[str]:
     """The K-fold ensemble folders named by ``oof:<name>`` blocks of a ``--features`` spec."""
-    return [k[len(OOF_PREFIX):] for k in split_keys(features) if k.startswith(OOF_PREFIX)]
+    return [b.source for b in as_blocks(features) if b.kind == "oof"]
+
+
+def is_stacked(block: dict) -> bool:
+    """Whether a card's feature block is an ``oof:<name>`` block (out-of-fold probabilities)."""
+    return block["backbone"].startswith(OOF_PREFIX)
 
 
 def stacked_blocks(card: ModelCard) -> list[str]:
     """The ``oof:<name>`` blocks a head's card stacks on (empty for a plain head)."""
-    return [b["backbone"] for b in card.features if b["backbone"].startswith(OOF_PREFIX)]
+    return [b["backbone"] for b in card.features if is_stacked(b)]
 
 
 def stack_member_dir(model_dir: Path | str, block: str) -> Path:
     """Where a stacking head keeps its copy of the K-fold ensemble behind ``oof:<name>``."""
-    return Path(model_dir) / "members" / block[len(OOF_PREFIX):]
+    return Path(model_dir) / "members" / parse_block(block).source
 
 
 def copy_members(workdir: Path | str, features: str, folder: Path) -> None:
@@ -137,9 +135,9 @@ def copy_members(workdir: Path | str, features: str, folder: Path) -> None:
     with, into its folder (self-contained: it predicts after being moved)."""
     import shutil
 
-    sources = [model_path(workdir, name) for name in stack_members(features)]
-    sources += [Path(k.partition(":")[0]) for k in split_keys(features)
-                if is_finetuned_key(k) and Path(k.partition(":")[0]).is_dir()]
+    blocks = parse_features(features)
+    sources = [model_path(workdir, name) for name in stack_members(blocks)]
+    sources += [b.finetuned_folder for b in blocks if b.finetuned_folder is not None]
     for source in sources:
         dest = folder / "members" / source.name
         if dest.exists():
@@ -166,22 +164,24 @@ INPUTS = ("ImageNet embedding", "hand-made features", "fine-tuned embedding",
 FROZEN_INPUTS = INPUTS[:2]
 
 
-def is_finetuned_key(key: str) -> bool:
-    """Whether a ``--features`` block names a fine-tuned network folder (or its cache key)."""
-    backbone = key.partition(":")[0]
-    return key.startswith(("ft_", "ft:")) or "finetune__" in Path(backbone).name
+def is_finetuned_key(backbone: str) -> bool:
+    """Whether a card block's backbone is a fine-tuned network folder (or its cache key)."""
+    return not backbone.startswith(OOF_PREFIX) and source_kind(backbone) == "finetuned"
 
 
-def input_kind(features: str) -> str:
-    """Which kind of input a head's ``--features`` spec is (its richest block decides)."""
-    keys = split_keys(features)
-    if any(k.startswith(OOF_PREFIX) for k in keys):
+def input_kind(features: str | tuple[FeatureBlock, ...]) -> str:
+    """Which kind of input (``INPUTS``) a head's ``--features`` reads: its richest block
+    decides (out-of-fold probabilities, then a fine-tuned embedding, then ImageNet).
+
+    Raises:
+        LesionLabError: a malformed spec.
+    """
+    kinds = {b.kind for b in as_blocks(features)}
+    if "oof" in kinds:
         return INPUTS[3]
-    if any(is_finetuned_key(k) for k in keys):  # a folder, its cache key or its table label
+    if "finetuned" in kinds:
         return INPUTS[2]
-    if all(k.partition(":")[0] == "classical" for k in keys):
-        return INPUTS[1]
-    return INPUTS[0]
+    return INPUTS[1] if kinds == {"classical"} else INPUTS[0]
 
 
 def log_proba(proba: np.ndarray) -> np.ndarray:
@@ -201,7 +201,7 @@ def card_extractors(card: ModelCard, device: str = "auto") -> list:
     extractors = []
     try:
         for block in card.features:
-            if block["backbone"].startswith(OOF_PREFIX):
+            if is_stacked(block):
                 continue  # a stack's CNN input comes from its ensemble member, not an extractor
             ext = Extractor(block_config(block, device=device, num_workers=0))
             extractors.append(ext)
@@ -225,11 +225,11 @@ def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = 
     """
     stacked = stacked or {}
     missing = [b["backbone"] for b in card.features
-               if b["backbone"].startswith(OOF_PREFIX) and b["backbone"] not in stacked]
+               if is_stacked(b) and b["backbone"] not in stacked]
     if missing:
         raise LesionLabError(f"model {card.name} stacks on {missing}; their probabilities "
                              f"were not given")
-    cnn = [b for b in card.features if not b["backbone"].startswith(OOF_PREFIX)]
+    cnn = [b for b in card.features if not is_stacked(b)]
     if workdir is not None:
         made = {}
         for block in cnn:
@@ -246,6 +246,6 @@ def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = 
             if owned:
                 for ext in extractors:
                     ext.close()
-    blocks = [log_proba(stacked[b["backbone"]]) if b["backbone"].startswith(OOF_PREFIX)
-              else made[id(b)] for b in card.features]
+    blocks = [log_proba(stacked[b["backbone"]]) if is_stacked(b) else made[id(b)]
+              for b in card.features]
     return build_design(blocks, dataset.frame, card.metadata)

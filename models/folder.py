@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, Sequence, TypeVar
 import numpy as np
 import pandas as pd
 
+from featurize.spec import FeatureBlock, parse_features
 from lesionlab.card import ModelCard, load_card, require_kind, set_labeler
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
@@ -229,12 +230,29 @@ def short_oof(spec: str) -> str:
                   r"oof:\2 \1-fold", spec)
 
 
+# the names models.kfold / models.finetune give their folders (read for table labels only)
+_KFOLD_NAME = re.compile(r"kfold__k(\d+)__finetune__(?:tf_efficientnet_)?(\w+?)__.*")
+_NETWORK_NAME = re.compile(
+    r"finetune__(?:tf_efficientnet_)?(\w+?)__[^+:]*?(?:__cv(\d+)of(\d+))?__seed\d+")
+
+
+def block_label(block: FeatureBlock) -> str:
+    """A ``--features`` block for tables: a fine-tuned network's folder reads
+    ``ft:<backbone>[ fold k/K]`` (not its path), a K-fold ensemble's out-of-fold block
+    ``oof:<backbone> K-fold``; other blocks as written."""
+    if block.kind == "oof" and (m := _KFOLD_NAME.fullmatch(block.source)):
+        return f"oof:{m[2]} {m[1]}-fold"
+    name = block.source.rpartition("/")[2]
+    if block.kind == "finetuned" and "/" in block.source and (m := _NETWORK_NAME.match(name)):
+        fold = f" fold {m[2]}/{m[3]}" if m[2] else ""
+        rest = name[m.end():] + (":" + ",".join(block.options) if block.options else "")
+        return f"ft:{m[1]}{fold}{rest}"
+    return block.text()
+
+
 def _head_features_label(features: str) -> str:
-    """A head's ``--features`` for tables: a fine-tuned network's folder as backbone reads
-    ``ft:<backbone> [fold k/K]``, not its path; out-of-fold blocks shortened."""
-    return short_oof(re.sub(
-        r"[^+:]*/finetune__(?:tf_efficientnet_)?(\w+?)__[^+:]*?(?:__cv(\d+)of(\d+))?__seed\d+",
-        lambda m: f"ft:{m[1]}" + (f" fold {m[2]}/{m[3]}" if m[2] else ""), features))
+    """A head's ``--features`` for tables, block by block (:func:`block_label`)."""
+    return "+".join(block_label(b) for b in parse_features(features))
 
 
 # -- the kinds ---------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from featurize.extract import FeatureSet, load_feature_set, resolve_key
+from featurize.spec import parse_features
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard, load_card, load_proba, model_path
-from models.design import OOF_PREFIX, Design, align, build_design, log_proba, split_keys
+from models.design import OOF_PREFIX, Design, align, build_design, log_proba
 from models.folder import EnsembleFolder, folder_class, load_model_folder
 
 
@@ -59,9 +60,9 @@ def load_design(workdir: Path | str, dataset: Dataset, features: str,
     """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``;
     ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking)."""
     data_fp = dataset.fingerprint()
-    sets = [oof_feature_set(workdir, dataset, key[len(OOF_PREFIX):])
-            if key.startswith(OOF_PREFIX) else
-            load_feature_set(resolve_key(workdir, key, data_fp)) for key in split_keys(features)]
+    sets = [oof_feature_set(workdir, dataset, block.source) if block.kind == "oof" else
+            load_feature_set(resolve_key(workdir, block.text(), data_fp))
+            for block in parse_features(features)]
     blocks = [align(fs, dataset.frame["image_id"]) for fs in sets]
     return Design(x=build_design(blocks, dataset.frame, metadata), feature_sets=sets,
                   metadata=metadata)

@@ -23,6 +23,7 @@ import numpy as np
 import optuna
 
 from featurize.backbones import finetuned_card
+from featurize.spec import parse_features
 from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            label_options, option, resolve_data, run_main, safe_name, save_config)
@@ -73,8 +74,10 @@ class HeadConfig(TrainingRun):
     study_name: str | None = option(None, "study name in --storage; None: the model name")
 
     def validate(self) -> None:
-        """Reject unknown option values with a message naming them."""
+        """Reject unknown option values and a malformed ``--features`` (``featurize.spec``)
+        with a message naming them."""
         check_choices(self)
+        parse_features(self.features)
 
     def model_name(self) -> str:
         """Default folder name: the defining settings."""
