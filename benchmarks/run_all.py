@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks.comparisons import external_proba_path, save_external_proba
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
@@ -380,10 +381,13 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         # the same images scored by the same trained model (its saved test probabilities)
         key = {"data": str(external.root), "n": len(external),
                "model": sha256_file(folder / "test_proba.npy")}
-        if cache.exists() and read_json(cache).get("key") == key:
+        saved = external_proba_path(workdir, row["name"])  # what the comparisons read
+        if cache.exists() and read_json(cache).get("key") == key and saved.exists():
             out.append(read_json(cache)["row"])  # scored in an earlier part of this run
             continue
-        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500)
+        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500,
+                             keep_proba=True)
+        save_external_proba(workdir, row["name"], external, res.pop("proba"))
         overall = res["overall"]
         card = load_card(folder)
         card.details["external"] = {"data": str(external.root), **overall}

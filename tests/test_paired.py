@@ -98,3 +98,18 @@ def test_misaligned_image_ids_are_one_line_errors() -> None:
                          paired_metric("balanced_accuracy"))
     with pytest.raises(LesionLabError, match="unknown paired metric"):
         paired_metric("accuracy")
+
+
+def test_fast_metrics_equal_the_reported_ones() -> None:
+    from lesionlab.metrics import (balanced_accuracy, fast_balanced_accuracy, fast_macro_auc,
+                                   macro_auc)
+
+    rng = np.random.default_rng(0)
+    for n, classes in ((50, [0, 2, 4, 5]), (200, list(range(7))), (9, [4, 5])):
+        y = rng.choice(classes, n)
+        proba = rng.dirichlet(np.ones(7), n)
+        proba[:5] = np.round(proba[:5], 1)  # ties
+        assert fast_balanced_accuracy(y, proba) == pytest.approx(
+            balanced_accuracy(y, proba.argmax(axis=1)), abs=1e-12)
+        assert fast_macro_auc(y, proba) == pytest.approx(macro_auc(y, proba), abs=1e-12)
+    assert np.isnan(fast_macro_auc(np.array([3, 3]), proba[:2]))
