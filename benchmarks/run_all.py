@@ -13,16 +13,18 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from benchmarks.comparisons import external_proba_path, save_external_proba
+from benchmarks.study_tracking import StudyTracking
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import (command_parser, config_from_args, data_option, option, resolve_data,
                            run_main, save_config, workdir_option)
+from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
@@ -308,7 +310,8 @@ def _eta(done_s: list[float], left: int) -> str:
 
 
 def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
-               rows: list[dict], durations: list[float], reuse_stale: bool = False) -> None:
+               rows: list[dict], durations: list[float], reuse_stale: bool = False,
+               on_row: Callable[[dict, bool], None] = lambda row, reused: None) -> None:
     for i, cell in enumerate(cells):
         ts = time.perf_counter()
         saved = results_dir(workdir) / f"{cell.cell_id}.json"
@@ -318,6 +321,7 @@ def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
         if not cached:
             durations.append(took)
         rows.append(row)
+        on_row(row, cached)  # e.g. MLflow tracking
         lo, hi = row["ci95"] or (float("nan"), float("nan"))
         print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc {row['balanced_accuracy']:.3f} "
               f"[{lo:.3f}, {hi:.3f}] {'(stale, reused) ' if row.get('stale') else '(cached) ' if cached else ''}{took:.0f} s | elapsed "
@@ -408,9 +412,10 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
 def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             external: Path | None = None, report: Path | None = Path("REPORT.md"),
             download: bool = True, report_only: bool = False,
-            reuse_stale: bool = False) -> dict:
+            reuse_stale: bool = False, tracking: Any = None) -> dict:
     """The whole study; returns the rows written to the report.
 
+    ``tracking``: parsed ``TrackingOptions``, MLflow (``benchmarks.study_tracking``); None: off.
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
     A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
     marked stale); see :func:`run_cell`.
@@ -424,6 +429,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     ext_ds = load_external_labels(external) if external else None
     if report_only:
         return _report_from_saved(plan, dataset, split, workdir, report, preset, seed)
+    study = StudyTracking(workdir, tracking, preset, seed, data, external)
     made = []  # the cells read these exact sets, whatever else the workdir's cache holds
     for cfg in plan.featurize:
         ts = time.perf_counter()
@@ -434,13 +440,13 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     rows: list[dict] = []
     durations: list[float] = []
     with pinned_feature_sets(made):
-        _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale)
+        _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
         curve = curve_cells(plan, rows, seed)
-        _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale)
-        _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale)
-    rows += fold_rows(rows)
-    ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
-                             workdir) if ext_ds is not None else None
+        _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+        _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+    rows += study.cells(fold_rows(rows))  # trained inside their K-fold cell
+    ext_rows = study.external(external_eval([r for r in rows if r.get("group", "main") == "main"],
+                                            ext_ds, workdir) if ext_ds is not None else None)
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
                "rows": rows, "external": ext_rows, "n_images": len(dataset),
@@ -450,6 +456,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
         from benchmarks.report import write_report
 
         write_report(report, summary, dataset, split, workdir)
+    study.finish(summary, report)
     best = max((r for r in rows if r.get("group", "main") == "main"),
                key=lambda r: r["val_balanced_accuracy"])
     print(f"done in {wall / 60:.1f} min; {len(rows)} cells; best by val: {best['name']} "
@@ -539,16 +546,18 @@ class RunAllConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``RunAllConfig``."""
-    return command_parser("python -m benchmarks.run_all", __doc__, RunAllConfig)
+    return command_parser("python -m benchmarks.run_all", __doc__, RunAllConfig,
+                          TrackingOptions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the study, and write the resolved config.yaml in its results."""
-    args = config_from_args(RunAllConfig, build_parser().parse_args(argv))
+    parsed = build_parser().parse_args(argv)
+    args = config_from_args(RunAllConfig, parsed)
     report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only,
-            reuse_stale=args.reuse_stale)
+            reuse_stale=args.reuse_stale, tracking=config_from_args(TrackingOptions, parsed))
     results_dir(args.workdir).mkdir(parents=True, exist_ok=True)
     save_config(results_dir(args.workdir), args, "python -m benchmarks.run_all")
     return 0
