@@ -55,10 +55,10 @@ class RowSelector:
                                        for k, v in self.where.items())]
         return max(hits, key=lambda r: r["val_balanced_accuracy"]) if hits else None
 
-    def describe(self) -> str:
+    def describe(self, seed: int = 0) -> str:
         """How the claim names this side, for the report."""
         if self.name is not None:
-            return f"`{self.name}`"
+            return f"`{self.name.format(seed=seed)}`"
         return "best by val of " + ", ".join(f"{k}={v}" for k, v in self.where.items())
 
 
@@ -243,8 +243,9 @@ def _cell(d: dict) -> str:
         f"{d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def comparisons_md(results: list[dict], n_boot: int = N_BOOT) -> str:
-    """The comparisons block: one table row per claim (see the module docstring)."""
+def comparisons_md(results: list[dict], n_boot: int = N_BOOT, seed: int = 0) -> str:
+    """The comparisons block: one table row per claim (see the module docstring); ``seed``:
+    the study's, naming the cells of claims not run."""
     lines = [f"Paired lesion-level bootstrap ({n_boot} resamples of the same lesions for both "
              f"models) of A - B on the same images; survives: the 95% CI of the deciding "
              f"metric (*) lies above 0. Melanoma sensitivity: each model at its own rule "
@@ -254,8 +255,8 @@ def comparisons_md(results: list[dict], n_boot: int = N_BOOT) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["claim"]
-        a = f"`{r['a']}`" if r["a"] else c.a.describe()
-        b = f"`{r['b']}`" if r["b"] else c.b.describe()
+        a = f"`{r['a']}`" if r["a"] else c.a.describe(seed)
+        b = f"`{r['b']}`" if r["b"] else c.b.describe(seed)
         if r["diffs"] is None:
             lines.append(f"| {c.claim} | {c.supports} | {c.data} | {a} | {b} | not run | "
                          f"not run | not run | not run |")
@@ -272,4 +273,4 @@ def comparisons_block(summary: dict, dataset: Dataset, workdir: Path | str,
     load = functools.partial(load_scored, dataset=dataset, workdir=workdir)
     results = compare_claims(load_claims(claims), summary["rows"], load,
                              summary.get("seed", 0), n_boot)
-    return comparisons_md(results, n_boot)
+    return comparisons_md(results, n_boot, summary.get("seed", 0))
