@@ -46,7 +46,11 @@ class StudyTracking:
         """Log one finished cell (its leaderboard row and model folder), nested."""
         t0 = time.perf_counter()
         if self.tracker.enabled:
-            card = load_card(row["model_dir"])
+            try:
+                card = load_card(row["model_dir"])
+            except Exception as exc:  # noqa: BLE001 - tracking must never fail the study
+                self.tracker.fail(exc)
+                return
             extra = {k: row[k] for k in FILTER_PARAMS if k in row and k not in ("seed",)}
             run_id = track_card(self.tracker, card, row["model_dir"], extra,
                                 {"cell_time_s": row.get("cell_time_s")}, parent=self.parent,

@@ -65,11 +65,7 @@ def _guarded(fn: Callable[..., T]) -> Callable[..., T | None]:
         try:
             return fn(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never fail the run
-            self.enabled = False
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            warn_once(f"{TRACKING_WARNING}: MLflow at {self.uri} failed "
-                      f"({type(exc).__name__}: {first}); the run continues untracked",
-                      key=TRACKING_WARNING)
+            self.fail(exc)
             return None
     return wrapper
 
@@ -93,6 +89,13 @@ class Tracker:
         self.experiment = experiment
         self._client: Any = None
         self._experiment_id: str | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Switch tracking off for good after ``exc``, with one counted warning."""
+        self.enabled = False
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        warn_once(f"{TRACKING_WARNING}: MLflow at {self.uri} failed ({type(exc).__name__}: "
+                  f"{first}); the run continues untracked", key=TRACKING_WARNING)
 
     @classmethod
     def from_options(cls, workdir: Path | str, opts: Any) -> "Tracker":
@@ -222,13 +225,21 @@ def track_card(tracker: Tracker, card: Any, folder: Path | str,
                tags: dict[str, str] | None = None, close: bool = True) -> str | None:
     """Log one model folder as one run (see the module docstring); returns its run id.
 
-    ``extra_params`` (e.g. a study row's head, input, group) override the card's.
+    ``extra_params`` (e.g. a study row's head, input, group) override the card's. A card
+    it cannot read switches tracking off with one warning, like a store that fails.
     """
-    params = {**card_params(card), **(extra_params or {})}
+    if not tracker.enabled:
+        return None
+    try:
+        params = {**card_params(card), **(extra_params or {})}
+        metrics = {**card_metrics(card), **(extra_metrics or {})}
+        curves = card_curves(card)
+    except Exception as exc:  # noqa: BLE001 - tracking must never fail the run
+        tracker.fail(exc)
+        return None
     run_id = tracker.start(card.name, params, tags, parent)
     cm = (card.test or {}).get("confusion_matrix")
-    tracker.log(run_id, metrics={**card_metrics(card), **(extra_metrics or {})},
-                steps=card_curves(card), files=[Path(folder) / "card.json"],
+    tracker.log(run_id, metrics=metrics, steps=curves, files=[Path(folder) / "card.json"],
                 dicts={"confusion_matrix.json": {"classes": list(card.classes), "matrix": cm}}
                 if cm is not None else None)
     if close:
@@ -243,8 +254,15 @@ def track_command(opts: Any, workdir: Path | str, card: Any, folder: Path | str,
     folder) pairs) nested under it. ``opts``: its parsed ``TrackingOptions``; ``extra(card)``:
     more params of a card (the table labels). Returns the run id (None: off or failed)."""
     tracker = Tracker.from_options(workdir, opts)
-    more = extra or (lambda c: {})
     tags = {"command": command}
+
+    def more(c: Any) -> dict[str, Any] | None:
+        try:
+            return extra(c) if extra is not None and tracker.enabled else None
+        except Exception as exc:  # noqa: BLE001 - tracking must never fail the run
+            tracker.fail(exc)
+            return None
+
     run_id = track_card(tracker, card, folder, more(card), tags=tags, close=False)
     for member_card, member_folder in members:
         track_card(tracker, member_card, member_folder, more(member_card), parent=run_id,

@@ -103,3 +103,15 @@ def test_every_training_command_has_the_tracking_flags(command: str) -> None:
     parser = importlib.import_module(command).build_parser()
     flags = {s for a in parser._actions for s in a.option_strings}
     assert {"--tracking-uri", "--no-tracking"} <= flags
+
+
+def test_a_card_tracking_cannot_read_turns_tracking_off_not_the_run(tmp_path: Path) -> None:
+    from lesionlab.tracking import track_card
+
+    flush_warnings()
+    tracker = Tracker(tmp_path)  # never connects: the card fails before any store is used
+    broken = SimpleNamespace(kind="head", name="x", config=None)  # no .items(), no scores
+    assert track_card(tracker, broken, tmp_path) is None
+    assert not tracker.enabled and warning_counts() == {TRACKING_WARNING: 1}
+    assert not (tmp_path / "mlflow.db").exists()
+    flush_warnings()
