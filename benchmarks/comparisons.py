@@ -25,7 +25,7 @@ import numpy as np
 from lesionlab.artifacts import atomic_path
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import PAIRED_METRICS, align_to, paired_bootstrap, paired_metric
+from lesionlab.metrics import PAIRED_METRICS, align_to, paired_bootstrap_all, paired_metric
 from models.bundle import load_card, load_proba
 
 CLAIMS = Path(__file__).with_name("claims.toml")
@@ -189,16 +189,17 @@ def compare(a: Scored, b: Scored, n_boot: int = N_BOOT, seed: int = 0,
             names: tuple[str, str] = ("A", "B")) -> dict[str, dict]:
     """Every paired metric of A - B on A's images (B's rows aligned to them).
 
-    Returns ``{metric: paired_bootstrap(...) result}`` for :data:`PAIRED_METRICS`.
+    Returns ``{metric: paired_bootstrap(...) result}`` for :data:`PAIRED_METRICS` (one set
+    of resamples for all three).
 
     Raises:
         LesionLabError: B was scored on other images than A (:func:`align_to`).
     """
     proba_b = align_to(a.image_ids, b.image_ids, b.proba, model=names[1])
-    return {m: paired_bootstrap(a.labels, a.proba, proba_b, a.lesion_ids,
-                                paired_metric(m, a.mel_threshold),
-                                paired_metric(m, b.mel_threshold), n_boot=n_boot, seed=seed)
-            for m in PAIRED_METRICS}
+    pairs = {m: (paired_metric(m, a.mel_threshold), paired_metric(m, b.mel_threshold))
+             for m in PAIRED_METRICS}
+    return paired_bootstrap_all(a.labels, a.proba, proba_b, a.lesion_ids, pairs,
+                                n_boot=n_boot, seed=seed)
 
 
 Loader = Callable[[dict, str], Scored | None]  # (row, data set) -> saved predictions
