@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import (command_parser, config_from_args, data_option, label_map_option,
                            label_options, labels_option, option, resolve_data, run_main,
                            save_config, workdir_option)
+from benchmarks.comparisons import external_proba_path, save_external_proba
+from benchmarks.study_tracking import StudyTracking
+from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.data import Dataset, load_external_labels
 from lesionlab.device import cpu_flags, cpu_model
 from lesionlab.download import ensure_data
@@ -298,7 +301,8 @@ def _eta(done_s: list[float], left: int) -> str:
 
 
 def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
-               rows: list[dict], durations: list[float], reuse_stale: bool = False) -> None:
+               rows: list[dict], durations: list[float], reuse_stale: bool = False,
+               on_row: Callable[[dict, bool], None] = lambda row, reused: None) -> None:
     for i, cell in enumerate(cells):
         ts = time.perf_counter()
         saved = results_dir(workdir) / f"{cell.cell_id}.json"
@@ -308,6 +312,7 @@ def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
         if not cached:
             durations.append(took)
         rows.append(row)
+        on_row(row, cached)  # e.g. MLflow tracking
         lo, hi = row["ci95"] or (None, None)
         print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc "
               f"{score_text(row['balanced_accuracy'])} [{score_text(lo)}, {score_text(hi)}] {'(stale, reused) ' if row.get('stale') else '(cached) ' if cached else ''}{took:.0f} s | elapsed "
@@ -371,10 +376,13 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         # the same images scored by the same trained model (its saved test probabilities)
         key = {"data": str(external.root), "n": len(external),
                "model": sha256_file(folder / "test_proba.npy")}
-        if cache.exists() and read_json(cache).get("key") == key:
+        saved = external_proba_path(workdir, row["name"])  # what the comparisons read
+        if cache.exists() and read_json(cache).get("key") == key and saved.exists():
             out.append(read_json(cache)["row"])  # scored in an earlier part of this run
             continue
-        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500)
+        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500,
+                             keep_proba=True)
+        save_external_proba(workdir, row["name"], external, res.pop("proba"))
         overall = res["overall"]
         card = load_card(folder)
         card.details["external"] = {"data": str(external.root), **overall}
@@ -396,11 +404,12 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             external: Path | None = None, report: Path | None = Path("REPORT.md"),
             download: bool = True, report_only: bool = False,
             reuse_stale: bool = False, labels: str = "auto",
-            label_map: Path | None = None) -> dict:
+            label_map: Path | None = None, tracking: Any = None) -> dict:
     """The whole study; returns the rows written to the report.
 
     ``labels``/``label_map`` say how ``data`` is labelled (``load_dataset``); the label map
-    also applies to ``external``.
+    also applies to ``external``. ``tracking``: parsed ``TrackingOptions``, MLflow
+    (``benchmarks.study_tracking``); None: off.
 
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
     A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
@@ -415,6 +424,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     ext_ds = load_external_labels(external, label_map=label_map) if external else None
     if report_only:
         return _report_from_saved(plan, dataset, split, workdir, report, preset, seed)
+    study = StudyTracking(workdir, tracking, preset, seed, data, external)
     made = []  # the cells read these exact sets, whatever else the workdir's cache holds
     for cfg in plan.featurize:
         ts = time.perf_counter()
@@ -425,13 +435,13 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     rows: list[dict] = []
     durations: list[float] = []
     with pinned_feature_sets(made):
-        _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale)
+        _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
         curve = curve_cells(plan, rows, seed)
-        _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale)
-        _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale)
-    rows += fold_rows(rows)
-    ext_rows = external_eval([r for r in rows if r.get("group", "main") == "main"], ext_ds,
-                             workdir) if ext_ds is not None else None
+        _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+        _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+    rows += study.cells(fold_rows(rows))  # trained inside their K-fold cell
+    ext_rows = study.external(external_eval([r for r in rows if r.get("group", "main") == "main"],
+                                            ext_ds, workdir) if ext_ds is not None else None)
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
                "rows": rows, "external": ext_rows, "n_images": len(dataset),
@@ -441,6 +451,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
         from benchmarks.report import write_report
 
         write_report(report, summary, dataset, split, workdir)
+    study.finish(summary, report)
     best = max((r for r in rows if r.get("group", "main") == "main"),
                key=lambda r: r["val_balanced_accuracy"])
     print(f"done in {wall / 60:.1f} min; {len(rows)} cells; best by val: {best['name']} "
@@ -532,16 +543,19 @@ class RunAllConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``RunAllConfig``."""
-    return command_parser("python -m benchmarks.run_all", __doc__, RunAllConfig)
+    return command_parser("python -m benchmarks.run_all", __doc__, RunAllConfig,
+                          TrackingOptions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the study, and write the resolved config.yaml in its results."""
-    args = config_from_args(RunAllConfig, build_parser().parse_args(argv))
+    parsed = build_parser().parse_args(argv)
+    args = config_from_args(RunAllConfig, parsed)
     report = args.report or default_report(args.preset, args.workdir)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only,
-            reuse_stale=args.reuse_stale, **label_options(args))
+            reuse_stale=args.reuse_stale, **label_options(args),
+            tracking=config_from_args(TrackingOptions, parsed))
     results_dir(args.workdir).mkdir(parents=True, exist_ok=True)
     save_config(results_dir(args.workdir), args, "python -m benchmarks.run_all")
     return 0

@@ -170,6 +170,16 @@ class DataOptions:
     workdir: Path = workdir_option()
 
 
+@dataclasses.dataclass
+class TrackingOptions:
+    """``--tracking-uri`` and ``--no-tracking``: MLflow tracking of every training command
+    and study (``lesionlab.tracking``)."""
+
+    tracking_uri: str | None = option(None, "MLflow tracking server or store to log to; None: "
+                                            "sqlite:///WORKDIR/mlflow.db")
+    no_tracking: bool = option(False, "log nothing to MLflow", switch=True)
+
+
 def check_range(value: Any, bounds: Range | None, flag: str) -> None:
     """Raise ``LesionLabError`` (``--flag must be >= 1, got 0``) when ``value`` is outside.
 

@@ -7,14 +7,14 @@ recall (NaN, ``null`` in JSON), and :func:`evaluate` says so once via a counted 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from sklearn.metrics import (confusion_matrix, f1_score, precision_recall_fscore_support,
                              recall_score, roc_auc_score)
 
 from lesionlab.data import CLASS_INDEX, CLASSES
-from lesionlab.errors import warn_once
+from lesionlab.errors import LesionLabError, warn_once
 
 N_CLASSES = len(CLASSES)
 MEL = CLASS_INDEX["mel"]
@@ -125,21 +125,44 @@ def point_metrics(y_true: np.ndarray, proba: np.ndarray,
     }
 
 
-def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
-                 metric: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile CI of ``metric(y_true, proba)`` resampling whole lesions with replacement."""
+def lesion_resamples(groups: np.ndarray, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Row indices of ``n_boot`` lesion-level bootstrap resamples, from one seeded generator.
+
+    Each resample draws as many lesions as ``groups`` has, uniformly with replacement, and
+    takes every image of each lesion drawn (a lesion photographed three times counts three
+    times, never split across draws): the lesions, not the images, are the independent
+    units resampled (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993).
+
+    Args:
+        groups: (n_images,) lesion id of each image.
+        n_boot: how many resamples.
+        seed: seed of the one ``numpy.random.default_rng`` all resamples come from.
+
+    Yields:
+        (m,) int row indices into the images, m varying with the lesions drawn.
+    """
     rng = np.random.default_rng(seed)
     _, group_idx = np.unique(groups, return_inverse=True)
     order = np.argsort(group_idx, kind="stable")
     starts = np.searchsorted(group_idx[order], np.arange(group_idx.max() + 1))
     ends = np.append(starts[1:], len(order))
-    members = [order[s:e] for s, e in zip(starts, ends)]
-    n_groups = len(members)
-    values = []
+    lengths = ends - starts
+    n_groups = len(starts)
     for _ in range(n_boot):
         pick = rng.integers(0, n_groups, n_groups)
-        idx = np.concatenate([members[g] for g in pick])
+        # the members of each lesion drawn, in draw order (a vectorised concatenation)
+        lens = lengths[pick]
+        first = np.repeat(starts[pick] - np.cumsum(lens) + lens, lens)
+        yield order[first + np.arange(lens.sum())]
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
+                 metric: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile CI of ``metric(y_true, proba)`` resampling whole lesions with replacement
+    (:func:`lesion_resamples`; draws with fewer than two classes or a NaN value are skipped)."""
+    values = []
+    for idx in lesion_resamples(groups, n_boot, seed):
         if len(np.unique(y_true[idx])) < 2:
             continue
         values.append(metric(y_true[idx], proba[idx]))
@@ -245,4 +268,173 @@ def operating_point(y_true: np.ndarray, p_mel: np.ndarray, threshold: float,
         out["ci95"] = {name: list(bootstrap_ci(y_true, col, np.asarray(groups), fn,
                                                n_boot=n_boot, seed=seed))
                        for name, fn in fns.items()}
+    return out
+
+
+PAIRED_METRICS = ("balanced_accuracy", "macro_auc", "mel_sensitivity")
+
+
+def paired_metric(name: str, mel_threshold: float = float("nan")
+                  ) -> Callable[[np.ndarray, np.ndarray], float]:
+    """``fn(y_true, proba)`` for one of :data:`PAIRED_METRICS`, for one model.
+
+    ``mel_sensitivity`` is that of the model's own melanoma rule, "flag when P(mel) >=
+    ``mel_threshold``" (its card's threshold); with a NaN threshold (no rule), that of the
+    argmax decision.
+
+    Raises:
+        LesionLabError: ``name`` is not one of :data:`PAIRED_METRICS`.
+    """
+    if name not in PAIRED_METRICS:
+        raise LesionLabError(f"unknown paired metric {name!r}; expected one of "
+                             f"{', '.join(PAIRED_METRICS)}")
+    if name == "mel_sensitivity" and not np.isnan(mel_threshold):
+        sens = _op_metrics(mel_threshold)["sensitivity"]
+        return lambda y, p: sens(y, p[:, [MEL]])
+    return {"balanced_accuracy": fast_balanced_accuracy, "macro_auc": fast_macro_auc,
+            "mel_sensitivity": _CI_METRICS["mel_sensitivity"]}[name]
+
+
+def fast_balanced_accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """:func:`balanced_accuracy` of the argmax of ``proba`` (n, n_classes), by counting.
+
+    The same value (tested), without scikit-learn's per-call checks: thousands of bootstrap
+    resamples call it. NaN when ``y_true`` is empty.
+    """
+    y_true = np.asarray(y_true)
+    if len(y_true) == 0:
+        return float("nan")
+    k = proba.shape[1]
+    support = np.bincount(y_true, minlength=k)
+    hits = np.bincount(y_true[proba.argmax(axis=1) == y_true], minlength=k)
+    present = support > 0
+    return float(np.mean(hits[present] / support[present]))
+
+
+def fast_macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """:func:`macro_auc` from ranks: each class's one-vs-rest AUC is the Mann-Whitney U of
+    its scores over its positives' count times its negatives' (ties share their average
+    rank), as in Hanley & McNeil, Radiology 143 (1982) 29-36. ``proba``: (n, n_classes).
+    NaN when ``y_true`` holds fewer than two classes.
+    """
+    from scipy.stats import rankdata
+
+    y_true = np.asarray(y_true)
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    ranks = rankdata(proba[:, present], axis=0)
+    pos = y_true[:, None] == present[None, :]
+    n_pos = pos.sum(axis=0)
+    n_neg = len(y_true) - n_pos
+    u = (ranks * pos).sum(axis=0) - n_pos * (n_pos + 1) / 2
+    return float(np.mean(u / (n_pos * n_neg)))
+
+
+def align_to(image_ids: Sequence[str], model_ids: Sequence[str], proba: np.ndarray,
+             model: str = "model") -> np.ndarray:
+    """The rows of ``proba`` (scored on ``model_ids``) in the order of ``image_ids``.
+
+    Args:
+        image_ids: (n,) the images both models of a comparison are scored on.
+        model_ids: (n,) the images ``proba``'s rows belong to, in row order.
+        proba: (n, n_classes) the model's probabilities.
+        model: the model's name, for the error message.
+
+    Returns:
+        (n, n_classes) ``proba`` reordered.
+
+    Raises:
+        LesionLabError: the two id lists are not the same set of distinct images, or
+            ``proba`` has not one row per id.
+    """
+    want, have = np.asarray(image_ids, dtype=str), np.asarray(model_ids, dtype=str)
+    if len(have) != len(proba):
+        raise LesionLabError(f"{model}: {len(proba)} probability rows for {len(have)} image ids")
+    if len(np.unique(have)) != len(have) or len(np.unique(want)) != len(want):
+        raise LesionLabError(f"{model}: repeated image ids; a paired comparison needs each "
+                             f"image once")
+    if len(want) != len(have) or set(want) != set(have):
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        raise LesionLabError(
+            f"{model} was scored on other images than the comparison's: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]}); compare models "
+            f"scored on the same split")
+    pos = {i: k for k, i in enumerate(have)}
+    return np.asarray(proba)[[pos[i] for i in want]]
+
+
+def paired_bootstrap(y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray,
+                     groups: np.ndarray, metric_a: Callable[[np.ndarray, np.ndarray], float],
+                     metric_b: Callable[[np.ndarray, np.ndarray], float] | None = None,
+                     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Paired, lesion-level bootstrap of ``metric(A) - metric(B)`` on the same images.
+
+    Both models are scored on every resample of :func:`lesion_resamples` (one seeded
+    generator; the same lesions for A and B), so the CI is that of the difference, not of
+    either score: the paired design cancels the variation the two share. The interval is
+    the percentile interval of the resampled differences (Efron & Tibshirani, *An
+    Introduction to the Bootstrap*, 1993, ch. 13). Resamples with fewer than two classes,
+    or where either value is NaN, are skipped (``n_used`` counts the rest).
+
+    Args:
+        y_true: (n,) class indices of the images.
+        proba_a: (n, n_classes) model A's probabilities, rows in ``y_true``'s order.
+        proba_b: (n, n_classes) model B's, same rows (see :func:`align_to`).
+        groups: (n,) lesion id of each image.
+        metric_a: ``fn(y_true, proba) -> float`` for A (see :func:`paired_metric`).
+        metric_b: the same for B when it differs (each model's own melanoma rule);
+            None: ``metric_a``.
+        n_boot: resamples.
+        seed: the generator's seed.
+        alpha: 0.05 for a 95% interval.
+
+    Returns:
+        ``a``, ``b`` (the scores on all images), ``difference`` (a - b), ``ci95``
+        ([low, high] of the difference, NaN when no resample was usable), ``n_used``.
+
+    Raises:
+        LesionLabError: the arrays do not have one row per image.
+    """
+    pair = (metric_a, metric_a if metric_b is None else metric_b)
+    return paired_bootstrap_all(y_true, proba_a, proba_b, groups, {"m": pair}, n_boot, seed,
+                                alpha)["m"]
+
+
+MetricPair = tuple[Callable[[np.ndarray, np.ndarray], float],
+                   Callable[[np.ndarray, np.ndarray], float]]
+
+
+def paired_bootstrap_all(y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray,
+                         groups: np.ndarray, metrics: dict[str, MetricPair],
+                         n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """:func:`paired_bootstrap` of several metrics over one set of resamples (the same
+    lesions for every metric, drawn once). ``metrics``: name -> (metric of A, metric of B).
+
+    Returns name -> the dict :func:`paired_bootstrap` returns.
+
+    Raises:
+        LesionLabError: the arrays do not have one row per image.
+    """
+    y_true, groups = np.asarray(y_true), np.asarray(groups)
+    proba_a, proba_b = np.asarray(proba_a, dtype=float), np.asarray(proba_b, dtype=float)
+    if not len(y_true) == len(proba_a) == len(proba_b) == len(groups):
+        raise LesionLabError(f"paired comparison: {len(y_true)} labels, {len(groups)} lesion "
+                             f"ids, {len(proba_a)} and {len(proba_b)} probability rows")
+    diffs: dict[str, list[float]] = {name: [] for name in metrics}
+    for idx in lesion_resamples(groups, n_boot, seed):
+        y = y_true[idx]
+        if len(np.unique(y)) < 2:
+            continue
+        pa, pb = proba_a[idx], proba_b[idx]
+        for name, (fa, fb) in metrics.items():
+            diffs[name].append(fa(y, pa) - fb(y, pb))
+    out = {}
+    for name, (fa, fb) in metrics.items():
+        a, b = float(fa(y_true, proba_a)), float(fb(y_true, proba_b))
+        usable = np.asarray([d for d in diffs[name] if not np.isnan(d)])
+        ci = (np.quantile(usable, [alpha / 2, 1 - alpha / 2]).tolist() if len(usable)
+              else [float("nan"), float("nan")])
+        out[name] = {"a": a, "b": b, "difference": a - b,
+                     "ci95": [float(ci[0]), float(ci[1])], "n_used": int(len(usable))}
     return out

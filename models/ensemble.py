@@ -26,6 +26,7 @@ from lesionlab import metrics
 from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (command_parser, config_from_args, data_option, option,
                            resolve_data, run_main, safe_name, save_config, workdir_option)
+from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.data import CLASSES, Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import save_train_digests
@@ -235,17 +236,22 @@ class EnsembleCommand:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``EnsembleCommand``."""
-    return command_parser("python -m models.ensemble", __doc__, EnsembleCommand)
+    return command_parser("python -m models.ensemble", __doc__, EnsembleCommand,
+                          TrackingOptions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build an ensemble folder, write its resolved config.yaml and print its test line."""
-    args = config_from_args(EnsembleCommand, build_parser().parse_args(argv))
+    from models.tracking import track_model  # imports the model-folder kinds
+    parsed = build_parser().parse_args(argv)
+    args = config_from_args(EnsembleCommand, parsed)
     cfg = EnsembleConfig(members=[str(m) for m in args.members], name=args.name,
                          weights=args.weights, n_boot=args.n_boot)
     card = build_ensemble(list(args.members), load_dataset(resolve_data(args)), args.workdir,
                           cfg)
     save_config(model_path(args.workdir, card.name), args, "python -m models.ensemble")
+    track_model(parsed, args.workdir, card, model_path(args.workdir, card.name),
+                "python -m models.ensemble")
     print(summary_line(card) + "  weights " + ", ".join(f"{w:.2f}" for w in
                                                          card.config["member_weights"]))
     return 0

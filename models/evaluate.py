@@ -74,8 +74,10 @@ def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,
 
 def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = None,
                    workdir: Path | str | None = None, n_boot: int = 1000, seed: int = 0,
-                   device: str = "auto", tta: str | None = None) -> dict:
-    """Scores of a model folder on a labelled image set, overall and per value of ``by``."""
+                   device: str = "auto", tta: str | None = None,
+                   keep_proba: bool = False) -> dict:
+    """Scores of a model folder on a labelled image set, overall and per value of ``by``;
+    with ``keep_proba`` also its probabilities, (n images, n classes), as ``proba``."""
     if by is not None and by not in dataset.frame.columns:
         raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
                              f"{sorted(dataset.frame.columns)}")
@@ -91,6 +93,8 @@ def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = Non
             v: scores(y[values == v], proba[values == v], groups[values == v], n_boot, seed,
                       card.mel_threshold)
             for v in sorted(set(values))}}
+    if keep_proba:
+        out["proba"] = proba
     return out
 
 

@@ -31,6 +31,7 @@ from lesionlab.artifacts import atomic_path, library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            device_option, label_options, option, resolve_data, run_main,
                            safe_name, save_config)
+from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.card import require_kind
 from lesionlab.data import CLASSES, Dataset, load_rgb
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
@@ -689,11 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``FinetuneConfig`` and ``FinetuneRunOptions``."""
     p = config_parser("python -m models.finetune", __doc__, FinetuneConfig)
     add_config_args(p, FinetuneRunOptions)
+    add_config_args(p, TrackingOptions)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, fine-tune, and write the resolved config.yaml in the model folder."""
+    from models.tracking import track_model  # imports the model-folder kinds
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
     dataset = ensure_data(resolve_data(args), **label_options(args))
@@ -701,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if card is None:  # a torchrun worker other than the main one
         return 0
     save_config(model_path(args.workdir, card.name), args, "python -m models.finetune")
+    track_model(args, args.workdir, card, model_path(args.workdir, card.name),
+                "python -m models.finetune")
     print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
           f"{card.details['train_img_per_s']} img/s train")
     return 0

@@ -21,7 +21,7 @@ from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from models.bundle import CARD, ModelCard, model_name, model_path, summary_line
-from models.ensemble import EnsembleConfig, build_ensemble
+from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
 from models.finetune import FinetuneConfig, build_parser as finetune_parser, finetune
 
 DEFAULT_FOLDS = 3
@@ -65,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the K folds, write the resolved config.yaml in the ensemble folder, print its line."""
+    from models.tracking import track_model  # imports the model-folder kinds
     args = build_parser().parse_args(argv)
     cfg = config_from_args(FinetuneConfig, args)
     card = kfold_finetune(ensure_data(resolve_data(args), **label_options(args)), args.workdir, cfg)
-    save_config(model_path(args.workdir, card.name), args, "python -m models.kfold")
+    folder = model_path(args.workdir, card.name)
+    save_config(folder, args, "python -m models.kfold")
+    track_model(args, args.workdir, card, folder, "python -m models.kfold",
+                members=member_dirs(folder, card))
     print(summary_line(card) + f"  ({len(card.config['members'])} fold networks; out-of-fold "
                                f"probabilities for {len(card.details['oof_image_ids'])} "
                                f"training images)")

@@ -27,6 +27,7 @@ from featurize.spec import parse_features
 from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            label_options, option, resolve_data, run_main, safe_name, save_config)
+from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -358,11 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI arguments, from ``HeadConfig`` and ``HeadRunOptions``."""
     p = config_parser("python -m models.train_head", __doc__, HeadConfig)
     add_config_args(p, HeadRunOptions)
+    add_config_args(p, TrackingOptions)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, train one head, and write its resolved config.yaml in its folder."""
+    from models.tracking import track_model  # imports the model-folder kinds
     args = build_parser().parse_args(argv)
     cfg = config_from_args(HeadConfig, args)
     dataset = ensure_data(resolve_data(args), **label_options(args))
@@ -373,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"--refit-only to write the model folder")
         return 0
     save_config(model_path(args.workdir, card.name), args, "python -m models.train_head")
+    track_model(args, args.workdir, card, model_path(args.workdir, card.name),
+                "python -m models.train_head")
     print(summary_line(card))
     return 0
 

@@ -42,15 +42,17 @@ def _classes(name: str) -> list[type]:
     from models.predict import PredictConfig
     from models.train_head import HeadConfig, HeadRunOptions
     from serve.app import ServeConfig
+    from lesionlab.cli import TrackingOptions  # the MLflow flags of the training commands
 
     return {
         "featurize": [FeaturizeRunOptions, FeaturizeConfig, DataOptions],
-        "models.train_head": [HeadConfig, DataOptions, HeadRunOptions],
-        "models.finetune": [FinetuneConfig, DataOptions, FinetuneRunOptions],
-        "models.kfold": [FinetuneConfig, DataOptions, FinetuneRunOptions],
-        "models.ensemble": [EnsembleCommand], "models.evaluate": [EvaluateConfig],
+        "models.train_head": [HeadConfig, DataOptions, HeadRunOptions, TrackingOptions],
+        "models.finetune": [FinetuneConfig, DataOptions, FinetuneRunOptions, TrackingOptions],
+        "models.kfold": [FinetuneConfig, DataOptions, FinetuneRunOptions, TrackingOptions],
+        "models.ensemble": [EnsembleCommand, TrackingOptions],
+        "models.evaluate": [EvaluateConfig],
         "models.predict": [PredictConfig], "models.explain": [ExplainConfig],
-        "serve": [ServeConfig], "benchmarks.run_all": [RunAllConfig],
+        "serve": [ServeConfig], "benchmarks.run_all": [RunAllConfig, TrackingOptions],
         "benchmarks.ablation": [AblationConfig],
         "benchmarks.featurize_speed": [FeaturizeSpeedConfig],
         "benchmarks.scale": [ScaleConfig], "benchmarks.serve_load": [ServeLoadConfig],
