@@ -63,7 +63,7 @@ def test_summary_line_sits_beside_the_card() -> None:
     assert summary_line(card) == ("m: test balanced acc 0.500 [0.250, 0.750]  macro F1 0.400  "
                                   "AUC 0.800  mel sens 0.900  ECE 0.050  (cv 0.612, 12.5 s)")
     card.details, card.test = {}, {k: v for k, v in card.test.items() if k != "ci95"}
-    assert summary_line(card).endswith("[nan, nan]  macro F1 0.400  AUC 0.800  mel sens 0.900  "
+    assert summary_line(card).endswith("[n/a, n/a]  macro F1 0.400  AUC 0.800  mel sens 0.900  "
                                        "ECE 0.050  (12.5 s)")
 
 

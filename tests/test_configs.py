@@ -226,7 +226,7 @@ def test_save_config_beside_a_file_and_in_a_folder(tmp_path: Path) -> None:
     assert read_config_file(written) == {
         "model": "m", "data": "d", "labels": "auto", "label_map": None, "by": None,
         "out": str(tmp_path / "scores.json"), "workdir": None, "n_boot": 1000, "seed": 0,
-        "device": "auto", "tta": None}
+        "device": "auto", "tta": None, "keep_train_overlap": False}
     assert save_config(tmp_path, argparse.Namespace(config=None, a=(1, 2))) == \
         tmp_path / SAVED_CONFIG
     assert read_config_file(tmp_path / SAVED_CONFIG) == {"a": [1, 2]}
