@@ -11,6 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,11 +28,16 @@ CLASS_NAMES: dict[str, str] = {
     "mel": "Melanoma",
     "nv": "Melanocytic nevus",
     "vasc": "Vascular lesion",
+    "scc": "Squamous cell carcinoma",
 }
 CLASS_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
 # Every class name the label vocabularies map onto (HAM10000's 7, then the other public
 # sets' classes), in the order a dataset's class set is listed (see ``class_set``).
 KNOWN_CLASSES: tuple[str, ...] = CLASSES + ("scc",)
+# The class set of binary melanoma labels (ISIC 2020's ``target``): ``label`` 1 is melanoma,
+# 0 anything else; such a set is scored melanoma-vs-rest (``models.evaluate``), not trained on.
+NOT_MEL = "not_mel"
+BINARY_CLASSES: tuple[str, ...] = (NOT_MEL, "mel")
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -123,14 +129,39 @@ def read_metadata(csv_path: Path) -> pd.DataFrame:
     return meta
 
 
-def _check_classes(dx: pd.Series, source: Path) -> None:
-    unknown = sorted(set(dx.astype(str)) - set(CLASSES))
+def class_set(dx: pd.Series | Sequence[str]) -> tuple[str, ...]:
+    """The class set of a dataset from its class names (``dx``).
+
+    HAM10000's 7 (:data:`CLASSES`, all of them even when some are absent) when every name is
+    one of them; :data:`BINARY_CLASSES` when the names are ``mel`` / ``not_mel`` (binary
+    melanoma labels); else the classes present, in :data:`KNOWN_CLASSES` order (ISIC 2019:
+    8 with scc; PAD-UFES-20: akiec, bcc, bkl, mel, nv, scc).
+
+    Raises:
+        LesionLabError: a name outside :data:`KNOWN_CLASSES` (and not a binary label set).
+    """
+    present = set(pd.Series(dx, dtype=object).astype(str))
+    if present <= set(CLASSES):
+        return CLASSES
+    if NOT_MEL in present and present <= set(BINARY_CLASSES):
+        return BINARY_CLASSES
+    unknown = sorted(present - set(KNOWN_CLASSES))
     if unknown:
-        raise LesionLabError(
-            f"{source}: unknown class(es) {unknown} in dx; expected one of {list(CLASSES)}")
+        raise LesionLabError(f"unknown class(es) {unknown} in dx; expected one of "
+                             f"{list(KNOWN_CLASSES)} (or mel / {NOT_MEL} binary labels)")
+    return tuple(c for c in KNOWN_CLASSES if c in present)
 
 
-def _attach_paths(meta: pd.DataFrame, root: Path, source: Path) -> pd.DataFrame:
+def _check_classes(dx: pd.Series, source: Path) -> tuple[str, ...]:
+    """:func:`class_set` of ``dx``, its error naming ``source``."""
+    try:
+        return class_set(dx)
+    except LesionLabError as exc:
+        raise LesionLabError(f"{source}: {exc}") from None
+
+
+def _attach_paths(meta: pd.DataFrame, root: Path, source: Path,
+                  classes: tuple[str, ...] = CLASSES) -> pd.DataFrame:
     images = index_images(root)
     if not images:
         raise LesionLabError(f"no images (*.jpg, *.png) found below {root}")
@@ -143,7 +174,7 @@ def _attach_paths(meta: pd.DataFrame, root: Path, source: Path) -> pd.DataFrame:
     out = meta.copy()
     out["image_id"] = out["image_id"].astype(str)
     out["path"] = paths.astype(str)
-    out["label"] = out["dx"].map(CLASS_INDEX).astype(int)
+    out["label"] = out["dx"].map({c: i for i, c in enumerate(classes)}).astype(int)
     return out
 
 
@@ -156,11 +187,12 @@ def load_dataset(root: Path | str, *, verify_images: bool = False) -> Dataset:
             f"`python -m lesionlab.download --data {root}` or pass --data DIR)")
     csv_path = root / METADATA_FILE
     meta = read_metadata(csv_path)
-    frame = _attach_paths(meta, root, csv_path)
+    classes = class_set(meta["dx"])
+    frame = _attach_paths(meta, root, csv_path, classes)
     if verify_images:
         for path in frame["path"]:
             load_rgb(path)
-    return Dataset(root=root, frame=frame.reset_index(drop=True))
+    return Dataset(root=root, frame=frame.reset_index(drop=True), classes=classes)
 
 
 def load_rgb(path: Path | str) -> Image.Image:
@@ -239,12 +271,12 @@ def load_external_labels(root: Path | str, csv_path: Path | str | None = None) -
             f"(HAM10000) or image + {list(ISIC2018_COLUMNS)} (ISIC 2018 Task 3); "
             f"found {list(raw.columns)}")
     meta["dx"] = meta["dx"].astype(str).str.lower()
-    _check_classes(meta["dx"], csv_path)
+    classes = _check_classes(meta["dx"], csv_path)
     if "lesion_id" not in meta.columns:
         meta["lesion_id"] = meta["image_id"]  # unknown grouping: treat each image as a lesion
     meta["lesion_id"] = meta["lesion_id"].fillna(meta["image_id"])
     for col in ("age", "sex", "localization"):
         if col not in meta.columns:
             meta[col] = np.nan
-    frame = _attach_paths(meta, root, csv_path)
-    return Dataset(root=root, frame=frame.reset_index(drop=True))
+    frame = _attach_paths(meta, root, csv_path, classes)
+    return Dataset(root=root, frame=frame.reset_index(drop=True), classes=classes)

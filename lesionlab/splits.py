@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionlab.artifacts import atomic_path, splits_dir
 from lesionlab.cli import add_data_args, make_parser, ranged, resolve_data, run_main
-from lesionlab.data import CLASSES, Dataset
+from lesionlab.data import CLASSES, Dataset, class_set
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 
@@ -205,7 +205,8 @@ def make_split(dataset: Dataset, seed: int = 0,
     # each class keeps a lesion in test and val and two in train (so train can be
     # cross-validated): 4 lesions at least
     for label, n in lesions_per_class(labels, groups).items():
-        _check_sides(label, n, MIN_LESIONS_PER_CLASS, "train/val/test split")
+        _check_sides(dataset.classes[int(label)], n, MIN_LESIONS_PER_CLASS,
+                     "train/val/test split")
     test = grouped_holdout(labels, groups, fractions[2], seed, "test split", min_rest=3)
     split[test] = "test"
     rest = np.flatnonzero(~test)
@@ -243,9 +244,9 @@ def load_or_make_split(dataset: Dataset, workdir: Path | str, seed: int = 0) -> 
 
 
 def class_counts(split: pd.DataFrame) -> pd.DataFrame:
-    """Per-split class counts table (rows: split, columns: classes + total)."""
+    """Per-split class counts table (rows: split, columns: the split's class set + total)."""
     table = pd.crosstab(split["split"], split["dx"]).reindex(
-        index=list(SPLITS), columns=list(CLASSES), fill_value=0)
+        index=list(SPLITS), columns=list(class_set(split["dx"])), fill_value=0)
     table["total"] = table.sum(axis=1)
     table["lesions"] = split.groupby("split")["lesion_id"].nunique().reindex(list(SPLITS))
     return table
