@@ -531,7 +531,8 @@ def cv_rows(dataset: Dataset, tr: np.ndarray,
 
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     fit, held = grouped_folds(dataset.labels[tr], groups[tr], cfg.cv_folds, cfg.data_seed,
-                              f"{cfg.cv_folds}-fold fine-tuning", allow_fewer=False)[cfg.cv_fold]
+                              f"{cfg.cv_folds}-fold fine-tuning", allow_fewer=False,
+                              classes=dataset.classes)[cfg.cv_fold]
     return tr[fit], tr[held]
 
 

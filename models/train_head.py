@@ -213,7 +213,7 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     if not remaining:
         return 0.0
     folds = grouped_folds(y, groups, cfg.folds, cfg.seed, "head tuning CV",
-                          keep_singletons=True)
+                          keep_singletons=True, classes=classes)
     t0 = time.perf_counter()
     study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed, groups,
                                       len(classes)),
