@@ -113,7 +113,8 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
                 proba = None
         if proba is None:
             val = Dataset(root=dataset.root,
-                          frame=dataset.frame.iloc[va].reset_index(drop=True))
+                          frame=dataset.frame.iloc[va].reset_index(drop=True),
+                          classes=dataset.classes)
             with load_model_folder(folder, workdir=workdir, card=card) as model:
                 proba = model.predict_proba(val)
         save_npy(path, proba)

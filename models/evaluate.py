@@ -6,6 +6,11 @@ as ``dataset`` kept) or ISIC 2018 Task 3 format (image + one-hot columns). Print
 accuracy with its lesion-level bootstrap CI, macro F1 and AUC, melanoma sensitivity and
 per-class recall, overall and, with ``--by``, per value of a column (e.g. image source). A
 labelled folder used here is a test set: score each final model once; never tune on it.
+
+The data's classes map onto the model's by name (``models.classmap``): images of a class the
+model lacks are counted (``unmapped``), said in one line and left out; binary melanoma labels
+(``dx`` = ``mel`` / ``not_mel``) are scored melanoma vs rest (AUC of P(mel), sensitivity and
+specificity at the card's melanoma threshold).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from lesionlab.cli import (command_parser, config_from_args, device_option, mode
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
-from models.bundle import ModelCard, load_card
 from models import classmap
+from models.bundle import ModelCard, load_card
 from models.folder import load_model_folder
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
@@ -85,7 +90,16 @@ def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,
 def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = None,
                    workdir: Path | str | None = None, n_boot: int = 1000, seed: int = 0,
                    device: str = "auto", tta: str | None = None) -> dict:
-    """Scores of a model folder on a labelled image set, overall and per value of ``by``."""
+    """Scores of a model folder on a labelled image set, overall and per value of ``by``.
+
+    Multiclass labels give ``SCORE_KEYS`` blocks over the images whose class the model has;
+    binary melanoma labels give ``mode: melanoma_vs_rest`` and
+    :func:`lesionlab.metrics.melanoma_vs_rest` blocks.
+
+    Raises:
+        LesionLabError: ``by`` is not a column; no image has a class of the model; binary
+            labels for a model without a ``mel`` class; the folder does not load.
+    """
     if by is not None and by not in dataset.frame.columns:
         raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
                              f"{sorted(dataset.frame.columns)}")

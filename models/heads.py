@@ -312,11 +312,15 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         self.n_estimators = n_estimators
         self.class_names = class_names
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (skops too): a head saved before class sets were recorded has
+        HAM10000's 7."""
+        super().__setstate__({"class_names": CLASSES, **state})
+
     @property
     def n_classes_(self) -> int:
-        """Number of classes (columns of the probabilities); heads saved before class sets
-        were recorded have HAM10000's 7."""
-        return len(getattr(self, "class_names", CLASSES))
+        """Number of classes (columns of the probabilities)."""
+        return len(self.class_names)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "HeadModel":
         """Fit the pipeline (samplers act here only); the rule starts as argmax, T as 1."""
@@ -361,7 +365,7 @@ class HeadModel(ClassifierMixin, BaseEstimator):
                              target: float = MEL_TARGET_SENSITIVITY) -> float:
         """The melanoma rule's threshold on calibrated P(mel), chosen on held-out rows for
         sensitivity >= ``target`` (NaN without a ``mel`` class)."""
-        mel = mel_index(getattr(self, "class_names", CLASSES))
+        mel = mel_index(self.class_names)
         if mel is None:
             self.mel_threshold_ = float("nan")
         else:
