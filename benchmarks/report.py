@@ -18,7 +18,7 @@ from benchmarks.rows import legacy_input_kind as input_kind  # noqa: E402,F401 (
 from benchmarks.rows import row_input, row_spec  # noqa: E402
 from benchmarks.comparisons import comparisons_block  # noqa: E402
 from lesionlab.artifacts import write_text  # noqa: E402
-from lesionlab.data import CLASSES, Dataset  # noqa: E402
+from lesionlab.data import Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
 from lesionlab.provenance import same_code, short  # noqa: E402
 from models.bundle import load_card  # noqa: E402
@@ -247,7 +247,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def fig_class_distribution(dataset: Dataset, split: pd.DataFrame, out: Path) -> None:
     """Images per class and split (log scale shows the 58:1 imbalance)."""
-    table = pd.crosstab(split["dx"], split["split"]).reindex(list(CLASSES))
+    table = pd.crosstab(split["dx"], split["split"]).reindex(list(dataset.classes))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     table[["train", "val", "test"]].plot.bar(ax=ax, logy=True)
     ax.set_ylabel("images (log)")
@@ -271,15 +271,16 @@ def fig_images_per_lesion(dataset: Dataset, out: Path) -> None:
 def fig_confusion(row: dict, out: Path) -> None:
     """Row-normalised confusion matrix (recall on the diagonal)."""
     cm = np.asarray(row["confusion_matrix"], dtype=float)
+    classes = list(row["per_class_recall"])  # the model's class set, in order
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(5, 4.4))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(CLASSES)):
-        for j in range(len(CLASSES)):
+    for i in range(len(classes)):
+        for j in range(len(classes)):
             ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45)
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{row['name'][:48]}\nbal.acc {_fmt(row['balanced_accuracy'])}", fontsize=9)
@@ -287,13 +288,15 @@ def fig_confusion(row: dict, out: Path) -> None:
 
 
 def fig_recall_bars(rows: list[dict], out: Path) -> None:
-    """Per-class recall of the chosen models side by side."""
+    """Per-class recall of the chosen models side by side (the classes of any of them; a
+    model without a class has no bar there)."""
     fig, ax = plt.subplots(figsize=(7.5, 3.5))
     width = 0.8 / max(len(rows), 1)
+    classes = list(dict.fromkeys(c for row in rows for c in row["per_class_recall"]))
     for k, row in enumerate(rows):
-        vals = [row["per_class_recall"][c] for c in CLASSES]
-        ax.bar(np.arange(len(CLASSES)) + k * width, vals, width, label=row["label"])
-    ax.set_xticks(np.arange(len(CLASSES)) + width * (len(rows) - 1) / 2, CLASSES)
+        vals = [row["per_class_recall"].get(c, float("nan")) for c in classes]
+        ax.bar(np.arange(len(classes)) + k * width, vals, width, label=row["label"])
+    ax.set_xticks(np.arange(len(classes)) + width * (len(rows) - 1) / 2, classes)
     ax.set_ylabel("test recall")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
@@ -354,7 +357,7 @@ def fig_gradcam(model_dir: Path, dataset: Dataset, out: Path, tiles: Path,
     pred = proba.argmax(1)
     truth = frame["label"].to_numpy()
     picks = []
-    for c in range(len(CLASSES)):
+    for c in range(len(card.classes)):
         for correct in (True, False):
             idx = np.flatnonzero((truth == c) & ((pred == c) == correct))[:per_class]
             picks += [(i, correct) for i in idx]
@@ -368,7 +371,7 @@ def fig_gradcam(model_dir: Path, dataset: Dataset, out: Path, tiles: Path,
         ax.axis("off")
     for ax, (i, correct), r in zip(np.ravel(axes), picks, res):
         ax.imshow(Image.open(r["overlay"]))
-        ax.set_title(f"true {CLASSES[truth[i]]} / pred {CLASSES[pred[i]]}",
+        ax.set_title(f"true {card.classes[truth[i]]} / pred {card.classes[pred[i]]}",
                      fontsize=8, color="green" if correct else "red")
     _save(fig, out)
 

@@ -31,7 +31,8 @@ TTAS = ("none", "flip", "d4")
 
 def subset(dataset: Dataset, rows) -> Dataset:
     """The rows ``rows`` of ``dataset`` as a dataset of their own."""
-    return Dataset(root=dataset.root, frame=dataset.frame.iloc[rows].reset_index(drop=True))
+    return Dataset(root=dataset.root, frame=dataset.frame.iloc[rows].reset_index(drop=True),
+                   classes=dataset.classes)
 
 
 def tta_rows(model: Path, dataset: Dataset, workdir: Path, ttas: Sequence[str] = TTAS,

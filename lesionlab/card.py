@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lesionlab.artifacts import read_json, sha256_file, write_json
-from lesionlab.data import CLASSES
+from lesionlab.data import KNOWN_CLASSES
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import provenance
 
@@ -208,8 +208,8 @@ def check_card(folder: Path, card: ModelCard) -> None:
     """Refuse card fields no lesionlab run writes (a damaged or edited card).
 
     Raises:
-        LesionLabError: naming the field and what was expected, for: classes other than
-            ``CLASSES``; a temperature outside ``TEMPERATURE_RANGE``; a melanoma threshold
+        LesionLabError: naming the field and what was expected, for: classes not >= 2 distinct
+            ``KNOWN_CLASSES``; a temperature outside ``TEMPERATURE_RANGE``; a melanoma threshold
             outside [0, 1]; image ids that are not a list of strings; sha256 records that
             are not 64 hex digits; and, for an ensemble, members that are not distinct plain
             folder names or member weights that are not one finite number >= 0 per member
@@ -218,8 +218,11 @@ def check_card(folder: Path, card: ModelCard) -> None:
     for name in ("config", "details", "val", "test", "files"):
         if not isinstance(getattr(card, name), dict):
             raise _card_error(folder, name, "an object", getattr(card, name))
-    if card.classes != list(CLASSES):
-        raise _card_error(folder, "classes", f"{list(CLASSES)}", card.classes)
+    classes = card.classes
+    if not (isinstance(classes, list) and len(classes) >= 2 and len(set(classes)) == len(classes)
+            and all(isinstance(c, str) and c in KNOWN_CLASSES for c in classes)):
+        raise _card_error(folder, "classes", f">= 2 distinct names of {list(KNOWN_CLASSES)}",
+                          classes)
     lo, hi = TEMPERATURE_RANGE
     if not (_is_number(card.temperature) and lo <= card.temperature <= hi):
         raise _card_error(folder, "temperature", f"a number in [{lo}, {hi}] (the range "

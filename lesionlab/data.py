@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,11 +33,16 @@ CLASS_NAMES: dict[str, str] = {
     "mel": "Melanoma",
     "nv": "Melanocytic nevus",
     "vasc": "Vascular lesion",
+    "scc": "Squamous cell carcinoma",
 }
 CLASS_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
 # Every class name the label vocabularies map onto (HAM10000's 7, then the other public
 # sets' classes), in the order a dataset's class set is listed (see ``class_set``).
 KNOWN_CLASSES: tuple[str, ...] = CLASSES + ("scc",)
+# The class set of binary melanoma labels (ISIC 2020's ``target``): ``label`` 1 is melanoma,
+# 0 anything else; such a set is scored melanoma-vs-rest (``models.evaluate``), not trained on.
+NOT_MEL = "not_mel"
+BINARY_CLASSES: tuple[str, ...] = (NOT_MEL, "mel")
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -110,14 +116,6 @@ def vocabulary(label_map: Path | str | None = None) -> Vocabulary:
     return vocab
 
 
-def class_set(dx: pd.Series) -> tuple[str, ...]:
-    """The class set of canonical ``dx`` names: HAM10000's 7 (``CLASSES``) when they hold
-    no other class, else the classes present, in :data:`KNOWN_CLASSES` order."""
-    present = set(dx)
-    return CLASSES if present <= set(CLASSES) else tuple(c for c in KNOWN_CLASSES
-                                                          if c in present)
-
-
 def read_metadata(csv_path: Path, vocab: Vocabulary | None = None) -> pd.DataFrame:
     """Read and check a HAM10000 metadata CSV: required columns, unique ids, and class, site
     and sex names in the vocabulary (mapped onto the canonical ones).
@@ -141,6 +139,37 @@ def read_metadata(csv_path: Path, vocab: Vocabulary | None = None) -> pd.DataFra
             f"{[int(i) + 2 for i in meta.index[blank][:5]]}); lesion-grouped splits need every "
             f"image's lesion: fill them in (the image_id if the image is its own lesion)")
     return finish(meta, vocab or vocabulary(), strict=True, where=str(csv_path))
+
+
+def class_set(dx: pd.Series | Sequence[str]) -> tuple[str, ...]:
+    """The class set of a dataset from its class names (``dx``).
+
+    HAM10000's 7 (:data:`CLASSES`, all of them even when some are absent) when every name is
+    one of them; :data:`BINARY_CLASSES` when the names are ``mel`` / ``not_mel`` (binary
+    melanoma labels); else the classes present, in :data:`KNOWN_CLASSES` order (ISIC 2019:
+    8 with scc; PAD-UFES-20: akiec, bcc, bkl, mel, nv, scc).
+
+    Raises:
+        LesionLabError: a name outside :data:`KNOWN_CLASSES` (and not a binary label set).
+    """
+    present = set(pd.Series(dx, dtype=object).astype(str))
+    if present <= set(CLASSES):
+        return CLASSES
+    if NOT_MEL in present and present <= set(BINARY_CLASSES):
+        return BINARY_CLASSES
+    unknown = sorted(present - set(KNOWN_CLASSES))
+    if unknown:
+        raise LesionLabError(f"unknown class(es) {unknown} in dx; expected one of "
+                             f"{list(KNOWN_CLASSES)} (or mel / {NOT_MEL} binary labels)")
+    return tuple(c for c in KNOWN_CLASSES if c in present)
+
+
+def _check_classes(dx: pd.Series, source: Path) -> tuple[str, ...]:
+    """:func:`class_set` of ``dx``, its error naming ``source``."""
+    try:
+        return class_set(dx)
+    except LesionLabError as exc:
+        raise LesionLabError(f"{source}: {exc}") from None
 
 
 def _attach_paths(meta: pd.DataFrame, root: Path,

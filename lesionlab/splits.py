@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lesionlab.artifacts import atomic_path, splits_dir
 from lesionlab.cli import (add_data_args, label_options, make_parser, ranged, resolve_data,
                            run_main)
-from lesionlab.data import CLASSES, Dataset
+from lesionlab.data import BINARY_CLASSES, CLASSES, NOT_MEL, Dataset, class_set
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.fingerprint import folder_fingerprints, merge_duplicate_groups
@@ -30,10 +30,12 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.70, 0.15, 0.15)
 MIN_LESIONS_PER_CLASS = 4  # the train/val/test split: 2 in train (for its CV), 1 in val, 1 in test
 
 
-def _class_name(label: object) -> str:
-    """A class label as the user reads it (integer labels index ``CLASSES``)."""
-    if isinstance(label, (int, np.integer)) and 0 <= int(label) < len(CLASSES):
-        return CLASSES[int(label)]
+def _class_name(label: object, classes: Sequence[str] | None = None) -> str:
+    """A class label as the user reads it (integer labels index ``classes``, default
+    ``CLASSES``)."""
+    classes = CLASSES if classes is None else classes
+    if isinstance(label, (int, np.integer)) and 0 <= int(label) < len(classes):
+        return classes[int(label)]
     return str(label)
 
 
@@ -52,7 +54,7 @@ def lesions_per_class(labels: np.ndarray, groups: np.ndarray) -> dict[Any, int]:
 
 
 def fold_count(labels: np.ndarray, groups: np.ndarray, n_folds: int, purpose: str,
-               allow_fewer: bool = True) -> int:
+               allow_fewer: bool = True, classes: Sequence[str] | None = None) -> int:
     """How many lesion-grouped, stratified folds ``labels`` / ``groups`` can have.
 
     The one place that decides it, for every K-fold-style split (CV folds of head tuning,
@@ -80,7 +82,7 @@ def fold_count(labels: np.ndarray, groups: np.ndarray, n_folds: int, purpose: st
                              f"got {n_folds}")
     counts = lesions_per_class(labels, groups)
     label, fewest = min(counts.items(), key=lambda kv: kv[1])
-    name = _class_name(label)
+    name = _class_name(label, classes)
     if fewest < 2:
         raise LesionLabError(
             f"{purpose}: class {name} has {fewest} lesion; a lesion-grouped split needs at "
@@ -97,7 +99,8 @@ def fold_count(labels: np.ndarray, groups: np.ndarray, n_folds: int, purpose: st
 
 
 def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
-                    purpose: str, min_held: int = 1, min_rest: int = 1) -> np.ndarray:
+                    purpose: str, min_held: int = 1, min_rest: int = 1,
+                    classes: Sequence[str] | None = None) -> np.ndarray:
     """Boolean mask of a stratified, lesion-grouped holdout of about ``fraction`` of the rows.
 
     Classes with at least round(1 / fraction) lesions are split by ``StratifiedGroupKFold``
@@ -116,6 +119,7 @@ def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, see
         purpose: what the holdout is, named in messages (e.g. "test split").
         min_held: lesions of every class that the holdout must hold.
         min_rest: lesions of every class that must stay outside it.
+        classes: the class names integer labels index, for messages (default ``CLASSES``).
 
     Returns:
         (n_images,) bool, True for held-out rows.
@@ -130,7 +134,7 @@ def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, see
     first = pd.DataFrame({"y": labels, "g": groups}).drop_duplicates("g")
     counts = first.groupby("y")["g"].nunique()
     for c, m in counts.items():
-        _check_sides(c, int(m), min_held + min_rest, purpose)
+        _check_sides(_class_name(c, classes), int(m), min_held + min_rest, purpose)
     row_class = pd.Series(groups).map(dict(zip(first["g"], first["y"]))).to_numpy()
     rare = [c for c, m in counts.items() if m < n_splits]
     common = ~np.isin(row_class, np.array(rare, dtype=row_class.dtype))
@@ -147,7 +151,7 @@ def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, see
         keeps = " and ".join(t for t in (f">= {min_held} held out" if min_held else "",
                                          f">= {min_rest} outside" if min_rest else "") if t)
         warn_once(f"{purpose}: " + ", ".join(
-            f"class {_class_name(c)} has {_lesions(int(counts[c]))}" for c in rare)
+            f"class {_class_name(c, classes)} has {_lesions(int(counts[c]))}" for c in rare)
             + f", fewer than the {n_splits} folds of a {fraction:.0%} stratified holdout; "
               f"their lesions were drawn at random" + (f" (each class keeps {keeps})"
                                                        if keeps else ""),
@@ -212,9 +216,14 @@ def make_split(dataset: Dataset, seed: int = 0,
         One row per image: ``image_id``, ``lesion_id`` (as in the labels), ``dx``, ``split``.
 
     Raises:
-        LesionLabError: fractions not summing to 1, or a class with fewer than
+        LesionLabError: binary melanoma labels (``mel`` / ``not_mel``: scored by
+            ``models.evaluate``, not trained on), fractions not summing to 1, or a class with fewer than
             :data:`MIN_LESIONS_PER_CLASS` groups.
     """
+    if tuple(dataset.classes) == BINARY_CLASSES:
+        raise LesionLabError(f"{dataset.root}: binary melanoma labels (mel / {NOT_MEL}) are "
+                             f"for scoring a multiclass model (python -m models.evaluate), not "
+                             f"for training: give the other classes' names")
     frame = dataset.frame
     if not np.isclose(sum(fractions), 1.0):
         raise LesionLabError(f"split fractions must sum to 1, got {fractions}")
@@ -225,13 +234,15 @@ def make_split(dataset: Dataset, seed: int = 0,
     # each class keeps a lesion in test and val and two in train (so train can be
     # cross-validated): 4 lesions at least
     for label, n in lesions_per_class(labels, groups).items():
-        _check_sides(label, n, MIN_LESIONS_PER_CLASS, "train/val/test split")
-    test = grouped_holdout(labels, groups, fractions[2], seed, "test split", min_rest=3)
+        _check_sides(dataset.classes[int(label)], n, MIN_LESIONS_PER_CLASS,
+                     "train/val/test split")
+    test = grouped_holdout(labels, groups, fractions[2], seed, "test split", min_rest=3,
+                           classes=dataset.classes)
     split[test] = "test"
     rest = np.flatnonzero(~test)
     val_frac = fractions[1] / (fractions[0] + fractions[1])
     val = grouped_holdout(labels[rest], groups[rest], val_frac, seed + 1, "val split",
-                          min_rest=2)
+                          min_rest=2, classes=dataset.classes)
     split[rest[val]] = "val"
     return pd.DataFrame({
         "image_id": frame["image_id"].to_numpy(),
@@ -314,9 +325,9 @@ def _stale_reason(split: pd.DataFrame, dataset: Dataset, sha256: np.ndarray) -> 
 
 
 def class_counts(split: pd.DataFrame) -> pd.DataFrame:
-    """Per-split class counts table (rows: split, columns: classes + total)."""
+    """Per-split class counts table (rows: split, columns: the split's class set + total)."""
     table = pd.crosstab(split["split"], split["dx"]).reindex(
-        index=list(SPLITS), columns=list(CLASSES), fill_value=0)
+        index=list(SPLITS), columns=list(class_set(split["dx"])), fill_value=0)
     table["total"] = table.sum(axis=1)
     table["lesions"] = split.groupby("split")["lesion_id"].nunique().reindex(list(SPLITS))
     return table
@@ -324,7 +335,8 @@ def class_counts(split: pd.DataFrame) -> pd.DataFrame:
 
 def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int,
                   purpose: str = "CV folds", allow_fewer: bool = True,
-                  keep_singletons: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                  keep_singletons: bool = False,
+                  classes: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Lesion-grouped stratified K folds as (train_idx, val_idx) pairs.
 
     The fold count comes from :func:`fold_count` (fewer than ``n_folds``, with a warning, when
@@ -341,6 +353,7 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: in
             every fold's training part and no val part (so it is trained on, never scored),
             with a counted warning. For tuning CV, where a fold only has to train on every
             class; never for out-of-fold predictions.
+        classes: the class names integer labels index, for messages (default ``CLASSES``).
 
     Returns:
         k pairs of row-index arrays; every row is in at most one val part (exactly one,
@@ -355,11 +368,12 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: in
         counts = lesions_per_class(labels, groups)
         single = [c for c, m in counts.items() if m == 1]
         if single:
-            warn_once(f"{purpose}: " + ", ".join(f"class {_class_name(c)}" for c in single)
+            warn_once(f"{purpose}: " + ", ".join(f"class {_class_name(c, classes)}"
+                                                 for c in single)
                       + " has a single lesion: trained on in every fold, scored in none",
                       key=f"singletons:{purpose}")
             rows = rows[~np.isin(groups, groups[np.isin(labels, single)])]
-    k = fold_count(labels[rows], groups[rows], n_folds, purpose, allow_fewer)
+    k = fold_count(labels[rows], groups[rows], n_folds, purpose, allow_fewer, classes)
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     kept = np.setdiff1d(np.arange(len(labels)), rows)
     with warnings.catch_warnings():  # every class has >= k lesions, so >= k images

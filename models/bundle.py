@@ -65,12 +65,15 @@ def verify_weights(folder: Path | str, name: str, card: ModelCard | None = None)
     return path
 
 
-def load_proba(folder: Path | str, name: str, rows: int | None = None) -> np.ndarray:
+def load_proba(folder: Path | str, name: str, rows: int | None = None,
+               n_classes: int = len(CLASSES)) -> np.ndarray:
     """Load a saved probability array (``test_proba.npy`` and the like) and validate it.
+
+    ``n_classes``: the width expected, the size of the model's class set (``card.classes``).
 
     Raises:
         LesionLabError: when the file is missing or unreadable, holds objects (loaded without
-            pickle, so nothing in it runs), is not float, is not ``rows`` x ``len(CLASSES)``,
+            pickle, so nothing in it runs), is not float, is not ``rows`` x ``n_classes``,
             or holds values that are not finite probabilities (each row in [0, 1], sum 1).
     """
     path = Path(folder) / name
@@ -85,11 +88,11 @@ def load_proba(folder: Path | str, name: str, rows: int | None = None) -> np.nda
         raise LesionLabError(f"cannot read {path}: {exc}") from None
     except (OSError, EOFError) as exc:
         raise LesionLabError(f"cannot read {path}: {exc}") from None
-    want = f"({'N' if rows is None else rows}, {len(CLASSES)})"
+    want = f"({'N' if rows is None else rows}, {n_classes})"
     if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
         raise LesionLabError(f"{path}: dtype {getattr(arr, 'dtype', type(arr).__name__)}, "
                              f"expected float probabilities")
-    if arr.ndim != 2 or arr.shape[1] != len(CLASSES) or rows not in (None, arr.shape[0]):
+    if arr.ndim != 2 or arr.shape[1] != n_classes or rows not in (None, arr.shape[0]):
         raise LesionLabError(f"{path}: shape {arr.shape}, expected {want}")
     bad = int((~np.isfinite(arr)).any(axis=1).sum())
     if bad:

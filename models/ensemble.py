@@ -27,7 +27,7 @@ from lesionlab.artifacts import library_versions, save_npy
 from lesionlab.cli import (command_parser, config_from_args, data_option, option,
                            resolve_data, run_main, safe_name, save_config, workdir_option)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
-from lesionlab.data import CLASSES, Dataset, load_dataset
+from lesionlab.data import Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import save_train_digests
 from lesionlab.splits import load_or_make_split, split_indices
@@ -91,7 +91,8 @@ def _check_members(cards: list[ModelCard], dirs: list[Path]) -> None:
         if issubclass(folder_class(card), EnsembleFolder):
             raise LesionLabError(f"member {folder} is an ensemble; list its members instead")
         if card.data_fingerprint != cards[0].data_fingerprint or \
-                card.test_image_ids != cards[0].test_image_ids:
+                card.test_image_ids != cards[0].test_image_ids or \
+                card.classes != cards[0].classes:
             raise LesionLabError(f"member {folder} was made on other data or another split "
                                  f"than {dirs[0]}; ensemble models of one split only")
         if not (folder / "test_proba.npy").exists():
@@ -114,11 +115,12 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
                 proba = None
         if proba is None:
             val = Dataset(root=dataset.root,
-                          frame=dataset.frame.iloc[va].reset_index(drop=True))
+                          frame=dataset.frame.iloc[va].reset_index(drop=True),
+                          classes=dataset.classes)
             with load_model_folder(folder, workdir=workdir, card=card) as model:
                 proba = model.predict_proba(val)
         save_npy(path, proba)
-    return load_proba(folder, path.name, len(va))
+    return load_proba(folder, path.name, len(va), len(dataset.classes))
 
 
 def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.ndarray] | None:
@@ -132,7 +134,7 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
         if set(held) & set(card.train_image_ids):
             raise LesionLabError(f"{card.name}: out-of-fold rows overlap its training rows")
         ids += held
-        probas.append(load_proba(folder, "oof_proba.npy", len(held)))
+        probas.append(load_proba(folder, "oof_proba.npy", len(held), len(card.classes)))
     if len(set(ids)) != len(ids):
         raise LesionLabError("the fold models' held-out rows overlap; they are not one K-fold run")
     return ids, np.concatenate(probas)
@@ -162,22 +164,23 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
                              f"on; use the members' workdir")
     y, groups = dataset.labels, dataset.frame["lesion_id"].astype(str).to_numpy()
     val_p = [member_val_proba(d, dataset, va, workdir) for d in dirs]
-    test_p = [load_proba(d, "test_proba.npy", len(te)) for d in dirs]
+    test_p = [load_proba(d, "test_proba.npy", len(te), len(dataset.classes)) for d in dirs]
     weights = choose_weights(val_p, y[va], cfg.weights)
     t = fit_temperature(combine(val_p, weights), y[va])
     proba_va, proba_te = combine(val_p, weights, t), combine(test_p, weights, t)
-    mel_threshold = metrics.threshold_for_sensitivity(y[va], proba_va[:, metrics.MEL])
-    test = metrics.evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
+    classes, mel = dataset.classes, metrics.mel_index(dataset.classes)
+    mel_threshold = metrics.threshold_for_sensitivity(y[va], proba_va[:, mel or 0], mel=mel)
+    test = metrics.evaluate(y[te], proba_te, groups[te], cfg.n_boot, cfg.seed, classes)
     test["ece_uncalibrated"] = metrics.expected_calibration_error(
         y[te], combine(test_p, weights))
-    test["mel_operating_point"] = metrics.operating_point(
-        y[te], proba_te[:, metrics.MEL], mel_threshold, groups[te], cfg.n_boot, cfg.seed)
+    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
+        y[te], proba_te[:, mel], mel_threshold, groups[te], cfg.n_boot, cfg.seed, mel)
     folder = _write_folder(dirs, cards, workdir, cfg.name, proba_te, proba_va)
     # the card names its members by their folder names inside the ensemble folder
     cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
     card = ModelCard(
-        kind="ensemble", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
-        val=metrics.evaluate(y[va], proba_va, n_boot=0), test=test, temperature=t,
+        kind="ensemble", name=folder.name, config=asdict(cfg), classes=list(classes),
+        val=metrics.evaluate(y[va], proba_va, n_boot=0, classes=classes), test=test, temperature=t,
         decision_rule="argmax",
         train_image_ids=sorted({i for c in cards for i in c.train_image_ids}),
         test_image_ids=cards[0].test_image_ids,

@@ -11,6 +11,11 @@ Images the model was trained on inflate its scores: those found in the card's
 ``train_image_ids`` or, by identical bytes, in the folder's ``train_sha256.txt`` (written with
 it) are left out, and one line says how many (``--keep-train-overlap`` keeps them). All JSON
 written is strict: an undefined value (AUC of a one-class folder) is ``null``.
+
+The data's classes map onto the model's by name (``models.classmap``): images of a class the
+model lacks are counted (``unmapped``), said in one line and left out; binary melanoma labels
+(``dx`` = ``mel`` / ``not_mel``) are scored melanoma vs rest (AUC of P(mel), sensitivity and
+specificity at the card's melanoma threshold).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import read_train_digests, train_overlap
+from models import classmap
 from models.bundle import ModelCard, load_card
 from models.folder import load_model_folder
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
-              "mel_sensitivity", "ece", "per_class_recall", "mel_operating_point")
+              "mel_sensitivity", "ece", "per_class_recall", "mel_operating_point",
+              "absent_classes", "unmapped")
 
 
 def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | None = None,
@@ -55,44 +62,82 @@ def model_proba(model_dir: Path | str, dataset: Dataset, workdir: Path | str | N
 
 
 def scores(y: np.ndarray, proba: np.ndarray, groups: np.ndarray, n_boot: int,
-           seed: int, mel_threshold: float | None = None) -> dict:
+           seed: int, mel_threshold: float | None = None,
+           classes: Sequence[str] = CLASSES, dx: np.ndarray | None = None) -> dict:
     """The headline numbers of one prediction set (keys: ``SCORE_KEYS``); the melanoma rule
-    at the card's threshold when it has one."""
-    res = metrics.evaluate(y, proba, groups, n_boot=n_boot, seed=seed)
-    op = None
-    if mel_threshold is not None and not np.isnan(mel_threshold):
-        op = metrics.operating_point(y, proba[:, metrics.MEL], mel_threshold, groups, n_boot,
-                                     seed)
+    at the card's threshold when it has one.
+
+    ``y`` (n,) indexes ``classes`` (the model's), :data:`models.classmap.UNMAPPED` marking
+    an image whose class (``dx``, (n,) names) the model lacks: those are counted in
+    ``unmapped`` and left out. ``absent_classes``: model classes without an image here
+    (their recall is undefined: null), not in ``per_class_recall``.
+    """
+    keep = y != classmap.UNMAPPED
+    unmapped = {} if dx is None else classmap.unmapped_counts(dx, y)
+    y, proba, groups = y[keep], proba[keep], groups[keep]
+    if not len(y):
+        return {**dict.fromkeys(SCORE_KEYS), "n": 0, "per_class_recall": {},
+                "absent_classes": list(classes), "unmapped": unmapped}
+    res = metrics.evaluate(y, proba, groups, n_boot=n_boot, seed=seed, classes=classes)
+    op, mel = None, metrics.mel_index(classes)
+    if mel is not None and mel_threshold is not None and not np.isnan(mel_threshold):
+        op = metrics.operating_point(y, proba[:, mel], mel_threshold, groups, n_boot, seed,
+                                     mel)
     return {"n": res["n"], "balanced_accuracy": res["balanced_accuracy"],
             "balanced_accuracy_ci95": res.get("ci95", {}).get("balanced_accuracy"),
             "macro_f1": res["macro_f1"], "macro_auc": res["macro_auc"],
             "mel_sensitivity": res["mel_sensitivity"], "ece": res["ece"],
             "per_class_recall": {c: v["recall"] for c, v in res["per_class"].items()
                                  if v["support"] > 0},
-            "mel_operating_point": op}
+            "mel_operating_point": op,
+            "absent_classes": [c for c, v in res["per_class"].items() if v["support"] == 0],
+            "unmapped": unmapped}
 
 
 def evaluate_model(model_dir: Path | str, dataset: Dataset, by: str | None = None,
                    workdir: Path | str | None = None, n_boot: int = 1000, seed: int = 0,
                    device: str = "auto", tta: str | None = None,
                    keep_proba: bool = False) -> dict:
-    """Scores of a model folder on a labelled image set, overall and per value of ``by``;
-    with ``keep_proba`` also its probabilities, (n images, n classes), as ``proba``."""
+    """Scores of a model folder on a labelled image set, overall and per value of ``by``.
+
+    Multiclass labels give ``SCORE_KEYS`` blocks over the images whose class the model has;
+    binary melanoma labels give ``mode: melanoma_vs_rest`` and
+    :func:`lesionlab.metrics.melanoma_vs_rest` blocks. With ``keep_proba`` the result also
+    holds the probabilities, (n_images, n_classes), as ``proba``.
+
+    Raises:
+        LesionLabError: ``by`` is not a column; no image has a class of the model; binary
+            labels for a model without a ``mel`` class; the folder does not load.
+    """
     if by is not None and by not in dataset.frame.columns:
         raise LesionLabError(f"--by {by!r} is not a column of the labels; columns: "
                              f"{sorted(dataset.frame.columns)}")
     card = load_card(model_dir)
+    binary = classmap.is_binary(dataset)
+    y = dataset.labels if binary else classmap.map_labels(dataset, card.classes)
+    dx = dataset.frame["dx"].astype(str).to_numpy()
+    if not binary:
+        classmap.require_mappable(y, classmap.unmapped_counts(dx, y), card.classes)
     proba = model_proba(model_dir, dataset, workdir, device, card, tta)
-    y = dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
+
+    def score(rows: np.ndarray) -> dict:
+        if binary:
+            return classmap.melanoma_scores(y[rows], proba[rows], groups[rows], card.classes,
+                                            card.mel_threshold, n_boot, seed)
+        return scores(y[rows], proba[rows], groups[rows], n_boot, seed, card.mel_threshold,
+                      card.classes, dx[rows])
+
     out = {"model": card.name, "data": str(dataset.root), "tta": tta,
-           "overall": scores(y, proba, groups, n_boot, seed, card.mel_threshold), "by": None}
+           "overall": score(np.ones(len(y), bool)), "by": None}
+    if binary:
+        out["mode"] = "melanoma_vs_rest"
+    else:
+        classmap.say_unmapped(out["overall"]["unmapped"], card.name, card.classes)
     if by is not None:
         values = dataset.frame[by].astype(str).to_numpy()
-        out["by"] = {"column": by, "groups": {
-            v: scores(y[values == v], proba[values == v], groups[values == v], n_boot, seed,
-                      card.mel_threshold)
-            for v in sorted(set(values))}}
+        out["by"] = {"column": by,
+                     "groups": {v: score(values == v) for v in sorted(set(values))}}
     if keep_proba:
         out["proba"] = proba
     return out
@@ -149,8 +194,26 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
+def print_melanoma_scores(result: dict) -> None:
+    """Melanoma-vs-rest table of binary labels: overall, then one row per group."""
+    rows = [("all", result["overall"])]
+    if result["by"]:
+        rows += [(f"{result['by']['column']}={k}", v) for k, v in result["by"]["groups"].items()]
+    print(f"{result['model']} on {result['data']} (melanoma vs rest)")
+    print(f"{'':28s} {'n':>5s} {'mel':>5s}  {'AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s}")
+    for name, s in rows:
+        ci = s["auc_ci95"] or [None, None]
+        op = s["operating_point"] or {}
+        print(f"{name[:28]:28s} {s['n']:5d} {s['n_mel']:5d}  {_fmt(s['auc'])} "
+              f"[{_fmt(ci[0])}, {_fmt(ci[1])}]   {_fmt(op.get('sensitivity')):>6s} "
+              f"{_fmt(op.get('specificity')):>6s}")
+
+
 def print_scores(result: dict) -> None:
     """A table: overall, then one row per group."""
+    if result.get("mode") == "melanoma_vs_rest":
+        print_melanoma_scores(result)
+        return
     rows = [("all", result["overall"])]
     if result["by"]:
         rows += [(f"{result['by']['column']}={k}", v) for k, v in result["by"]["groups"].items()]
@@ -162,7 +225,7 @@ def print_scores(result: dict) -> None:
               f"[{_fmt(ci[0])}, {_fmt(ci[1])}]   {_fmt(s['macro_f1']):>6s} "
               f"{_fmt(s['macro_auc']):>6s} {_fmt(s['mel_sensitivity']):>8s}")
     recall = result["overall"]["per_class_recall"]
-    print("recall: " + "  ".join(f"{c} {_fmt(recall[c])}" for c in CLASSES if c in recall))
+    print("recall: " + "  ".join(f"{c} {_fmt(v)}" for c, v in recall.items()))
 
 
 @dataclass

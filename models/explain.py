@@ -21,7 +21,7 @@ from featurize.color import apply_color_constancy
 from featurize.extract import eval_tensor
 from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
                            option, run_main, save_config)
-from lesionlab.data import CLASSES, load_rgb
+from lesionlab.data import KNOWN_CLASSES, load_rgb
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard
 from models.folder import NetworkFolder, load_model_folder
@@ -85,7 +85,7 @@ def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path |
     big = np.asarray(Image.fromarray(np.uint8(cam * 255)).resize(img.size, Image.BILINEAR),
                      np.float32) / 255
     overlay(img, big).save(dest, format="PNG")
-    return {"path": str(path), "overlay": str(dest), "class": CLASSES[cls],
+    return {"path": str(path), "overlay": str(dest), "class": card.classes[cls],
             "probability": float(proba[cls])}
 
 
@@ -120,13 +120,14 @@ def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
             or the network does not load.
     """
     net = gradcam_folder(model_dir, device)
-    if target is not None and target not in CLASSES:
-        raise LesionLabError(f"unknown class {target!r}; expected one of {list(CLASSES)}")
+    classes = net.card.classes  # the explained network's class set
+    if target is not None and target not in classes:
+        raise LesionLabError(f"unknown class {target!r}; expected one of {list(classes)}")
     net.load()
     model, card, spec = net.network, net.card, net.spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cls = None if target is None else CLASSES.index(target)
+    cls = None if target is None else list(classes).index(target)
     results = []
     for path, name in zip(paths, overlay_names(paths)):
         try:
@@ -145,8 +146,8 @@ class ExplainConfig:
                                      positional=True)
     out: Path = option(help="folder for the overlay PNGs (and the resolved config.yaml)",
                        parse=Path)
-    target: str | None = option(None, "class to explain; None: the predicted one",
-                                choices=CLASSES)
+    target: str | None = option(None, "class to explain (one of the model's classes); None: "
+                                      "the predicted one", choices=KNOWN_CLASSES)
     device: str = device_option()
 
 

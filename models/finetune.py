@@ -243,16 +243,18 @@ def train_mode(model: nn.Module) -> None:
             m.eval()
 
 
-def build_model(cfg: FinetuneConfig) -> tuple[nn.Module, BackboneSpec]:
-    """Pretrained backbone with a fresh 7-class head and dropout before it.
+def build_model(cfg: FinetuneConfig,
+                n_classes: int = len(CLASSES)) -> tuple[nn.Module, BackboneSpec]:
+    """Pretrained backbone with a fresh ``n_classes``-class head (the size of the data's class
+    set; HAM10000's 7 by default) and dropout before it.
 
     The head is initialised from ``cfg.seed`` after the backbone is built, so its start does
     not depend on how many random draws building the backbone took.
     """
-    model, spec = create_backbone(cfg.backbone, cfg.weights, num_classes=len(CLASSES),
+    model, spec = create_backbone(cfg.backbone, cfg.weights, num_classes=n_classes,
                                   drop_rate=cfg.drop_rate)
     torch.manual_seed(cfg.seed)
-    model.reset_classifier(len(CLASSES))
+    model.reset_classifier(n_classes)
     freeze_stages(model, cfg.freeze_stages)
     return model, spec
 
@@ -501,7 +503,7 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
     tr, held = cv_rows(dataset, tr, cfg)
     folder = claim_folder(model_path(workdir, cfg.model_name()), "finetune",
                           inputs=[cfg.backbone], exclusive=world.main)  # the main one writes
-    model, spec = build_model(cfg)
+    model, spec = build_model(cfg, len(dataset.classes))
     model = model.to(device).to(memory_format=torch.channels_last)
     net = None
     if world.size > 1:
@@ -510,7 +512,7 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
         net = DistributedDataParallel(
             model, device_ids=[world.local_rank] if device.type == "cuda" else None)
     labels = dataset.labels
-    criterion = make_loss(cfg, np.bincount(labels[tr], minlength=len(CLASSES))).to(device)
+    criterion = make_loss(cfg, np.bincount(labels[tr], minlength=len(dataset.classes))).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     steps = math.ceil(len(tr) // world.size / cfg.batch_size)
     sched = build_scheduler(opt, steps, cfg)
@@ -532,7 +534,8 @@ def cv_rows(dataset: Dataset, tr: np.ndarray,
 
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     fit, held = grouped_folds(dataset.labels[tr], groups[tr], cfg.cv_folds, cfg.data_seed,
-                              f"{cfg.cv_folds}-fold fine-tuning", allow_fewer=False)[cfg.cv_fold]
+                              f"{cfg.cv_folds}-fold fine-tuning", allow_fewer=False,
+                              classes=dataset.classes)[cfg.cv_fold]
     return tr[fit], tr[held]
 
 
@@ -580,12 +583,13 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
     proba_te = apply_temperature(raw_te, temperature)
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     test = metrics.evaluate(y[run.te], proba_te, groups[run.te], n_boot=cfg.n_boot,
-                            seed=cfg.seed)
+                            seed=cfg.seed, classes=dataset.classes)
     test["ece_uncalibrated"] = metrics.expected_calibration_error(y[run.te], raw_te)
     val_proba = apply_temperature(proba_va, temperature)
-    mel_threshold = metrics.threshold_for_sensitivity(y[run.va], val_proba[:, metrics.MEL])
-    test["mel_operating_point"] = metrics.operating_point(
-        y[run.te], proba_te[:, metrics.MEL], mel_threshold, groups[run.te], cfg.n_boot, cfg.seed)
+    mel = metrics.mel_index(dataset.classes)
+    mel_threshold = metrics.threshold_for_sensitivity(y[run.va], val_proba[:, mel or 0], mel=mel)
+    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
+        y[run.te], proba_te[:, mel], mel_threshold, groups[run.te], cfg.n_boot, cfg.seed, mel)
     with atomic_path(folder / WEIGHTS) as tmp:
         torch.save(run.model.state_dict(), tmp)
     save_npy(folder / "test_proba.npy", proba_te)
@@ -594,7 +598,7 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
         _, raw_oof = evaluate(run.model, paths[run.held].tolist(), y[run.held], run.spec,
                               run.device, cfg, tta=cfg.tta)
         save_npy(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
-    val = metrics.evaluate(y[run.va], val_proba, n_boot=0)
+    val = metrics.evaluate(y[run.va], val_proba, n_boot=0, classes=dataset.classes)
     card = build_card(run, state, dataset, folder, val, test, temperature,
                       {"eval_img_per_s": round(len(run.te) / eval_s, 1),
                        "total_time_s": round(time.perf_counter() - t_start, 1)})
@@ -621,7 +625,7 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         "oof_image_ids": None if run.held is None else ids[run.held].tolist(),
         "bf16_autocast": use_bf16(run.cfg.precision, run.device)}
     return ModelCard(
-        kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(CLASSES),
+        kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(dataset.classes),
         val=val, test=test, temperature=temperature, decision_rule="argmax",
         train_image_ids=ids[run.tr].tolist(), test_image_ids=ids[run.te].tolist(),
         n_train=len(run.tr), n_val=len(run.va), n_test=len(run.te), tune_time_s=0.0,
@@ -648,7 +652,7 @@ def load_finetuned(model_dir: Path | str,
     """A fine-tuned model folder -> (model in eval mode, card, backbone spec)."""
     card = load_card(model_dir)
     require_kind(card, "finetune", f"{model_dir} holds a {{have}} model, not a fine-tuned network")
-    model, spec = build_model(finetune_config(card))
+    model, spec = build_model(finetune_config(card), len(card.classes))
     path = verify_weights(model_dir, WEIGHTS, card)  # the sha256 its card recorded
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

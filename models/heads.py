@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from lesionlab.data import CLASSES
 from lesionlab.errors import LesionLabError, warn_once
-from lesionlab.metrics import (MEL, MEL_TARGET_SENSITIVITY, N_CLASSES, balanced_accuracy,
+from lesionlab.metrics import (MEL_TARGET_SENSITIVITY, N_CLASSES, balanced_accuracy, mel_index,
                                threshold_for_sensitivity)
 
 if TYPE_CHECKING:  # the search and the pipeline libraries load only where heads are fitted
@@ -116,8 +116,10 @@ def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
     return Pipeline(steps)
 
 
-def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
-    """Shrink PCA width and SMOTE's k to what this training part allows (tiny folds)."""
+def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray,
+                  classes: tuple[str, ...] = CLASSES) -> Pipeline:
+    """Shrink PCA width and SMOTE's k to what this training part allows (tiny folds);
+    ``classes`` names the labels ``y`` indexes (for the warning)."""
     if "pca" in pipe.named_steps:
         pca = pipe.named_steps["pca"]
         pipe.set_params(pca__n_components=min(pca.n_components, *x.shape))
@@ -128,7 +130,7 @@ def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
         # this training part has none, so it keeps its one row (said once, counted)
         lone = sorted(c for c, n in counts.items() if n < 2)
         if lone:
-            warn_once("SMOTE: class(es) " + ", ".join(CLASSES[c] for c in lone) + " have a "
+            warn_once("SMOTE: class(es) " + ", ".join(classes[c] for c in lone) + " have a "
                       "single image in a training part; they are not oversampled there",
                       key="smote_single_image")
         targets = {c: top for c, n in counts.items() if 2 <= n < top}
@@ -174,11 +176,12 @@ def _transform(pipe: Pipeline, x_fit: np.ndarray, y_fit: np.ndarray,
 
 def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
              y_va: np.ndarray, groups_tr: np.ndarray | None = None,
-             seed: int = 0) -> tuple[np.ndarray, int | None]:
+             seed: int = 0, n_classes: int = N_CLASSES) -> tuple[np.ndarray, int | None]:
     """Fit on the fold's training part (samplers here only) and predict the validation part.
 
     LightGBM stops early on a lesion-grouped part of the training rows (``groups_tr``), never
-    on the validation part it is scored on. Returns (val probabilities, best iteration).
+    on the validation part it is scored on. Returns (val probabilities, (len(x_va),
+    n_classes), and the best iteration).
     """
     clf = pipe.steps[-1][1]
     if not _is_lightgbm(clf):
@@ -186,7 +189,7 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             clf.fit(xt, yt)
-        return full_proba(clf, xv), None
+        return full_proba(clf, xv, n_classes), None
     import lightgbm as lgb
 
     groups_tr = np.arange(len(y_tr)) if groups_tr is None else groups_tr
@@ -201,7 +204,8 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clf.fit(xt, yt, **stopping)
-    return full_proba(clf, xv), int(getattr(clf, "best_iteration_", 0) or clf.n_estimators)
+    return (full_proba(clf, xv, n_classes),
+            int(getattr(clf, "best_iteration_", 0) or clf.n_estimators))
 
 
 def _is_lightgbm(clf: Any) -> bool:
@@ -212,8 +216,9 @@ def _is_lightgbm(clf: Any) -> bool:
     return lgb is not None and isinstance(clf, lgb.LGBMClassifier)
 
 
-def full_proba(clf: Any, x: np.ndarray, n_classes: int = 7) -> np.ndarray:
-    """``predict_proba`` spread onto all classes (a fold may miss a rare class)."""
+def full_proba(clf: Any, x: np.ndarray, n_classes: int = N_CLASSES) -> np.ndarray:
+    """``predict_proba`` spread onto all ``n_classes`` classes, (len(x), n_classes) (a fold
+    may miss a rare class)."""
     proba = clf.predict_proba(x)
     out = np.zeros((len(x), n_classes))
     out[:, np.asarray(clf.classes_, dtype=int)] = proba
@@ -221,8 +226,10 @@ def full_proba(clf: Any, x: np.ndarray, n_classes: int = 7) -> np.ndarray:
 
 
 def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                 head: str, imbalance: str, seed: int, groups: np.ndarray | None = None):
-    """Optuna objective: mean balanced accuracy over the grouped folds, pruned per fold."""
+                 head: str, imbalance: str, seed: int, groups: np.ndarray | None = None,
+                 n_classes: int = N_CLASSES):
+    """Optuna objective: mean balanced accuracy over the grouped folds, pruned per fold
+    (``n_classes``: the size of the class set ``y`` indexes)."""
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_params(trial, head, x.shape[1])
@@ -230,7 +237,8 @@ def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.
         for k, (tr, va) in enumerate(folds):
             pipe = build_pipeline(head, imbalance, params, seed)
             proba, best_iter = fit_fold(pipe, x[tr], y[tr], x[va], y[va],
-                                        None if groups is None else groups[tr], seed)
+                                        None if groups is None else groups[tr], seed,
+                                        n_classes)
             scores.append(balanced_accuracy(y[va], proba.argmax(1)))
             if best_iter is not None:
                 iters.append(best_iter)
@@ -288,34 +296,49 @@ class HeadModel(ClassifierMixin, BaseEstimator):
     ``fit`` fits the imblearn pipeline on training rows; ``choose_rule`` (argmax or class-prior
     correction), ``calibrate`` (temperature) and ``choose_mel_threshold`` (the melanoma rule)
     use held-out rows. Fitted state lives in ``pipeline_``, ``classes_``, ``prior_``,
-    ``decision_rule_``, ``temperature_`` and ``mel_threshold_``.
+    ``decision_rule_``, ``temperature_`` and ``mel_threshold_``. ``class_names`` is the class
+    set the labels index (the data's; HAM10000's 7 by default); probabilities have one column
+    per name, and without ``mel`` among them there is no melanoma threshold (NaN).
     """
 
     def __init__(self, head: str = "logreg", imbalance: str = "class_weight",
                  params: dict[str, Any] | None = None, seed: int = 0,
-                 n_estimators: int = MAX_TREES) -> None:
+                 n_estimators: int = MAX_TREES,
+                 class_names: tuple[str, ...] = CLASSES) -> None:
         self.head = head
         self.imbalance = imbalance
         self.params = params
         self.seed = seed
         self.n_estimators = n_estimators
+        self.class_names = class_names
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (skops too): a head saved before class sets were recorded has
+        HAM10000's 7."""
+        super().__setstate__({"class_names": CLASSES, **state})
+
+    @property
+    def n_classes_(self) -> int:
+        """Number of classes (columns of the probabilities)."""
+        return len(self.class_names)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "HeadModel":
         """Fit the pipeline (samplers act here only); the rule starts as argmax, T as 1."""
         params = self.params or default_params(self.head, x.shape[1])
         pipe = build_pipeline(self.head, self.imbalance, params, self.seed, self.n_estimators)
-        self.pipeline_ = adapt_to_data(pipe, x, y).fit(x, y)
-        self.classes_ = np.arange(N_CLASSES)
-        self.prior_ = np.bincount(y, minlength=N_CLASSES) / len(y)
+        self.pipeline_ = adapt_to_data(pipe, x, y, tuple(self.class_names)).fit(x, y)
+        self.classes_ = np.arange(self.n_classes_)
+        self.prior_ = np.bincount(y, minlength=self.n_classes_) / len(y)
         self.decision_rule_ = "argmax"
         self.temperature_ = 1.0
         self.mel_threshold_ = float("nan")
         return self
 
     def raw_proba(self, x: np.ndarray) -> np.ndarray:
-        """Pipeline probabilities on all 7 classes (no decision rule, no temperature)."""
+        """Pipeline probabilities on all classes, (len(x), n_classes_) (no decision rule, no
+        temperature)."""
         check_is_fitted(self, "pipeline_")
-        return full_proba(self.pipeline_, x)
+        return full_proba(self.pipeline_, x, self.n_classes_)
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
         """Apply the decision rule chosen on held-out rows (before any temperature)."""
@@ -341,9 +364,13 @@ class HeadModel(ClassifierMixin, BaseEstimator):
     def choose_mel_threshold(self, x: np.ndarray, y: np.ndarray,
                              target: float = MEL_TARGET_SENSITIVITY) -> float:
         """The melanoma rule's threshold on calibrated P(mel), chosen on held-out rows for
-        sensitivity >= ``target``."""
-        self.mel_threshold_ = threshold_for_sensitivity(y, self.predict_proba(x)[:, MEL],
-                                                        target)
+        sensitivity >= ``target`` (NaN without a ``mel`` class)."""
+        mel = mel_index(self.class_names)
+        if mel is None:
+            self.mel_threshold_ = float("nan")
+        else:
+            self.mel_threshold_ = threshold_for_sensitivity(y, self.predict_proba(x)[:, mel],
+                                                            target, mel)
         return self.mel_threshold_
 
     def uncalibrated_proba(self, x: np.ndarray) -> np.ndarray:

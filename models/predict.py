@@ -27,6 +27,8 @@ from lesionlab.labels import default_vocabulary, spelled
 from models.folder import NetworkFolder, images_dataset, load_model_folder  # noqa: F401
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
+# what the melanoma rule says for a model without a melanoma class (no threshold to apply)
+NO_MELANOMA_RULE = "none: the model has no mel class"
 
 
 class Predictor:
@@ -48,7 +50,8 @@ class Predictor:
 
     def predict_proba(self, paths: Sequence[str],
                       meta: pd.DataFrame | None = None) -> np.ndarray:
-        """Calibrated class probabilities, (len(paths), 7), of readable images ``paths``."""
+        """Calibrated class probabilities, (len(paths), len(card.classes)), of readable images
+        ``paths``."""
         return self.folder.predict_proba(paths, meta)
 
     def predict_images(self, paths: Sequence[str],
@@ -66,7 +69,8 @@ class Predictor:
             sub_meta = meta.iloc[ok] if meta is not None else None
             proba = self.predict_proba([str(paths[i]) for i in ok], sub_meta)
             for i, row in zip(ok, proba):
-                results[i] = result_line(paths[i], row, self.card.mel_threshold)
+                results[i] = result_line(paths[i], row, self.card.mel_threshold,
+                                         self.card.classes)
         return results
 
     def close(self) -> None:
@@ -76,7 +80,8 @@ class Predictor:
 
 def predict_proba(model_dir: Path | str, paths: Sequence[str],
                   meta: pd.DataFrame | None = None, device: str = "auto") -> np.ndarray:
-    """Calibrated class probabilities, (len(paths), 7), of readable images ``paths``."""
+    """Calibrated class probabilities, (len(paths), n_classes), of readable images ``paths``
+    (columns: the card's ``classes``)."""
     predictor = Predictor(model_dir, device)
     try:
         return predictor.predict_proba(paths, meta)
@@ -84,19 +89,24 @@ def predict_proba(model_dir: Path | str, paths: Sequence[str],
         predictor.close()
 
 
-def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None) -> dict:
+def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None,
+                classes: Sequence[str] = CLASSES) -> dict:
     """The JSON record of one predicted image (keys: ``RESULT_KEYS``).
 
-    ``decisions`` holds each rule the card has: the balanced-accuracy rule (the most likely
-    class) and, when the card has one, the melanoma rule (flag when P(mel) >= its threshold).
+    ``proba`` is (len(classes),), ``classes`` the card's class set. ``decisions`` holds each
+    rule the card has: the balanced-accuracy rule (the most likely class) and, when the card
+    has one, the melanoma rule (flag when P(mel) >= its threshold); a class set without
+    ``mel`` has none, and ``melanoma_rule`` says so.
     """
-    code = CLASSES[int(proba.argmax())]
+    code = classes[int(proba.argmax())]
     decisions = {"balanced_accuracy_rule": code}
-    if mel_threshold is not None and not np.isnan(mel_threshold):
-        flagged = bool(proba[CLASSES.index("mel")] >= mel_threshold)
+    if "mel" not in classes:
+        decisions["melanoma_rule"] = NO_MELANOMA_RULE
+    elif mel_threshold is not None and not np.isnan(mel_threshold):
+        flagged = bool(proba[list(classes).index("mel")] >= mel_threshold)
         decisions["melanoma_rule"] = "mel" if flagged else "not mel"
     return {"path": str(path), "prediction": code, "name": CLASS_NAMES[code],
-            "probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, proba)},
+            "probabilities": {c: round(float(v), 6) for c, v in zip(classes, proba)},
             "decisions": decisions}
 
 

@@ -34,12 +34,14 @@ def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> Feature
                              f"with out-of-fold probabilities (make it with models.kfold)")
     ids = dataset.frame["image_id"].astype(str)
     held = card.details["oof_image_ids"]
-    oof = pd.DataFrame(load_proba(folder, "oof_proba.npy", len(held)), index=held)
+    oof = pd.DataFrame(load_proba(folder, "oof_proba.npy", len(held), len(card.classes)),
+                       index=held)
     proba = np.zeros((len(ids), oof.shape[1]))
     in_oof = ids.isin(oof.index).to_numpy()
     proba[in_oof] = oof.loc[ids[in_oof]].to_numpy()
     if (~in_oof).any():
-        rest = Dataset(root=dataset.root, frame=dataset.frame[~in_oof].reset_index(drop=True))
+        rest = Dataset(root=dataset.root, frame=dataset.frame[~in_oof].reset_index(drop=True),
+                       classes=dataset.classes)
         with load_model_folder(folder, workdir=workdir, card=card) as model:
             proba[~in_oof] = model.predict_proba(rest)
     return FeatureSet(key=f"{OOF_PREFIX}{name}", path=folder, features=log_proba(proba),

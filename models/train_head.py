@@ -32,7 +32,7 @@ from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import save_train_digests
-from lesionlab.metrics import MEL, evaluate, expected_calibration_error, operating_point
+from lesionlab.metrics import evaluate, expected_calibration_error, mel_index, operating_point
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import (ModelCard, TrainingRun, claim_folder, model_name, model_path,
@@ -207,7 +207,7 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
-         cfg: HeadConfig) -> float:
+         cfg: HeadConfig, classes: tuple[str, ...] = CLASSES) -> float:
     """Run trials until the study holds ``cfg.trials`` finished ones; returns the seconds spent.
 
     The budget is counted in the study, so several workers on one storage share it (one that
@@ -218,21 +218,25 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     if not remaining:
         return 0.0
     folds = grouped_folds(y, groups, cfg.folds, cfg.seed, "head tuning CV",
-                          keep_singletons=True)
+                          keep_singletons=True, classes=classes)
     t0 = time.perf_counter()
-    study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed, groups),
+    study.optimize(heads.cv_objective(x, y, folds, cfg.head, cfg.imbalance, cfg.seed, groups,
+                                      len(classes)),
                    n_trials=remaining, timeout=cfg.tune_timeout, show_progress_bar=True,
                    callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)])
     return time.perf_counter() - t0
 
 
 def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-              y_va: np.ndarray, cfg: HeadConfig) -> tuple[heads.HeadModel, dict, float]:
-    """Refit the best trial on all of train; decision rule and temperature from val only."""
+              y_va: np.ndarray, cfg: HeadConfig,
+              classes: tuple[str, ...] = CLASSES) -> tuple[heads.HeadModel, dict, float]:
+    """Refit the best trial on all of train; decision rule and temperature from val only
+    (``classes``: the class set the labels index)."""
     best = study.best_trial
     t0 = time.perf_counter()
     model = heads.HeadModel(cfg.head, cfg.imbalance, dict(best.params), cfg.seed,
-                            best.user_attrs.get("best_iteration", heads.MAX_TREES))
+                            best.user_attrs.get("best_iteration", heads.MAX_TREES),
+                            tuple(classes))
     model.fit(x_tr, y_tr)
     fit_s = time.perf_counter() - t0
     rule_scores = model.choose_rule(x_va, y_va)
@@ -272,13 +276,14 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     folder = claim_folder(model_path(workdir, cfg.model_name()), "head",
                           exclusive=stage != "tune")
     study = open_study(folder, cfg, study_fingerprint(design, cfg, len(tr)))
-    tune_s = tune(study, x[tr], y[tr], groups[tr], cfg) if stage != "refit" else 0.0
+    tune_s = (tune(study, x[tr], y[tr], groups[tr], cfg, dataset.classes)
+              if stage != "refit" else 0.0)
     if stage == "tune":
         return None
     fail_running(study, "by a worker that stopped")  # no worker is left at refit time
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise LesionLabError(f"study {study.study_name!r} has no completed trial to refit")
-    model, details, fit_s = fit_final(study, x[tr], y[tr], x[va], y[va], cfg)
+    model, details, fit_s = fit_final(study, x[tr], y[tr], x[va], y[va], cfg, dataset.classes)
     card = test_and_save(model, dataset, design, (tr, va, te), folder, cfg,
                          {**details, "n_features": int(x.shape[1])})
     card.tune_time_s = round(tune_s, 1)
@@ -326,18 +331,20 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
     x, y = design.x, dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     proba_te = model.predict_proba(x[te])
-    test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed)
+    test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed,
+                    classes=dataset.classes)
     test["ece_uncalibrated"] = expected_calibration_error(y[te], model.uncalibrated_proba(x[te]))
-    test["mel_operating_point"] = operating_point(y[te], proba_te[:, MEL], model.mel_threshold_,
-                                                  groups[te], cfg.n_boot, cfg.seed)
+    mel = mel_index(dataset.classes)
+    test["mel_operating_point"] = None if mel is None else operating_point(
+        y[te], proba_te[:, mel], model.mel_threshold_, groups[te], cfg.n_boot, cfg.seed, mel)
     proba_va = model.predict_proba(x[va])
     save_head(folder, model)
     save_npy(folder / "test_proba.npy", proba_te)
     save_npy(folder / "val_proba.npy", proba_va)  # what ensembles choose their weights on
     ids = dataset.frame["image_id"].to_numpy()
     return ModelCard(
-        kind="head", name=folder.name, config=asdict(cfg), classes=list(CLASSES),
-        val=evaluate(y[va], proba_va, n_boot=0), test=test,
+        kind="head", name=folder.name, config=asdict(cfg), classes=list(dataset.classes),
+        val=evaluate(y[va], proba_va, n_boot=0, classes=dataset.classes), test=test,
         temperature=model.temperature_, decision_rule=model.decision_rule_,
         train_image_ids=ids[tr].tolist(), test_image_ids=ids[te].tolist(),
         n_train=len(tr), n_val=len(va), n_test=len(te), tune_time_s=0.0, fit_time_s=0.0,

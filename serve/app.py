@@ -21,11 +21,11 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from lesionlab.cli import check_choices, device_option, model_option, option
-from lesionlab.data import CLASS_NAMES, CLASSES, load_rgb
+from lesionlab.data import CLASS_NAMES, load_rgb
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import default_vocabulary, name_table
 from models.folder import ModelFolder
-from models.predict import Predictor, result_line
+from models.predict import NO_MELANOMA_RULE, Predictor, result_line
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_MB = 20.0
@@ -54,16 +54,19 @@ class ServeConfig:
 
 
 def model_summary(model: ModelFolder) -> dict:
-    """What the page and ``GET /api/model`` show about the model (from its card and kind)."""
+    """What the page and ``GET /api/model`` show about the model (from its card and kind):
+    its classes (the card's, with full names) and decision rules; without a ``mel`` class
+    the melanoma threshold is None and ``melanoma_rule`` says why."""
     card, labels = model.card, model.labels(model.card)
-    test = card.test
+    test, has_mel = card.test, "mel" in card.classes
     return {
         "name": card.name, "kind": card.kind, "features": labels.features,
         "head": labels.head, "imbalance": labels.imbalance,
         "uses_metadata": card.metadata, "has_gradcam": model.gradcam_network() is not None,
-        "classes": {c: CLASS_NAMES[c] for c in CLASSES},
+        "classes": {c: CLASS_NAMES[c] for c in card.classes},
         "decision_rules": {"balanced_accuracy": card.decision_rule,
-                           "melanoma_threshold": card.mel_threshold},
+                           "melanoma_threshold": card.mel_threshold if has_mel else None,
+                           **({} if has_mel else {"melanoma_rule": NO_MELANOMA_RULE})},
         "test": {"balanced_accuracy": test["balanced_accuracy"],
                  "ci95": test.get("ci95", {}).get("balanced_accuracy"),
                  "macro_auc": test["macro_auc"], "mel_sensitivity": test["mel_sensitivity"],
@@ -120,7 +123,8 @@ class Service:
             except LesionLabError as exc:
                 raise HTTPException(400, str(exc).replace(tmp.name, repr(filename))) from None
             proba = self.predictor.predict_proba([tmp.name], meta)[0]
-            result = result_line(filename, proba, self.predictor.card.mel_threshold)
+            card = self.predictor.card
+            result = result_line(filename, proba, card.mel_threshold, card.classes)
             if gradcam and self.predictor.cam is not None:
                 result["gradcam_png"] = self._gradcam(tmp.name)
         return result

@@ -49,7 +49,9 @@ function showResult(out) {
   const rule = model.decision_rules.balanced_accuracy;
   let decision = `Decision under the balanced-accuracy rule (${rule}): ` +
     `${out.prediction}, probability ${fmt(out.probabilities[out.prediction])}.`;
-  if (out.decisions && out.decisions.melanoma_rule) {
+  if (model.decision_rules.melanoma_rule) {  // the model has no mel class
+    decision += ` Melanoma rule: ${model.decision_rules.melanoma_rule}.`;
+  } else if (out.decisions && out.decisions.melanoma_rule) {
     const t = model.decision_rules.melanoma_threshold;
     decision += ` Melanoma rule (flag when P(mel) >= ${fmt(t)}, chosen on val for ` +
       `sensitivity >= 0.80): ${out.decisions.melanoma_rule}.`;
