@@ -109,7 +109,8 @@ def vocabulary(label_map: Path | str | None = None) -> Vocabulary:
     """
     vocab = load_vocabulary(label_map)
     bad = sorted({e.target for e in vocab.entries
-                  if e.kind == "class" and e.target and e.target not in KNOWN_CLASSES})
+                  if e.kind == "class" and e.target
+                  and e.target not in (*KNOWN_CLASSES, NOT_MEL)})
     if bad:
         raise LesionLabError(f"label map {label_map}: class name(s) {bad} are none of "
                              f"lesionlab's classes {list(KNOWN_CLASSES)}")

@@ -482,6 +482,7 @@ def paired_bootstrap_all(y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.nd
               else [float("nan"), float("nan")])
         out[name] = {"a": a, "b": b, "difference": a - b,
                      "ci95": [float(ci[0]), float(ci[1])], "n_used": int(len(usable))}
+    return out
 
 
 def _binary_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from lesionlab.data import CLASS_NAMES, CLASSES, KNOWN_CLASSES, load_dataset, load_external_labels
+from lesionlab.data import NOT_MEL, CLASS_NAMES, CLASSES, KNOWN_CLASSES, load_dataset, load_external_labels
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import (FORMATS, SITES, VOCABULARY_FILE, default_vocabulary, normalize,
                               read_labels)
@@ -223,7 +223,8 @@ def test_the_table_maps_onto_the_canonical_names_and_ships() -> None:
     targets = {e.kind: set() for e in vocab.entries}
     for e in vocab.entries:
         targets[e.kind].add(e.target)
-    assert targets["class"] - {""} <= set(KNOWN_CLASSES) and set(KNOWN_CLASSES) <= targets["class"]
+    assert targets["class"] - {"", NOT_MEL} <= set(KNOWN_CLASSES)
+    assert set(KNOWN_CLASSES) <= targets["class"] and NOT_MEL in targets["class"]  # binary
     assert targets["site"] == {*SITES, "unknown"}
     for code, full in CLASS_NAMES.items():  # the names lesionlab itself prints
         assert vocab.lookup("class", full) == code and vocab.lookup("class", code) == code

@@ -73,6 +73,7 @@ def rare_warnings() -> list[str]:
 @dataclass
 class FakeDataset:
     frame: pd.DataFrame
+    classes: tuple[str, ...] = CLASSES
 
     @property
     def labels(self) -> np.ndarray:
