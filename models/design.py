@@ -18,6 +18,7 @@ from sklearn.preprocessing import OneHotEncoder
 from featurize.extract import Extractor, FeaturizeConfig, FeatureSet, featurize
 from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
+from lesionlab.images import model_aspect
 from models.bundle import ModelCard, model_path
 
 OOF_PREFIX = "oof:"  # a feature block of out-of-fold CNN probabilities: oof:<K-fold ensemble>
@@ -86,10 +87,14 @@ class Design:
 
 def block_config(block: dict, **runtime) -> FeaturizeConfig:
     """The featurize settings that made one feature block of a model card (to recompute it)."""
-    # feature sets cached before colour constancy existed were made without it
+    # feature sets cached before colour constancy (or input aspects) existed were made
+    # without it (with HAM10000's 4:3)
     return FeaturizeConfig(backbone=block["backbone"], image_size=tuple(block["image_size"]),
                            tta=block["tta"], pool=block["pool"], weights=block["weights"],
-                           color_constancy=block.get("color_constancy", "none"), **runtime)
+                           color_constancy=block.get("color_constancy", "none"),
+                           input_aspect=model_aspect(block.get("input_aspect"),
+                                                     f"feature block {block['backbone']}"),
+                           **runtime)
 
 
 def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:
