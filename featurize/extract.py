@@ -39,7 +39,8 @@ from featurize.spec import POOL_MODES, TTA_MODES, FeatureBlock, parse_block, sou
 from lesionlab.artifacts import (atomic_path, check_room, exclusive_lock, features_dir,
                                  library_versions, read_json, reserve, save_npy, write_json)
 from lesionlab.cli import check_choices, device_option, option
-from lesionlab.data import Dataset, frame_fingerprint, load_rgb
+from lesionlab.data import Dataset, frame_fingerprint
+from lesionlab.images import median_aspect, model_aspect, read_image, same_aspect
 from lesionlab.device import DEVICES, resolve_device
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import move_aside, provenance, same_code
@@ -73,6 +74,9 @@ class FeaturizeConfig:
     color_constancy: str = option("none", "colour constancy before the model sees the image",
                                   choices=COLOR_CONSTANCY)
     weights: str | None = option(None, "local checkpoint instead of packaged/hub weights")
+    input_aspect: float | None = option(
+        None, "width/height images are centre-cropped to before the resize; None: the "
+              "median of the data's images (a fine-tuned backbone: its own)", gt=0)
     # runtime only (do not change the numbers beyond float tolerance):
     batch_size: int = option(64, "images per forward pass", ge=1)
     device: str = device_option()
@@ -93,7 +97,8 @@ class FeaturizeConfig:
             raise LesionLabError("--chunk-size and --batch-size must be at least 1")
 
     def resolved(self) -> "FeaturizeConfig":
-        """The settings actually used: a fine-tuned folder brings its own colour constancy."""
+        """The settings actually used: a fine-tuned folder brings its own colour constancy
+        and input aspect."""
         card = finetuned_card(self.backbone)
         if card is None:
             return self
@@ -101,7 +106,15 @@ class FeaturizeConfig:
         if self.color_constancy not in ("none", own):
             raise LesionLabError(f"{self.backbone} was trained with colour constancy {own!r}; "
                                  f"drop --color-constancy {self.color_constancy}")
-        return replace(self, color_constancy=own)
+        aspect = model_aspect(card.input_aspect, f"{self.backbone} card")
+        return replace(self, color_constancy=own, input_aspect=aspect)
+
+    def with_aspect(self, paths: Sequence[str]) -> "FeaturizeConfig":
+        """These settings with ``input_aspect`` set: as given, else the median aspect of the
+        images ``paths`` (headers only; see :func:`lesionlab.images.median_aspect`)."""
+        if self.input_aspect is not None:
+            return self
+        return replace(self, input_aspect=median_aspect(paths))
 
     def size(self) -> tuple[int, int]:
         """(H, W) actually used."""
@@ -115,13 +128,16 @@ class ImagePathDataset(TorchDataset):
     """A list of image paths, decoded and resized in DataLoader workers: (tensor, index).
 
     Item ``i``: a (3, H, W) float32 tensor from :func:`eval_transform` (or, ``classical``, the
-    (F,) hand-made features) and ``i``.
+    (F,) hand-made features) and ``i``. Images are read by :func:`lesionlab.images.read_image`
+    (EXIF-oriented, centre-cropped to ``aspect``, width/height; None: HAM10000's 4:3).
     """
 
     def __init__(self, paths: Sequence[str], size: tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], classical: bool = False,
-                 interpolation: str = "bicubic", color_constancy: str = "none") -> None:
+                 interpolation: str = "bicubic", color_constancy: str = "none",
+                 aspect: float | None = None) -> None:
         self.paths = list(paths)
+        self.aspect = model_aspect(aspect)
         self.size = size
         self.classical = classical
         self.transform = None if classical else eval_transform(size, mean, std, interpolation)
@@ -131,7 +147,8 @@ class ImagePathDataset(TorchDataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = apply_color_constancy(load_rgb(self.paths[i]), self.color_constancy)
+        img = apply_color_constancy(read_image(self.paths[i], self.aspect),
+                                    self.color_constancy)
         if self.classical:
             return torch.from_numpy(classical_features(img, self.size)), i
         return self.transform(img), i
@@ -271,7 +288,8 @@ class Extractor:
         ds = ImagePathDataset(paths, self.size, self.spec.mean, self.spec.std,
                               classical=self.runner is None,
                               interpolation=self.spec.interpolation,
-                              color_constancy=self.cfg.color_constancy)
+                              color_constancy=self.cfg.color_constancy,
+                              aspect=self.cfg.input_aspect)
         workers = self.cfg.num_workers
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
@@ -307,8 +325,10 @@ def cache_key(cfg: FeaturizeConfig, weights_sha256: str, data_fp: str) -> str:
     """Readable cache key: every setting that changes the numbers, plus input fingerprints."""
     h, w = cfg.size()
     cc = "" if cfg.color_constancy == "none" else f"-{cfg.color_constancy}"
-    return (f"{backbone_label(cfg.backbone)}-{h}x{w}-{cfg.tta}-{cfg.pool}{cc}-w{weights_sha256[:8]}"
-            f"-d{data_fp[:8]}")
+    # an aspect crop other than HAM10000's 4:3 changes the numbers; 4:3 keeps the old keys
+    aspect = "" if same_aspect(cfg.input_aspect, None) else f"-a{cfg.input_aspect:.4f}"
+    return (f"{backbone_label(cfg.backbone)}-{h}x{w}-{cfg.tta}-{cfg.pool}{cc}{aspect}"
+            f"-w{weights_sha256[:8]}-d{data_fp[:8]}")
 
 
 @dataclass
@@ -358,8 +378,8 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     ``<workdir>/stale/`` and computed again.
     """
     cfg.validate()
-    cfg = cfg.resolved()
     frame = dataset.frame
+    cfg = cfg.resolved().with_aspect(frame["path"].tolist())
     data_fp = frame_fingerprint(frame)
     known = _weights_sha_without_model(cfg)
     if known is not None:  # a cache hit then costs no model load or graph export
@@ -510,7 +530,7 @@ def _manifest(key: str, cfg: FeaturizeConfig, extractor: Extractor, data_fp: str
         "key": key,
         "settings": {k: v for k, v in asdict(cfg).items()
                      if k in ("backbone", "tta", "pool", "weights", "color_constancy")} | {
-            "image_size": list(cfg.size())},
+            "image_size": list(cfg.size()), "input_aspect": model_aspect(cfg.input_aspect)},
         "runtime": {"engine": extractor.engine, "device": str(extractor.device),
                     "scheduler": cfg.scheduler,
                     "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,

@@ -66,6 +66,9 @@ class ModelCard:
     features: list[dict] = field(default_factory=list)  # head: the feature blocks it reads
     metadata: bool = False  # head: age, sex and site appended to the features
     mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
+    # finetune: median width/height of its training images, the aspect images are centre-
+    # cropped to (lesionlab.images); None: HAM10000's 4:3. A head's is in its feature blocks.
+    input_aspect: float | None = None
     details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
     # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
     # written before this field existed loads with {} (unknown provenance, so stale)

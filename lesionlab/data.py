@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from lesionlab import images
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import AUTO, NoLabelFile, Vocabulary, finish, load_vocabulary, read_labels
 from lesionlab.labels import read_csv as _read_csv
 from lesionlab.rowcheck import blank_lesion_ids, drop_repeated_images
+from lesionlab.images import HIGH_BIT_MODES, MAX_IMAGE_PIXELS  # noqa: F401 (re-exported)
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CLASS_NAMES: dict[str, str] = {
@@ -46,12 +47,8 @@ BINARY_CLASSES: tuple[str, ...] = (NOT_MEL, "mel")
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_DATA_DIR = "./data/ham10000"
 ISIC2018_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
-# Decoded-pixel limit against decompression bombs: 100 MP is 4x the largest ISIC originals.
-MAX_IMAGE_PIXELS = 100_000_000
-HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def default_data_dir() -> Path:
@@ -90,14 +87,10 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
 
 
 def index_images(root: Path) -> dict[str, Path]:
-    """Map image stem -> path for every image file below ``root`` (first one wins)."""
-    found: dict[str, Path] = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTENSIONS and stem not in found:
-                found[stem] = Path(dirpath) / name
-    return found
+    """Map image id -> path of every image file below ``root`` (any format Pillow decodes,
+    symlinked folders followed; :func:`lesionlab.images.index_images`). An id carried by
+    several files maps to the first; looking ids up (``_attach_paths``) refuses those."""
+    return images.index_images(root).first_paths()
 
 
 def vocabulary(label_map: Path | str | None = None) -> Vocabulary:
@@ -175,14 +168,20 @@ def _check_classes(dx: pd.Series, source: Path) -> tuple[str, ...]:
 
 def _attach_paths(meta: pd.DataFrame, root: Path,
                   source: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
-    """The frame with ``path`` and ``label`` columns, and the class set ``label`` indexes."""
+    """``meta`` with ``path`` (each image id resolved below ``root``, with or without its
+    extension) and ``label`` columns, and the class set ``label`` indexes.
+
+    Raises:
+        LesionLabError: no image below ``root``, listed ids missing, or an id two files carry.
+    """
     if "path" in meta.columns:  # a class-per-folder tree knows each image's file
         paths = meta["path"]
     else:
-        images = index_images(root)
-        if not images:
-            raise LesionLabError(f"no images (*.jpg, *.png) found below {root}")
-        paths = meta["image_id"].astype(str).map(images)
+        index = images.index_images(root)
+        if not len(index):
+            raise LesionLabError(f"no images (any format Pillow reads: .jpg, .png, .webp, "
+                                 f".tif, .bmp...) found below {root}")
+        paths = meta["image_id"].astype(str).map(index.find)
     missing = meta["image_id"][paths.isna()].tolist()
     if missing:
         raise LesionLabError(
@@ -236,46 +235,17 @@ def load_dataset(root: Path | str, *, verify_images: bool = False, labels: str =
 
 
 def load_rgb(path: Path | str) -> Image.Image:
-    """Open any image (RGBA, grayscale, palette, 16-bit, any size) as 8-bit RGB, file closed.
+    """Open any image (RGBA, grayscale, palette, 16-bit, any size) as upright 8-bit RGB, file
+    closed: :func:`lesionlab.images.read_image` without an aspect crop (kept here for callers).
 
     Images over ``MAX_IMAGE_PIXELS`` are refused before decoding (decompression bombs): the
     one limit of predict, evaluate, explain and serve. PIL's own warning threshold (89.5 MP)
     is not a second, lower one; its hard error (twice that) lies above ours anyway.
 
     Raises:
-        LesionLabError: a missing, unreadable, unsupported or too large image.
+        LesionLabError: a missing, unreadable, unsupported, too large or too small image.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise LesionLabError(
-                        f"image too large: {path} is {w}x{h} pixels (limit "
-                        f"{MAX_IMAGE_PIXELS:,}); downscale it first")
-                img.load()
-                return _to_rgb8(img, path)
-    except FileNotFoundError:
-        raise LesionLabError(f"image not found: {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise LesionLabError(f"image too large: {path} ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
-
-
-def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:
-    """8-bit RGB; 16-bit grey is scaled (PIL's ``convert`` would clip it to white)."""
-    if img.mode in HIGH_BIT_MODES:
-        arr = np.asarray(img, dtype=np.float64)
-        if arr.min() < 0 or arr.max() > 65535:
-            raise LesionLabError(f"unsupported pixel values in {path} (mode {img.mode}, range "
-                                 f"{arr.min():g}..{arr.max():g}); save it as 8-bit RGB")
-        grey = np.round(arr / 257.0).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if img.mode == "F":
-        raise LesionLabError(f"unsupported floating-point image {path}; save it as 8-bit RGB")
-    return img.convert("RGB")
+    return images.read_image(path, max_pixels=MAX_IMAGE_PIXELS)
 
 
 def load_external_labels(root: Path | str, csv_path: Path | str | None = None, *,

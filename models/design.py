@@ -22,6 +22,7 @@ from lesionlab.data import Dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import SEXES, map_names
 from lesionlab.labels import SITES as LOCALIZATIONS  # HAM10000's site names (one source)
+from lesionlab.images import model_aspect
 from models.bundle import ModelCard, model_path
 
 
@@ -83,10 +84,14 @@ class Design:
 
 def block_config(block: dict, **runtime) -> FeaturizeConfig:
     """The featurize settings that made one feature block of a model card (to recompute it)."""
-    # feature sets cached before colour constancy existed were made without it
+    # feature sets cached before colour constancy (or input aspects) existed were made
+    # without it (with HAM10000's 4:3)
     return FeaturizeConfig(backbone=block["backbone"], image_size=tuple(block["image_size"]),
                            tta=block["tta"], pool=block["pool"], weights=block["weights"],
-                           color_constancy=block.get("color_constancy", "none"), **runtime)
+                           color_constancy=block.get("color_constancy", "none"),
+                           input_aspect=model_aspect(block.get("input_aspect"),
+                                                     f"feature block {block['backbone']}"),
+                           **runtime)
 
 
 def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:

@@ -21,7 +21,8 @@ from featurize.color import apply_color_constancy
 from featurize.extract import eval_tensor
 from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
                            option, run_main, save_config)
-from lesionlab.data import KNOWN_CLASSES, load_rgb
+from lesionlab.data import KNOWN_CLASSES
+from lesionlab.images import crop_box, crop_to_aspect, model_aspect, read_image
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard
 from models.folder import NetworkFolder, load_model_folder
@@ -74,16 +75,27 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
 
 def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path | BinaryIO,
                 target: int | None) -> dict:
-    """Grad-CAM overlay of one image written to ``dest``; returns what was explained."""
-    img = load_rgb(path)  # the overlay is drawn on the image as given
-    seen = apply_color_constancy(img, card.config["color_constancy"])  # what the model sees
+    """Grad-CAM overlay of one image written to ``dest``; returns what was explained.
+
+    The overlay is the whole upright image (EXIF orientation applied), of its size; the
+    model sees its centre crop to the model's input aspect (``lesionlab.images``), so the
+    map covers that box and is zero outside it.
+
+    Raises:
+        LesionLabError: the image does not read (see :func:`lesionlab.images.read_image`).
+    """
+    img = read_image(path)  # upright, uncropped: the overlay is drawn on the image as given
+    aspect = model_aspect(card.input_aspect, f"model {card.name}")
+    box, crop = crop_box(img.size, aspect), crop_to_aspect(img, aspect, path)
+    seen = apply_color_constancy(crop, card.config["color_constancy"])  # what the model sees
     size = tuple(card.details["image_size"])
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     x = eval_tensor(seen, size, mean, std, spec.interpolation)[None]
     cam, cls, proba = grad_cam(model, x.to(next(model.parameters()).device), target)
-    big = np.asarray(Image.fromarray(np.uint8(cam * 255)).resize(img.size, Image.BILINEAR),
-                     np.float32) / 255
+    big = np.zeros((img.height, img.width), np.float32)  # (H, W), in [0, 1]
+    big[box[1]:box[3], box[0]:box[2]] = np.asarray(
+        Image.fromarray(np.uint8(cam * 255)).resize(crop.size, Image.BILINEAR), np.float32) / 255
     overlay(img, big).save(dest, format="PNG")
     return {"path": str(path), "overlay": str(dest), "class": card.classes[cls],
             "probability": float(proba[cls])}

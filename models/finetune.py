@@ -33,7 +33,8 @@ from lesionlab.cli import (add_config_args, check_choices, config_from_args, con
                            safe_name, save_config)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.card import require_kind
-from lesionlab.data import CLASSES, Dataset, load_rgb
+from lesionlab.data import CLASSES, Dataset
+from lesionlab.images import median_aspect, model_aspect, read_image
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
@@ -155,13 +156,16 @@ def train_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[
 
 
 class TrainSet(TorchDataset):
-    """Training images (colour constancy, then augmentation), with their labels."""
+    """Training images (read by :func:`lesionlab.images.read_image`: EXIF-oriented,
+    centre-cropped to ``aspect``, width/height, None: 4:3; then colour constancy, then
+    augmentation), with their labels."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, size: tuple[int, int],
                  mean: Sequence[float], std: Sequence[float],
                  color_constancy: str = "none", augment: str = "basic",
-                 weights: np.ndarray | None = None) -> None:
+                 weights: np.ndarray | None = None, aspect: float | None = None) -> None:
         self.paths = list(paths)
+        self.aspect = model_aspect(aspect)
         self.labels = labels
         self.weights = np.ones(len(self.paths), np.float32) if weights is None else weights
         self.color_constancy = color_constancy
@@ -171,7 +175,8 @@ class TrainSet(TorchDataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, float]:
-        img = apply_color_constancy(load_rgb(self.paths[i]), self.color_constancy)
+        img = apply_color_constancy(read_image(self.paths[i], self.aspect),
+                                    self.color_constancy)
         return self.transform(img), int(self.labels[i]), float(self.weights[i])
 
 
@@ -349,11 +354,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Opt
 def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
                   size: tuple[int, int], device: torch.device, tta: str = "none",
                   batch_size: int = 64, num_workers: int = 0, bf16: bool = False,
-                  progress: bool = False, color_constancy: str = "none") -> np.ndarray:
-    """Softmax probabilities averaged over TTA views, with the deterministic eval transform."""
+                  progress: bool = False, color_constancy: str = "none",
+                  aspect: float | None = None) -> np.ndarray:
+    """Softmax probabilities averaged over TTA views, with the deterministic eval transform
+    (images centre-cropped to ``aspect``, width/height; None: 4:3)."""
     model.eval()
     data = ImagePathDataset(paths, size, spec.mean, spec.std, interpolation=spec.interpolation,
-                            color_constancy=color_constancy)
+                            color_constancy=color_constancy, aspect=aspect)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     out = []
     for x, _ in tqdm(loader, disable=not progress, desc="eval", unit="batch", leave=False):
@@ -369,12 +376,13 @@ def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
 
 def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: BackboneSpec,
              device: torch.device, cfg: FinetuneConfig, tta: str = "none",
-             progress: bool = False) -> tuple[float, np.ndarray]:
-    """Balanced accuracy and probabilities of ``model`` on labelled images."""
+             progress: bool = False, aspect: float | None = None) -> tuple[float, np.ndarray]:
+    """Balanced accuracy and probabilities of ``model`` on labelled images (cropped to
+    ``aspect``, the training images' median width/height; None: 4:3)."""
     proba = predict_proba(model, paths, spec, cfg.image_size, device, tta=tta,
                           num_workers=cfg.num_workers, progress=progress,
                           bf16=use_bf16(cfg.precision, device),
-                          color_constancy=cfg.color_constancy)
+                          color_constancy=cfg.color_constancy, aspect=aspect)
     return metrics.balanced_accuracy(labels, proba.argmax(1)), proba
 
 
@@ -436,6 +444,7 @@ class Run:
     weights: np.ndarray | None = None  # per-training-image loss weights (dx_type)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling on CUDA, kept across epochs
     held: np.ndarray | None = None  # --cv-folds: the train rows this model never trains on
+    aspect: float | None = None  # median width/height of the training images (card.input_aspect)
 
 
 def new_state() -> dict:
@@ -453,7 +462,7 @@ def fit(run: Run, state: dict, ckpt: Path,
     """
     cfg, world = run.cfg, run.world
     data = TrainSet(run.paths[run.tr], run.labels[run.tr], cfg.image_size, run.spec.mean,
-                    run.spec.std, cfg.color_constancy, cfg.augment, run.weights)
+                    run.spec.std, cfg.color_constancy, cfg.augment, run.weights, run.aspect)
     patience = cfg.patience if cfg.patience is not None else cfg.epochs
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < patience:
         epoch = state["epoch"]
@@ -462,7 +471,7 @@ def fit(run: Run, state: dict, ckpt: Path,
                                  loader, run.device, use_bf16(cfg.precision, run.device),
                                  f"epoch {epoch + 1}/{cfg.epochs}", run.scaler)
         score = evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va], run.spec,
-                         run.device, cfg)[0] if world.main else None
+                         run.device, cfg, aspect=run.aspect)[0] if world.main else None
         score = broadcast(score, world)
         record["train_img_per_s"] = round(record["train_img_per_s"] * world.size, 1)
         update_state(state, run.model, epoch, score, record)
@@ -519,7 +528,8 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
     run = Run(cfg, model, spec, device, dataset.frame["path"].to_numpy(), labels, tr, va, te,
               criterion, opt, sched, world, net,
               sample_weights(dataset.frame, tr, cfg.histo_weight),
-              torch.amp.GradScaler(device.type, enabled=device.type == "cuda"), held)
+              torch.amp.GradScaler(device.type, enabled=device.type == "cuda"), held,
+              aspect=median_aspect(dataset.frame["path"].to_numpy()[tr].tolist()))
     return run, folder
 
 
@@ -574,11 +584,11 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
     """Temperature on val, the one look at test, weights saved; returns the model's card."""
     cfg, paths, y = run.cfg, run.paths, run.labels
     _, proba_va = evaluate(run.model, paths[run.va].tolist(), y[run.va], run.spec, run.device,
-                           cfg, tta=cfg.tta)
+                           cfg, tta=cfg.tta, aspect=run.aspect)
     temperature = fit_temperature(proba_va, y[run.va])
     t_eval = time.perf_counter()
     _, raw_te = evaluate(run.model, paths[run.te].tolist(), y[run.te], run.spec, run.device,
-                         cfg, tta=cfg.tta, progress=True)
+                         cfg, tta=cfg.tta, progress=True, aspect=run.aspect)
     eval_s = time.perf_counter() - t_eval
     proba_te = apply_temperature(raw_te, temperature)
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
@@ -596,7 +606,7 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
     save_npy(folder / "val_proba.npy", val_proba)  # what ensembles choose their weights on
     if run.held is not None:  # out-of-fold: rows this network never trained on
         _, raw_oof = evaluate(run.model, paths[run.held].tolist(), y[run.held], run.spec,
-                              run.device, cfg, tta=cfg.tta)
+                              run.device, cfg, tta=cfg.tta, aspect=run.aspect)
         save_npy(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
     val = metrics.evaluate(y[run.va], val_proba, n_boot=0, classes=dataset.classes)
     card = build_card(run, state, dataset, folder, val, test, temperature,
@@ -631,7 +641,7 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         n_train=len(run.tr), n_val=len(run.va), n_test=len(run.te), tune_time_s=0.0,
         fit_time_s=round(sum(h["train_s"] for h in hist), 1),
         total_time_s=timing["total_time_s"], data_fingerprint=dataset.fingerprint(),
-        versions=library_versions(), details=details)
+        versions=library_versions(), details=details, input_aspect=run.aspect)
 
 
 def finetune_config(card: ModelCard) -> FinetuneConfig:
@@ -672,7 +682,8 @@ def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
                         tuple(card.details["image_size"]), dev,
                         tta=tta or card.details["tta"],
                         bf16=use_bf16(card.config["precision"], dev),
-                        color_constancy=card.config["color_constancy"])
+                        color_constancy=card.config["color_constancy"],
+                        aspect=model_aspect(card.input_aspect, f"model {card.name}"))
     return apply_temperature(raw, card.temperature)
 
 

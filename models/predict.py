@@ -132,7 +132,7 @@ class PredictConfig:
     """What ``python -m models.predict`` predicts and how; its flags come from these fields."""
 
     model: Path = model_option()
-    images: tuple[str, ...] = option(help="image files (JPEG or PNG, any size)",
+    images: tuple[str, ...] = option(help="image files (any format Pillow reads, any size)",
                                      positional=True)
     age: float | None = option(None, "for models trained with --metadata", parse=_age)
     sex: str | None = option(None, "for models trained with --metadata (any case)",
