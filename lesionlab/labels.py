@@ -296,6 +296,15 @@ def _isic2020(raw: pd.DataFrame, vocab: Vocabulary, where: str) -> pd.DataFrame:
                                 "anatom_site_general_challenge": "localization"})
     if "lesion_id" not in frame.columns and "patient_id" in frame.columns:
         frame["lesion_id"] = frame["patient_id"]
+    if "target" in frame.columns:
+        names = frame["dx"].map(lambda v: vocab.lookup("class", str(v)) if pd.notna(v) else None)
+        if names.isna().any() or (names == NO_CLASS).any():
+            # ISIC 2020 is a melanoma-vs-rest challenge: most of its diagnoses are "unknown",
+            # its 0/1 ``target`` is the label of every row, so the set is read as binary labels
+            # (scored melanoma vs rest by models.evaluate; training refuses binary labels)
+            warn_once(f"{where}: diagnosis is unknown for {int((names.isna() | (names == NO_CLASS)).sum())} "
+                      f"row(s); the file is read as binary melanoma labels from its target column")
+            frame["dx"] = np.where(frame["target"].astype(int) == 1, "mel", "not_mel")
     return frame
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from lesionlab.data import NOT_MEL, CLASS_NAMES, CLASSES, KNOWN_CLASSES, load_dataset, load_external_labels
+from lesionlab.data import BINARY_CLASSES, NOT_MEL, CLASS_NAMES, CLASSES, KNOWN_CLASSES, load_dataset, load_external_labels
 from lesionlab.errors import LesionLabError
 from lesionlab.labels import (FORMATS, SITES, VOCABULARY_FILE, default_vocabulary, normalize,
                               read_labels)
@@ -96,12 +96,20 @@ def test_isic2020_training_csv(images_only: Path) -> None:
                   "benign_malignant": np.where(META["dx"] == "mel", "malignant", "benign"),
                   "target": (META["dx"] == "mel").astype(int)}).to_csv(
         images_only / "train.csv", index=False)
+    # most ISIC 2020 diagnoses are "unknown": the file is binary labels from ``target``,
+    # every row kept (scored melanoma vs rest; training refuses binary labels)
     ds = load_dataset(images_only)
-    kept = META["dx"].isin(["bkl", "mel", "nv", "vasc"])
-    assert len(ds) == int(kept.sum())
-    assert ds.frame["dx"].tolist() == META["dx"][kept].replace("vasc", "bkl").tolist()
+    assert ds.classes == BINARY_CLASSES and len(ds) == len(META)
+    assert ds.frame["dx"].tolist() == np.where(META["dx"] == "mel", "mel", "not_mel").tolist()
     assert set(ds.frame["localization"]) == {"trunk"}
     assert ds.frame["lesion_id"].str.endswith("_p").all()  # the patient groups the images
+    # every diagnosis known: the multiclass labels (lentigo NOS -> bkl)
+    csv = pd.read_csv(images_only / "train.csv")
+    kept = META["dx"].isin(["bkl", "mel", "nv", "vasc"])
+    csv[kept.to_numpy()].to_csv(images_only / "train.csv", index=False)
+    ds = load_dataset(images_only)
+    assert len(ds) == int(kept.sum())
+    assert ds.frame["dx"].tolist() == META["dx"][kept].replace("vasc", "bkl").tolist()
     assert ds.frame["target"].tolist() == (META["dx"][kept] == "mel").astype(int).tolist()
 
 
