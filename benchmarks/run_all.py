@@ -452,15 +452,21 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
 
         write_report(report, summary, dataset, split, workdir)
     study.finish(summary, report)
+    _print_done(plan, rows, wall, preset, report)
+    return summary
+
+
+def _print_done(plan: Plan, rows: list[dict], wall: float, preset: str,
+                report: Path | None) -> None:
+    """The study's last lines: its time, the best cell by val and (``best``) its folder."""
     best = max((r for r in rows if r.get("group", "main") == "main"),
                key=lambda r: r["val_balanced_accuracy"])
     print(f"done in {wall / 60:.1f} min; {len(rows)} cells; best by val: {best['name']} "
-          f"test bal.acc {best['balanced_accuracy']:.3f}; report: {report}")
+          f"test bal.acc {score_text(best['balanced_accuracy'])}; report: {report}")
     if preset == "best":  # the recommended pipeline's folder: the last cell's
         final = (plan.late_cells or plan.cells)[-1].cell_id
         folder = next(r["model_dir"] for r in rows if r["name"] == final)
         print(f"model folder (predict, evaluate, explain, serve): {folder}")
-    return summary
 
 
 def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,

@@ -39,8 +39,17 @@ class StudyTracking:
         self.overhead_s = 0.0  # time spent logging, all cells together
         params = {"preset": preset, "seed": seed, "data": str(data), "external": str(external),
                   "workdir": str(workdir)}
-        self.parent = self.tracker.start(f"run_all {preset} seed{seed}", params,
-                                         {"command": "python -m benchmarks.run_all"})
+        self._start = (f"run_all {preset} seed{seed}", params,
+                       {"command": "python -m benchmarks.run_all"})
+        self._parent: str | None = None
+
+    @property
+    def parent(self) -> str | None:
+        """The study's parent run id, started with the first thing logged (so a study that
+        stops before its first cell, e.g. on a read-only workdir, leaves no store behind)."""
+        if self._parent is None and self.tracker.enabled:
+            self._parent = self.tracker.start(*self._start)
+        return self._parent
 
     def cell(self, row: dict, reused: bool = False) -> None:
         """Log one finished cell (its leaderboard row and model folder), nested."""

@@ -141,6 +141,31 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
 
 
 @release_claims
+def _ensemble_card(cards: list[ModelCard], weights: list[float], cfg: EnsembleConfig,
+                   name: str, classes: tuple[str, ...], y_val: np.ndarray,
+                   proba_va: np.ndarray, test: dict, temperature: float,
+                   mel_threshold: float, n_test: int, own_time_s: float) -> ModelCard:
+    """The ensemble's card; its members named by their folder names inside the ensemble
+    folder. ``proba_va``: (n_val, n_classes) calibrated val probabilities."""
+    cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
+    train_ids = sorted({i for c in cards for i in c.train_image_ids})
+    return ModelCard(
+        kind="ensemble", name=name, config=asdict(cfg), classes=list(classes),
+        val=metrics.evaluate(y_val, proba_va, n_boot=0, classes=classes), test=test,
+        temperature=temperature, decision_rule="argmax", train_image_ids=train_ids,
+        test_image_ids=cards[0].test_image_ids, n_train=len(train_ids), n_val=len(y_val),
+        n_test=n_test, tune_time_s=0.0,
+        fit_time_s=round(sum(c.fit_time_s for c in cards), 1),
+        total_time_s=round(sum(c.total_time_s for c in cards) + own_time_s, 1),
+        data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
+        metadata=any(c.metadata for c in cards), mel_threshold=mel_threshold,
+        details={"members": [{"name": c.name, "kind": c.kind, "features": labels(c).features,
+                              "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
+                              "test_balanced_accuracy": c.test["balanced_accuracy"]}
+                             for c, w in zip(cards, weights)],
+                 "split_seed": _split_seed(cards[0])})
+
+
 def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path | str,
                    cfg: EnsembleConfig) -> ModelCard:
     """Choose weights and temperature on val, score test once, write the ensemble folder.
@@ -176,25 +201,8 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     test["mel_operating_point"] = None if mel is None else metrics.operating_point(
         y[te], proba_te[:, mel], mel_threshold, groups[te], cfg.n_boot, cfg.seed, mel)
     folder = _write_folder(dirs, cards, workdir, cfg.name, proba_te, proba_va)
-    # the card names its members by their folder names inside the ensemble folder
-    cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
-    card = ModelCard(
-        kind="ensemble", name=folder.name, config=asdict(cfg), classes=list(classes),
-        val=metrics.evaluate(y[va], proba_va, n_boot=0, classes=classes), test=test, temperature=t,
-        decision_rule="argmax",
-        train_image_ids=sorted({i for c in cards for i in c.train_image_ids}),
-        test_image_ids=cards[0].test_image_ids,
-        n_train=len({i for c in cards for i in c.train_image_ids}), n_val=len(va),
-        n_test=len(te), tune_time_s=0.0,
-        fit_time_s=round(sum(c.fit_time_s for c in cards), 1),
-        total_time_s=round(sum(c.total_time_s for c in cards) + time.perf_counter() - t0, 1),
-        data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
-        metadata=any(c.metadata for c in cards), mel_threshold=mel_threshold,
-        details={"members": [{"name": c.name, "kind": c.kind, "features": labels(c).features,
-                              "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
-                              "test_balanced_accuracy": c.test["balanced_accuracy"]}
-                             for c, w in zip(cards, weights)],
-                 "split_seed": _split_seed(cards[0])})
+    card = _ensemble_card(cards, weights, cfg, folder.name, classes, y[va], proba_va, test, t,
+                          mel_threshold, len(te), time.perf_counter() - t0)
     joined = oof_join(cards, dirs)
     if joined is not None:
         card.details["oof_image_ids"] = joined[0]

@@ -171,7 +171,9 @@ class FakePredictor:
     """Stands in for a model folder: records the files it was given, predicts ``bcc``."""
 
     def __init__(self, model_dir: Path | str, device: str) -> None:
-        self.card = type("Card", (), {"mel_threshold": None, "name": "fake"})()
+        self.card = type("Card", (), {"mel_threshold": None, "name": "fake",
+                                      "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv",
+                                                  "vasc"]})()
         self.cam = None
         self.paths: list[str] = []
 
