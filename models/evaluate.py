@@ -37,7 +37,7 @@ from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import read_train_digests, train_overlap
 from models import classmap
-from models.bundle import ModelCard, load_card
+from models.bundle import ModelCard, load_card, score_text
 from models.folder import load_model_folder
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
@@ -190,15 +190,20 @@ def overlap_line(info: dict) -> str:
             f"are in the model's training set ({how}); {done}")
 
 
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+_fmt = score_text  # 0.123, or n/a when undefined
+
+
+def _score_rows(result: dict) -> list[tuple[str, dict]]:
+    """(row name, score block): overall, then one per group of ``--by``."""
+    rows = [("all", result["overall"])]
+    if result["by"]:
+        rows += [(f"{result['by']['column']}={k}", v) for k, v in result["by"]["groups"].items()]
+    return rows
 
 
 def print_melanoma_scores(result: dict) -> None:
     """Melanoma-vs-rest table of binary labels: overall, then one row per group."""
-    rows = [("all", result["overall"])]
-    if result["by"]:
-        rows += [(f"{result['by']['column']}={k}", v) for k, v in result["by"]["groups"].items()]
+    rows = _score_rows(result)
     print(f"{result['model']} on {result['data']} (melanoma vs rest)")
     print(f"{'':28s} {'n':>5s} {'mel':>5s}  {'AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s}")
     for name, s in rows:
@@ -214,9 +219,7 @@ def print_scores(result: dict) -> None:
     if result.get("mode") == "melanoma_vs_rest":
         print_melanoma_scores(result)
         return
-    rows = [("all", result["overall"])]
-    if result["by"]:
-        rows += [(f"{result['by']['column']}={k}", v) for k, v in result["by"]["groups"].items()]
+    rows = _score_rows(result)
     print(f"{result['model']} on {result['data']}")
     print(f"{'':28s} {'n':>5s}  {'bal.acc [95% CI]':24s} {'F1':>6s} {'AUC':>6s} {'mel sens':>8s}")
     for name, s in rows:
