@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from lesionlab.rowcheck import blank_lesion_ids, drop_repeated_images
 from lesionlab.errors import LesionLabError, warn_once
+from lesionlab.images import image_extensions as image_suffixes  # one list of formats
 
 VOCABULARY_FILE = Path(__file__).with_name("vocabulary.csv")
 KINDS = ("class", "site", "sex")
@@ -322,12 +322,6 @@ def _padufes20(raw: pd.DataFrame, vocab: Vocabulary, where: str) -> pd.DataFrame
 
 def _ham10000(raw: pd.DataFrame, vocab: Vocabulary, where: str) -> pd.DataFrame:
     return raw.copy()
-
-
-def image_suffixes() -> frozenset[str]:
-    """Every file suffix Pillow decodes (``.jpg``, ``.png``, ``.webp``, ``.tif`` ...)."""
-    Image.init()
-    return frozenset(Image.registered_extensions())
 
 
 def _strip_image_ext(image_id: str) -> str:
