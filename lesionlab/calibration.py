@@ -23,7 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, precision_score, recall_score
 
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import bootstrap_ci, expected_calibration_error
+from lesionlab.metrics import (binned_ece, binned_reliability, bootstrap_ci,
+                               expected_calibration_error)
 from lesionlab.splits import grouped_folds
 
 EPS = 1e-12  # probabilities are clipped to [EPS, 1] before a log
@@ -70,17 +71,8 @@ def binary_reliability(is_positive: np.ndarray, p: np.ndarray,
     Returns:
         ``predicted``, ``observed`` (in [0, 1]) and ``count`` per non-empty bin, in bin order.
     """
-    is_positive, p = np.asarray(is_positive, dtype=float), np.asarray(p, dtype=float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
-    out: dict[str, list[float]] = {"predicted": [], "observed": [], "count": []}
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            out["predicted"].append(float(p[mask].mean()))
-            out["observed"].append(float(is_positive[mask].mean()))
-            out["count"].append(int(mask.sum()))
-    return out
+    pred, obs, count = binned_reliability(np.asarray(p, dtype=float), is_positive, n_bins)
+    return {"predicted": pred, "observed": obs, "count": count}
 
 
 def binary_ece(is_positive: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
@@ -90,12 +82,10 @@ def binary_ece(is_positive: np.ndarray, p: np.ndarray, n_bins: int = 10) -> floa
     Returns:
         The ECE in [0, 1]; NaN for no images.
     """
-    curve = binary_reliability(is_positive, p, n_bins)
-    n = sum(curve["count"])
-    if n == 0:
+    if len(np.asarray(p)) == 0:
         return float("nan")
-    return float(sum(c / n * abs(o - q) for q, o, c in
-                     zip(curve["predicted"], curve["observed"], curve["count"])))
+    curve = binary_reliability(is_positive, p, n_bins)
+    return binned_ece(curve["predicted"], curve["observed"], curve["count"])
 
 
 def class_score_calibration(y_true: np.ndarray, proba: np.ndarray, cls: int,

@@ -53,8 +53,48 @@ def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean(aucs))
 
 
+def binned_reliability(score: np.ndarray, outcome: np.ndarray,
+                       n_bins: int) -> tuple[list[float], list[float], list[int]]:
+    """The one binning behind every reliability diagram and ECE of lesionlab.
+
+    Args:
+        score: (n,) predicted probabilities in [0, 1] (a row's top-label confidence, or one
+            class's probability such as P(mel)).
+        outcome: (n,) 0/1, the event the score predicts (top label correct; image is the class).
+        n_bins: equal-width bins on [0, 1], right edges closed (the first also holds 0).
+
+    Returns:
+        (mean score, observed frequency, count) per non-empty bin, in bin order.
+    """
+    score, outcome = np.asarray(score), np.asarray(outcome, dtype=float)  # score: its dtype
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(score, edges[1:-1], right=True), 0, n_bins - 1)
+    means: list[float] = []
+    observed: list[float] = []
+    counts: list[int] = []
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            means.append(float(score[mask].mean()))
+            observed.append(float(outcome[mask].mean()))
+            counts.append(int(mask.sum()))
+    return means, observed, counts
+
+
+def binned_ece(means: Sequence[float], observed: Sequence[float],
+               counts: Sequence[int]) -> float:
+    """Count-weighted mean |observed - predicted| over reliability bins (Naeini et al.,
+    AAAI 2015; Guo et al., ICML 2017 for the top-label form); 0.0 for no rows."""
+    n = sum(counts)
+    ece = 0.0
+    for mean, obs, count in zip(means, observed, counts):
+        ece += (count / n) * abs(obs - mean)
+    return float(ece)
+
+
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: bin by confidence, weight |accuracy - confidence| by bin size.
+    """Top-label ECE (Guo et al., ICML 2017): bin by confidence, weight |accuracy -
+    confidence| by bin size (:func:`binned_ece` over :func:`binned_reliability`).
 
     Args:
         y_true: (n,) class indices.
@@ -64,12 +104,8 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
     Returns:
         The ECE in [0, 1]; 0.0 for no rows.
     """
-    curve = reliability_curve(y_true, proba, n_bins)
-    n = sum(curve["count"])
-    ece = 0.0
-    for conf, acc, count in zip(curve["confidence"], curve["accuracy"], curve["count"]):
-        ece += (count / n) * abs(acc - conf)
-    return float(ece)
+    return binned_ece(*binned_reliability(proba.max(axis=1),
+                                          proba.argmax(axis=1) == y_true, n_bins))
 
 
 def reliability_curve(y_true: np.ndarray, proba: np.ndarray,
@@ -85,18 +121,9 @@ def reliability_curve(y_true: np.ndarray, proba: np.ndarray,
         ``confidence``, ``accuracy`` (both in [0, 1]) and ``count`` per non-empty bin, in
         bin order.
     """
-    conf = proba.max(axis=1)
-    correct = (proba.argmax(axis=1) == y_true).astype(float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            out["confidence"].append(float(conf[mask].mean()))
-            out["accuracy"].append(float(correct[mask].mean()))
-            out["count"].append(int(mask.sum()))
-    return out
+    conf, acc, count = binned_reliability(proba.max(axis=1), proba.argmax(axis=1) == y_true,
+                                          n_bins)
+    return {"confidence": conf, "accuracy": acc, "count": count}
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
