@@ -361,6 +361,17 @@ def finish(frame: pd.DataFrame, vocab: Vocabulary, *, strict: bool, where: str,
     warning naming some; a missing lesion id becomes the image's own (counted warning);
     missing ``age``/``sex``/``localization`` columns are added as NaN.
 
+    Args:
+        frame: (n_rows, n_columns) a reader's raw frame with ``image_id`` and ``dx_column``.
+        vocab: the vocabulary table.
+        strict: a site or sex outside the vocabulary raises (else warns, reads ``unknown``).
+        where: what the rows come from, for messages (a file name).
+        dx_column: the class column named in messages.
+
+    Returns:
+        (n_kept, n_columns') frame: one row per image with a class, canonical names, and
+        ``image_id``, ``lesion_id``, ``dx``, ``age``, ``sex``, ``localization``.
+
     Raises:
         LesionLabError: a class name outside the vocabulary (or, ``strict``, a site or sex
             name), or no row with a class.
@@ -411,6 +422,10 @@ def read_imagefolder(root: Path, vocab: Vocabulary) -> pd.DataFrame:
 
     Returns the raw frame (``image_id`` = file stem, ``dx`` = folder name, ``path``).
 
+    Args:
+        root: the tree's top folder.
+        vocab: the vocabulary table (unused by the reader; the shared reader signature).
+
     Raises:
         LesionLabError: no sub-folder, or one image id in two class folders.
     """
@@ -433,6 +448,13 @@ def read_imagefolder(root: Path, vocab: Vocabulary) -> pd.DataFrame:
 
 def read_csv(csv_path: Path, what: str) -> pd.DataFrame:
     """``pd.read_csv`` with user-facing errors for a missing or unparsable file.
+
+    Args:
+        csv_path: the CSV file.
+        what: what the file is, for messages (``label CSV``).
+
+    Returns:
+        (n_rows, n_columns) frame, as ``pd.read_csv`` reads it.
 
     Raises:
         LesionLabError: the file is missing, empty or not CSV.
@@ -555,7 +577,22 @@ def read_labels(root: Path | str, labels: str = AUTO, vocab: Vocabulary | None =
 
 def read_label_csv(path: Path, fmt: str, vocab: Vocabulary, *, strict: bool = True,
                    metadata: Path | None = None) -> pd.DataFrame:
-    """One label CSV of format ``fmt`` (+ ISIC 2019 metadata CSV) as the standard frame."""
+    """One label CSV of format ``fmt`` (+ ISIC 2019 metadata CSV) as the standard frame.
+
+    Args:
+        path: the label CSV.
+        fmt: one of :data:`FORMATS` (``ham10000``, ``isic2018``, ...).
+        vocab: the vocabulary table.
+        strict: see :func:`finish`.
+        metadata: ISIC 2018/2019 metadata CSV (age, sex, site) merged by image id.
+
+    Returns:
+        (n_images, n_columns) the standard frame of :func:`finish`.
+
+    Raises:
+        LesionLabError: the CSV is missing or unparsable (:func:`read_csv`), or see
+            :func:`finish`.
+    """
     raw = read_csv(path, "label CSV")
     frame = FORMATS[fmt].read(raw, vocab, path.name)  # type: ignore[misc]
     if metadata is not None and fmt in ("isic2018", "isic2019"):
