@@ -121,7 +121,12 @@ def _remote_size(url: str, timeout: float) -> int | None:
 
 
 def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest``, resuming a ``.part`` file with an HTTP Range request."""
+    """Download ``url`` to ``dest``, resuming a ``.part`` file with an HTTP Range request.
+
+    Raises:
+        LesionLabError: the URL cannot be reached or the transfer breaks off (the ``.part``
+            file is kept, so the next call resumes).
+    """
     if dest.exists():
         return dest
     part = dest.with_name(dest.name + ".part")

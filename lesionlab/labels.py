@@ -193,7 +193,7 @@ def map_names(values: pd.Series, kind: str, vocab: Vocabulary | None = None, *,
     """Map names of ``kind`` onto canonical ones; missing values (NaN, blank) stay NaN.
 
     Args:
-        values: one name per row, any spelling.
+        values: (n_rows,) one name per row, any spelling.
         kind: ``class``, ``site`` or ``sex``.
         vocab: the table; None: :func:`default_vocabulary`.
         strict: a name outside the table raises (training); else, for sites and sexes, one
@@ -203,7 +203,7 @@ def map_names(values: pd.Series, kind: str, vocab: Vocabulary | None = None, *,
         column: the column named in messages (default: ``kind``).
 
     Returns:
-        Canonical names, same index; ``NO_CLASS`` ("") for a class meaning "none".
+        (n_rows,) canonical names, same index; ``NO_CLASS`` ("") for a class meaning "none".
 
     Raises:
         LesionLabError: names outside the vocabulary (strict, or kind ``class``), listing
@@ -420,7 +420,8 @@ def _subdirs(root: Path) -> list[Path]:
 def read_imagefolder(root: Path, vocab: Vocabulary) -> pd.DataFrame:
     """A class-per-folder tree: ``root/<class name>/**/<image>``; symlinks are followed.
 
-    Returns the raw frame (``image_id`` = file stem, ``dx`` = folder name, ``path``).
+    Returns the raw (n_images, 3) frame (``image_id`` = file stem, ``dx`` = folder name,
+    ``path``).
 
     Args:
         root: the tree's top folder.
