@@ -133,7 +133,8 @@ def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: st
     Args:
         model: the network to fill.
         state: name -> tensor, in the order of ``model.state_dict()``; each tensor has the
-            shape of the one at its position (a conv weight (out, in, kH, kW), a bias (out,)).
+            shape of the one at its position (a conv weight (n_out, n_in, kH, kW), a bias
+            (n_out,)).
         source: where ``state`` comes from, for messages.
         skip: keys of ``model`` that keep their fresh values.
 
