@@ -26,7 +26,12 @@ def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> Feature
     """Stacking input from a K-fold ensemble (``models.kfold``): for its training images the
     out-of-fold probabilities (each from the fold model that never trained on the image), for
     every other image the ensemble's own probabilities. Never the in-fold ones: a network
-    is far more confident on rows it trained on, and a head fitted on those learns that."""
+    is far more confident on rows it trained on, and a head fitted on those learns that.
+
+    Raises:
+        LesionLabError: the folder is not a K-fold ensemble with out-of-fold probabilities, or
+            its ``oof_proba.npy`` does not have (n_oof, n_classes) rows.
+    """
     folder = model_path(workdir, name)
     card = load_card(folder)
     if not (issubclass(folder_class(card), EnsembleFolder) and card.details.get("oof_image_ids")):
