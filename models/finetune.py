@@ -112,8 +112,8 @@ class FinetuneConfig(TrainingRun):
 
         Raises:
             LesionLabError: an option outside its choices, ``--epochs`` under 1, a negative
-                ``--freeze-stages``, a ``--histo-weight`` <= 0, or a ``--cv-folds``/``--cv-fold`` pair
-                that names no fold.
+                ``--freeze-stages``, a ``--histo-weight`` <= 0, or a ``--cv-folds`` /
+                ``--cv-fold`` pair that names no fold.
         """
         check_choices(self)
         if self.epochs < 1:
