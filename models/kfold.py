@@ -28,7 +28,11 @@ DEFAULT_FOLDS = 3
 
 
 def fold_configs(cfg: FinetuneConfig) -> list[FinetuneConfig]:
-    """One config per fold of ``cfg.cv_folds`` (default 3), each holding out its fold."""
+    """One config per fold of ``cfg.cv_folds`` (default 3), each holding out its fold.
+
+    Raises:
+        LesionLabError: ``cfg.cv_folds`` is 1 (a K-fold run needs at least 2).
+    """
     k = cfg.cv_folds or DEFAULT_FOLDS
     if k < 2:
         raise LesionLabError(f"--cv-folds must be at least 2 for a K-fold run, got {k}")
