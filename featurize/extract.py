@@ -373,7 +373,15 @@ def cache_key(cfg: FeaturizeConfig, weights_sha256: str, data_fp: str) -> str:
 
 @dataclass
 class FeatureSet:
-    """A completed cache entry, loaded."""
+    """A completed cache entry, loaded.
+
+    Attributes:
+        key: the cache key (backbone and settings).
+        path: its folder under ``features/``.
+        features: (n_images, dim) float32 embeddings, a row per image.
+        image_ids: (n_images,) the image id of each row.
+        manifest: ``manifest.json``: settings, weights sha256, versions.
+    """
 
     key: str
     path: Path

@@ -58,7 +58,12 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A validated image set: one row per image with its label, lesion and absolute path."""
+    """A validated image set: one row per image with its label, lesion and absolute path.
+
+    Attributes:
+        root: the folder the images were found under.
+        frame: (n_images, n_columns) one row per image.
+    """
 
     root: Path
     frame: pd.DataFrame  # columns: image_id, lesion_id, dx, label, path, (+ metadata columns)

@@ -483,7 +483,10 @@ def detect_format(columns: Iterable[str]) -> str | None:
 
 @dataclass(frozen=True)
 class LabelTable:
-    """A folder's labels: the frame (see the module docstring), its format and file."""
+    """A folder's labels: the frame (see the module docstring), its format and file.
+
+    ``frame`` is (n_images, n_columns), one row per labelled image.
+    """
 
     frame: pd.DataFrame
     format: str

@@ -69,7 +69,13 @@ def _canonical(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
 
 @dataclass
 class Design:
-    """Features of every image in ``dataset`` order, with their provenance."""
+    """Features of every image in ``dataset`` order, with their provenance.
+
+    Attributes:
+        x: (n_images, n_features) float64 design matrix (:func:`build_design`).
+        feature_sets: the cached feature sets its blocks come from.
+        metadata: whether the last 17 columns are metadata (:func:`metadata_matrix`).
+    """
 
     x: np.ndarray
     feature_sets: list[FeatureSet]

@@ -505,7 +505,12 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
 
 @dataclass
 class Run:
-    """What the training loop works on: data, model and the optimisation objects."""
+    """What the training loop works on: data, model and the optimisation objects.
+
+    ``paths`` and ``labels`` are (n_images,), every image of the dataset; ``tr``, ``va``,
+    ``te`` (n_train,), (n_val,), (n_test,) row indices into them; ``weights`` (n_train,)
+    per-image loss weights; ``held`` (n_held,) the train rows a fold model never trains on.
+    """
 
     cfg: FinetuneConfig
     model: nn.Module
