@@ -246,7 +246,8 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def fig_class_distribution(dataset: Dataset, split: pd.DataFrame, out: Path) -> None:
-    """Images per class and split (log scale shows the 58:1 imbalance).
+    """Images per class and split (log scale shows the 58:1 imbalance: HAM10000's 6,705 nv
+    vs 115 df images, Tschandl et al., Sci. Data 2018).
 
     Args:
         dataset: the labelled images (its class set orders the bars).

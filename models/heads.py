@@ -86,7 +86,12 @@ def default_params(head: str, n_features: int) -> dict[str, Any]:
 
 def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
                    n_estimators: int = MAX_TREES) -> Pipeline:
-    """impute -> scale -> [PCA] -> [SMOTE] -> classifier, as one imblearn Pipeline."""
+    """impute -> scale -> [PCA] -> [SMOTE] -> classifier, as one imblearn Pipeline.
+
+    SMOTE: Chawla et al., "SMOTE: synthetic minority over-sampling technique", JAIR 16
+    (2002), imbalanced-learn's implementation; ``class_weight``: scikit-learn's ``balanced``
+    weights, n_samples / (n_classes * count of the class).
+    """
     steps: list[tuple[str, Any]] = [
         ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
         ("scale", StandardScaler()),
