@@ -230,6 +230,10 @@ def create_backbone(name: str, weights: Path | str | None = None, num_classes: i
 
     ``weights`` is an optional local checkpoint (a state dict, timm keys or packaged keys).
     With ``num_classes`` the classifier is new (seeded by the caller's torch RNG state).
+
+    Raises:
+        LesionLabError: an unknown backbone, or no real weights for it (no packaged weights and
+            no hub access, or a ``weights`` file that does not fit the network).
     """
     import timm
 

@@ -429,6 +429,11 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     then finds the finished entry. With ``fresh_code`` (the study runner's default) an entry
     made by other code or another lock (:func:`lesionlab.provenance.same_code`) is moved under
     ``<workdir>/stale/`` and computed again.
+
+    Raises:
+        LesionLabError: bad options (:meth:`FeaturizeConfig.validate`), an unknown backbone or
+            weights that cannot be loaded, an unreadable image, or a fine-tuned backbone's colour
+            constancy overridden.
     """
     cfg.validate()
     frame = dataset.frame

@@ -177,7 +177,12 @@ def default_vocabulary() -> Vocabulary:
 
 
 def load_vocabulary(label_map: Path | str | None = None) -> Vocabulary:
-    """The shipped table, plus the rows of ``label_map`` (``--label-map FILE``) if given."""
+    """The shipped table, plus the rows of ``label_map`` (``--label-map FILE``) if given.
+
+    Raises:
+        LesionLabError: the ``label_map`` file is missing, unreadable or invalid
+            (:func:`read_entries`).
+    """
     vocab = default_vocabulary()
     return vocab if label_map is None else vocab.with_entries(read_entries(label_map))
 

@@ -441,7 +441,8 @@ def split_indices(dataset: Dataset, split: pd.DataFrame, train_frac: float = 1.0
         (train, val, test): (n_train,), (n_val,), (n_test,) int row indices into ``dataset``.
 
     Raises:
-        LesionLabError: ``train_frac`` is outside (0, 1] (:func:`train_fraction`).
+        LesionLabError: ``train_frac`` <= 0, or too few lesions of a class for the subset
+            (:func:`train_fraction`).
     """
     where = dataset.frame["image_id"].map(split.set_index("image_id")["split"]).to_numpy()
     tr, va, te = (np.flatnonzero(where == s) for s in SPLITS)

@@ -160,7 +160,11 @@ def model_name(*parts: str) -> str:
 
 
 def model_path(workdir: Path | str, name: str) -> Path:
-    """``<workdir>/models/<name>``; a name with a path separator is refused."""
+    """``<workdir>/models/<name>``; a name with a path separator is refused.
+
+    Raises:
+        LesionLabError: ``name`` is not a safe folder name (:func:`lesionlab.cli.safe_name`).
+    """
     return models_dir(workdir) / safe_name(name)
 
 

@@ -333,7 +333,8 @@ def train_loader(data: TorchDataset, labels: np.ndarray, cfg: FinetuneConfig, ep
         world: this process's rank and the number of processes.
 
     Returns:
-        A loader of ((batch, 3, H, W) float images, (batch,) labels).
+        A loader of ((batch, 3, H, W) float images, (batch,) labels, (batch,) per-image loss
+        weights).
     """
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     weights = None

@@ -47,7 +47,12 @@ def kfold_name(cfg: FinetuneConfig) -> str:
 
 
 def kfold_finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> ModelCard:
-    """Train (or reuse) every fold model, then write and return the K-fold ensemble."""
+    """Train (or reuse) every fold model, then write and return the K-fold ensemble.
+
+    Raises:
+        LesionLabError: ``--cv-folds`` of 1, a class with fewer lesions than folds, or the
+            errors of :func:`models.finetune.finetune` and :func:`models.ensemble.build_ensemble`.
+    """
     members = []
     for fold_cfg in fold_configs(cfg):
         folder = model_path(workdir, fold_cfg.model_name())

@@ -65,7 +65,17 @@ def oof_manifest(name: str, card: ModelCard, folder: Path) -> dict:
 def load_design(workdir: Path | str, dataset: Dataset, features: str,
                 metadata: bool = False) -> Design:
     """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``;
-    ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking)."""
+    ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking).
+
+    Returns:
+        The :class:`models.design.Design`: ``x`` (n_images, n_features) float64 in ``dataset``
+        order, its feature sets, whether metadata is appended.
+
+    Raises:
+        LesionLabError: a malformed ``features`` spec, a block with no cached feature set (or
+            several matching it), a feature set lacking some of the images, or an ``oof:`` block
+            that is not a K-fold ensemble.
+    """
     data_fp = dataset.fingerprint()
     sets = [oof_feature_set(workdir, dataset, block.source) if block.kind == "oof" else
             load_feature_set(resolve_key(workdir, block.text(), data_fp))

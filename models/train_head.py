@@ -76,7 +76,11 @@ class HeadConfig(TrainingRun):
 
     def validate(self) -> None:
         """Reject unknown option values and a malformed ``--features`` (``featurize.spec``)
-        with a message naming them."""
+        with a message naming them.
+
+        Raises:
+            LesionLabError: an option outside its choices or range, or a malformed ``--features``.
+        """
         check_choices(self)
         parse_features(self.features)
 
@@ -223,6 +227,10 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
         groups: (n_train,) lesion ids (the CV is lesion-grouped).
         cfg: the head config (trials, folds, timeout).
         classes: the class set's names.
+
+    Raises:
+        LesionLabError: a class has too few lesions for ``cfg.folds`` grouped folds
+            (:func:`lesionlab.splits.grouped_folds`).
     """
     study.enqueue_trial(heads.default_params(cfg.head, x.shape[1]), skip_if_exists=True)
     remaining = max(0, cfg.trials - finished_trials(study))

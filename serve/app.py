@@ -49,7 +49,11 @@ class ServeConfig:
     threads: int = option(2, "inference threads (bounded pool)", ge=1, le=MAX_THREADS)
 
     def validate(self) -> None:
-        """Raise ``LesionLabError`` for a value outside its choices or range."""
+        """Raise ``LesionLabError`` for a value outside its choices or range.
+
+        Raises:
+            LesionLabError: an option outside its choices or range.
+        """
         check_choices(self)
 
 
