@@ -234,6 +234,14 @@ def sample_weights(frame, rows: np.ndarray, histo_weight: float) -> np.ndarray:
 
     Gessert et al. (2020) weigh biopsy-confirmed labels up; ``dx_type`` only ever weighs the
     loss, it is never a model input (it is not known for a new image).
+
+    Args:
+        frame: (n_images, n_columns) the dataset's frame (``dx_type`` where known).
+        rows: (n_rows,) row indices into ``frame``.
+        histo_weight: the weight of a ``histo`` image, > 0.
+
+    Returns:
+        (n_rows,) float32 loss weights.
     """
     w = np.ones(len(rows), np.float32)
     if histo_weight != 1.0 and "dx_type" in frame.columns:

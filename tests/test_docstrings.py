@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 PACKAGES = ("lesionlab", "featurize", "models", "serve", "benchmarks")
 ARRAY_TYPES = re.compile(r"\b(ndarray|NDArray|Tensor|DataFrame|Series|ArrayLike)\b")
 # A shape in parentheses: its first axis is an n_/N count, a batch, a height, or a number.
-SHAPE = re.compile(r"\(\s*(?:n\b|n_\w+|N\b|B\b|H\b|batch\w*|height\b|\d+\s*[,x)])")
+SHAPE = re.compile(r"\(\s*(?:n\b|n_\w+|N\b|B\b|H\b|batch\w*|height\b|\d+\s*[,x])")
 RAISES = re.compile(r"^\s*Raises:\s*$", re.MULTILINE)
 Function = ast.FunctionDef | ast.AsyncFunctionDef
 
@@ -135,6 +135,14 @@ def score(proba: np.ndarray) -> float:
     return float(proba.max(axis=1).mean())
 '''
 
+PARENTHESES_ARE_NOT_A_SHAPE = '''
+import numpy as np
+
+def score(proba: np.ndarray) -> float:
+    """Mean top probability (Guo et al. (2017)), of (numbers) (2) like (none_of_them)."""
+    return float(proba.max(axis=1).mean())
+'''
+
 NO_SHAPE_RETURN = '''
 import pandas as pd
 
@@ -173,6 +181,8 @@ def test_a_good_module_passes() -> None:
 
 @pytest.mark.parametrize(("source", "expected"), [
     (NO_SHAPE, ["<source>:4 score: takes or returns arrays, docstring gives no shape"]),
+    (PARENTHESES_ARE_NOT_A_SHAPE,
+     ["<source>:4 score: takes or returns arrays, docstring gives no shape"]),
     (NO_SHAPE_RETURN,
      ["<source>:5 Table.frame: takes or returns arrays, docstring gives no shape"]),
     (NO_RAISES, ["<source>:2 check: raises, docstring has no Raises: section"]),
