@@ -71,7 +71,11 @@ def device_name(device: str) -> str:
 
 
 def lever_config(lever: str, base: FinetuneConfig) -> FinetuneConfig:
-    """The recipe with one lever changed; the folder name says which."""
+    """The recipe with one lever changed; the folder name says which.
+
+    Raises:
+        LesionLabError: ``lever`` is not one of ``LEVERS``.
+    """
     if lever not in LEVERS:
         raise LesionLabError(f"unknown lever {lever!r}; expected some of {list(LEVERS)}")
     cfg = replace(base, **LEVERS[lever][1])

@@ -74,7 +74,11 @@ FULL_HEAD_TIMEOUT = 60.0  # seconds of Optuna tuning per head cell in the full p
 
 
 def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
-    """The cells of the ``quick``, ``full``, ``best`` (or ``smoke``) preset."""
+    """The cells of the ``quick``, ``full``, ``best`` (or ``smoke``) preset.
+
+    Raises:
+        LesionLabError: ``preset`` is not quick, full, best or smoke.
+    """
     if preset in ("quick", "smoke"):
         return quick_plan(seed, smoke=preset == "smoke")
     if preset == "best":

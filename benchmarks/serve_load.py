@@ -27,7 +27,12 @@ FIXTURE_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ha
 
 
 def start_server(model: Path, threads: int, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """``python -m serve`` on a free loopback port; returns the process and its URL."""
+    """``python -m serve`` on a free loopback port; returns the process and its URL.
+
+    Raises:
+        LesionLabError: the server exits, or does not answer ``/healthz`` within ``timeout``
+            seconds (it is then terminated).
+    """
     import httpx
 
     with socket.socket() as s:

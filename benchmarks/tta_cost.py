@@ -30,7 +30,12 @@ TTAS = ("none", "flip", "d4")
 
 
 def subset(dataset: Dataset, rows) -> Dataset:
-    """The rows ``rows`` of ``dataset`` as a dataset of their own."""
+    """The rows ``rows`` of ``dataset`` as a dataset of their own.
+
+    Args:
+        dataset: the labelled images.
+        rows: (n_rows,) int row indices into ``dataset``.
+    """
     return Dataset(root=dataset.root, frame=dataset.frame.iloc[rows].reset_index(drop=True),
                    classes=dataset.classes)
 

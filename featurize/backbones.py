@@ -106,7 +106,12 @@ def offline_weights_path(name: str) -> Path | None:
 
 
 def check_backbone(name: str) -> str:
-    """``name`` if timm knows it (tagged names such as ``resnet50.a1_in1k`` too) or classical."""
+    """``name`` if timm knows it (tagged names such as ``resnet50.a1_in1k`` too) or classical.
+
+    Raises:
+        LesionLabError: ``name`` is neither a timm model, a fine-tuned model folder nor
+            ``classical`` (naming close timm names).
+    """
     import timm
 
     if name != CLASSICAL and finetuned_card(name) is None and not timm.is_model(name):
@@ -124,6 +129,17 @@ def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: st
 
     Keys in ``skip`` (a new classifier) keep their fresh values; the same number of trailing
     tensors of ``state`` (the old classifier) are left out.
+
+    Args:
+        model: the network to fill.
+        state: name -> tensor, in the order of ``model.state_dict()``; each tensor has the
+            shape of the one at its position (a conv weight (n_out, n_in, kH, kW), a bias
+            (n_out,)).
+        source: where ``state`` comes from, for messages.
+        skip: keys of ``model`` that keep their fresh values.
+
+    Raises:
+        LesionLabError: the tensor counts differ, or a tensor's shape does not fit its position.
     """
     target = [(k, v) for k, v in model.state_dict().items() if k not in skip]
     items = list(state.items())
@@ -214,6 +230,10 @@ def create_backbone(name: str, weights: Path | str | None = None, num_classes: i
 
     ``weights`` is an optional local checkpoint (a state dict, timm keys or packaged keys).
     With ``num_classes`` the classifier is new (seeded by the caller's torch RNG state).
+
+    Raises:
+        LesionLabError: an unknown backbone, or no real weights for it (no packaged weights and
+            no hub access, or a ``weights`` file that does not fit the network).
     """
     import timm
 
@@ -306,6 +326,15 @@ class Embedder(nn.Module):
         self.n_stages = n_stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a batch.
+
+        Args:
+            x: (batch, 3, H, W) float images, normalised with the backbone's mean and std.
+
+        Returns:
+            (batch, dim) embeddings: the pre-logits average pool (``avg``), or each stage's
+            spatial mean concatenated with it (``multistage``).
+        """
         if self.pool == "avg":
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         final, inter = self.model.forward_intermediates(x, indices=self.n_stages)

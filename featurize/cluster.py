@@ -107,6 +107,16 @@ def run_on_cluster(scheduler: str, settings: dict, task: Task, paths: Sequence[s
     each (index, start, end) of ``todo`` (``task`` must be importable there: a module-level
     function); yield (index, start, end, features) as each one comes back.
 
+    Args:
+        scheduler: ``tcp://HOST:PORT`` or ``local:N``.
+        settings: the ``FeaturizeConfig`` as a dict, sent to every task.
+        task: ``task(settings, paths, threads) -> (n_chunk, dim)`` float32 embeddings.
+        paths: the image files, as strings.
+        todo: (index, start, end) of each chunk to embed.
+
+    Returns:
+        (index, start, end, features) per chunk as it finishes; features (end - start, dim).
+
     Raises:
         LesionLabError: the scheduler cannot be reached (see :func:`dask_client`).
     """

@@ -25,7 +25,11 @@ def shades_of_gray(img: Image.Image, p: float = 6.0) -> Image.Image:
 
 
 def apply_color_constancy(img: Image.Image, method: str) -> Image.Image:
-    """``img`` under ``method`` (one of ``COLOR_CONSTANCY``)."""
+    """``img`` under ``method`` (one of ``COLOR_CONSTANCY``).
+
+    Raises:
+        ValueError: ``method`` is not one of ``COLOR_CONSTANCY``.
+    """
     if method == "none":
         return img
     if method == "shades_of_gray":

@@ -51,7 +51,11 @@ ENGINES = ("auto", "eager", "onnx")
 
 
 def check_scheduler(value: str) -> str:
-    """``tcp://HOST:PORT`` (any Dask address) or ``local:N``."""
+    """``tcp://HOST:PORT`` (any Dask address) or ``local:N``.
+
+    Raises:
+        LesionLabError: neither a ``://`` address nor ``local:N`` with N >= 1.
+    """
     if value.startswith("local:"):
         if not value[6:].isdigit() or int(value[6:]) < 1:
             raise LesionLabError(f"--scheduler {value!r}: local:N needs a worker count >= 1")
@@ -89,7 +93,12 @@ class FeaturizeConfig:
                                          "this process", parse=lambda v: check_scheduler(v))
 
     def validate(self) -> None:
-        """Reject unknown option values with a message naming them."""
+        """Reject unknown option values with a message naming them.
+
+        Raises:
+            LesionLabError: an option outside its choices, ``--tta``/``--pool`` with the classical
+                backbone, or a chunk or batch size under 1.
+        """
         check_choices(self)
         if self.backbone == CLASSICAL and (self.tta != "none" or self.pool != "avg"):
             raise LesionLabError("the classical backbone takes no --tta or --pool options")
@@ -98,7 +107,11 @@ class FeaturizeConfig:
 
     def resolved(self) -> "FeaturizeConfig":
         """The settings actually used: a fine-tuned folder brings its own colour constancy
-        and input aspect."""
+        and input aspect.
+
+        Raises:
+            LesionLabError: ``--color-constancy`` differs from the fine-tuned network's own.
+        """
         card = finetuned_card(self.backbone)
         if card is None:
             return self
@@ -185,7 +198,19 @@ def eval_tensor(img, size: tuple[int, int], mean: Sequence[float] | torch.Tensor
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The batch under each test-time view: identity, + h-flip, or the 8 dihedral transforms."""
+    """The batch under each test-time view: identity, + h-flip, or the 8 dihedral transforms.
+
+    Args:
+        x: (batch, 3, H, W) image batch.
+        mode: ``none``, ``flip`` or ``d4``.
+
+    Returns:
+        1, 2 or 8 tensors, (batch, 3, H, W) or, for ``d4``'s odd quarter turns,
+        (batch, 3, W, H).
+
+    Raises:
+        LesionLabError: ``mode`` is not one of ``TTA_MODES``.
+    """
     if mode == "none":
         return [x]
     if mode == "flip":
@@ -296,14 +321,29 @@ class Extractor:
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
     def embed_batch(self, x: torch.Tensor) -> np.ndarray:
-        """Embeddings of one preprocessed batch, averaged over the TTA views."""
+        """Embeddings of one preprocessed batch, averaged over the TTA views.
+
+        Args:
+            x: (batch, 3, H, W) float images, normalised (classical: (batch, dim) features).
+
+        Returns:
+            (batch, dim) float32 embeddings.
+        """
         if self.runner is None:
             return x.numpy().astype(np.float32)
         outs = [self.runner(v.contiguous()) for v in tta_views(x, self.cfg.tta)]
         return np.mean(outs, axis=0).astype(np.float32)
 
     def embed_paths(self, paths: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Embeddings of ``paths`` (no cache): used by predict on new images."""
+        """Embeddings of ``paths`` (no cache): used by predict on new images.
+
+        Args:
+            paths: image files.
+            progress: show a progress bar.
+
+        Returns:
+            (n_paths, dim) float32 embeddings, in ``paths`` order; (0, 0) for no paths.
+        """
         out = []
         for x, _ in tqdm(self.loader(paths), disable=not progress, unit="batch"):
             out.append(self.embed_batch(x))
@@ -333,7 +373,15 @@ def cache_key(cfg: FeaturizeConfig, weights_sha256: str, data_fp: str) -> str:
 
 @dataclass
 class FeatureSet:
-    """A completed cache entry, loaded."""
+    """A completed cache entry, loaded.
+
+    Attributes:
+        key: the cache key (backbone and settings).
+        path: its folder under ``features/``.
+        features: (n_images, dim) float32 embeddings, a row per image.
+        image_ids: (n_images,) the image id of each row.
+        manifest: ``manifest.json``: settings, weights sha256, versions.
+    """
 
     key: str
     path: Path
@@ -343,7 +391,12 @@ class FeatureSet:
 
 
 def load_feature_set(path: Path | str) -> FeatureSet:
-    """Load a completed cache entry (its manifest must exist)."""
+    """Load a completed cache entry (its manifest must exist).
+
+    Raises:
+        LesionLabError: ``manifest.json`` is missing, or ``index.csv`` and ``features.npy``
+            have different row counts.
+    """
     path = Path(path)
     if not (path / "manifest.json").exists():
         raise LesionLabError(f"feature set {path} is incomplete or missing (no manifest.json)")
@@ -376,6 +429,11 @@ def featurize(dataset: Dataset, workdir: Path | str, cfg: FeaturizeConfig,
     then finds the finished entry. With ``fresh_code`` (the study runner's default) an entry
     made by other code or another lock (:func:`lesionlab.provenance.same_code`) is moved under
     ``<workdir>/stale/`` and computed again.
+
+    Raises:
+        LesionLabError: bad options (:meth:`FeaturizeConfig.validate`), an unknown backbone or
+            weights that cannot be loaded, an unreadable image, or a fine-tuned backbone's colour
+            constancy overridden.
     """
     cfg.validate()
     frame = dataset.frame
@@ -442,7 +500,7 @@ def _todo_chunks(n: int, chunks: Path, chunk_size: int) -> list[tuple[int, int, 
 
 
 def embed_chunk(extractor: Extractor, paths: Sequence[str]) -> np.ndarray:
-    """Embeddings of one chunk of images, (len(paths), dim) float32 (the unit of work, local
+    """Embeddings of one chunk of images, (n_paths, dim) float32 (the unit of work, local
     or on a Dask worker)."""
     return np.concatenate([extractor.embed_batch(x) for x, _ in extractor.loader(paths)])
 
@@ -451,8 +509,8 @@ _EXTRACTORS: dict[str, Extractor] = {}  # per Dask worker process: loaded once p
 
 
 def worker_embed(settings: dict, paths: Sequence[str], threads: int | None) -> np.ndarray:
-    """Runs on a Dask worker: embed one chunk, (len(paths), dim), with a backbone loaded once
-    per worker process (``settings``: a ``FeaturizeConfig`` as a dict)."""
+    """Runs on a Dask worker: embed one chunk, (n_paths, dim) float32, with a backbone loaded
+    once per worker process (``settings``: a ``FeaturizeConfig`` as a dict)."""
     key = json.dumps(settings, sort_keys=True)
     if key not in _EXTRACTORS:
         if threads:

@@ -354,7 +354,12 @@ def read_json(path: Path | str) -> Any:
 
 
 def save_npy(dest: Path | str, array: np.ndarray) -> None:
-    """Save a numpy array atomically."""
+    """Save a numpy array atomically.
+
+    Args:
+        dest: the ``.npy`` file to write.
+        array: any shape and dtype, e.g. (n_images, dim) float32 features.
+    """
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array)

@@ -43,6 +43,14 @@ class AuditConfig:
 def folder_table(folder: Path, workdir: Path | None) -> pd.DataFrame:
     """Fingerprints of every image below ``folder``: columns image_id, path, sha256, phash.
 
+    Args:
+        folder: the image folder, searched recursively.
+        workdir: where the fingerprint cache lives; None: no cache.
+
+    Returns:
+        (n_images, 4) frame, one row per image id in sorted order; ``phash``: 64 hex digits
+        (a 256-bit DCT perceptual hash, see :mod:`lesionlab.fingerprint`).
+
     Raises:
         LesionLabError: the folder is missing or holds no image.
     """
@@ -59,7 +67,13 @@ def folder_table(folder: Path, workdir: Path | None) -> pd.DataFrame:
 def pair_block(a: pd.DataFrame, b: pd.DataFrame | None, near_distance: int) -> dict:
     """Exact and near (not exact) duplicate pairs within ``a`` (``b`` None) or between the
     two: ``{"exact_pairs", "near_pairs", "exact", "near"}``, pairs as
-    ``[id in a, id in b (or a), Hamming distance]``."""
+    ``[id in a, id in b (or a), Hamming distance]``.
+
+    Args:
+        a: (n_a, 4) fingerprint table (:func:`folder_table`).
+        b: (n_b, 4) a second one, or None for pairs inside ``a``.
+        near_distance: the largest Hamming distance, in bits of 256, of a near pair.
+    """
     other = a if b is None else b
     exact = exact_pairs(a["sha256"], None if b is None else b["sha256"])
     near = near_pairs(phash_bits(a["phash"]), None if b is None else phash_bits(b["phash"]),

@@ -79,6 +79,11 @@ def binary_ece(is_positive: np.ndarray, p: np.ndarray, n_bins: int = 10) -> floa
     """ECE of one class's probability: count-weighted mean |observed - predicted| over the
     bins of :func:`binary_reliability` (Naeini et al., AAAI 2015, for a binary score).
 
+    Args:
+        is_positive: (n_images,) bool, whether each image is of the class.
+        p: (n_images,) the class's predicted probability, in [0, 1].
+        n_bins: equal-width probability bins on [0, 1].
+
     Returns:
         The ECE in [0, 1]; NaN for no images.
     """
@@ -128,7 +133,18 @@ def class_score_calibration(y_true: np.ndarray, proba: np.ndarray, cls: int,
 def ece_with_ci(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
                 n_boot: int = 1000, seed: int = 0) -> dict[str, float | list[float]]:
     """Top-label ECE (:func:`lesionlab.metrics.expected_calibration_error`) with its
-    lesion-level bootstrap 95% CI: ``{"ece": float, "ci95": [lo, hi]}``."""
+    lesion-level bootstrap 95% CI: ``{"ece": float, "ci95": [lo, hi]}``.
+
+    Args:
+        y_true: (n_images,) class indices.
+        proba: (n_images, n_classes) probabilities, rows summing to 1.
+        groups: (n_images,) lesion id of each image, the bootstrap's resampled unit.
+        n_boot: bootstrap resamples.
+        seed: seed of the resamples.
+
+    Raises:
+        LesionLabError: ``proba`` is not 2-D or has not one row per label.
+    """
     y_true, proba = _check(y_true, proba)
     return {"ece": expected_calibration_error(y_true, proba),
             "ci95": list(bootstrap_ci(y_true, proba, np.asarray(groups),
@@ -264,6 +280,11 @@ class DirichletScaling:
 
 def fit_dirichlet(proba: np.ndarray, y: np.ndarray, c: float = 1.0) -> DirichletScaling:
     """Fit Dirichlet calibration with an L2 penalty of strength ``1 / c``.
+
+    Args:
+        proba: (n_images, n_classes) uncalibrated probabilities (val), rows summing to 1.
+        y: (n_images,) class indices.
+        c: inverse L2 strength (scikit-learn's ``LogisticRegression(C=)``).
 
     Raises:
         LesionLabError: when the shapes disagree or ``y`` holds one class only.

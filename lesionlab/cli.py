@@ -184,6 +184,9 @@ def check_range(value: Any, bounds: Range | None, flag: str) -> None:
     """Raise ``LesionLabError`` (``--flag must be >= 1, got 0``) when ``value`` is outside.
 
     ``None`` passes; a tuple or list is checked element by element.
+
+    Raises:
+        LesionLabError: ``value`` (or an element of it) is outside ``bounds``.
     """
     if bounds is None or value is None:
         return
@@ -205,7 +208,11 @@ def ranged(parse: Callable[[str], Any] = int, *, ge: float | None = None,
 
 
 def safe_name(value: str) -> str:
-    """A model folder name: letters, digits and ``_.+-`` only, never a path."""
+    """A model folder name: letters, digits and ``_.+-`` only, never a path.
+
+    Raises:
+        LesionLabError: ``value`` is empty, ``.`` or ``..``, or holds another character.
+    """
     if not value or value in (".", "..") or not NAME_PATTERN.match(value):
         raise LesionLabError(
             f"invalid name {value!r}: use letters, digits and _ . + - only (no path separators)")
@@ -551,6 +558,10 @@ def run_main(main: Callable[[Sequence[str] | None], int | None],
     prints ``error: cannot write <path>: <reason> (<what to do>)`` (see
     ``lesionlab.artifacts.write_failure``). Any other exception keeps its traceback: it is a
     bug, or a failure (EIO, a missing file nobody checked for) whose traceback is the report.
+
+    Raises:
+        SystemExit: code 2 after a ``LesionLabError`` or a disk error; else ``main``'s code.
+        Exception: any other exception of ``main``, re-raised unchanged.
     """
     from lesionlab.artifacts import write_failure
 

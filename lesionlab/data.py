@@ -58,7 +58,12 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A validated image set: one row per image with its label, lesion and absolute path."""
+    """A validated image set: one row per image with its label, lesion and absolute path.
+
+    Attributes:
+        root: the folder the images were found under.
+        frame: (n_images, n_columns) one row per image.
+    """
 
     root: Path
     frame: pd.DataFrame  # columns: image_id, lesion_id, dx, label, path, (+ metadata columns)
@@ -79,7 +84,17 @@ class Dataset:
 
 
 def frame_fingerprint(frame: pd.DataFrame) -> str:
-    """Hash (image_id, dx, file size) rows; cheap enough for 10k images, sensitive to edits."""
+    """Hash (image_id, dx, file size) rows; cheap enough for 10k images, sensitive to edits.
+
+    Args:
+        frame: (n_images, n_columns) labels frame with ``image_id``, ``dx`` and ``path``.
+
+    Returns:
+        16 hex digits of the sha256 of those rows.
+
+    Raises:
+        OSError: an image file listed is missing (``os.path.getsize``).
+    """
     h = hashlib.sha256()
     for image_id, dx, path in zip(frame["image_id"], frame["dx"], frame["path"]):
         h.update(f"{image_id}|{dx}|{os.path.getsize(path)}\n".encode())
@@ -114,6 +129,14 @@ def read_metadata(csv_path: Path, vocab: Vocabulary | None = None) -> pd.DataFra
     """Read and check a HAM10000 metadata CSV: required columns, unique ids, and class, site
     and sex names in the vocabulary (mapped onto the canonical ones).
 
+    Args:
+        csv_path: the ``HAM10000_metadata.csv`` file.
+        vocab: the name table; None: the default vocabulary.
+
+    Returns:
+        (n_images, n_columns) frame: one row per image, canonical ``dx``, ``sex``,
+        ``localization``, ``age`` in years.
+
     Raises:
         LesionLabError: a missing column, no rows, a blank lesion id, an image listed twice,
             or a name outside the vocabulary (naming the values and their counts).
@@ -142,6 +165,9 @@ def class_set(dx: pd.Series | Sequence[str]) -> tuple[str, ...]:
     one of them; :data:`BINARY_CLASSES` when the names are ``mel`` / ``not_mel`` (binary
     melanoma labels); else the classes present, in :data:`KNOWN_CLASSES` order (ISIC 2019:
     8 with scc; PAD-UFES-20: akiec, bcc, bkl, mel, nv, scc).
+
+    Args:
+        dx: (n_images,) class names.
 
     Raises:
         LesionLabError: a name outside :data:`KNOWN_CLASSES` (and not a binary label set).

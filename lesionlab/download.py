@@ -121,7 +121,12 @@ def _remote_size(url: str, timeout: float) -> int | None:
 
 
 def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest``, resuming a ``.part`` file with an HTTP Range request."""
+    """Download ``url`` to ``dest``, resuming a ``.part`` file with an HTTP Range request.
+
+    Raises:
+        LesionLabError: the URL cannot be reached or the transfer breaks off (the ``.part``
+            file is kept, so the next call resumes).
+    """
     if dest.exists():
         return dest
     part = dest.with_name(dest.name + ".part")
@@ -357,7 +362,12 @@ def download_ham10000(dest: Path | str, base_url: str = BASE_URL, http_timeout: 
 def ensure_data(root: Path | str, download: bool = False, *, labels: str = AUTO,
                 label_map: Path | str | None = None) -> Dataset:
     """Load the dataset at ``root`` (``labels``/``label_map``: see ``load_dataset``); if it
-    holds no label CSV, ``download`` and HAM10000 labels, fetch HAM10000 there first."""
+    holds no label CSV, ``download`` and HAM10000 labels, fetch HAM10000 there first.
+
+    Raises:
+        LesionLabError: the download fails or its files do not verify, or the folder's labels
+            are invalid (see :func:`lesionlab.data.load_dataset`).
+    """
     root = Path(root)
     if download and labels in (AUTO, "ham10000") and not (root / METADATA_FILE).exists() and \
             not any(root.glob("*.csv")):

@@ -123,7 +123,8 @@ def fingerprint_paths(paths: Sequence[str | Path], cache: Path | None = None,
         progress: show a progress bar while hashing.
 
     Returns:
-        One row per path, in order: columns ``path``, ``sha256`` (64 hex), ``phash`` (64 hex).
+        (n_paths, 3) frame, one row per path, in order: columns ``path``, ``sha256`` (64 hex),
+        ``phash`` (64 hex).
 
     Raises:
         LesionLabError: a file is missing or not a decodable image.
@@ -151,13 +152,30 @@ def fingerprint_paths(paths: Sequence[str | Path], cache: Path | None = None,
 def folder_fingerprints(paths: Sequence[str | Path], folder: Path | str,
                         workdir: Path | str | None, progress: bool = True) -> pd.DataFrame:
     """:func:`fingerprint_paths` of images below ``folder``, cached in ``workdir`` (None: not
-    cached)."""
+    cached).
+
+    Args:
+        paths: the image files below ``folder``.
+        folder: the folder the cache is keyed by.
+        workdir: the workdir holding the cache; None: not cached.
+        progress: show a progress bar while hashing.
+
+    Returns:
+        (n_images, 3) frame: ``path``, ``sha256``, ``phash`` (see :func:`fingerprint_paths`).
+
+    Raises:
+        LesionLabError: a file is missing or not a decodable image.
+    """
     cache = None if workdir is None else cache_path(workdir, folder)
     return fingerprint_paths(paths, cache, progress)
 
 
 def phash_bits(hexes: Iterable[str]) -> np.ndarray:
-    """(n, 4) uint64 words of 64-hex-digit (256-bit) perceptual hashes."""
+    """(n, 4) uint64 words of 64-hex-digit (256-bit) perceptual hashes.
+
+    Raises:
+        LesionLabError: a hash is not 64 hex digits long.
+    """
     rows = [bytes.fromhex(h) for h in hexes]
     if any(len(r) != HASH_BITS // 8 for r in rows):
         raise LesionLabError(f"perceptual hashes must have {HASH_BITS // 4} hex digits")

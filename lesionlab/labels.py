@@ -177,7 +177,12 @@ def default_vocabulary() -> Vocabulary:
 
 
 def load_vocabulary(label_map: Path | str | None = None) -> Vocabulary:
-    """The shipped table, plus the rows of ``label_map`` (``--label-map FILE``) if given."""
+    """The shipped table, plus the rows of ``label_map`` (``--label-map FILE``) if given.
+
+    Raises:
+        LesionLabError: the ``label_map`` file is missing, unreadable or invalid
+            (:func:`read_entries`).
+    """
     vocab = default_vocabulary()
     return vocab if label_map is None else vocab.with_entries(read_entries(label_map))
 
@@ -193,7 +198,7 @@ def map_names(values: pd.Series, kind: str, vocab: Vocabulary | None = None, *,
     """Map names of ``kind`` onto canonical ones; missing values (NaN, blank) stay NaN.
 
     Args:
-        values: one name per row, any spelling.
+        values: (n_rows,) one name per row, any spelling.
         kind: ``class``, ``site`` or ``sex``.
         vocab: the table; None: :func:`default_vocabulary`.
         strict: a name outside the table raises (training); else, for sites and sexes, one
@@ -203,7 +208,7 @@ def map_names(values: pd.Series, kind: str, vocab: Vocabulary | None = None, *,
         column: the column named in messages (default: ``kind``).
 
     Returns:
-        Canonical names, same index; ``NO_CLASS`` ("") for a class meaning "none".
+        (n_rows,) canonical names, same index; ``NO_CLASS`` ("") for a class meaning "none".
 
     Raises:
         LesionLabError: names outside the vocabulary (strict, or kind ``class``), listing
@@ -361,6 +366,17 @@ def finish(frame: pd.DataFrame, vocab: Vocabulary, *, strict: bool, where: str,
     warning naming some; a missing lesion id becomes the image's own (counted warning);
     missing ``age``/``sex``/``localization`` columns are added as NaN.
 
+    Args:
+        frame: (n_rows, n_columns) a reader's raw frame with ``image_id`` and ``dx_column``.
+        vocab: the vocabulary table.
+        strict: a site or sex outside the vocabulary raises (else warns, reads ``unknown``).
+        where: what the rows come from, for messages (a file name).
+        dx_column: the class column named in messages.
+
+    Returns:
+        (n_kept, n_columns') frame: one row per image with a class, canonical names, and
+        ``image_id``, ``lesion_id``, ``dx``, ``age``, ``sex``, ``localization``.
+
     Raises:
         LesionLabError: a class name outside the vocabulary (or, ``strict``, a site or sex
             name), or no row with a class.
@@ -409,7 +425,12 @@ def _subdirs(root: Path) -> list[Path]:
 def read_imagefolder(root: Path, vocab: Vocabulary) -> pd.DataFrame:
     """A class-per-folder tree: ``root/<class name>/**/<image>``; symlinks are followed.
 
-    Returns the raw frame (``image_id`` = file stem, ``dx`` = folder name, ``path``).
+    Returns the raw (n_images, 3) frame (``image_id`` = file stem, ``dx`` = folder name,
+    ``path``).
+
+    Args:
+        root: the tree's top folder.
+        vocab: the vocabulary table (unused by the reader; the shared reader signature).
 
     Raises:
         LesionLabError: no sub-folder, or one image id in two class folders.
@@ -433,6 +454,13 @@ def read_imagefolder(root: Path, vocab: Vocabulary) -> pd.DataFrame:
 
 def read_csv(csv_path: Path, what: str) -> pd.DataFrame:
     """``pd.read_csv`` with user-facing errors for a missing or unparsable file.
+
+    Args:
+        csv_path: the CSV file.
+        what: what the file is, for messages (``label CSV``).
+
+    Returns:
+        (n_rows, n_columns) frame, as ``pd.read_csv`` reads it.
 
     Raises:
         LesionLabError: the file is missing, empty or not CSV.
@@ -460,7 +488,10 @@ def detect_format(columns: Iterable[str]) -> str | None:
 
 @dataclass(frozen=True)
 class LabelTable:
-    """A folder's labels: the frame (see the module docstring), its format and file."""
+    """A folder's labels: the frame (see the module docstring), its format and file.
+
+    ``frame`` is (n_images, n_columns), one row per labelled image.
+    """
 
     frame: pd.DataFrame
     format: str
@@ -555,7 +586,22 @@ def read_labels(root: Path | str, labels: str = AUTO, vocab: Vocabulary | None =
 
 def read_label_csv(path: Path, fmt: str, vocab: Vocabulary, *, strict: bool = True,
                    metadata: Path | None = None) -> pd.DataFrame:
-    """One label CSV of format ``fmt`` (+ ISIC 2019 metadata CSV) as the standard frame."""
+    """One label CSV of format ``fmt`` (+ ISIC 2019 metadata CSV) as the standard frame.
+
+    Args:
+        path: the label CSV.
+        fmt: one of :data:`FORMATS` (``ham10000``, ``isic2018``, ...).
+        vocab: the vocabulary table.
+        strict: see :func:`finish`.
+        metadata: ISIC 2018/2019 metadata CSV (age, sex, site) merged by image id.
+
+    Returns:
+        (n_images, n_columns) the standard frame of :func:`finish`.
+
+    Raises:
+        LesionLabError: the CSV is missing or unparsable (:func:`read_csv`), or see
+            :func:`finish`.
+    """
     raw = read_csv(path, "label CSV")
     frame = FORMATS[fmt].read(raw, vocab, path.name)  # type: ignore[misc]
     if metadata is not None and fmt in ("isic2018", "isic2019"):

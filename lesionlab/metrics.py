@@ -37,6 +37,13 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
     Predictions of a class absent from ``y_true`` count as errors of the true class; unlike
     scikit-learn's ``balanced_accuracy_score`` this raises no warning about them.
+
+    Args:
+        y_true: (n_images,) true class indices.
+        y_pred: (n_images,) predicted class indices.
+
+    Returns:
+        Balanced multiclass accuracy in [0, 1] (the ISIC 2018 Task 3 headline metric).
     """
     present = np.unique(y_true)
     if len(present) == 0:
@@ -45,7 +52,15 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
-    """Macro one-vs-rest ROC AUC over classes present in ``y_true`` (NaN if fewer than two)."""
+    """Macro one-vs-rest ROC AUC over classes present in ``y_true`` (NaN if fewer than two).
+
+    Args:
+        y_true: (n_images,) class indices.
+        proba: (n_images, n_classes) probabilities (column c: P(class c)).
+
+    Returns:
+        Mean one-vs-rest ROC AUC in [0, 1] (scikit-learn's ``roc_auc_score`` per class).
+    """
     present = np.unique(y_true)
     if len(present) < 2:
         return float("nan")
@@ -96,6 +111,9 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
     """Top-label ECE (Guo et al., ICML 2017): bin by confidence, weight |accuracy -
     confidence| by bin size (:func:`binned_ece` over :func:`binned_reliability`).
 
+    The expected calibration error of Guo et al., "On calibration of modern neural
+    networks", ICML 2017 (Naeini et al., AAAI 2015, for its binned form).
+
     Args:
         y_true: (n,) class indices.
         proba: (n, n_classes) probabilities.
@@ -127,7 +145,15 @@ def reliability_curve(y_true: np.ndarray, proba: np.ndarray,
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro F1 over the classes present in ``y_true``."""
+    """Macro F1 over the classes present in ``y_true``.
+
+    Args:
+        y_true: (n_images,) true class indices.
+        y_pred: (n_images,) predicted class indices.
+
+    Returns:
+        Macro F1 in [0, 1] (scikit-learn's ``f1_score``, ``zero_division=0``).
+    """
     return float(f1_score(y_true, y_pred, labels=list(np.unique(y_true)), average="macro",
                           zero_division=0))
 
@@ -135,7 +161,16 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def mel_sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray,
                                 mel: int | None = MEL) -> tuple[float, float]:
     """Melanoma-vs-rest sensitivity and specificity of the argmax decision (``mel``: the
-    melanoma class index; None: NaN, NaN)."""
+    melanoma class index; None: NaN, NaN).
+
+    Args:
+        y_true: (n_images,) true class indices.
+        y_pred: (n_images,) predicted class indices.
+        mel: melanoma's class index, or None.
+
+    Returns:
+        (sensitivity, specificity), each in [0, 1]; NaN where a side has no image.
+    """
     if mel is None:
         return float("nan"), float("nan")
     mel_true = y_true == mel
@@ -148,7 +183,18 @@ def mel_sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray,
 
 def point_metrics(y_true: np.ndarray, proba: np.ndarray,
                   y_pred: np.ndarray | None = None, mel: int | None = MEL) -> dict[str, float]:
-    """Scalar metrics of one prediction set (no CIs); ``mel``: melanoma's class index."""
+    """Scalar metrics of one prediction set (no CIs); ``mel``: melanoma's class index.
+
+    Args:
+        y_true: (n_images,) true class indices.
+        proba: (n_images, n_classes) probabilities, rows summing to 1.
+        y_pred: (n_images,) predicted class indices; None: the argmax of ``proba``.
+        mel: melanoma's class index, or None.
+
+    Returns:
+        Metric name -> value in [0, 1] (balanced accuracy, macro F1 and AUC, melanoma
+        sensitivity and specificity, ECE, accuracy).
+    """
     y_true = np.asarray(y_true)
     if y_pred is None:
         y_pred = proba.argmax(axis=1)
@@ -199,7 +245,21 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
                  metric: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 1000,
                  seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile CI of ``metric(y_true, proba)`` resampling whole lesions with replacement
-    (:func:`lesion_resamples`; draws with fewer than two classes or a NaN value are skipped)."""
+    (:func:`lesion_resamples`; draws with fewer than two classes or a NaN value are skipped).
+
+    Args:
+        y_true: (n_images,) class indices.
+        proba: (n_images, n_classes) probabilities.
+        groups: (n_images,) lesion id of each image.
+        metric: ``fn(y_true, proba) -> float``.
+        n_boot: bootstrap resamples.
+        seed: seed of the resamples.
+        alpha: 1 - the coverage (0.05: a 95% interval).
+
+    Returns:
+        (lo, hi), the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled values
+        (the percentile bootstrap, Efron & Tibshirani 1993); NaN, NaN when no draw counted.
+    """
     values = []
     for idx in lesion_resamples(groups, n_boot, seed):
         if len(np.unique(y_true[idx])) < 2:
@@ -267,6 +327,10 @@ def warn_absent_classes(y_true: np.ndarray, classes: Sequence[str] = CLASSES) ->
 
     The first occurrence names them; repeats (every group of ``evaluate --by``, every small
     val or test split) are counted under one key and reported once on exit.
+
+    Args:
+        y_true: (n_images,) class indices into ``classes``.
+        classes: the class set's names.
     """
     absent = [c for i, c in enumerate(classes) if not np.any(np.asarray(y_true) == i)]
     if absent:
@@ -282,7 +346,14 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_mel: np.ndarray,
                               mel: int | None = MEL) -> float:
     """The highest threshold on P(mel) that flags at least ``target`` of the melanomas in
     (y_true, p_mel); a case is flagged when its P(mel) >= the threshold. NaN without any
-    (or without a melanoma class: ``mel`` None)."""
+    (or without a melanoma class: ``mel`` None).
+
+    Args:
+        y_true: (n_images,) class indices.
+        p_mel: (n_images,) P(mel) of each image, in [0, 1].
+        target: the sensitivity to reach, in [0, 1].
+        mel: melanoma's class index, or None.
+    """
     if mel is None:
         return float("nan")
     scores = np.sort(np.asarray(p_mel)[np.asarray(y_true) == mel])[::-1]
@@ -353,6 +424,14 @@ def paired_metric(name: str, mel_threshold: float = float("nan")
     ``mel_sensitivity`` is that of the model's own melanoma rule, "flag when P(mel) >=
     ``mel_threshold``" (its card's threshold); with a NaN threshold (no rule), that of the
     argmax decision.
+
+    Args:
+        name: one of :data:`PAIRED_METRICS`.
+        mel_threshold: the model's P(mel) threshold, or NaN.
+
+    Returns:
+        ``fn(y_true, proba) -> float``: y_true (n_images,) class indices, proba
+        (n_images, n_classes) probabilities.
 
     Raises:
         LesionLabError: ``name`` is not one of :data:`PAIRED_METRICS`.
@@ -484,6 +563,16 @@ def paired_bootstrap_all(y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.nd
     lesions for every metric, drawn once). ``metrics``: name -> (metric of A, metric of B).
 
     Returns name -> the dict :func:`paired_bootstrap` returns.
+
+    Args:
+        y_true: (n_images,) class indices.
+        proba_a: (n_images, n_classes) probabilities of model A.
+        proba_b: (n_images, n_classes) probabilities of model B, rows aligned with A's.
+        groups: (n_images,) lesion id of each image.
+        metrics: name -> (metric of A, metric of B), each ``fn(y_true, proba) -> float``.
+        n_boot: bootstrap resamples.
+        seed: seed of the resamples.
+        alpha: 1 - the coverage of the interval.
 
     Raises:
         LesionLabError: the arrays do not have one row per image.

@@ -26,11 +26,12 @@ def drop_repeated_images(meta: pd.DataFrame, source: Path | str) -> pd.DataFrame
     """``meta`` with each image listed once (its first row).
 
     Args:
-        meta: a labels table with an ``image_id`` column.
+        meta: (n_rows, n_columns) a labels table with an ``image_id`` column.
         source: the file it was read from, named in messages.
 
     Returns:
-        ``meta`` without repeated identical rows (same index labels as the rows kept).
+        (n_images, n_columns) ``meta`` without repeated identical rows (same index labels as
+        the rows kept).
 
     Raises:
         LesionLabError: an image is listed twice with different values (one line naming the

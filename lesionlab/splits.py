@@ -277,6 +277,14 @@ def load_or_make_split(dataset: Dataset, workdir: Path | str, seed: int = 0) -> 
     lesion id or class), or that puts exact duplicates (``lesionlab.fingerprint``, cached in
     ``workdir``) on two sides, is made again, with a warning saying why.
 
+    Args:
+        dataset: the labelled images.
+        workdir: the folder holding ``splits/`` (and the fingerprint cache).
+        seed: the split seed.
+
+    Returns:
+        (n_images, 4) frame: ``image_id``, ``lesion_id``, ``dx``, ``split`` (train/val/test).
+
     Raises:
         LesionLabError: the split file lists another image set, or see :func:`make_split`.
     """
@@ -325,7 +333,15 @@ def _stale_reason(split: pd.DataFrame, dataset: Dataset, sha256: np.ndarray) -> 
 
 
 def class_counts(split: pd.DataFrame) -> pd.DataFrame:
-    """Per-split class counts table (rows: split, columns: the split's class set + total)."""
+    """Per-split class counts table (rows: split, columns: the split's class set + total).
+
+    Args:
+        split: (n_images, 4) a split frame (``image_id``, ``lesion_id``, ``dx``, ``split``).
+
+    Returns:
+        (3, n_classes + 2) counts: rows train, val, test; a column per class, ``total``
+        (images) and ``lesions``.
+    """
     table = pd.crosstab(split["split"], split["dx"]).reindex(
         index=list(SPLITS), columns=list(class_set(split["dx"])), fill_value=0)
     table["total"] = table.sum(axis=1)
@@ -384,7 +400,21 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: in
 
 def train_fraction(labels: np.ndarray, groups: np.ndarray, fraction: float,
                    seed: int) -> np.ndarray:
-    """Indices of a lesion-grouped, stratified subset holding about ``fraction`` of the rows."""
+    """Indices of a lesion-grouped, stratified subset holding about ``fraction`` of the rows.
+
+    Args:
+        labels: (n_rows,) class indices.
+        groups: (n_rows,) lesion id of each row.
+        fraction: share of the rows to keep, in (0, 1].
+        seed: the subset's seed.
+
+    Returns:
+        (m,) sorted row indices, m about ``fraction * n_rows``; every row for 1.0.
+
+    Raises:
+        LesionLabError: ``fraction`` is outside (0, 1], or a class has too few lesions to keep
+            two of them (see :func:`grouped_holdout`).
+    """
     if not 0.0 < fraction <= 1.0:
         raise LesionLabError(f"train fraction must be in (0, 1], got {fraction}")
     if fraction >= 1.0:
@@ -400,6 +430,19 @@ def split_indices(dataset: Dataset, split: pd.DataFrame, train_frac: float = 1.0
     """Row indices of ``dataset`` in train, val and test; train optionally subsampled by lesion.
 
     The one place heads and fine-tuning turn a split file into rows, so both see the same sets.
+
+    Args:
+        dataset: the labelled images.
+        split: (n_images, 4) its split frame (:func:`load_or_make_split`).
+        train_frac: share of train's rows kept, by lesion, in (0, 1].
+        seed: seed of that subset.
+
+    Returns:
+        (train, val, test): (n_train,), (n_val,), (n_test,) int row indices into ``dataset``.
+
+    Raises:
+        LesionLabError: ``train_frac`` <= 0, or too few lesions of a class for the subset
+            (:func:`train_fraction`).
     """
     where = dataset.frame["image_id"].map(split.set_index("image_id")["split"]).to_numpy()
     tr, va, te = (np.flatnonzero(where == s) for s in SPLITS)

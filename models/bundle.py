@@ -71,6 +71,15 @@ def load_proba(folder: Path | str, name: str, rows: int | None = None,
 
     ``n_classes``: the width expected, the size of the model's class set (``card.classes``).
 
+    Args:
+        folder: the model folder.
+        name: the file in it.
+        rows: the expected row count (n_images); None: any.
+        n_classes: the width expected.
+
+    Returns:
+        (rows, n_classes) float probabilities, each row in [0, 1] summing to 1.
+
     Raises:
         LesionLabError: when the file is missing or unreadable, holds objects (loaded without
             pickle, so nothing in it runs), is not float, is not ``rows`` x ``n_classes``,
@@ -151,7 +160,11 @@ def model_name(*parts: str) -> str:
 
 
 def model_path(workdir: Path | str, name: str) -> Path:
-    """``<workdir>/models/<name>``; a name with a path separator is refused."""
+    """``<workdir>/models/<name>``; a name with a path separator is refused.
+
+    Raises:
+        LesionLabError: ``name`` is not a safe folder name (:func:`lesionlab.cli.safe_name`).
+    """
     return models_dir(workdir) / safe_name(name)
 
 

@@ -64,6 +64,11 @@ def require_mappable(y_model: np.ndarray, counts: dict[str, int],
                      model_classes: Sequence[str]) -> None:
     """Refuse data of which no image has one of the model's classes.
 
+    Args:
+        y_model: (n_images,) labels as model class indices, ``UNMAPPED`` where none fits.
+        counts: the data's class name -> image count.
+        model_classes: the model's class set.
+
     Raises:
         LesionLabError: naming the data's classes and the model's.
     """

@@ -69,7 +69,13 @@ def _canonical(frame: pd.DataFrame, column: str, kind: str) -> pd.Series:
 
 @dataclass
 class Design:
-    """Features of every image in ``dataset`` order, with their provenance."""
+    """Features of every image in ``dataset`` order, with their provenance.
+
+    Attributes:
+        x: (n_images, n_features) float64 design matrix (:func:`build_design`).
+        feature_sets: the cached feature sets its blocks come from.
+        metadata: whether the last 17 columns are metadata (:func:`metadata_matrix`).
+    """
 
     x: np.ndarray
     feature_sets: list[FeatureSet]
@@ -95,7 +101,18 @@ def block_config(block: dict, **runtime) -> FeaturizeConfig:
 
 
 def align(fs: FeatureSet, image_ids: pd.Series) -> np.ndarray:
-    """Rows of ``fs`` in the order of ``image_ids``; every id must be present."""
+    """Rows of ``fs`` in the order of ``image_ids``; every id must be present.
+
+    Args:
+        fs: a cached feature set, (n_cached, dim) features.
+        image_ids: (n_images,) the ids wanted, in order.
+
+    Returns:
+        (n_images, dim) float32 rows of ``fs.features``.
+
+    Raises:
+        LesionLabError: an id of ``image_ids`` is not in the feature set.
+    """
     pos = pd.Series(np.arange(len(fs.image_ids)), index=fs.image_ids)
     missing = image_ids[~image_ids.isin(pos.index)]
     if len(missing):
@@ -108,6 +125,14 @@ def build_design(blocks: list[np.ndarray], frame: pd.DataFrame, metadata: bool) 
     """The head's input matrix: feature blocks side by side, then metadata if the model uses it.
 
     The one builder used by training, prediction and external evaluation.
+
+    Args:
+        blocks: feature blocks, each (n_images, dim_i), rows in ``frame`` order.
+        frame: (n_images, n_columns) labels frame (``age``, ``sex``, ``localization``).
+        metadata: append :func:`metadata_matrix`'s (n_images, 17) block.
+
+    Returns:
+        (n_images, sum(dim_i) [+ 17]) float64.
     """
     parts = list(blocks)
     if metadata:
@@ -190,7 +215,14 @@ def input_kind(features: str | tuple[FeatureBlock, ...]) -> str:
 
 
 def log_proba(proba: np.ndarray) -> np.ndarray:
-    """Probabilities as a head's input: logs, so a linear head can weigh evidence."""
+    """Probabilities as a head's input: logs, so a linear head can weigh evidence.
+
+    Args:
+        proba: (n_images, n_classes) probabilities.
+
+    Returns:
+        (n_images, n_classes) natural logs, probabilities clipped to [1e-6, 1] first.
+    """
     return np.log(np.clip(proba, 1e-6, 1.0))
 
 
@@ -202,7 +234,12 @@ def _check_weights(block: dict, sha256: str) -> None:
 
 
 def card_extractors(card: ModelCard, device: str = "auto") -> list:
-    """One loaded ``Extractor`` per feature block of a head's card (weights checked)."""
+    """One loaded ``Extractor`` per feature block of a head's card (weights checked).
+
+    Raises:
+        LesionLabError: a backbone's weights here differ from those the card records (sha256), or
+            its weights cannot be loaded; the extractors loaded so far are closed first.
+    """
     extractors = []
     try:
         for block in card.features:
@@ -227,6 +264,21 @@ def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = 
     computed in memory by ``extractors`` (loaded here and closed after, when not given).
     ``stacked`` holds, per ``oof:<name>`` block of a stacking head, its ensemble member's
     probabilities for these images (new images have no out-of-fold rows: the ensemble's own).
+
+    Args:
+        card: the head's model card.
+        dataset: the labelled images (n_images rows).
+        workdir: where features are cached; None: computed in memory.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        extractors: loaded extractors (:func:`card_extractors`); None: loaded here.
+        stacked: ``oof:<name>`` -> (n_images, n_classes) member probabilities.
+
+    Returns:
+        (n_images, n_features) float64 design matrix, columns as at training.
+
+    Raises:
+        LesionLabError: a stacked block's probabilities are missing, or a backbone's weights
+            differ from the card's.
     """
     stacked = stacked or {}
     missing = [b["backbone"] for b in card.features

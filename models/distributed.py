@@ -71,7 +71,11 @@ def broadcast(value: Any, world: World) -> Any:
 
 
 def gather_rng(world: World) -> list[torch.Tensor]:
-    """Every process's torch RNG state, in rank order (for exact resume)."""
+    """Every process's torch RNG state, in rank order (for exact resume).
+
+    Returns:
+        ``world.size`` (n_bytes,) uint8 tensors, ``torch.get_rng_state()`` of each rank.
+    """
     state = torch.get_rng_state()
     if world.size == 1:
         return [state]

@@ -66,7 +66,16 @@ def simplex_grid(n: int, step: float = GRID_STEP) -> list[tuple[float, ...]]:
 def choose_weights(val_probas: Sequence[np.ndarray], y_va: np.ndarray,
                    mode: str = "val") -> list[float]:
     """Member weights: equal, or the grid point with the best val balanced accuracy (ties go
-    to the lower val log-loss). Over 5 members the grid is too large: equal weights."""
+    to the lower val log-loss). Over 5 members the grid is too large: equal weights.
+
+    Args:
+        val_probas: per member, (n_val, n_classes) calibrated val probabilities.
+        y_va: (n_val,) val class indices.
+        mode: ``val`` (grid search) or ``equal``.
+
+    Returns:
+        One weight per member, in [0, 1], summing to 1.
+    """
     n = len(val_probas)
     if mode == "equal" or n == 1 or n > 5:
         return [1.0 / n] * n
@@ -102,7 +111,21 @@ def _check_members(cards: list[ModelCard], dirs: list[Path]) -> None:
 def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
                      workdir: Path | str) -> np.ndarray:
     """A member's calibrated val probabilities: saved with the model, or (folders made before
-    models saved them) computed once from the model and saved beside it."""
+    models saved them) computed once from the model and saved beside it.
+
+    Args:
+        folder: the member's model folder.
+        dataset: the labelled images.
+        va: (n_val,) val row indices into ``dataset``.
+        workdir: the workdir (feature cache).
+
+    Returns:
+        (n_val, n_classes) calibrated probabilities, rows summing to 1.
+
+    Raises:
+        LesionLabError: the saved ``val_proba.npy`` is not a valid (n_val, n_classes)
+            probability array (:func:`models.bundle.load_proba`).
+    """
     path = folder / "val_proba.npy"
     if not path.exists():
         card = load_card(folder)
@@ -125,7 +148,19 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
 
 def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.ndarray] | None:
     """Out-of-fold probabilities of K fold models joined over train, or None when the members
-    are not the folds of one run. Refuses a row predicted by a model that trained on it."""
+    are not the folds of one run. Refuses a row predicted by a model that trained on it.
+
+    Args:
+        cards: the members' cards.
+        dirs: their folders, in the same order.
+
+    Returns:
+        (image ids, (n_oof, n_classes) out-of-fold probabilities, a row per id), or None.
+
+    Raises:
+        LesionLabError: a member's held-out rows overlap its training rows, or two members'
+            held-out rows overlap.
+    """
     if not all(c.details.get("oof_image_ids") for c in cards):
         return None
     ids, probas = [], []

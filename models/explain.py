@@ -53,7 +53,16 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None = None
 
 
 def overlay(img: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Blend a jet-coloured map over the image (resized to the map's size)."""
+    """Blend a jet-coloured map over the image (resized to the map's size).
+
+    Args:
+        img: the RGB image.
+        cam: (H, W) class activation map in [0, 1].
+        alpha: the map's weight in the blend, in [0, 1].
+
+    Returns:
+        An (H, W) RGB image (the map's size).
+    """
     from matplotlib import colormaps
 
     base = np.asarray(img.resize((cam.shape[1], cam.shape[0]), Image.BICUBIC), np.float32) / 255

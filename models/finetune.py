@@ -108,7 +108,13 @@ class FinetuneConfig(TrainingRun):
     n_boot: int = option(1000, "bootstrap resamples for the test CIs", ge=0)
 
     def validate(self) -> None:
-        """Reject unknown option values."""
+        """Reject unknown option values.
+
+        Raises:
+            LesionLabError: an option outside its choices, ``--epochs`` under 1, a negative
+                ``--freeze-stages``, a ``--histo-weight`` <= 0, or a ``--cv-folds`` /
+                ``--cv-fold`` pair that names no fold.
+        """
         check_choices(self)
         if self.epochs < 1:
             raise LesionLabError("--epochs must be at least 1")
@@ -189,6 +195,15 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", weight if weight is not None else None)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-image focal loss, (1 - p_t)^gamma * CE (Lin et al., ICCV 2017).
+
+        Args:
+            logits: (batch, n_classes) raw network outputs.
+            target: (batch,) int64 class indices.
+
+        Returns:
+            (batch,) float32 losses (``reduction="none"``), class-weighted when ``weight`` is set.
+        """
         logp = torch.log_softmax(logits.float(), dim=1)
         ce = nn.functional.nll_loss(logp, target, weight=self.weight, reduction="none")
         pt = logp.gather(1, target[:, None]).squeeze(1).exp()
@@ -197,7 +212,15 @@ class FocalLoss(nn.Module):
 
 def make_loss(cfg: FinetuneConfig, counts: np.ndarray) -> nn.Module:
     """The per-image training loss (``reduction="none"``: images carry their own weights);
-    class weights are inverse frequency, normalised to mean 1."""
+    class weights are inverse frequency, normalised to mean 1.
+
+    Args:
+        cfg: the fine-tuning config (``loss``, ``sampler``, ``label_smoothing``).
+        counts: (n_classes,) training images per class.
+
+    Returns:
+        A module mapping (batch, n_classes) logits and (batch,) targets to (batch,) losses.
+    """
     weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)),
                           dtype=torch.float32)
     if cfg.loss == "focal":
@@ -211,6 +234,14 @@ def sample_weights(frame, rows: np.ndarray, histo_weight: float) -> np.ndarray:
 
     Gessert et al. (2020) weigh biopsy-confirmed labels up; ``dx_type`` only ever weighs the
     loss, it is never a model input (it is not known for a new image).
+
+    Args:
+        frame: (n_images, n_columns) the dataset's frame (``dx_type`` where known).
+        rows: (n_rows,) row indices into ``frame``.
+        histo_weight: the weight of a ``histo`` image, > 0.
+
+    Returns:
+        (n_rows,) float32 loss weights.
     """
     w = np.ones(len(rows), np.float32)
     if histo_weight != 1.0 and "dx_type" in frame.columns:
@@ -301,6 +332,17 @@ def train_loader(data: TorchDataset, labels: np.ndarray, cfg: FinetuneConfig, ep
     """This epoch's loader: seeded per epoch, so a resumed run draws the same batches.
 
     Under torchrun every rank draws the same epoch sample and trains on its own share.
+
+    Args:
+        data: the training images' dataset.
+        labels: (n_train,) class indices, for the class-balanced sampler.
+        cfg: the fine-tuning config.
+        epoch: the epoch number, part of the seed.
+        world: this process's rank and the number of processes.
+
+    Returns:
+        A loader of ((batch, 3, H, W) float images, (batch,) labels, (batch,) per-image loss
+        weights).
     """
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     weights = None
@@ -357,7 +399,25 @@ def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
                   progress: bool = False, color_constancy: str = "none",
                   aspect: float | None = None) -> np.ndarray:
     """Softmax probabilities averaged over TTA views, with the deterministic eval transform
-    (images centre-cropped to ``aspect``, width/height; None: 4:3)."""
+    (images centre-cropped to ``aspect``, width/height; None: 4:3).
+
+    Args:
+        model: the network (its outputs: (batch, n_classes) logits).
+        paths: image files.
+        spec: the backbone's normalisation and interpolation.
+        size: (height, width) input size in pixels.
+        device: where to run.
+        tta: ``none``, ``flip`` or ``d4``.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        bf16: run under bfloat16 autocast.
+        progress: show a progress bar.
+        color_constancy: ``none`` or ``shades_of_gray``.
+        aspect: width / height the images are centre-cropped to.
+
+    Returns:
+        (n_paths, n_classes) softmax probabilities, rows summing to 1 (uncalibrated).
+    """
     model.eval()
     data = ImagePathDataset(paths, size, spec.mean, spec.std, interpolation=spec.interpolation,
                             color_constancy=color_constancy, aspect=aspect)
@@ -378,7 +438,22 @@ def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: B
              device: torch.device, cfg: FinetuneConfig, tta: str = "none",
              progress: bool = False, aspect: float | None = None) -> tuple[float, np.ndarray]:
     """Balanced accuracy and probabilities of ``model`` on labelled images (cropped to
-    ``aspect``, the training images' median width/height; None: 4:3)."""
+    ``aspect``, the training images' median width/height; None: 4:3).
+
+    Args:
+        model: the network.
+        paths: image files.
+        labels: (n_paths,) class indices.
+        spec: the backbone's normalisation.
+        device: where to run.
+        cfg: the fine-tuning config (image size, precision, colour constancy).
+        tta: ``none``, ``flip`` or ``d4``.
+        progress: show a progress bar.
+        aspect: width / height the images are centre-cropped to.
+
+    Returns:
+        (balanced accuracy in [0, 1], (n_paths, n_classes) probabilities).
+    """
     proba = predict_proba(model, paths, spec, cfg.image_size, device, tta=tta,
                           num_workers=cfg.num_workers, progress=progress,
                           bf16=use_bf16(cfg.precision, device),
@@ -390,7 +465,17 @@ def save_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
                     opt: torch.optim.Optimizer, sched, state: dict,
                     rng: list[torch.Tensor]) -> None:
     """Everything a resume needs, written atomically: weights, optimiser, schedule, the RNG
-    state of every process."""
+    state of every process.
+
+    Args:
+        path: the checkpoint file.
+        cfg: the config, checked on resume.
+        model: the network.
+        opt: the optimiser.
+        sched: the learning-rate schedule.
+        state: the loop state (epoch, best score, history).
+        rng: one (n_bytes,) uint8 torch RNG state per process.
+    """
     with atomic_path(path) as tmp:
         torch.save({"config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -403,6 +488,10 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
     """Restore a checkpoint into ``model``, ``opt`` and ``sched``; returns the loop state.
 
     Loaded with ``weights_only=True``: a crafted file cannot run code.
+
+    Raises:
+        LesionLabError: the file cannot be loaded safely, was made with another config, or by
+            another number of processes.
     """
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
@@ -425,7 +514,12 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
 
 @dataclass
 class Run:
-    """What the training loop works on: data, model and the optimisation objects."""
+    """What the training loop works on: data, model and the optimisation objects.
+
+    ``paths`` and ``labels`` are (n_images,), every image of the dataset; ``tr``, ``va``,
+    ``te`` (n_train,), (n_val,), (n_test,) row indices into them; ``weights`` (n_train,)
+    per-image loss weights; ``held`` (n_held,) the train rows a fold model never trains on.
+    """
 
     cfg: FinetuneConfig
     model: nn.Module
@@ -537,7 +631,20 @@ def cv_rows(dataset: Dataset, tr: np.ndarray,
             cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows to train on, held-out rows or None): with ``--cv-folds K`` train is cut into K
     lesion-grouped, class-stratified folds (seeded by the split seed, so every fold model of
-    a K-fold run sees the same folds) and fold ``--cv-fold`` is held out."""
+    a K-fold run sees the same folds) and fold ``--cv-fold`` is held out.
+
+    Args:
+        dataset: the labelled images.
+        tr: (n_train,) train row indices into ``dataset``.
+        cfg: the fine-tuning config (``cv_folds``, ``cv_fold``, ``data_seed``).
+
+    Returns:
+        ((n_fit,) rows to train on, (n_held,) held-out rows or None), indices into ``dataset``.
+
+    Raises:
+        LesionLabError: a class has fewer lesions than folds (see
+            :func:`lesionlab.splits.grouped_folds`).
+    """
     if not cfg.cv_folds:
         return tr, None
     from lesionlab.splits import grouped_folds
@@ -556,6 +663,11 @@ def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume:
 
     Under ``torchrun --nproc_per_node N -m models.finetune`` every process trains its share
     (DistributedDataParallel); only the main one returns a card, the others None.
+
+    Raises:
+        LesionLabError: bad options (:meth:`FinetuneConfig.validate`), a checkpoint that does
+            not fit (``--resume``), or the errors of the split and data loading; any exception
+            closes the process group first and is re-raised.
     """
     cfg.validate()
     t_start = time.perf_counter()
@@ -645,7 +757,11 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
 
 
 def finetune_config(card: ModelCard) -> FinetuneConfig:
-    """The config a fine-tuned model's card was made with."""
+    """The config a fine-tuned model's card was made with.
+
+    Raises:
+        LesionLabError: the card holds settings this version does not know.
+    """
     import dataclasses
 
     raw = dict(card.config)
@@ -659,7 +775,12 @@ def finetune_config(card: ModelCard) -> FinetuneConfig:
 
 def load_finetuned(model_dir: Path | str,
                    device: str = "cpu") -> tuple[nn.Module, ModelCard, BackboneSpec]:
-    """A fine-tuned model folder -> (model in eval mode, card, backbone spec)."""
+    """A fine-tuned model folder -> (model in eval mode, card, backbone spec).
+
+    Raises:
+        LesionLabError: the folder is not a fine-tuned network, its weights do not match the
+            card's sha256, or they cannot be loaded safely.
+    """
     card = load_card(model_dir)
     require_kind(card, "finetune", f"{model_dir} holds a {{have}} model, not a fine-tuned network")
     model, spec = build_model(finetune_config(card), len(card.classes))
@@ -676,7 +797,18 @@ def load_finetuned(model_dir: Path | str,
 def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
                   paths: Sequence[str], tta: str | None = None) -> np.ndarray:
     """Calibrated probabilities of a loaded fine-tuned network for image ``paths``; ``tta``
-    overrides the card's test-time views (the temperature stays the card's)."""
+    overrides the card's test-time views (the temperature stays the card's).
+
+    Args:
+        model: the loaded network (:func:`load_finetuned`).
+        card: its card (image size, TTA, temperature).
+        spec: its backbone spec.
+        paths: image files.
+        tta: ``none``, ``flip`` or ``d4``; None: the card's.
+
+    Returns:
+        (n_paths, n_classes) calibrated probabilities, rows summing to 1.
+    """
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
                         tuple(card.details["image_size"]), dev,
@@ -689,7 +821,20 @@ def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
 
 def predict_finetuned(model_dir: Path | str, paths: Sequence[str],
                       device: str = "auto", tta: str | None = None) -> np.ndarray:
-    """Calibrated probabilities of a fine-tuned model folder for image ``paths``."""
+    """Calibrated probabilities of a fine-tuned model folder for image ``paths``.
+
+    Args:
+        model_dir: the fine-tuned model folder.
+        paths: image files.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        tta: ``none``, ``flip`` or ``d4``; None: the card's.
+
+    Returns:
+        (n_paths, n_classes) calibrated probabilities, rows summing to 1.
+
+    Raises:
+        LesionLabError: see :func:`load_finetuned`.
+    """
     model, card, spec = load_finetuned(model_dir, device)
     return network_proba(model, card, spec, paths, tta)
 

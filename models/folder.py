@@ -84,7 +84,11 @@ class ModelFolder:
 
     @classmethod
     def labels(cls, card: ModelCard) -> Labels:
-        """The card's table labels."""
+        """The card's table labels.
+
+        Raises:
+            NotImplementedError: on the base class; every registered kind defines it.
+        """
         raise NotImplementedError
 
     def children(self) -> list[ModelFolder]:
@@ -121,6 +125,9 @@ class ModelFolder:
                 metadata columns).
             metadata: with paths, n rows of ``age``, ``sex``, ``localization`` (any missing);
                 ignored with a Dataset.
+
+        Raises:
+            NotImplementedError: on the base class; every registered kind defines it.
         """
         raise NotImplementedError
 
@@ -197,7 +204,16 @@ set_labeler(lambda card: astuple(labels(card)))  # ModelCard.features_label and 
 
 
 def images_dataset(paths: Sequence[str], meta: pd.DataFrame | None = None) -> Dataset:
-    """Unlabelled images (and optional age/sex/localization) in the shape the design expects."""
+    """Unlabelled images (and optional age/sex/localization) in the shape the design expects.
+
+    Args:
+        paths: image files; the image id is the file name without its extension.
+        meta: (n_paths, k) ``age`` (years), ``sex``, ``localization`` per path (any missing);
+            None: no metadata.
+
+    Returns:
+        A Dataset of (n_paths, 2 + k) rows: ``image_id``, ``path`` and the metadata columns.
+    """
     frame = pd.DataFrame({"image_id": [Path(p).stem for p in paths],
                           "path": [str(p) for p in paths]})
     if meta is not None:

@@ -39,7 +39,11 @@ MAX_TREES = 300
 
 
 def check_choice(head: str, imbalance: str) -> None:
-    """Reject unknown head / imbalance names."""
+    """Reject unknown head / imbalance names.
+
+    Raises:
+        LesionLabError: ``head`` is not in ``HEADS`` or ``imbalance`` not in ``IMBALANCE``.
+    """
     if head not in HEADS:
         raise LesionLabError(f"unknown --head {head!r}; expected one of {HEADS}")
     if imbalance not in IMBALANCE:
@@ -82,7 +86,12 @@ def default_params(head: str, n_features: int) -> dict[str, Any]:
 
 def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
                    n_estimators: int = MAX_TREES) -> Pipeline:
-    """impute -> scale -> [PCA] -> [SMOTE] -> classifier, as one imblearn Pipeline."""
+    """impute -> scale -> [PCA] -> [SMOTE] -> classifier, as one imblearn Pipeline.
+
+    SMOTE: Chawla et al., "SMOTE: synthetic minority over-sampling technique", JAIR 16
+    (2002), imbalanced-learn's implementation; ``class_weight``: scikit-learn's ``balanced``
+    weights, n_samples / (n_classes * count of the class).
+    """
     steps: list[tuple[str, Any]] = [
         ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
         ("scale", StandardScaler()),
@@ -119,7 +128,14 @@ def build_pipeline(head: str, imbalance: str, params: dict[str, Any], seed: int,
 def adapt_to_data(pipe: Pipeline, x: np.ndarray, y: np.ndarray,
                   classes: tuple[str, ...] = CLASSES) -> Pipeline:
     """Shrink PCA width and SMOTE's k to what this training part allows (tiny folds);
-    ``classes`` names the labels ``y`` indexes (for the warning)."""
+    ``classes`` names the labels ``y`` indexes (for the warning).
+
+    Args:
+        pipe: the unfitted pipeline (changed in place and returned).
+        x: (n_rows, n_features) the training part.
+        y: (n_rows,) class indices.
+        classes: the class set's names.
+    """
     if "pca" in pipe.named_steps:
         pca = pipe.named_steps["pca"]
         pipe.set_params(pca__n_components=min(pca.n_components, *x.shape))
@@ -147,7 +163,16 @@ def early_stopping_split(y: np.ndarray, groups: np.ndarray,
     """(fit rows, early-stopping rows) of a fold's training part: a lesion-grouped, stratified
     fifth is held out to stop boosting on, so the rows a fold is scored on never choose the
     number of trees. Every class keeps a lesion in the fit rows (a class with one lesion has
-    none to stop on); see :func:`lesionlab.splits.grouped_holdout`."""
+    none to stop on); see :func:`lesionlab.splits.grouped_holdout`.
+
+    Args:
+        y: (n_rows,) class indices of the fold's training part.
+        groups: (n_rows,) lesion ids.
+        seed: seed of the holdout.
+
+    Returns:
+        (fit_rows, stop_rows): (n_fit,) and (n_stop,) int row indices, n_fit + n_stop = n_rows.
+    """
     from lesionlab.splits import grouped_holdout, lesions_per_class
 
     stop = grouped_holdout(y, groups, 0.2, seed, "early-stopping split", min_held=0)
@@ -180,8 +205,18 @@ def fit_fold(pipe: Pipeline, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarra
     """Fit on the fold's training part (samplers here only) and predict the validation part.
 
     LightGBM stops early on a lesion-grouped part of the training rows (``groups_tr``), never
-    on the validation part it is scored on. Returns (val probabilities, (len(x_va),
-    n_classes), and the best iteration).
+    on the validation part it is scored on. Returns (val probabilities, (n_val,
+    n_classes), and LightGBM's best iteration, None for other heads).
+
+    Args:
+        pipe: the unfitted pipeline.
+        x_tr: (n_train, n_features) training rows.
+        y_tr: (n_train,) their class indices.
+        x_va: (n_val, n_features) the rows to predict.
+        y_va: (n_val,) their class indices (unused for fitting).
+        groups_tr: (n_train,) lesion ids of the training rows; None: one lesion per row.
+        seed: seed of the early-stopping split.
+        n_classes: the class set's size.
     """
     clf = pipe.steps[-1][1]
     if not _is_lightgbm(clf):
@@ -218,7 +253,16 @@ def _is_lightgbm(clf: Any) -> bool:
 
 def full_proba(clf: Any, x: np.ndarray, n_classes: int = N_CLASSES) -> np.ndarray:
     """``predict_proba`` spread onto all ``n_classes`` classes, (len(x), n_classes) (a fold
-    may miss a rare class)."""
+    may miss a rare class).
+
+    Args:
+        clf: a fitted classifier with ``predict_proba`` and ``classes_``.
+        x: (n_rows, n_features).
+        n_classes: the class set's size.
+
+    Returns:
+        (n_rows, n_classes) probabilities; classes the classifier never saw get 0.
+    """
     proba = clf.predict_proba(x)
     out = np.zeros((len(x), n_classes))
     out[:, np.asarray(clf.classes_, dtype=int)] = proba
@@ -229,7 +273,22 @@ def cv_objective(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.
                  head: str, imbalance: str, seed: int, groups: np.ndarray | None = None,
                  n_classes: int = N_CLASSES):
     """Optuna objective: mean balanced accuracy over the grouped folds, pruned per fold
-    (``n_classes``: the size of the class set ``y`` indexes)."""
+    (``n_classes``: the size of the class set ``y`` indexes).
+
+    Args:
+        x: (n_images, n_features) float design matrix (:func:`models.design.build_design`).
+        y: (n_images,) class indices.
+        folds: (train rows, val rows) index arrays per fold.
+        head: ``logreg`` or ``lightgbm``.
+        imbalance: ``class_weight``, ``smote`` or ``none``.
+        seed: model seed.
+        groups: (n_images,) lesion ids, for LightGBM's early-stopping split.
+        n_classes: the class set's size.
+
+    Returns:
+        ``objective(trial) -> float``, the trial's mean balanced accuracy in [0, 1]; it raises
+        ``optuna.TrialPruned`` when Optuna's pruner stops the trial.
+    """
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_params(trial, head, x.shape[1])
@@ -262,6 +321,13 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
     finds the same T (to 1e-6, pinned by a test) but cannot fit when the held-out rows lack a
     class or hold fewer rows of a class than its internal CV folds (small val splits, learning-
     curve subsets), so the one-parameter fit stays here.
+
+    Args:
+        proba: (n_images, n_classes) held-out probabilities, rows summing to 1.
+        y: (n_images,) class indices.
+
+    Returns:
+        T in [0.05, 20] (temperature scaling, Guo et al., ICML 2017), bounded scalar search.
     """
     from scipy.optimize import minimize_scalar
 
@@ -277,7 +343,15 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
 
 
 def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
-    """Rescale probabilities by temperature ``t`` (argmax unchanged)."""
+    """Rescale probabilities by temperature ``t`` (argmax unchanged).
+
+    Args:
+        proba: (n_images, n_classes) probabilities.
+        t: the temperature, > 0 (T > 1 softens).
+
+    Returns:
+        (n_images, n_classes) softmax(log p / t), rows summing to 1.
+    """
     z = np.log(np.clip(proba, 1e-12, 1.0)) / t
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -285,7 +359,15 @@ def apply_temperature(proba: np.ndarray, t: float) -> np.ndarray:
 
 
 def apply_prior_correction(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Divide by the training class prior and renormalise (a balanced-accuracy decision rule)."""
+    """Divide by the training class prior and renormalise (a balanced-accuracy decision rule).
+
+    Args:
+        proba: (n_images, n_classes) probabilities.
+        prior: (n_classes,) training class frequencies.
+
+    Returns:
+        (n_images, n_classes) p / prior, renormalised; rows summing to 1.
+    """
     q = proba / np.clip(prior, 1e-12, None)
     return q / q.sum(axis=1, keepdims=True)
 
@@ -323,7 +405,12 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         return len(self.class_names)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> "HeadModel":
-        """Fit the pipeline (samplers act here only); the rule starts as argmax, T as 1."""
+        """Fit the pipeline (samplers act here only); the rule starts as argmax, T as 1.
+
+        Args:
+            x: (n_images, n_features) float design matrix (:func:`models.design.build_design`).
+            y: (n_images,) class indices.
+        """
         params = self.params or default_params(self.head, x.shape[1])
         pipe = build_pipeline(self.head, self.imbalance, params, self.seed, self.n_estimators)
         self.pipeline_ = adapt_to_data(pipe, x, y, tuple(self.class_names)).fit(x, y)
@@ -335,19 +422,35 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         return self
 
     def raw_proba(self, x: np.ndarray) -> np.ndarray:
-        """Pipeline probabilities on all classes, (len(x), n_classes_) (no decision rule, no
+        """Pipeline probabilities on all classes, (n_images, n_classes_) (no decision rule, no
         temperature)."""
         check_is_fitted(self, "pipeline_")
         return full_proba(self.pipeline_, x, self.n_classes_)
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
-        """Apply the decision rule chosen on held-out rows (before any temperature)."""
+        """Apply the decision rule chosen on held-out rows (before any temperature).
+
+        Args:
+            proba: (n_images, n_classes) pipeline probabilities.
+
+        Returns:
+            (n_images, n_classes) probabilities under the rule (prior-corrected or unchanged).
+        """
         if self.decision_rule_ == "prior_corrected":
             return apply_prior_correction(proba, self.prior_)
         return proba
 
     def choose_rule(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Keep the class-prior correction if it beats argmax in balanced accuracy on (x, y)."""
+        """Keep the class-prior correction if it beats argmax in balanced accuracy on (x, y).
+
+        Args:
+            x: (n_images, n_features) held-out rows of the design matrix
+                (:func:`models.design.build_design`).
+            y: (n_images,) class indices.
+
+        Returns:
+            Rule name -> balanced accuracy in [0, 1] on (x, y).
+        """
         raw = self.raw_proba(x)
         scores = {"argmax": balanced_accuracy(y, raw.argmax(1)),
                   "prior_corrected": balanced_accuracy(
@@ -357,14 +460,27 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         return scores
 
     def calibrate(self, x: np.ndarray, y: np.ndarray) -> "HeadModel":
-        """Fit the temperature on held-out rows (argmax unchanged)."""
+        """Fit the temperature on held-out rows (argmax unchanged).
+
+        Args:
+            x: (n_images, n_features) held-out rows of the design matrix
+                (:func:`models.design.build_design`).
+            y: (n_images,) class indices.
+        """
         self.temperature_ = fit_temperature(self.decide(self.raw_proba(x)), y)
         return self
 
     def choose_mel_threshold(self, x: np.ndarray, y: np.ndarray,
                              target: float = MEL_TARGET_SENSITIVITY) -> float:
         """The melanoma rule's threshold on calibrated P(mel), chosen on held-out rows for
-        sensitivity >= ``target`` (NaN without a ``mel`` class)."""
+        sensitivity >= ``target`` (NaN without a ``mel`` class).
+
+        Args:
+            x: (n_images, n_features) held-out rows of the design matrix
+                (:func:`models.design.build_design`).
+            y: (n_images,) class indices.
+            target: the melanoma sensitivity to reach, in [0, 1].
+        """
         mel = mel_index(self.class_names)
         if mel is None:
             self.mel_threshold_ = float("nan")
@@ -374,15 +490,36 @@ class HeadModel(ClassifierMixin, BaseEstimator):
         return self.mel_threshold_
 
     def uncalibrated_proba(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities after the decision rule, before the temperature."""
+        """Probabilities after the decision rule, before the temperature.
+
+        Args:
+            x: (n_images, n_features) float design matrix (:func:`models.design.build_design`).
+
+        Returns:
+            (n_images, n_classes) probabilities, rows summing to 1.
+        """
         return self.decide(self.raw_proba(x))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Final, calibrated probabilities."""
+        """Final, calibrated probabilities.
+
+        Args:
+            x: (n_images, n_features) float design matrix (:func:`models.design.build_design`).
+
+        Returns:
+            (n_images, n_classes) calibrated probabilities, rows summing to 1.
+        """
         proba = self.uncalibrated_proba(x)
         t = self.temperature_
         return apply_temperature(proba, t) if t != 1.0 else proba
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class indices under the chosen decision rule."""
+        """Class indices under the chosen decision rule.
+
+        Args:
+            x: (n_images, n_features) float design matrix (:func:`models.design.build_design`).
+
+        Returns:
+            (n_images,) class indices.
+        """
         return self.predict_proba(x).argmax(1)

@@ -28,7 +28,11 @@ DEFAULT_FOLDS = 3
 
 
 def fold_configs(cfg: FinetuneConfig) -> list[FinetuneConfig]:
-    """One config per fold of ``cfg.cv_folds`` (default 3), each holding out its fold."""
+    """One config per fold of ``cfg.cv_folds`` (default 3), each holding out its fold.
+
+    Raises:
+        LesionLabError: ``cfg.cv_folds`` is 1 (a K-fold run needs at least 2).
+    """
     k = cfg.cv_folds or DEFAULT_FOLDS
     if k < 2:
         raise LesionLabError(f"--cv-folds must be at least 2 for a K-fold run, got {k}")
@@ -43,7 +47,12 @@ def kfold_name(cfg: FinetuneConfig) -> str:
 
 
 def kfold_finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> ModelCard:
-    """Train (or reuse) every fold model, then write and return the K-fold ensemble."""
+    """Train (or reuse) every fold model, then write and return the K-fold ensemble.
+
+    Raises:
+        LesionLabError: ``--cv-folds`` of 1, a class with fewer lesions than folds, or the
+            errors of :func:`models.finetune.finetune` and :func:`models.ensemble.build_ensemble`.
+    """
     members = []
     for fold_cfg in fold_configs(cfg):
         folder = model_path(workdir, fold_cfg.model_name())

@@ -50,13 +50,32 @@ class Predictor:
 
     def predict_proba(self, paths: Sequence[str],
                       meta: pd.DataFrame | None = None) -> np.ndarray:
-        """Calibrated class probabilities, (len(paths), len(card.classes)), of readable images
-        ``paths``."""
+        """Calibrated class probabilities, (n_paths, n_classes) (columns: ``card.classes``),
+        rows summing to 1, of readable images ``paths``.
+
+        Args:
+            paths: image files.
+            meta: (n_paths, k) ``age`` (years), ``sex``, ``localization`` per path (any missing);
+                None: no metadata.
+
+        Raises:
+            LesionLabError: an image cannot be read or is too large.
+        """
         return self.folder.predict_proba(paths, meta)
 
     def predict_images(self, paths: Sequence[str],
                        meta: pd.DataFrame | None = None) -> list[dict]:
-        """One result dict per path, in order; unreadable images get ``{"path", "error"}``."""
+        """One result dict per path, in order; unreadable images get ``{"path", "error"}``.
+
+        Args:
+            paths: image files.
+            meta: (n_paths, k) ``age`` (years), ``sex``, ``localization`` per path (any missing);
+                None: no metadata.
+
+        Returns:
+            One dict per path: ``RESULT_KEYS`` (probabilities of each of the n_classes classes), or
+            ``path`` and ``error``.
+        """
         results: list[dict] = [{"path": str(p)} for p in paths]
         ok = []
         for i, p in enumerate(paths):
@@ -80,8 +99,19 @@ class Predictor:
 
 def predict_proba(model_dir: Path | str, paths: Sequence[str],
                   meta: pd.DataFrame | None = None, device: str = "auto") -> np.ndarray:
-    """Calibrated class probabilities, (len(paths), n_classes), of readable images ``paths``
-    (columns: the card's ``classes``)."""
+    """Calibrated class probabilities, (n_paths, n_classes), rows summing to 1, of readable
+    images ``paths`` (columns: the card's ``classes``).
+
+    Args:
+        model_dir: a model folder.
+        paths: image files.
+        meta: (n_paths, k) ``age`` (years), ``sex``, ``localization`` per path (any missing);
+            None: no metadata.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    Raises:
+        LesionLabError: the folder is not a valid model folder, or an image cannot be read.
+    """
     predictor = Predictor(model_dir, device)
     try:
         return predictor.predict_proba(paths, meta)
@@ -93,7 +123,7 @@ def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None
                 classes: Sequence[str] = CLASSES) -> dict:
     """The JSON record of one predicted image (keys: ``RESULT_KEYS``).
 
-    ``proba`` is (len(classes),), ``classes`` the card's class set. ``decisions`` holds each
+    ``proba`` is (n_classes,), ``classes`` the card's class set. ``decisions`` holds each
     rule the card has: the balanced-accuracy rule (the most likely class) and, when the card
     has one, the melanoma rule (flag when P(mel) >= its threshold); a class set without
     ``mel`` has none, and ``melanoma_rule`` says so.
@@ -112,7 +142,22 @@ def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None
 
 def predict_images(model_dir: Path | str, paths: Sequence[str],
                    meta: pd.DataFrame | None = None, device: str = "auto") -> list[dict]:
-    """One result dict per path, in order; unreadable images get ``{"path", "error"}``."""
+    """One result dict per path, in order; unreadable images get ``{"path", "error"}``.
+
+    Args:
+        model_dir: a model folder.
+        paths: image files.
+        meta: (n_paths, k) ``age`` (years), ``sex``, ``localization`` per path (any missing);
+            None: no metadata.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    Returns:
+        One dict per path (see :meth:`Predictor.predict_images`), probabilities over the card's
+        (n_classes,) class set.
+
+    Raises:
+        LesionLabError: the folder is not a valid model folder.
+    """
     predictor = Predictor(model_dir, device)
     try:
         return predictor.predict_images(paths, meta)

@@ -26,7 +26,12 @@ def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> Feature
     """Stacking input from a K-fold ensemble (``models.kfold``): for its training images the
     out-of-fold probabilities (each from the fold model that never trained on the image), for
     every other image the ensemble's own probabilities. Never the in-fold ones: a network
-    is far more confident on rows it trained on, and a head fitted on those learns that."""
+    is far more confident on rows it trained on, and a head fitted on those learns that.
+
+    Raises:
+        LesionLabError: the folder is not a K-fold ensemble with out-of-fold probabilities, or
+            its ``oof_proba.npy`` does not have (n_oof, n_classes) rows.
+    """
     folder = model_path(workdir, name)
     card = load_card(folder)
     if not (issubclass(folder_class(card), EnsembleFolder) and card.details.get("oof_image_ids")):
@@ -60,7 +65,17 @@ def oof_manifest(name: str, card: ModelCard, folder: Path) -> dict:
 def load_design(workdir: Path | str, dataset: Dataset, features: str,
                 metadata: bool = False) -> Design:
     """Concatenate the named cached feature sets (and metadata) for every image of ``dataset``;
-    ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking)."""
+    ``oof:<K-fold ensemble>`` blocks are out-of-fold probabilities (stacking).
+
+    Returns:
+        The :class:`models.design.Design`: ``x`` (n_images, n_features) float64 in ``dataset``
+        order, its feature sets, whether metadata is appended.
+
+    Raises:
+        LesionLabError: a malformed ``features`` spec, a block with no cached feature set (or
+            several matching it), a feature set lacking some of the images, or an ``oof:`` block
+            that is not a K-fold ensemble.
+    """
     data_fp = dataset.fingerprint()
     sets = [oof_feature_set(workdir, dataset, block.source) if block.kind == "oof" else
             load_feature_set(resolve_key(workdir, block.text(), data_fp))

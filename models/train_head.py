@@ -76,7 +76,11 @@ class HeadConfig(TrainingRun):
 
     def validate(self) -> None:
         """Reject unknown option values and a malformed ``--features`` (``featurize.spec``)
-        with a message naming them."""
+        with a message naming them.
+
+        Raises:
+            LesionLabError: an option outside its choices or range, or a malformed ``--features``.
+        """
         check_choices(self)
         parse_features(self.features)
 
@@ -178,6 +182,9 @@ def open_study(folder: Path, cfg: HeadConfig, fingerprint: str) -> optuna.Study:
     The default per-model SQLite study belongs to one process: a stale one (other inputs) is
     started anew and trials a killed run left RUNNING are failed. A shared study (--storage)
     made for other inputs is refused rather than deleted under other workers.
+
+    Raises:
+        LesionLabError: a shared study (``--storage``) was made for other features or settings.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(cfg.storage, folder)
@@ -212,6 +219,18 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
 
     The budget is counted in the study, so several workers on one storage share it (one that
     is mid-trial when the count is reached still finishes that trial).
+
+    Args:
+        study: the Optuna study.
+        x: (n_train, n_features) training rows of the design matrix.
+        y: (n_train,) class indices.
+        groups: (n_train,) lesion ids (the CV is lesion-grouped).
+        cfg: the head config (trials, folds, timeout).
+        classes: the class set's names.
+
+    Raises:
+        LesionLabError: a class has too few lesions for ``cfg.folds`` grouped folds
+            (:func:`lesionlab.splits.grouped_folds`).
     """
     study.enqueue_trial(heads.default_params(cfg.head, x.shape[1]), skip_if_exists=True)
     remaining = max(0, cfg.trials - finished_trials(study))
@@ -231,7 +250,20 @@ def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.
               y_va: np.ndarray, cfg: HeadConfig,
               classes: tuple[str, ...] = CLASSES) -> tuple[heads.HeadModel, dict, float]:
     """Refit the best trial on all of train; decision rule and temperature from val only
-    (``classes``: the class set the labels index)."""
+    (``classes``: the class set the labels index).
+
+    Args:
+        study: the tuned study.
+        x_tr: (n_train, n_features) training rows.
+        y_tr: (n_train,) their class indices.
+        x_va: (n_val, n_features) val rows (decision rule, temperature, melanoma threshold).
+        y_va: (n_val,) their class indices.
+        cfg: the head config.
+        classes: the class set's names.
+
+    Returns:
+        (the fitted head, card details, refit seconds).
+    """
     best = study.best_trial
     t0 = time.perf_counter()
     model = heads.HeadModel(cfg.head, cfg.imbalance, dict(best.params), cfg.seed,
@@ -260,6 +292,10 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     ``stage``: ``all`` (the default without --storage), ``tune`` (a worker on a shared study,
     the default with --storage: returns None) or ``refit`` (once, after the workers: refit the
     best trial and write the model folder).
+
+    Raises:
+        LesionLabError: bad options, an unknown ``stage``, a shared study made for other inputs,
+            or a fine-tuned embedding network that trained on the rows scored or on all of train.
     """
     cfg.validate()
     stage = stage or ("tune" if cfg.storage else "all")
@@ -303,6 +339,18 @@ def unseen_train_rows(design: Design, dataset: Dataset, tr: np.ndarray,
     fitted on those rows learns a separation it will not meet at test time. With a K-fold fold
     network (``models.kfold``) that leaves the fold it held out; a network trained on all of
     train leaves nothing, which is refused. Val and test rows must be unseen by it too.
+
+    Args:
+        design: the design matrix and its feature sets.
+        dataset: the labelled images.
+        tr: (n_train,) train row indices.
+        scored: the val and test row indices, each (n_rows,).
+
+    Returns:
+        (n_kept,) the train rows no embedding network trained on.
+
+    Raises:
+        LesionLabError: a network trained on val or test rows, or on every train row.
     """
     ids = dataset.frame["image_id"].astype(str).to_numpy()
     for fs in design.feature_sets:
@@ -326,7 +374,17 @@ def unseen_train_rows(design: Design, dataset: Dataset, tr: np.ndarray,
 def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
                   rows: tuple[np.ndarray, np.ndarray, np.ndarray], folder: Path,
                   cfg: HeadConfig, details: dict) -> ModelCard:
-    """The one look at test; writes the head and its test probabilities; returns the card."""
+    """The one look at test; writes the head and its test probabilities; returns the card.
+
+    Args:
+        model: the fitted, calibrated head.
+        dataset: the labelled images.
+        design: (n_images, n_features) design matrix (``design.x``).
+        rows: (train, val, test) row indices, each (n_rows,).
+        folder: the model folder.
+        cfg: the head config.
+        details: card details from :func:`fit_final`.
+    """
     tr, va, te = rows
     x, y = design.x, dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()

@@ -49,7 +49,11 @@ class ServeConfig:
     threads: int = option(2, "inference threads (bounded pool)", ge=1, le=MAX_THREADS)
 
     def validate(self) -> None:
-        """Raise ``LesionLabError`` for a value outside its choices or range."""
+        """Raise ``LesionLabError`` for a value outside its choices or range.
+
+        Raises:
+            LesionLabError: an option outside its choices or range.
+        """
         check_choices(self)
 
 
@@ -80,7 +84,12 @@ def model_summary(model: ModelFolder) -> dict:
 
 
 def check_metadata(age: float | None, sex: str | None, localization: str | None) -> None:
-    """422 for metadata values outside the CLI's vocabulary (any case and spacing in)."""
+    """422 for metadata values outside the CLI's vocabulary (any case and spacing in).
+
+    Raises:
+        HTTPException: 422 for an age outside [0, 120] years or a sex / site name outside the
+            vocabulary.
+    """
     if age is not None and not 0 <= age <= 120:
         raise HTTPException(422, f"age must be between 0 and 120, got {age:g}")
     vocab = default_vocabulary()
@@ -96,7 +105,11 @@ def canonical(kind: str, value: str | None) -> str | None:
 
 
 async def read_upload(image: UploadFile, max_bytes: int) -> bytes:
-    """The upload's bytes; 413 past ``max_bytes``, 400 when empty."""
+    """The upload's bytes; 413 past ``max_bytes``, 400 when empty.
+
+    Raises:
+        HTTPException: 413 past ``max_bytes``, 400 for an empty file.
+    """
     data = await image.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise HTTPException(413, f"image over the size limit of {max_bytes / 2**20:g} MB")
@@ -114,7 +127,21 @@ class Service:
         self.cam_lock = threading.Lock()
 
     def predict(self, data: bytes, filename: str, meta: pd.DataFrame, gradcam: bool) -> dict:
-        """Check the image, predict, and add a Grad-CAM overlay (PNG, base64) when asked."""
+        """Check the image, predict, and add a Grad-CAM overlay (PNG, base64) when asked.
+
+        Args:
+            data: the uploaded file's bytes.
+            filename: its name, for the result and messages.
+            meta: (1, 3) ``age`` (years), ``sex``, ``localization`` of the image.
+            gradcam: add the Grad-CAM overlay.
+
+        Returns:
+            :func:`models.predict.result_line`'s record: probabilities of the (n_classes,) card
+            classes, decisions, and ``gradcam_png`` when asked.
+
+        Raises:
+            HTTPException: 400 when the bytes are not a readable image (or too small or large).
+        """
         with tempfile.NamedTemporaryFile(suffix=UPLOAD_SUFFIX) as tmp:
             tmp.write(data)
             tmp.flush()
