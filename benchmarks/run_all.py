@@ -70,7 +70,24 @@ class Plan:
     curve_head_trials: int = 10
 
 
-FULL_HEAD_TIMEOUT = 60.0  # seconds of Optuna tuning per head cell in the full preset
+# The full preset's head studies end on their trial count, never on a time cap, so the same
+# command gives the same numbers on a slower or busier CPU. The counts are sized to what the
+# former 60 s cap gave on the 2-core AMD EPYC (REPORT.md section 5 and mishaps 9 and 16;
+# README's scaling run): logistic regression on one backbone's embedding ran 8.7 trials/min
+# (lite0 multistage: 13 trials in a 90 s cap; 11.8 trials/min on lite0's last layer), so 60 s
+# held about 9-12 trials: 10. On the concatenated backbones it ran 3.3 trials/min (5 trials in
+# 90 s): 5. A LightGBM trial fits 3 folds of up to 300 trees at about 30-40 s a fit
+# (models.heads.MAX_TREES), about 1.5 trials/min; the cap, checked only between trials, let
+# 2-3 through in 60-120 s: 4. A head cell then costs about what it did (77-128 s, LightGBM
+# about 3 min).
+FULL_TRIALS = {"logreg": 10, "lightgbm": 4}
+FULL_CONCAT_TRIALS = 5  # logistic regression on two or more ImageNet backbones concatenated
+
+
+def full_trials(features: str, head: str) -> int:
+    """Optuna trials of a full-preset head cell on ``features`` (see :data:`FULL_TRIALS`)."""
+    backbones = sum(p.split(":")[0] in LITE for p in features.split("+"))
+    return FULL_CONCAT_TRIALS if head == "logreg" and backbones > 1 else FULL_TRIALS[head]
 
 
 def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
@@ -108,7 +125,7 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
 def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     """The whole study."""
     # Budgets are sized so the whole preset fits 150 min on a 2-core CPU (AMD EPYC with
-    # avx512_bf16): heads get a 60 s tuning cap; lite0 is fine-tuned 3-fold with the study's
+    # avx512_bf16): heads end on a trial count sized to the former 60 s cap (FULL_TRIALS); lite0 is fine-tuned 3-fold with the study's
     # recipe (FinetuneConfig's defaults: 200x150, ISIC augmentation, 12 epochs, schedule
     # finished, epoch chosen on val, stem + 2 blocks frozen; 60 min for the 3 folds), lite2
     # with 6 epochs on all of train. A single lite0 on all of train, fine-tuned lite1 and the
@@ -122,7 +139,8 @@ def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     def cell(features: str, head: str, imbalance: str = "class_weight",
              metadata: bool = False) -> Cell:
         return _head_cell(HeadConfig(features=features, head=head, imbalance=imbalance,
-                                     metadata=metadata, seed=seed, tune_timeout=FULL_HEAD_TIMEOUT))
+                                     metadata=metadata, seed=seed,
+                                     trials=full_trials(features, head), tune_timeout=None))
 
     for imb in ("none", "class_weight", "smote"):  # the imbalance grid on the cheapest backbone
         plan.cells.append(cell(ms[0], "logreg", imb))
@@ -158,7 +176,7 @@ def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[
     emb = FeaturizeConfig(backbone=backbone, tta="flip", num_workers=2)
     short = f"{fold0.backbone.removeprefix('tf_efficientnet_')}-fold1of{fold0.cv_folds}"
     cfgs = [HeadConfig(features=f"{backbone}:flip", head=head, seed=seed,
-                       tune_timeout=FULL_HEAD_TIMEOUT,
+                       trials=full_trials(f"{backbone}:flip", head), tune_timeout=None,
                        name=f"ftemb__{short}__{head}__class_weight__seed{seed}")
             for head in ("logreg", "lightgbm")]
     return [Cell(cfg.name, "head", cfg, needs=[emb]) for cfg in cfgs]
