@@ -45,7 +45,13 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     kinds = {r["kind"] for r in summary["rows"]}
     assert kinds == {"head", "finetune"}
     assert any(r["group"] == "curve" for r in summary["rows"])
-    assert len(list((work / "results").glob("*.json"))) == len(summary["rows"]) + 1
+    # one result per cell, the summary, and the split-seed study's cells beyond the study's
+    seeds = {e["name"] for p in summary["seeds"]["pipelines"].values()
+             for e in p["seeds"].values()}
+    assert len(seeds) == 3 * 2 and summary["seeds"]["split_seeds"] == [0, 1]
+    assert len(list((work / "results").glob("*.json"))) == \
+        len(summary["rows"]) + 1 + len(seeds - {r["name"] for r in summary["rows"]})
+    assert "<!-- seeds:start -->" in report.read_text()
     assert summary["external"] and len(summary["external"]) == 3
     text = report.read_text()
     assert "Hand-written intro." in text and "Hand-written conclusions." in text
