@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from benchmarks.rows import legacy_input_kind as input_kind  # noqa: E402,F401 (old rows)
 from benchmarks.rows import row_input, row_spec  # noqa: E402
 from benchmarks.comparisons import comparisons_block  # noqa: E402
+from benchmarks.seeds import seeds_md  # noqa: E402
 from lesionlab.artifacts import write_text  # noqa: E402
 from lesionlab.data import Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
@@ -32,7 +33,8 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
            "training": ("<!-- training:start -->", "<!-- training:end -->"),
            "head_input": ("<!-- head_input:start -->", "<!-- head_input:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->"),
-           "comparisons": ("<!-- comparisons:start -->", "<!-- comparisons:end -->")}
+           "comparisons": ("<!-- comparisons:start -->", "<!-- comparisons:end -->"),
+           "seeds": ("<!-- seeds:start -->", "<!-- seeds:end -->")}
 
 
 ABLATION = Path("reports") / "ablation_gpu.json"  # written by benchmarks.ablation on a GPU
@@ -494,6 +496,7 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     text = replace_block(text, "ablation", ablation_md(report.parent / ABLATION))
     text = replace_block(text, "head_input", head_input_md(main_rows))
     text = replace_block(text, "comparisons", comparisons_block(summary, dataset, workdir))
+    text = replace_block(text, "seeds", seeds_md(summary.get("seeds")))
     text = replace_block(text, "training", training_md(summary["rows"],
                                                        summary.get("cpu", "CPU not recorded")))
     made = figures(summary, dataset, split, Path(workdir), fig_dir)

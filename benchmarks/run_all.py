@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +25,8 @@ from lesionlab.cli import (command_parser, config_from_args, data_option, label_
                            label_options, labels_option, option, resolve_data, run_main,
                            save_config, workdir_option)
 from benchmarks.comparisons import external_proba_path, save_external_proba
+from benchmarks.seeds import (SeedStudy, first_seeds, head_seed_study, load_seed_record,
+                              run_seed_study)
 from benchmarks.study_tracking import StudyTracking
 from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.data import Dataset, load_external_labels
@@ -68,9 +70,27 @@ class Plan:
     curve_finetune: FinetuneConfig | None = None
     curve_finetune_fractions: tuple[float, ...] | None = None  # None: curve_fractions
     curve_head_trials: int = 10
+    seeds: SeedStudy | None = None  # heads on cached features over split seeds
 
 
-FULL_HEAD_TIMEOUT = 60.0  # seconds of Optuna tuning per head cell in the full preset
+# The full preset's head studies end on their trial count, never on a time cap, so the same
+# command gives the same numbers on a slower or busier CPU. The counts are sized to what the
+# former 60 s cap gave on the 2-core AMD EPYC (REPORT.md section 5 and mishaps 9 and 16;
+# README's scaling run): logistic regression on one backbone's embedding ran 8.7 trials/min
+# (lite0 multistage: 13 trials in a 90 s cap; 11.8 trials/min on lite0's last layer), so 60 s
+# held about 9-12 trials: 10. On the concatenated backbones it ran 3.3 trials/min (5 trials in
+# 90 s): 5. A LightGBM trial fits 3 folds of up to 300 trees at about 30-40 s a fit
+# (models.heads.MAX_TREES), about 1.5 trials/min; the cap, checked only between trials, let
+# 2-3 through in 60-120 s: 4. A head cell then costs about what it did (77-128 s, LightGBM
+# about 3 min).
+FULL_TRIALS = {"logreg": 10, "lightgbm": 4}
+FULL_CONCAT_TRIALS = 5  # logistic regression on two or more ImageNet backbones concatenated
+
+
+def full_trials(features: str, head: str) -> int:
+    """Optuna trials of a full-preset head cell on ``features`` (see :data:`FULL_TRIALS`)."""
+    backbones = sum(p.split(":")[0] in LITE for p in features.split("+"))
+    return FULL_CONCAT_TRIALS if head == "logreg" and backbones > 1 else FULL_TRIALS[head]
 
 
 def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
@@ -101,6 +121,7 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
                          seed=seed, n_boot=50 if smoke else 500,
                          tune_timeout=None)  # the trial count ends the study: same numbers on any CPU
         plan.cells.append(_head_cell(cfg))
+    plan.seeds = head_seed_study(plan.cells[0].config, first_seeds(seed, 2))
     ft = FinetuneConfig(image_size=(48, 64) if smoke else (96, 128), epochs=1,
                         train_fraction=0.25 if not smoke else 1.0, seed=seed,
                         n_boot=50 if smoke else 500, tta="none", num_workers=0 if smoke else 2)
@@ -111,13 +132,15 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
 
 def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     """The whole study."""
-    # Budgets are sized so the whole preset fits 150 min on a 2-core CPU (AMD EPYC with
-    # avx512_bf16): heads get a 60 s tuning cap; lite0 is fine-tuned 3-fold with the study's
-    # recipe (FinetuneConfig's defaults: 200x150, ISIC augmentation, 12 epochs, schedule
-    # finished, epoch chosen on val, stem + 2 blocks frozen; 60 min for the 3 folds), lite2
-    # with 6 epochs on all of train. A single lite0 on all of train, fine-tuned lite1 and the
-    # 50% fine-tuning curve point gave way to the K-fold run; its fold networks (2/3 of train)
-    # are the curve's last point.
+    # Budgets are sized so the study's cells fit 150 min on a 2-core CPU (AMD EPYC with
+    # avx512_bf16): heads end on a trial count sized to the former 60 s cap (FULL_TRIALS);
+    # lite0 is fine-tuned 3-fold with the study's recipe (FinetuneConfig's defaults: 200x150,
+    # ISIC augmentation, 12 epochs, schedule finished, epoch chosen on val, stem + 2 blocks
+    # frozen; 60 min for the 3 folds), lite2 with 6 epochs on all of train. A single lite0 on
+    # all of train, fine-tuned lite1 and the 50% fine-tuning curve point gave way to the
+    # K-fold run; its fold networks (2/3 of train) are the curve's last point. The split-seed
+    # study adds 4 seeds x 3 head cells (about 20-25 min at those budgets); the controls reuse
+    # the K-fold run's probabilities (a few minutes).
     feats = [FeaturizeConfig(backbone=b, tta="flip", pool="multistage") for b in LITE]
     feats += [FeaturizeConfig(backbone="classical", num_workers=2)]
     plan = Plan(featurize=feats, curve_finetune_fractions=(0.1, 0.25))
@@ -126,10 +149,12 @@ def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     def cell(features: str, head: str, imbalance: str = "class_weight",
              metadata: bool = False) -> Cell:
         return _head_cell(HeadConfig(features=features, head=head, imbalance=imbalance,
-                                     metadata=metadata, seed=seed, tune_timeout=FULL_HEAD_TIMEOUT))
+                                     metadata=metadata, seed=seed,
+                                     trials=full_trials(features, head), tune_timeout=None))
 
-    for imb in ("none", "class_weight", "smote"):  # the imbalance grid on the cheapest backbone
-        plan.cells.append(cell(ms[0], "logreg", imb))
+    grid = [cell(ms[0], "logreg", imb)  # the imbalance grid on the cheapest backbone
+            for imb in ("none", "class_weight", "smote")]
+    plan.cells += grid
     plan.cells.append(cell(ms[0], "lightgbm", "class_weight"))
     concat = "+".join(ms)
     frozen = cell(concat + "+classical", "logreg", metadata=True)
@@ -145,13 +170,32 @@ def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     # stacks: out-of-fold probabilities + metadata (+ hand-made features), logreg vs LightGBM
     stacks = [cell(f"oof:{kfold_name(ft)}{extra}", head, metadata=True)
               for extra in ("", "+classical") for head in ("logreg", "lightgbm")]
-    plan.cells += stacks + embedding_cells(ft, seed, workdir)
+    plan.cells += stacks + control_cells(ft, seed) + embedding_cells(ft, seed, workdir)
     # the logreg stack, lite2 and the richest frozen head, weights chosen on val
     members = [stacks[2].cell_id] + [n.model_name() for n in networks] + [frozen.cell_id]
     ens = EnsembleConfig(members=members, name=f"ensemble__stack+lite2-finetuned+head__seed{seed}",
                          weights="val", seed=seed)
     plan.late_cells.append(Cell(ens.name, "ensemble", ens))
+    # the imbalance and head comparisons on lite0 multistage, over 5 split seeds
+    plan.seeds = head_seed_study(grid[1].config, first_seeds(seed, 5), full_trials)
     return plan
+
+
+def control_cells(ft: FinetuneConfig, seed: int) -> list[Cell]:
+    """The controls of "stacking is where the points came from" (``benchmarks/claims.toml``),
+    from the K-fold run's saved probabilities, no network trained again: its fold networks
+    averaged with a decision rule chosen on val (argmax, class-prior correction or per-class
+    factors: ``models.ensemble.choose_decision_rule``), and the logreg stack without metadata,
+    with and without the hand-made features (the stack without hand-made features but with
+    metadata is the plan's ``oof:`` + metadata cell)."""
+    folds = [c.model_name() for c in fold_configs(ft)]
+    rule = EnsembleConfig(members=folds, name=f"{kfold_name(ft)}__rule-val", weights="equal",
+                          decision_rule="val", seed=seed)
+    stacks = [_head_cell(HeadConfig(features=f"oof:{kfold_name(ft)}{extra}", head="logreg",
+                                    seed=seed, trials=FULL_TRIALS["logreg"],
+                                    tune_timeout=None))
+              for extra in ("+classical", "")]
+    return [Cell(rule.name, "ensemble", rule)] + stacks
 
 
 def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[Cell]:
@@ -162,7 +206,7 @@ def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[
     emb = FeaturizeConfig(backbone=backbone, tta="flip", num_workers=2)
     short = f"{fold0.backbone.removeprefix('tf_efficientnet_')}-fold1of{fold0.cv_folds}"
     cfgs = [HeadConfig(features=f"{backbone}:flip", head=head, seed=seed,
-                       tune_timeout=FULL_HEAD_TIMEOUT,
+                       trials=full_trials(f"{backbone}:flip", head), tune_timeout=None,
                        name=f"ftemb__{short}__{head}__class_weight__seed{seed}")
             for head in ("logreg", "lightgbm")]
     return [Cell(cfg.name, "head", cfg, needs=[emb]) for cfg in cfgs]
@@ -348,8 +392,9 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
 
 def fold_rows(rows: list[dict]) -> list[dict]:
     """The fold networks of each K-fold cell as rows of group ``fold``: single networks on
-    (K-1)/K of train, the fine-tuning learning curve's last point (their cost is the cell's)."""
-    out = []
+    (K-1)/K of train, the fine-tuning learning curve's last point (their cost is the cell's).
+    Each fold network once, though several ensembles average it (a control's decision rule)."""
+    out, seen = [], set()
     for row in rows:
         if row["kind"] != "ensemble" or row.get("group", "main") != "main":
             continue
@@ -358,10 +403,43 @@ def fold_rows(rows: list[dict]) -> list[dict]:
             continue
         for member in member_dirs(row["model_dir"], card):
             fold = load_card(member)
+            if fold.name in seen:
+                continue
+            seen.add(fold.name)
             k = fold.config["cv_folds"]
             out.append({**summarize(fold), "group": "fold", "model_dir": str(member),
                         "train_fraction": round((k - 1) / k, 3)})
     return out
+
+
+def run_seeds(plan: Plan, dataset: Dataset, workdir: Path, reuse_stale: bool = False,
+              on_row: Callable[[dict, bool], None] = lambda row, reused: None) -> dict | None:
+    """The plan's split-seed study (``benchmarks.seeds``): every pipeline at every split
+    seed, each a head cell run through :func:`run_cell` (the study's own split seed is the
+    study's cell, already run); returns the saved record, None when the plan has none.
+    ``on_row`` (e.g. MLflow tracking) sees the cells of the other seeds."""
+    if plan.seeds is None:
+        return None
+
+    def one(cfg: HeadConfig) -> dict:
+        ts = time.perf_counter()
+        row = run_cell(_head_cell(cfg, group="seeds"), dataset, workdir, reuse_stale)
+        if cfg.data_seed != cfg.seed:
+            on_row(row, False)
+        print(f"[split seed {cfg.data_seed}] {row['name']}: bal.acc "
+              f"{score_text(row['balanced_accuracy'])}, {time.perf_counter() - ts:.0f} s",
+              flush=True)
+        return row
+
+    return run_seed_study(plan.seeds, one, results_dir(workdir), reuse_stale)
+
+
+def with_split_seeds(plan: Plan, seed: int, n: int | None) -> Plan:
+    """``plan`` with its split-seed study over ``n`` seeds from ``seed`` (None: the preset's
+    count; 0: no seed study)."""
+    if n is not None and plan.seeds is not None:
+        plan.seeds = replace(plan.seeds, split_seeds=first_seeds(seed, n)) if n else None
+    return plan
 
 
 def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
@@ -408,19 +486,21 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             external: Path | None = None, report: Path | None = Path("REPORT.md"),
             download: bool = True, report_only: bool = False,
             reuse_stale: bool = False, labels: str = "auto",
-            label_map: Path | None = None, tracking: Any = None) -> dict:
+            label_map: Path | None = None, tracking: Any = None,
+            split_seeds: int | None = None) -> dict:
     """The whole study; returns the rows written to the report.
 
     ``labels``/``label_map`` say how ``data`` is labelled (``load_dataset``); the label map
     also applies to ``external``. ``tracking``: parsed ``TrackingOptions``, MLflow
-    (``benchmarks.study_tracking``); None: off.
+    (``benchmarks.study_tracking``); None: off. ``split_seeds``: how many split seeds the
+    heads on cached features are re-run over (``benchmarks.seeds``; None: the preset's).
 
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
     A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
     marked stale); see :func:`run_cell`.
     """
     t0 = time.perf_counter()
-    plan = plan_for(preset, seed, workdir)
+    plan = with_split_seeds(plan_for(preset, seed, workdir), seed, split_seeds)
     dataset = ensure_data(data, download=download, labels=labels, label_map=label_map)
     split = load_or_make_split(dataset, workdir, seed)
     print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
@@ -443,13 +523,14 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
         curve = curve_cells(plan, rows, seed)
         _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
         _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+        seeds = run_seeds(plan, dataset, workdir, reuse_stale, study.cell)
     rows += study.cells(fold_rows(rows))  # trained inside their K-fold cell
     ext_rows = study.external(external_eval([r for r in rows if r.get("group", "main") == "main"],
                                             ext_ds, workdir) if ext_ds is not None else None)
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
                "rows": rows, "external": ext_rows, "n_images": len(dataset),
-               "cpu": machine_label(), "provenance": provenance()}
+               "cpu": machine_label(), "provenance": provenance(), "seeds": seeds}
     write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
     if report is not None:
         from benchmarks.report import write_report
@@ -497,7 +578,7 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                "wall_time_s": saved.get("wall_time_s", float("nan")), "rows": rows,
                "external": external or None, "n_images": len(dataset),
                "unfinished": missing, "cpu": saved.get("cpu", machine_label()),
-               "provenance": provenance()}
+               "provenance": provenance(), "seeds": load_seed_record(results_dir(workdir))}
     if report is not None:
         from benchmarks.report import write_report
 
@@ -545,6 +626,9 @@ class RunAllConfig:
                                       "running them again; their rows are marked stale in the "
                                       "report", switch=True)
     seed: int = option(0, "model seed of every cell", ge=0)
+    split_seeds: int | None = option(None, "split seeds (--seed and the next ones) the heads "
+                                           "on cached features are re-run over; None: the "
+                                           "preset's (full 5, quick 2), 0: none", ge=0)
     data: Path | None = data_option()
     labels: str = labels_option()
     label_map: Path | None = label_map_option()
@@ -565,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only,
             reuse_stale=args.reuse_stale, **label_options(args),
-            tracking=config_from_args(TrackingOptions, parsed))
+            tracking=config_from_args(TrackingOptions, parsed), split_seeds=args.split_seeds)
     results_dir(args.workdir).mkdir(parents=True, exist_ok=True)
     save_config(results_dir(args.workdir), args, "python -m benchmarks.run_all")
     return 0

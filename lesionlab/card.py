@@ -52,7 +52,7 @@ class ModelCard:
     val: dict
     test: dict
     temperature: float
-    decision_rule: str  # argmax | prior_corrected
+    decision_rule: str  # argmax | prior_corrected | class_factors (ensembles)
     train_image_ids: list[str]
     test_image_ids: list[str]
     n_train: int

@@ -42,6 +42,11 @@ from models.train_design import load_design
 
 WEIGHT_MODES = ("val", "equal")
 GRID_STEP = 0.1  # weight grid on the simplex for --weights val
+# argmax of the average; val: argmax, the class-prior correction heads choose from, or
+# per-class factors (per-class thresholds on the probability ratios) fitted on val, whichever
+# val's balanced accuracy ranks first
+DECISION_RULES = ("argmax", "val")
+FACTOR_GRID = np.exp(np.linspace(-3.0, 3.0, 31))  # per-class factors tried, times the current
 
 
 @dataclass
@@ -54,6 +59,7 @@ class EnsembleConfig:
     n_boot: int = 1000
     seed: int = 0
     member_weights: list[float] = field(default_factory=list)  # filled when built
+    decision_rule: str = "argmax"  # argmax | val (see DECISION_RULES)
 
 
 def simplex_grid(n: int, step: float = GRID_STEP) -> list[tuple[float, ...]]:
@@ -87,6 +93,70 @@ def choose_weights(val_probas: Sequence[np.ndarray], y_va: np.ndarray,
         if best_key is None or key > best_key:
             best, best_key = list(w), key
     return best
+
+
+def fit_class_factors(proba: np.ndarray, y: np.ndarray, start: np.ndarray,
+                      passes: int = 3) -> np.ndarray:
+    """Per-class factors maximising the balanced accuracy of ``argmax(proba * factors)`` on
+    (proba, y), by coordinate ascent over :data:`FACTOR_GRID` from ``start``.
+
+    Args:
+        proba: (n_images, n_classes) probabilities.
+        y: (n_images,) class labels.
+        start: (n_classes,) factors to start from (ties keep the current factor).
+        passes: sweeps over the classes.
+
+    Returns:
+        (n_classes,) positive factors, normalised to sum to n_classes.
+    """
+    factors = np.asarray(start, dtype=float).copy()
+    best = metrics.balanced_accuracy(y, (proba * factors).argmax(1))
+    for _ in range(passes):
+        for c in range(proba.shape[1]):
+            for f in factors[c] * FACTOR_GRID:
+                trial = factors.copy()
+                trial[c] = f
+                score = metrics.balanced_accuracy(y, (proba * trial).argmax(1))
+                if score > best:
+                    best, factors = score, trial
+    return factors * len(factors) / factors.sum()
+
+
+def choose_decision_rule(proba_va: np.ndarray, y_va: np.ndarray, prior: np.ndarray,
+                         mode: str = "argmax") -> tuple[str, list[float] | None, dict]:
+    """The ensemble's decision rule, from val only.
+
+    Args:
+        proba_va: (n_val, n_classes) averaged member probabilities on val.
+        y_va: (n_val,) val labels.
+        prior: (n_classes,) class frequencies of the members' training images.
+        mode: ``argmax`` (keep it), or ``val``: argmax, the class-prior correction
+            (factors 1 / prior, as heads choose) or per-class factors fitted on val
+            (:func:`fit_class_factors`), whichever scores the highest val balanced accuracy
+            (a tie keeps the simpler rule).
+
+    Returns:
+        (rule name, (n_classes,) class factors or None for argmax, val balanced accuracy of
+        each rule tried).
+
+    Raises:
+        LesionLabError: an unknown ``mode``.
+    """
+    if mode not in DECISION_RULES:
+        raise LesionLabError(f"unknown decision rule {mode!r}; expected one of {DECISION_RULES}")
+    ones = np.ones(proba_va.shape[1])
+    candidates = {"argmax": ones}
+    if mode == "val":
+        inverse = 1.0 / np.clip(np.asarray(prior, dtype=float), 1e-12, None)
+        candidates["prior_corrected"] = inverse * len(inverse) / inverse.sum()
+        scores = {k: metrics.balanced_accuracy(y_va, (proba_va * f).argmax(1))
+                  for k, f in candidates.items()}
+        start = candidates[max(scores, key=scores.get)]
+        candidates["class_factors"] = fit_class_factors(proba_va, y_va, start)
+    scores = {k: metrics.balanced_accuracy(y_va, (proba_va * f).argmax(1))
+              for k, f in candidates.items()}
+    rule = max(scores, key=scores.get)  # the first of equal scores: the simpler rule
+    return rule, None if rule == "argmax" else candidates[rule].tolist(), scores
 
 
 def _check_members(cards: list[ModelCard], dirs: list[Path]) -> None:
@@ -226,18 +296,23 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     val_p = [member_val_proba(d, dataset, va, workdir) for d in dirs]
     test_p = [load_proba(d, "test_proba.npy", len(te), len(dataset.classes)) for d in dirs]
     weights = choose_weights(val_p, y[va], cfg.weights)
-    t = fit_temperature(combine(val_p, weights), y[va])
-    proba_va, proba_te = combine(val_p, weights, t), combine(test_p, weights, t)
+    rule, factors, rule_scores = choose_decision_rule(
+        combine(val_p, weights), y[va], _train_prior(cards, dataset), cfg.decision_rule)
+    t = fit_temperature(combine(val_p, weights, class_weights=factors), y[va])
+    proba_va, proba_te = (combine(p, weights, t, factors) for p in (val_p, test_p))
     classes, mel = dataset.classes, metrics.mel_index(dataset.classes)
     mel_threshold = metrics.threshold_for_sensitivity(y[va], proba_va[:, mel or 0], mel=mel)
     test = metrics.evaluate(y[te], proba_te, groups[te], cfg.n_boot, cfg.seed, classes)
     test["ece_uncalibrated"] = metrics.expected_calibration_error(
-        y[te], combine(test_p, weights))
+        y[te], combine(test_p, weights, class_weights=factors))
     test["mel_operating_point"] = None if mel is None else metrics.operating_point(
         y[te], proba_te[:, mel], mel_threshold, groups[te], cfg.n_boot, cfg.seed, mel)
     folder = _write_folder(dirs, cards, workdir, cfg.name, proba_te, proba_va)
     card = _ensemble_card(cards, weights, cfg, folder.name, classes, y[va], proba_va, test, t,
                           mel_threshold, len(te), time.perf_counter() - t0)
+    card.decision_rule = rule
+    if cfg.decision_rule != "argmax":
+        card.details.update(class_weights=factors, val_balanced_accuracy_by_rule=rule_scores)
     joined = oof_join(cards, dirs)
     if joined is not None:
         card.details["oof_image_ids"] = joined[0]
@@ -245,6 +320,13 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     save_train_digests(folder, dataset, card.train_image_ids)
     save_card(folder, card)
     return card
+
+
+def _train_prior(cards: list[ModelCard], dataset: Dataset) -> np.ndarray:
+    """(n_classes,) class frequencies of the images any member trained on."""
+    seen = set().union(*(c.train_image_ids for c in cards))
+    y = dataset.labels[dataset.frame["image_id"].isin(seen).to_numpy()]
+    return np.bincount(y, minlength=len(dataset.classes)) / max(len(y), 1)
 
 
 def _split_seed(card: ModelCard) -> int:

@@ -321,12 +321,18 @@ def member_dirs(folder: Path | str, card: ModelCard | None = None) -> list[Path]
 
 
 def combine(probas: Sequence[np.ndarray], weights: Sequence[float],
-            temperature: float = 1.0) -> np.ndarray:
+            temperature: float = 1.0,
+            class_weights: Sequence[float] | None = None) -> np.ndarray:
     """Weighted mean of calibrated probabilities (each (n, n_classes)), then the ensemble's
-    own temperature; (n, n_classes)."""
+    decision rule (``class_weights``: (n_classes,) factors each class's probability is
+    multiplied by before renormalising; None: argmax of the mean) and its own temperature;
+    (n, n_classes)."""
     w = np.asarray(weights, dtype=float)
     w = w / w.sum()  # normalised first: extreme but valid weights neither overflow nor vanish
     mean = sum(wi * p for wi, p in zip(w, probas))
+    if class_weights is not None:
+        mean = mean * np.asarray(class_weights, dtype=float)
+        mean = mean / mean.sum(axis=1, keepdims=True)
     return apply_temperature(mean, temperature)
 
 
@@ -348,8 +354,10 @@ class EnsembleFolder(ModelFolder):
         label = members_label([m["features"] for m in card.details["members"]])
         k = len(card.details["members"])
         features = f"{label} x{k} folds" if card.details.get("oof_image_ids") else label
+        rule = (f", decision rule chosen on val: {card.decision_rule}"
+                if card.config.get("decision_rule", "argmax") != "argmax" else "")
         return Labels(features, f"ensemble of {len(card.config['members'])}",
-                      f"weights: {card.config['weights']}")
+                      f"weights: {card.config['weights']}{rule}")
 
     def children(self) -> list[ModelFolder]:
         return list(self.members)
@@ -359,7 +367,8 @@ class EnsembleFolder(ModelFolder):
         """Calibrated class probabilities, (n, n_classes): the members' weighted mean."""
         self.load()
         return combine([m.predict_proba(images, metadata) for m in self.members],
-                       self.card.config["member_weights"], self.card.temperature)
+                       self.card.config["member_weights"], self.card.temperature,
+                       self.card.details.get("class_weights"))
 
     def gradcam_network(self) -> NetworkFolder | None:
         """The network member with the largest weight (the map explains that member, not the

@@ -45,7 +45,13 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     kinds = {r["kind"] for r in summary["rows"]}
     assert kinds == {"head", "finetune"}
     assert any(r["group"] == "curve" for r in summary["rows"])
-    assert len(list((work / "results").glob("*.json"))) == len(summary["rows"]) + 1
+    # one result per cell, the summary, and the split-seed study's cells beyond the study's
+    seeds = {e["name"] for p in summary["seeds"]["pipelines"].values()
+             for e in p["seeds"].values()}
+    assert len(seeds) == 3 * 2 and summary["seeds"]["split_seeds"] == [0, 1]
+    assert len(list((work / "results").glob("*.json"))) == \
+        len(summary["rows"]) + 1 + len(seeds - {r["name"] for r in summary["rows"]})
+    assert "<!-- seeds:start -->" in report.read_text()
     assert summary["external"] and len(summary["external"]) == 3
     text = report.read_text()
     assert "Hand-written intro." in text and "Hand-written conclusions." in text
@@ -199,10 +205,45 @@ def test_full_plan_covers_the_study() -> None:
     assert [n.backbone for n in networks] == [ra.LITE[2]]
     assert plan.curve_finetune.backbone == ra.LITE[0] and plan.curve_finetune.cv_folds == 0
     assert plan.curve_finetune_fractions == (0.1, 0.25)
-    ensemble = [c for c in cells if c.kind == "ensemble"]
+    # the late ensemble of the study's cells (the other ensemble is a control: see below)
+    ensemble = [c for c in cells if c.kind == "ensemble" and c.config.decision_rule == "argmax"]
     assert len(ensemble) == 1 and set(ensemble[0].config.members) <= set(ids)
     assert ensemble[0].config.members[0] == f"{oof}+classical".replace(":", "_") + \
         "__logreg__class_weight__meta__seed0"
+
+
+def test_full_plan_has_the_controls_and_no_time_cap() -> None:
+    """Every head study of the full preset ends on its trial count; the stack's controls are
+    cells that reuse the K-fold run (its fold networks, its out-of-fold blocks)."""
+    plan = ra.plan_for("full", 2)
+    cells = plan.cells + plan.late_cells
+    heads = [c.config for c in cells if c.kind == "head"]
+    assert heads and all(h.tune_timeout is None for h in heads)
+    assert {(h.head, h.trials) for h in heads} == {("logreg", 10), ("logreg", 5),
+                                                   ("lightgbm", 4)}
+    assert all(h.trials == 5 for h in heads if h.features.count("multistage") > 1)
+    ids = [c.cell_id for c in cells]
+    kfold = next(c for c in cells if c.kind == "kfold")
+    folds = [f.model_name() for f in fold_configs(kfold.config)]
+    rule = next(c for c in cells if c.cell_id == f"{kfold.cell_id}__rule-val")
+    assert rule.kind == "ensemble" and rule.config.members == folds
+    assert rule.config.decision_rule == "val" and rule.config.weights == "equal"
+    assert ids.index(kfold.cell_id) < ids.index(rule.cell_id)  # its members exist by then
+    oof = f"oof:{kfold.cell_id}"
+    stacks = {(h.features, h.head, h.metadata) for h in heads if h.features.startswith("oof:")}
+    assert {(oof + "+classical", "logreg", False), (oof, "logreg", False),  # no metadata
+            (oof, "logreg", True)} <= stacks  # no hand-made features
+    assert not any(c.kind in ("finetune", "kfold") for c in cells if "rule" in c.cell_id)
+    # the seeds study: 5 split seeds, its pipelines at the study's seed are the study's cells
+    seeds = plan.seeds
+    assert seeds.split_seeds == (2, 3, 4, 5, 6) and len(seeds.pipelines) == 3
+    by_id = {c.cell_id: c.config for c in cells}
+    for label in seeds.pipelines:
+        same = seeds.config(label, 2)
+        assert by_id[same.model_name()] == same and same.tune_timeout is None
+        assert seeds.config(label, 3).model_name() not in by_id
+    assert ra.with_split_seeds(ra.plan_for("full", 2), 2, 0).seeds is None
+    assert ra.with_split_seeds(ra.plan_for("quick", 2), 2, 3).seeds.split_seeds == (2, 3, 4)
 
 
 def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:

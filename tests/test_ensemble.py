@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lesionlab.data import load_dataset
+from lesionlab.data import Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import load_card
@@ -217,3 +217,54 @@ def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_sa
     with pytest.raises(LesionLabError, match="fine-tuned on every training image"):
         train_head(ds, work, HeadConfig(features=str(full), trials=1, folds=2, n_boot=20,
                                         tune_timeout=None, name="leaky_head"))
+
+
+def test_decision_rule_chosen_on_val_fixes_an_under_predicted_class() -> None:
+    from models.ensemble import choose_decision_rule, fit_class_factors
+    from lesionlab.metrics import balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    proba = np.eye(3)[y] * 0.5 + rng.uniform(0, 0.3, (60, 3))
+    proba[y == 2] = proba[y == 2][:, [2, 1, 0]]  # class 2 reads as class 0 ...
+    proba[y == 2, 2] += 0.25  # ... unless class 2 is boosted
+    proba /= proba.sum(1, keepdims=True)
+    plain = balanced_accuracy(y, proba.argmax(1))
+    rule, factors, scores = choose_decision_rule(proba, y, np.array([0.5, 0.3, 0.2]), "val")
+    assert set(scores) == {"argmax", "prior_corrected", "class_factors"}
+    assert scores["argmax"] == plain
+    assert rule != "argmax" and scores[rule] == max(scores.values()) > plain
+    assert np.isclose(sum(factors), 3) and balanced_accuracy(
+        y, (proba * factors).argmax(1)) == scores[rule]
+    assert choose_decision_rule(proba, y, np.ones(3) / 3) == ("argmax", None, {"argmax": plain})
+    # already right: nothing to gain, the factors stay where they started
+    assert np.allclose(fit_class_factors(np.eye(3)[y], y, np.ones(3)), 1.0)
+    with pytest.raises(LesionLabError, match="unknown decision rule"):
+        choose_decision_rule(proba, y, np.ones(3) / 3, "thresholds")
+
+
+def test_fold_average_with_a_val_rule_predicts_what_its_card_scored(kfold,
+                                                                     tmp_path: Path) -> None:
+    """The K fold networks averaged with a rule chosen on val (the stack's control): its
+    folder applies the same rule at predict time as when it was scored."""
+    from models.folder import load_model_folder
+
+    work, folder = kfold
+    ds = load_dataset(FIXTURE)
+    members = [folder.parent / m for m in load_card(folder).config["members"]]
+    card = build_ensemble(members, ds, work, EnsembleConfig(
+        members=[], name="folds_rule", weights="equal", decision_rule="val", n_boot=10))
+    assert card.decision_rule in ("argmax", "prior_corrected", "class_factors")
+    assert set(card.details["val_balanced_accuracy_by_rule"]) == {
+        "argmax", "prior_corrected", "class_factors"}
+    best = max(card.details["val_balanced_accuracy_by_rule"].values())
+    assert card.val["balanced_accuracy"] == pytest.approx(best)
+    assert ("decision rule chosen on val" in load_card(work / "models" / "folds_rule")
+            .imbalance_label)
+    _, _, te = split_indices(ds, load_or_make_split(ds, work, 0))
+    test = Dataset(root=ds.root, frame=ds.frame.iloc[te].reset_index(drop=True),
+                   classes=ds.classes)
+    saved = np.load(work / "models" / "folds_rule" / "test_proba.npy")
+    with load_model_folder(work / "models" / "folds_rule", workdir=work) as model:
+        again = model.predict_proba(test)
+    assert np.allclose(again, saved, atol=1e-4)
