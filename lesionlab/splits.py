@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +19,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionlab.artifacts import atomic_path, splits_dir
-from lesionlab.cli import (add_data_args, label_options, make_parser, ranged, resolve_data,
-                           run_main)
+from lesionlab.cli import (add_config_args, add_data_args, label_options, make_parser, option,
+                           resolve_data, run_main)
 from lesionlab.data import BINARY_CLASSES, CLASSES, NOT_MEL, Dataset, class_set
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError, warn_once
@@ -452,13 +453,19 @@ def split_indices(dataset: Dataset, split: pd.DataFrame, train_frac: float = 1.0
     return tr, va, te
 
 
+@dataclass
+class SplitCommandConfig:
+    """Options of ``python -m lesionlab.splits`` (beyond the data ones)."""
+
+    split_seed: int = option(0, "seed of the split", ge=0, le=2**32 - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m lesionlab.splits``."""
     p = make_parser("python -m lesionlab.splits",
                     "Make (or show) the lesion-grouped train/val/test split.")
     add_data_args(p)
-    p.add_argument("--split-seed", type=ranged(int, ge=0, le=2**32 - 1), default=0,
-                   help="seed of the split")
+    add_config_args(p, SplitCommandConfig)
     return p
 
 
