@@ -314,7 +314,8 @@ def masked_proba(row: dict, scored: Scored, dataset: Dataset, workdir: Path | st
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key and list(z["image_ids"]) == list(scored.image_ids):
                 return z["proba"].astype(float)
-    with tempfile.TemporaryDirectory() as tmp:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:  # beside the data, not /tmp
         masked = masked_dataset(dataset, scored.image_ids, Path(tmp), cfg.mask_scale)
         with load_model_folder(folder, device=cfg.device) as model:
             proba = np.asarray(model.predict_proba(masked), dtype=float)

@@ -172,7 +172,9 @@ def test_blocks_render_flags_and_cis() -> None:
 
 def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_path: Path,
                                         monkeypatch) -> None:
+    from benchmarks.comparisons import save_external_proba
     from benchmarks.run_all import summarize
+    from lesionlab.data import Dataset
     from lesionlab.data import load_dataset
     from lesionlab.splits import load_or_make_split
     from models.bundle import load_card
@@ -181,8 +183,14 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     split = load_or_make_split(ds, trained_models["head"].parents[1], 0)
     rows = [{**summarize(load_card(trained_models[k])), "group": "main",
              "model_dir": str(trained_models[k])} for k in ("head", "finetune")]
+    # the fixture again as an "external" set of two image sources (60 + 27 images)
+    ext = Dataset(root=ds.root, frame=ds.frame.assign(dataset=["a"] * 60 + ["b"] * 27),
+                  classes=ds.classes)
+    rng = np.random.default_rng(0)
+    for r in rows:
+        save_external_proba(tmp_path, r["name"], ext, rng.dirichlet(np.ones(7), len(ext)))
     cfg = er.ErrorsConfig(n_boot=50, device="cpu")
-    blocks = er.error_blocks({"rows": rows, "seed": 0}, ds, split, tmp_path,
+    blocks = er.error_blocks({"rows": rows, "seed": 0}, ds, split, tmp_path, external=ext,
                              fig_dir=tmp_path / "fig", fig_rel="fig", cfg=cfg)
     assert set(blocks) == set(er.BLOCKS)
     saved = er.read_json(er.results_path(tmp_path))
@@ -196,6 +204,10 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     assert (tmp_path / "fig" / "reliability_mel.png").is_file()
     assert "![Reliability of P(mel)](fig/reliability_mel.png)" in blocks["calibration"]
     assert "| class | test n |" in blocks["per_class"]
+    external = saved["models"]["recommended"]["sets"]["external"]
+    assert external["n"] == 87 and external["breakdown"]["image source"]["a"]["n"] == 60
+    assert "| image source | b | 27 |" in blocks["errors"]
+    assert blocks["errors"].count("n < 30: not interpretable") >= 1
 
     def boom(*a, **k):
         raise AssertionError("masked images predicted again")
