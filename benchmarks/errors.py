@@ -668,7 +668,8 @@ def error_blocks(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: 
         cfg: what to compute; None: the defaults with the summary's seed.
 
     Returns:
-        ``{block: markdown}`` for the markers :data:`BLOCKS`.
+        ``{block: markdown}`` for the markers :data:`BLOCKS`; a row chosen under both labels
+        appears once, as ``recommended = best frozen head``.
 
     Raises:
         LesionLabError: a saved probability file is damaged, or a masked image unreadable.
@@ -677,11 +678,12 @@ def error_blocks(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: 
     rows = chosen_rows(summary["rows"])
     if not rows:
         return {name: "_No finished main cells to analyse yet._\n" for name in BLOCKS}
-    by_name: dict[str, dict] = {}
-    for row in rows.values():
-        if row["name"] not in by_name:
-            by_name[row["name"]] = analyse_row(row, dataset, split, workdir, external, cfg)
-    analyses = {label: by_name[row["name"]] for label, row in rows.items()}
+    labels_of: dict[str, list[str]] = {}  # one row chosen twice is analysed once
+    for label, row in rows.items():
+        labels_of.setdefault(row["name"], []).append(label)
+    analyses = {" = ".join(labels): analyse_row(rows[labels[0]], dataset, split, workdir,
+                                                external, cfg)
+                for labels in labels_of.values()}
     write_json(results_path(workdir), {"config": asdict(cfg), "models": analyses})
     figure = None
     if fig_dir is not None and fig_mel_reliability(analyses, Path(fig_dir) / "reliability_mel.png"):

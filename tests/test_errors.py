@@ -194,7 +194,8 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
                              fig_dir=tmp_path / "fig", fig_rel="fig", cfg=cfg)
     assert set(blocks) == set(er.BLOCKS)
     saved = er.read_json(er.results_path(tmp_path))
-    frozen = saved["models"]["best frozen head"]
+    by_label = {label: a for key, a in saved["models"].items() for label in key.split(" = ")}
+    frozen = by_label["best frozen head"]
     assert frozen["name"] == rows[0]["name"]
     art = frozen["artefacts"]
     assert art["n"] == len(load_card(trained_models["head"]).test_image_ids)
@@ -204,7 +205,7 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     assert (tmp_path / "fig" / "reliability_mel.png").is_file()
     assert "![Reliability of P(mel)](fig/reliability_mel.png)" in blocks["calibration"]
     assert "| class | test n |" in blocks["per_class"]
-    external = saved["models"]["recommended"]["sets"]["external"]
+    external = by_label["recommended"]["sets"]["external"]
     assert external["n"] == 87 and external["breakdown"]["image source"]["a"]["n"] == 60
     assert "| image source | b | 27 |" in blocks["errors"]
     assert blocks["errors"].count("n < 30: not interpretable") >= 1
@@ -217,3 +218,7 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     monkeypatch.setattr(models.folder, "load_model_folder", boom)  # cached now
     again = er.error_blocks({"rows": rows, "seed": 0}, ds, split, tmp_path, cfg=cfg)
     assert again["artefacts"] == blocks["artefacts"]
+    single = er.error_blocks({"rows": rows[:1], "seed": 0}, ds, split, tmp_path, cfg=cfg)
+    assert list(er.read_json(er.results_path(tmp_path))["models"]) == \
+        ["recommended = best frozen head"]  # one row chosen twice: analysed and shown once
+    assert single["artefacts"].count(rows[0]["name"]) == 1
