@@ -24,7 +24,8 @@ main row val ranks first) and the best frozen head (the main head row on frozen 
    (fitted on all of val) reported on test.
 
 :func:`error_blocks` returns the report's ``per_class``, ``errors``, ``artefacts`` and
-``calibration`` blocks and writes the numbers to ``<workdir>/results/errors.json``.
+``calibration`` blocks and writes the numbers to
+``<workdir>/results/errors/errors.json``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.comparisons import Scored, load_scored  # noqa: E402
 from benchmarks.rows import row_input  # noqa: E402
-from lesionlab.artifacts import atomic_path, read_json, write_json  # noqa: E402
+from lesionlab.artifacts import atomic_path, write_json  # noqa: E402
 from lesionlab.calibration import (CALIBRATORS, class_score_calibration,  # noqa: E402
                                    compare_calibrators, ece_with_ci, per_class_ci)
 from lesionlab.data import Dataset  # noqa: E402
@@ -162,7 +163,7 @@ def age_band(age: float | None) -> str:
     Raises:
         LesionLabError: a negative age.
     """
-    if age is None or (isinstance(age, float) and math.isnan(age)) or pd.isna(age):
+    if age is None or pd.isna(age):
         return UNKNOWN
     if age < 0:
         raise LesionLabError(f"age {age} is negative")
@@ -648,8 +649,8 @@ BLOCKS = ("per_class", "errors", "artefacts", "calibration")  # the report marke
 
 
 def results_path(workdir: Path | str) -> Path:
-    """``<workdir>/results/errors.json``: the numbers behind the blocks."""
-    return Path(workdir) / "results" / "errors.json"
+    """``<workdir>/results/errors/errors.json``: the numbers behind the blocks."""
+    return Path(workdir) / "results" / "errors" / "errors.json"  # beside the cells
 
 
 def error_blocks(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path | str,

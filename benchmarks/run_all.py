@@ -471,7 +471,7 @@ def _print_done(plan: Plan, rows: list[dict], wall: float, preset: str,
 
 def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                        report: Path | None, preset: str, seed: int,
-                       external: Dataset | None = None) -> dict:
+                       ext_ds: Dataset | None = None) -> dict:
     """Rebuild the report from finished cells (no training); unfinished cells are listed."""
     def saved(cells: list[Cell]) -> list[dict]:  # the planned cells that finished
         paths = [results_dir(workdir) / f"{c.cell_id}.json" for c in cells]
@@ -498,7 +498,7 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     if report is not None:
         from benchmarks.report import write_report
 
-        write_report(report, summary, dataset, split, workdir, external=external)
+        write_report(report, summary, dataset, split, workdir, external=ext_ds)
     print(f"report rebuilt from {len(rows)} finished cells; unfinished: {missing or 'none'}")
     return summary
 

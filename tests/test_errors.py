@@ -13,6 +13,7 @@ import pytest
 from benchmarks import errors as er
 from benchmarks.comparisons import Scored
 from benchmarks.report import MARKERS, replace_block
+from lesionlab.artifacts import read_json
 from lesionlab.errors import LesionLabError
 
 
@@ -193,7 +194,7 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     blocks = er.error_blocks({"rows": rows, "seed": 0}, ds, split, tmp_path, external=ext,
                              fig_dir=tmp_path / "fig", fig_rel="fig", cfg=cfg)
     assert set(blocks) == set(er.BLOCKS)
-    saved = er.read_json(er.results_path(tmp_path))
+    saved = read_json(er.results_path(tmp_path))
     by_label = {label: a for key, a in saved["models"].items() for label in key.split(" = ")}
     frozen = by_label["best frozen head"]
     assert frozen["name"] == rows[0]["name"]
@@ -219,6 +220,6 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     again = er.error_blocks({"rows": rows, "seed": 0}, ds, split, tmp_path, cfg=cfg)
     assert again["artefacts"] == blocks["artefacts"]
     single = er.error_blocks({"rows": rows[:1], "seed": 0}, ds, split, tmp_path, cfg=cfg)
-    assert list(er.read_json(er.results_path(tmp_path))["models"]) == \
+    assert list(read_json(er.results_path(tmp_path))["models"]) == \
         ["recommended = best frozen head"]  # one row chosen twice: analysed and shown once
     assert single["artefacts"].count(rows[0]["name"]) == 1
