@@ -24,8 +24,9 @@ main row val ranks first) and the best frozen head (the main head row on frozen 
    (fitted on all of val) reported on test.
 
 :func:`error_blocks` returns the report's ``per_class``, ``errors``, ``artefacts`` and
-``calibration`` blocks and writes the numbers to
-``<workdir>/results/errors/errors.json``.
+``calibration`` blocks and writes the numbers to ``<workdir>/results/errors/errors.json``;
+:func:`write_error_blocks`, which ``benchmarks.run_all`` calls after
+``benchmarks.report.write_report``, puts them between their markers in the report.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.comparisons import Scored, load_scored  # noqa: E402
+from benchmarks.report import ERROR_BLOCKS as BLOCKS, replace_block  # noqa: E402
 from benchmarks.rows import row_input  # noqa: E402
-from lesionlab.artifacts import atomic_path, write_json  # noqa: E402
+from lesionlab.artifacts import atomic_path, write_json, write_text  # noqa: E402
 from lesionlab.calibration import (CALIBRATORS, class_score_calibration,  # noqa: E402
                                    compare_calibrators, ece_with_ci, per_class_ci)
 from lesionlab.data import Dataset  # noqa: E402
@@ -645,8 +647,6 @@ def fig_mel_reliability(analyses: dict[str, dict], out: Path) -> bool:
     return True
 
 
-BLOCKS = ("per_class", "errors", "artefacts", "calibration")  # the report markers written
-
 
 def results_path(workdir: Path | str) -> Path:
     """``<workdir>/results/errors/errors.json``: the numbers behind the blocks."""
@@ -693,3 +693,29 @@ def error_blocks(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: 
             "errors": errors_md(analyses, cfg.min_cell),
             "artefacts": artefacts_md(analyses, cfg),
             "calibration": calibration_md(analyses, cfg, figure)}
+
+
+def write_error_blocks(report: Path | str, summary: dict, dataset: Dataset,
+                       split: pd.DataFrame, workdir: Path | str,
+                       external: Dataset | None = None, fig_dir: Path | str | None = None,
+                       cfg: ErrorsConfig | None = None) -> None:
+    """Regenerate the error-analysis blocks of ``report`` (:func:`error_blocks`), prose and
+    other blocks untouched; run after ``benchmarks.report.write_report``.
+
+    Args:
+        report: the Markdown file (made if absent).
+        summary, dataset, split, workdir, external, cfg: see :func:`error_blocks`.
+        fig_dir: where the figure goes; None: ``reports/figures`` beside the report, as
+            ``write_report``'s.
+
+    Raises:
+        LesionLabError: see :func:`error_blocks`.
+    """
+    report = Path(report)
+    fig_dir = Path(fig_dir) if fig_dir else report.parent / "reports" / "figures"
+    rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
+    text = report.read_text(encoding="utf-8") if report.exists() else "# lesionlab report\n"
+    for name, block in error_blocks(summary, dataset, split, workdir, external, fig_dir,
+                                    str(rel), cfg).items():
+        text = replace_block(text, name, block)
+    write_text(report, text)

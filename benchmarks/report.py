@@ -17,7 +17,6 @@ import pandas as pd  # noqa: E402
 from benchmarks.rows import legacy_input_kind as input_kind  # noqa: E402,F401 (old rows)
 from benchmarks.rows import row_input, row_spec  # noqa: E402
 from benchmarks.comparisons import comparisons_block  # noqa: E402
-from benchmarks.errors import BLOCKS as ERROR_BLOCKS, error_blocks  # noqa: E402
 from lesionlab.artifacts import write_text  # noqa: E402
 from lesionlab.data import Dataset  # noqa: E402
 from lesionlab.metrics import reliability_curve  # noqa: E402
@@ -33,11 +32,14 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
            "training": ("<!-- training:start -->", "<!-- training:end -->"),
            "head_input": ("<!-- head_input:start -->", "<!-- head_input:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->"),
-           "comparisons": ("<!-- comparisons:start -->", "<!-- comparisons:end -->"),
-           **{name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->") for name in ERROR_BLOCKS}}
+           "comparisons": ("<!-- comparisons:start -->", "<!-- comparisons:end -->")}
 
 
 ABLATION = Path("reports") / "ablation_gpu.json"  # written by benchmarks.ablation on a GPU
+# blocks of the error analysis, written after the rest by benchmarks.errors.write_error_blocks
+ERROR_BLOCKS = ("per_class", "errors", "artefacts", "calibration")
+MARKERS.update({name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->")
+                for name in ERROR_BLOCKS})
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -431,11 +433,8 @@ def figures(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path,
 
 
 def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.DataFrame,
-                 workdir: Path | str, fig_dir: Path | str | None = None,
-                 external: Dataset | None = None) -> None:
-    """Regenerate the marked blocks of ``report`` and the figures; prose stays as written.
-
-    ``external``: the external test set (its metadata for the error breakdowns), or None."""
+                 workdir: Path | str, fig_dir: Path | str | None = None) -> None:
+    """Regenerate the marked blocks of ``report`` and the figures; prose stays as written."""
     report = Path(report)
     fig_dir = Path(fig_dir) if fig_dir else report.parent / "reports" / "figures"
     text = report.read_text(encoding="utf-8") if report.exists() else "# lesionlab report\n"
@@ -475,7 +474,4 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
     rel = fig_dir.relative_to(report.parent) if fig_dir.is_relative_to(report.parent) else fig_dir
     figs = "\n\n".join(f"**{cap}**\n\n![{cap}]({rel}/{name})" for cap, name in made)
     text = replace_block(text, "figures", figs)
-    for name, block in error_blocks(summary, dataset, split, workdir, external, fig_dir,
-                                    str(rel)).items():  # per class, errors, artefacts
-        text = replace_block(text, name, block)
     write_text(report, text)

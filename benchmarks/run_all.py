@@ -448,9 +448,11 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
                "cpu": machine_label(), "provenance": provenance()}
     write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
     if report is not None:
+        from benchmarks.errors import write_error_blocks
         from benchmarks.report import write_report
 
-        write_report(report, summary, dataset, split, workdir, external=ext_ds)
+        write_report(report, summary, dataset, split, workdir)
+        write_error_blocks(report, summary, dataset, split, workdir, ext_ds)
     study.finish(summary, report)
     _print_done(plan, rows, wall, preset, report)
     return summary
@@ -496,9 +498,11 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                "unfinished": missing, "cpu": saved.get("cpu", machine_label()),
                "provenance": provenance()}
     if report is not None:
+        from benchmarks.errors import write_error_blocks
         from benchmarks.report import write_report
 
-        write_report(report, summary, dataset, split, workdir, external=ext_ds)
+        write_report(report, summary, dataset, split, workdir)
+        write_error_blocks(report, summary, dataset, split, workdir, ext_ds)
     print(f"report rebuilt from {len(rows)} finished cells; unfinished: {missing or 'none'}")
     return summary
 

@@ -223,3 +223,11 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     assert list(read_json(er.results_path(tmp_path))["models"]) == \
         ["recommended = best frozen head"]  # one row chosen twice: analysed and shown once
     assert single["artefacts"].count(rows[0]["name"]) == 1
+    report = tmp_path / "R.md"
+    report.write_text("# R\n\nprose\n\n<!-- errors:start -->\nstale table\n<!-- errors:end -->\n")
+    er.write_error_blocks(report, {"rows": rows, "seed": 0}, ds, split, tmp_path, cfg=cfg)
+    text = report.read_text()
+    assert text.startswith("# R\n\nprose\n\n<!-- errors:start -->\nTop confusions")
+    assert "stale table" not in text and all(MARKERS[b][1] in text for b in er.BLOCKS)
+    assert "](reports/figures/reliability_mel.png)" in text
+    assert (tmp_path / "reports" / "figures" / "reliability_mel.png").is_file()
