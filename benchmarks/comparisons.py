@@ -155,9 +155,10 @@ def save_external_proba(workdir: Path | str, name: str, dataset: Dataset,
     frame = dataset.frame
     dest = external_proba_path(workdir, name)
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, image_ids=frame["image_id"].astype(str).to_numpy(),
+        # str arrays, not object ones: the file is read back without pickle
+        np.savez(fh, image_ids=frame["image_id"].to_numpy(dtype=str),
                  proba=np.asarray(proba, dtype=np.float32), labels=dataset.labels,
-                 lesion_ids=frame["lesion_id"].astype(str).to_numpy())
+                 lesion_ids=frame["lesion_id"].to_numpy(dtype=str))
     return dest
 
 
@@ -166,7 +167,8 @@ def load_scored(row: dict, data: str, dataset: Dataset, workdir: Path | str) -> 
     labelled from ``dataset``; ``external``: the run's npz); None when none were saved.
 
     Raises:
-        LesionLabError: a saved file is damaged (see ``models.bundle.load_proba``).
+        LesionLabError: a saved file is damaged (see ``models.bundle.load_proba``) or holds
+            object arrays (read without pickle).
     """
     folder = Path(row["model_dir"])
     card = load_card(folder)
@@ -175,9 +177,13 @@ def load_scored(row: dict, data: str, dataset: Dataset, workdir: Path | str) -> 
         path = external_proba_path(workdir, row["name"])
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return Scored(z["image_ids"], z["proba"].astype(float), z["labels"],
-                          z["lesion_ids"], threshold)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return Scored(z["image_ids"], z["proba"].astype(float), z["labels"],
+                              z["lesion_ids"], threshold)
+        except ValueError as exc:  # object arrays, as older code saved them
+            raise LesionLabError(f"{path}: unreadable without pickle ({exc}); delete it and "
+                                 f"rerun, which scores the external set again") from None
     ids = np.asarray(card.test_image_ids, dtype=str)
     proba = load_proba(folder, "test_proba.npy", len(ids))
     frame = dataset.frame.set_index(dataset.frame["image_id"].astype(str)).loc[ids]

@@ -38,6 +38,10 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
 
 
 ABLATION = Path("reports") / "ablation_gpu.json"  # written by benchmarks.ablation on a GPU
+# blocks of the error analysis, written after the rest by benchmarks.errors.write_error_blocks
+ERROR_BLOCKS = ("per_class", "errors", "artefacts", "calibration")
+MARKERS.update({name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->")
+                for name in ERROR_BLOCKS})
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:

@@ -507,7 +507,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
           f"split seed {seed}:\n{class_counts(split).to_string()}", flush=True)
     ext_ds = load_external_labels(external, label_map=label_map) if external else None
     if report_only:
-        return _report_from_saved(plan, dataset, split, workdir, report, preset, seed)
+        return _report_from_saved(plan, dataset, split, workdir, report, preset, seed, ext_ds)
     study = StudyTracking(workdir, tracking, preset, seed, data, external)
     made = []  # the cells read these exact sets, whatever else the workdir's cache holds
     for cfg in plan.featurize:
@@ -533,9 +533,11 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
                "cpu": machine_label(), "provenance": provenance(), "seeds": seeds}
     write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
     if report is not None:
+        from benchmarks.errors import write_error_blocks
         from benchmarks.report import write_report
 
         write_report(report, summary, dataset, split, workdir)
+        write_error_blocks(report, summary, dataset, split, workdir, ext_ds)
     study.finish(summary, report)
     _print_done(plan, rows, wall, preset, report)
     return summary
@@ -555,7 +557,8 @@ def _print_done(plan: Plan, rows: list[dict], wall: float, preset: str,
 
 
 def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
-                       report: Path | None, preset: str, seed: int) -> dict:
+                       report: Path | None, preset: str, seed: int,
+                       ext_ds: Dataset | None = None) -> dict:
     """Rebuild the report from finished cells (no training); unfinished cells are listed."""
     def saved(cells: list[Cell]) -> list[dict]:  # the planned cells that finished
         paths = [results_dir(workdir) / f"{c.cell_id}.json" for c in cells]
@@ -580,9 +583,11 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
                "unfinished": missing, "cpu": saved.get("cpu", machine_label()),
                "provenance": provenance(), "seeds": load_seed_record(results_dir(workdir))}
     if report is not None:
+        from benchmarks.errors import write_error_blocks
         from benchmarks.report import write_report
 
         write_report(report, summary, dataset, split, workdir)
+        write_error_blocks(report, summary, dataset, split, workdir, ext_ds)
     print(f"report rebuilt from {len(rows)} finished cells; unfinished: {missing or 'none'}")
     return summary
 

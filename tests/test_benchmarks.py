@@ -72,8 +72,11 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     for r in summary["external"]:  # the card carries its external score (the page shows it)
         ext = load_card(work / "models" / r["name"]).details["external"]
         assert ext["balanced_accuracy"] == r["balanced_accuracy"] and ext["n"] == 87
+    for block in ("per_class", "errors", "artefacts", "calibration"):  # benchmarks.errors
+        assert f"<!-- {block}:end -->" in text and "bal.acc masked" in text
     for fig in ("class_distribution", "confusion_head", "confusion_finetune",
-                "learning_curves", "reliability", "per_class_recall", "gradcam_examples"):
+                "learning_curves", "reliability", "per_class_recall", "gradcam_examples",
+                "reliability_mel"):
         assert (tmp_path / "reports" / "figures" / f"{fig}.png").is_file(), fig
         assert f"{fig}.png" in text
 
