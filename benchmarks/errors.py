@@ -346,8 +346,9 @@ def artefact_check(row: dict, scored: Scored, dataset: Dataset, workdir: Path | 
 
 
 def val_scored(row: dict, dataset: Dataset, split: pd.DataFrame) -> Scored | None:
-    """A row's saved val probabilities (``val_proba.npy``) with labels and lesion ids; None
-    when the folder has none."""
+    """A row's saved val probabilities (``val_proba.npy``, (n_val, n_classes)) with labels
+    and lesion ids; None when the folder has none. ``split``: (n_images, ...) the split table
+    the row was made with."""
     folder = Path(row["model_dir"])
     if not (folder / "val_proba.npy").exists():
         return None
@@ -441,6 +442,8 @@ def analyse_set(scored: Scored, data: Dataset | None, classes: Sequence[str],
 def analyse_row(row: dict, dataset: Dataset, split: pd.DataFrame, workdir: Path | str,
                 external: Dataset | None, cfg: ErrorsConfig) -> dict:
     """Everything of the module docstring for one row, from its saved predictions.
+
+    ``split`` is the (n_images, ...) split table the row was made with (its val rows).
 
     Returns:
         ``name``, ``sets`` (``{"test": analyse_set, "external": ...}``; external only when
@@ -661,7 +664,7 @@ def error_blocks(summary: dict, dataset: Dataset, split: pd.DataFrame, workdir: 
     Args:
         summary: the run summary (its ``rows`` and ``seed``).
         dataset: the labelled set the models were trained and tested on.
-        split: the split the rows were made with (their val rows).
+        split: (n_images, ...) the split table the rows were made with (their val rows).
         workdir: the study's workdir (saved external probabilities; results written there).
         external: the external Dataset (its metadata for the breakdowns); None: none given.
         fig_dir: where the P(mel) reliability figure goes; None: no figure.
@@ -704,7 +707,8 @@ def write_error_blocks(report: Path | str, summary: dict, dataset: Dataset,
 
     Args:
         report: the Markdown file (made if absent).
-        summary, dataset, split, workdir, external, cfg: see :func:`error_blocks`.
+        summary, dataset, workdir, external, cfg: see :func:`error_blocks`.
+        split: (n_images, ...) the split table the rows were made with.
         fig_dir: where the figure goes; None: ``reports/figures`` beside the report, as
             ``write_report``'s.
 
