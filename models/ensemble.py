@@ -37,7 +37,7 @@ from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, loa
 # member_dirs and combine are re-exported (they lived here)
 from models.folder import (MEMBERS, EnsembleFolder, HeadFolder, combine,  # noqa: F401
                            folder_class, labels, load_model_folder, member_dirs)
-from models.heads import fit_temperature
+from models.finish import Finished, FinishInput, finish
 from models.train_design import load_design
 
 WEIGHT_MODES = ("val", "equal")
@@ -140,25 +140,22 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
     return ids, np.concatenate(probas)
 
 
-@release_claims
 def _ensemble_card(cards: list[ModelCard], weights: list[float], cfg: EnsembleConfig,
-                   name: str, classes: tuple[str, ...], y_val: np.ndarray,
-                   proba_va: np.ndarray, test: dict, temperature: float,
-                   mel_threshold: float, n_test: int, own_time_s: float) -> ModelCard:
+                   name: str, done: Finished, n_val: int, n_test: int,
+                   own_time_s: float) -> ModelCard:
     """The ensemble's card; its members named by their folder names inside the ensemble
-    folder. ``proba_va``: (n_val, n_classes) calibrated val probabilities."""
+    folder. ``done``: the finishing step's choices and scores (``models.finish``)."""
     cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
     train_ids = sorted({i for c in cards for i in c.train_image_ids})
     return ModelCard(
-        kind="ensemble", name=name, config=asdict(cfg), classes=list(classes),
-        val=metrics.evaluate(y_val, proba_va, n_boot=0, classes=classes), test=test,
-        temperature=temperature, decision_rule="argmax", train_image_ids=train_ids,
-        test_image_ids=cards[0].test_image_ids, n_train=len(train_ids), n_val=len(y_val),
-        n_test=n_test, tune_time_s=0.0,
+        kind="ensemble", name=name, config=asdict(cfg), classes=list(cards[0].classes),
+        val=done.val, test=done.test, temperature=done.temperature, decision_rule="argmax",
+        train_image_ids=train_ids, test_image_ids=cards[0].test_image_ids,
+        n_train=len(train_ids), n_val=n_val, n_test=n_test, tune_time_s=0.0,
         fit_time_s=round(sum(c.fit_time_s for c in cards), 1),
         total_time_s=round(sum(c.total_time_s for c in cards) + own_time_s, 1),
         data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
-        metadata=any(c.metadata for c in cards), mel_threshold=mel_threshold,
+        metadata=any(c.metadata for c in cards), mel_threshold=done.mel_threshold,
         details={"members": [{"name": c.name, "kind": c.kind, "features": labels(c).features,
                               "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
                               "test_balanced_accuracy": c.test["balanced_accuracy"]}
@@ -166,6 +163,7 @@ def _ensemble_card(cards: list[ModelCard], weights: list[float], cfg: EnsembleCo
                  "split_seed": _split_seed(cards[0])})
 
 
+@release_claims
 def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path | str,
                    cfg: EnsembleConfig) -> ModelCard:
     """Choose weights and temperature on val, score test once, write the ensemble folder.
@@ -191,18 +189,12 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     val_p = [member_val_proba(d, dataset, va, workdir) for d in dirs]
     test_p = [load_proba(d, "test_proba.npy", len(te), len(dataset.classes)) for d in dirs]
     weights = choose_weights(val_p, y[va], cfg.weights)
-    t = fit_temperature(combine(val_p, weights), y[va])
-    proba_va, proba_te = combine(val_p, weights, t), combine(test_p, weights, t)
-    classes, mel = dataset.classes, metrics.mel_index(dataset.classes)
-    mel_threshold = metrics.threshold_for_sensitivity(y[va], proba_va[:, mel or 0], mel=mel)
-    test = metrics.evaluate(y[te], proba_te, groups[te], cfg.n_boot, cfg.seed, classes)
-    test["ece_uncalibrated"] = metrics.expected_calibration_error(
-        y[te], combine(test_p, weights))
-    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
-        y[te], proba_te[:, mel], mel_threshold, groups[te], cfg.n_boot, cfg.seed, mel)
-    folder = _write_folder(dirs, cards, workdir, cfg.name, proba_te, proba_va)
-    card = _ensemble_card(cards, weights, cfg, folder.name, classes, y[va], proba_va, test, t,
-                          mel_threshold, len(te), time.perf_counter() - t0)
+    done = finish(FinishInput(tuple(dataset.classes), y[va], y[te], groups[te],
+                              combine(val_p, weights), combine(test_p, weights),
+                              n_boot=cfg.n_boot, seed=cfg.seed))
+    folder = _write_folder(dirs, cards, workdir, cfg.name, done.test_proba, done.val_proba)
+    card = _ensemble_card(cards, weights, cfg, folder.name, done, len(y[va]), len(te),
+                          time.perf_counter() - t0)
     joined = oof_join(cards, dirs)
     if joined is not None:
         card.details["oof_image_ids"] = joined[0]

@@ -45,7 +45,8 @@ from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, mode
                            verify_weights)
 from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
                                 gather_rng, init_world)
-from models.heads import apply_temperature, fit_temperature
+from models.finish import FinishInput, calibrated, finish
+from models.heads import apply_temperature
 
 log = logging.getLogger(__name__)
 
@@ -581,38 +582,30 @@ def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume:
 
 def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
                        t_start: float) -> ModelCard:
-    """Temperature on val, the one look at test, weights saved; returns the model's card."""
+    """The finishing step (temperature and melanoma threshold on val, the one look at test:
+    ``models.finish``), weights and probabilities saved; returns the model's card."""
     cfg, paths, y = run.cfg, run.paths, run.labels
     _, proba_va = evaluate(run.model, paths[run.va].tolist(), y[run.va], run.spec, run.device,
                            cfg, tta=cfg.tta, aspect=run.aspect)
-    temperature = fit_temperature(proba_va, y[run.va])
     t_eval = time.perf_counter()
     _, raw_te = evaluate(run.model, paths[run.te].tolist(), y[run.te], run.spec, run.device,
                          cfg, tta=cfg.tta, progress=True, aspect=run.aspect)
     eval_s = time.perf_counter() - t_eval
-    proba_te = apply_temperature(raw_te, temperature)
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    test = metrics.evaluate(y[run.te], proba_te, groups[run.te], n_boot=cfg.n_boot,
-                            seed=cfg.seed, classes=dataset.classes)
-    test["ece_uncalibrated"] = metrics.expected_calibration_error(y[run.te], raw_te)
-    val_proba = apply_temperature(proba_va, temperature)
-    mel = metrics.mel_index(dataset.classes)
-    mel_threshold = metrics.threshold_for_sensitivity(y[run.va], val_proba[:, mel or 0], mel=mel)
-    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
-        y[run.te], proba_te[:, mel], mel_threshold, groups[run.te], cfg.n_boot, cfg.seed, mel)
+    done = finish(FinishInput(tuple(dataset.classes), y[run.va], y[run.te], groups[run.te],
+                              proba_va, raw_te, n_boot=cfg.n_boot, seed=cfg.seed))
     with atomic_path(folder / WEIGHTS) as tmp:
         torch.save(run.model.state_dict(), tmp)
-    save_npy(folder / "test_proba.npy", proba_te)
-    save_npy(folder / "val_proba.npy", val_proba)  # what ensembles choose their weights on
+    save_npy(folder / "test_proba.npy", done.test_proba)
+    save_npy(folder / "val_proba.npy", done.val_proba)  # what ensembles choose their weights on
     if run.held is not None:  # out-of-fold: rows this network never trained on
         _, raw_oof = evaluate(run.model, paths[run.held].tolist(), y[run.held], run.spec,
                               run.device, cfg, tta=cfg.tta, aspect=run.aspect)
-        save_npy(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
-    val = metrics.evaluate(y[run.va], val_proba, n_boot=0, classes=dataset.classes)
-    card = build_card(run, state, dataset, folder, val, test, temperature,
+        save_npy(folder / "oof_proba.npy", calibrated(raw_oof, done.temperature))
+    card = build_card(run, state, dataset, folder, done.val, done.test, done.temperature,
                       {"eval_img_per_s": round(len(run.te) / eval_s, 1),
                        "total_time_s": round(time.perf_counter() - t_start, 1)})
-    card.mel_threshold = mel_threshold
+    card.mel_threshold = done.mel_threshold
     return card
 
 
