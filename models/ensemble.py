@@ -24,6 +24,7 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import library_versions, save_npy
+from lesionlab.card_blocks import EnsembleRecord, EnsembleSettings, MemberRecord
 from lesionlab.cli import (command_parser, config_from_args, data_option, option,
                            resolve_data, run_main, safe_name, save_config, workdir_option)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
@@ -109,7 +110,7 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
         proba = None
         if issubclass(folder_class(card), HeadFolder):  # its training features are cached
             try:
-                x = load_design(workdir, dataset, card.config["features"], card.metadata).x
+                x = load_design(workdir, dataset, card.config.features, card.metadata).x
                 proba = load_head(folder).predict_proba(x[va])
             except LesionLabError:
                 proba = None
@@ -126,11 +127,11 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
 def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.ndarray] | None:
     """Out-of-fold probabilities of K fold models joined over train, or None when the members
     are not the folds of one run. Refuses a row predicted by a model that trained on it."""
-    if not all(c.details.get("oof_image_ids") for c in cards):
+    if not all(c.details.out_of_fold_ids() for c in cards):
         return None
     ids, probas = [], []
     for card, folder in zip(cards, dirs):
-        held = card.details["oof_image_ids"]
+        held = card.details.out_of_fold_ids()
         if set(held) & set(card.train_image_ids):
             raise LesionLabError(f"{card.name}: out-of-fold rows overlap its training rows")
         ids += held
@@ -148,19 +149,21 @@ def _ensemble_card(cards: list[ModelCard], weights: list[float], cfg: EnsembleCo
     cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
     train_ids = sorted({i for c in cards for i in c.train_image_ids})
     return ModelCard(
-        kind="ensemble", name=name, config=asdict(cfg), classes=list(cards[0].classes),
+        kind="ensemble", name=name, config=EnsembleSettings(**asdict(cfg)),
+        classes=list(cards[0].classes),
         val=done.val, test=done.test, temperature=done.temperature, decision_rule="argmax",
         train_image_ids=train_ids, test_image_ids=cards[0].test_image_ids,
         n_train=len(train_ids), n_val=n_val, n_test=n_test, tune_time_s=0.0,
         fit_time_s=round(sum(c.fit_time_s for c in cards), 1),
         total_time_s=round(sum(c.total_time_s for c in cards) + own_time_s, 1),
         data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
-        metadata=any(c.metadata for c in cards), mel_threshold=done.mel_threshold,
-        details={"members": [{"name": c.name, "kind": c.kind, "features": labels(c).features,
-                              "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
-                              "test_balanced_accuracy": c.test["balanced_accuracy"]}
-                             for c, w in zip(cards, weights)],
-                 "split_seed": _split_seed(cards[0])})
+        mel_threshold=done.mel_threshold,
+        details=EnsembleRecord(
+            members=[MemberRecord(kind=c.kind, features=labels(c).features,
+                                  val_balanced_accuracy=c.val["balanced_accuracy"],
+                                  test_balanced_accuracy=c.test["balanced_accuracy"])
+                     for c in cards],
+            split_seed=_split_seed(cards[0]), metadata=any(c.metadata for c in cards)))
 
 
 @release_claims
@@ -197,7 +200,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
                           time.perf_counter() - t0)
     joined = oof_join(cards, dirs)
     if joined is not None:
-        card.details["oof_image_ids"] = joined[0]
+        card.details.oof_image_ids = joined[0]
         save_npy(folder / "oof_proba.npy", joined[1])
     save_train_digests(folder, dataset, card.train_image_ids)
     save_card(folder, card)
@@ -205,8 +208,7 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
 
 
 def _split_seed(card: ModelCard) -> int:
-    c = card.config
-    return c["seed"] if c.get("split_seed") is None else c["split_seed"]
+    return card.config.data_seed  # a head's or network's (members are no ensembles)
 
 
 def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str, name: str,
@@ -256,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     track_model(parsed, args.workdir, card, model_path(args.workdir, card.name),
                 "python -m models.ensemble")
     print(summary_line(card) + "  weights " + ", ".join(f"{w:.2f}" for w in
-                                                         card.config["member_weights"]))
+                                                         card.config.member_weights))
     return 0
 
 

@@ -33,6 +33,7 @@ from lesionlab.cli import (add_config_args, check_choices, config_from_args, con
                            safe_name, save_config)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.card import require_kind
+from lesionlab.card_blocks import FinetuneRecord, FinetuneSettings
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.images import median_aspect, model_aspect, read_image
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
@@ -445,7 +446,7 @@ class Run:
     weights: np.ndarray | None = None  # per-training-image loss weights (dx_type)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling on CUDA, kept across epochs
     held: np.ndarray | None = None  # --cv-folds: the train rows this model never trains on
-    aspect: float | None = None  # median width/height of the training images (card.input_aspect)
+    aspect: float | None = None  # median width/height of the training images (its record's)
 
 
 def new_state() -> dict:
@@ -614,38 +615,31 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
     """The fine-tuned model's card: settings, preprocessing, training record, scores."""
     hist, spec = state["history"], run.spec
     ids = dataset.frame["image_id"].to_numpy()
-    details = {
-        "backbone": run.cfg.backbone, "image_size": list(run.cfg.image_size),
-        "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
-        "weights_source": spec.weights_source, "weights_sha256": spec.weights_sha256,
-        "tta": run.cfg.tta, "color_constancy": run.cfg.color_constancy,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-        "history": hist, "val_balanced_accuracy": state["best_score"],
-        "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1),
-        "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
-        "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device),
-        "processes": run.world.size,
-        "oof_image_ids": None if run.held is None else ids[run.held].tolist(),
-        "bf16_autocast": use_bf16(run.cfg.precision, run.device)}
+    details = FinetuneRecord(
+        mean=list(spec.mean), std=list(spec.std), interpolation=spec.interpolation,
+        weights_source=spec.weights_source, weights_sha256=spec.weights_sha256,
+        best_epoch=state["best_epoch"], epochs_run=state["epoch"],
+        history=hist, val_balanced_accuracy=state["best_score"],
+        epoch_time_s=round(float(np.mean([h["train_s"] for h in hist])), 1),
+        train_img_per_s=round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
+        eval_img_per_s=timing["eval_img_per_s"], device=str(run.device),
+        processes=run.world.size,
+        oof_image_ids=None if run.held is None else ids[run.held].tolist(),
+        bf16_autocast=use_bf16(run.cfg.precision, run.device), input_aspect=run.aspect)
     return ModelCard(
-        kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(dataset.classes),
+        kind="finetune", name=folder.name, config=FinetuneSettings(**asdict(run.cfg)),
+        classes=list(dataset.classes),
         val=val, test=test, temperature=temperature, decision_rule="argmax",
         train_image_ids=ids[run.tr].tolist(), test_image_ids=ids[run.te].tolist(),
         n_train=len(run.tr), n_val=len(run.va), n_test=len(run.te), tune_time_s=0.0,
         fit_time_s=round(sum(h["train_s"] for h in hist), 1),
         total_time_s=timing["total_time_s"], data_fingerprint=dataset.fingerprint(),
-        versions=library_versions(), details=details, input_aspect=run.aspect)
+        versions=library_versions(), details=details)
 
 
 def finetune_config(card: ModelCard) -> FinetuneConfig:
     """The config a fine-tuned model's card was made with."""
-    import dataclasses
-
-    raw = dict(card.config)
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(FinetuneConfig)})
-    if unknown:
-        raise LesionLabError(f"model {card.name} was made by another lesionlab version "
-                             f"(settings {unknown} are unknown here); retrain it")
+    raw = asdict(card.config)  # its block refused settings this version does not know
     raw["image_size"] = tuple(raw["image_size"])
     return FinetuneConfig(**raw)
 
@@ -672,11 +666,11 @@ def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
     overrides the card's test-time views (the temperature stays the card's)."""
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
-                        tuple(card.details["image_size"]), dev,
-                        tta=tta or card.details["tta"],
-                        bf16=use_bf16(card.config["precision"], dev),
-                        color_constancy=card.config["color_constancy"],
-                        aspect=model_aspect(card.input_aspect, f"model {card.name}"))
+                        tuple(card.config.image_size), dev,
+                        tta=tta or card.config.tta,
+                        bf16=use_bf16(card.config.precision, dev),
+                        color_constancy=card.config.color_constancy,
+                        aspect=model_aspect(card.details.input_aspect, f"model {card.name}"))
     return apply_temperature(raw, card.temperature)
 
 
@@ -714,8 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_config(model_path(args.workdir, card.name), args, "python -m models.finetune")
     track_model(args, args.workdir, card, model_path(args.workdir, card.name),
                 "python -m models.finetune")
-    print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
-          f"{card.details['train_img_per_s']} img/s train")
+    print(summary_line(card) + f"  epoch {card.details.epoch_time_s} s, "
+          f"{card.details.train_img_per_s} img/s train")
     return 0
 
 

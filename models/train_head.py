@@ -25,6 +25,7 @@ import optuna
 from featurize.backbones import finetuned_card
 from featurize.spec import parse_features
 from lesionlab.artifacts import library_versions, save_npy
+from lesionlab.card_blocks import HeadRecord, HeadSettings
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            label_options, option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
@@ -339,14 +340,15 @@ def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
     save_npy(folder / "val_proba.npy", done.val_proba)  # what ensembles choose their weights on
     ids = dataset.frame["image_id"].to_numpy()
     return ModelCard(
-        kind="head", name=folder.name, config=asdict(cfg), classes=list(dataset.classes),
+        kind="head", name=folder.name, config=HeadSettings(**asdict(cfg)),
+        classes=list(dataset.classes),
         val=done.val, test=done.test, temperature=done.temperature,
         decision_rule=done.decision_rule, train_image_ids=ids[tr].tolist(),
         test_image_ids=ids[te].tolist(), n_train=len(tr), n_val=len(va), n_test=len(te),
         tune_time_s=0.0, fit_time_s=0.0, total_time_s=0.0,
         data_fingerprint=dataset.fingerprint(), versions=library_versions(),
-        features=design.describe(), metadata=cfg.metadata, mel_threshold=done.mel_threshold,
-        details=details)
+        details=HeadRecord(features=design.describe(), **details),
+        mel_threshold=done.mel_threshold)
 
 
 @dataclass

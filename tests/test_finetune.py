@@ -28,8 +28,8 @@ def test_tiny_run_writes_loadable_model(fixture_dir: Path, tmp_path: Path) -> No
     ds = load_dataset(fixture_dir)
     card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
     folder = tmp_path / "models" / card.name
-    assert card.kind == "finetune" and card.details["epochs_run"] == 1
-    assert card.details["train_img_per_s"] > 0 and "ci95" in card.test
+    assert card.kind == "finetune" and card.details.epochs_run == 1
+    assert card.details.train_img_per_s > 0 and "ci95" in card.test
     assert card.tune_time_s == 0.0 and 0 < card.fit_time_s <= card.total_time_s
     model, _, _ = load_finetuned(folder)
     assert model.get_classifier().out_features == 7
@@ -53,7 +53,7 @@ def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(Interrupted):
         finetune(ds, tmp_path / "b", cfg, on_epoch_end=stop)
     resumed = finetune(ds, tmp_path / "b", cfg, resume=True)
-    hist_a, hist_b = straight.details["history"], resumed.details["history"]
+    hist_a, hist_b = straight.details.history, resumed.details.history
     assert [h["val_balanced_accuracy"] for h in hist_b] == \
         [h["val_balanced_accuracy"] for h in hist_a]
     assert hist_b[1]["train_loss"] == pytest.approx(hist_a[1]["train_loss"], rel=1e-6)
