@@ -142,15 +142,15 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
 
 
 def _ensemble_card(cards: list[ModelCard], weights: list[float], cfg: EnsembleConfig,
-                   name: str, done: Finished, n_val: int, n_test: int,
-                   own_time_s: float) -> ModelCard:
+                   name: str, classes: tuple[str, ...], done: Finished, n_val: int,
+                   n_test: int, own_time_s: float) -> ModelCard:
     """The ensemble's card; its members named by their folder names inside the ensemble
     folder. ``done``: the finishing step's choices and scores (``models.finish``)."""
     cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
     train_ids = sorted({i for c in cards for i in c.train_image_ids})
     return ModelCard(
         kind="ensemble", name=name, config=EnsembleSettings(**asdict(cfg)),
-        classes=list(cards[0].classes),
+        classes=list(classes),
         val=done.val, test=done.test, temperature=done.temperature, decision_rule="argmax",
         train_image_ids=train_ids, test_image_ids=cards[0].test_image_ids,
         n_train=len(train_ids), n_val=n_val, n_test=n_test, tune_time_s=0.0,
@@ -196,8 +196,8 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
                               combine(val_p, weights), combine(test_p, weights),
                               n_boot=cfg.n_boot, seed=cfg.seed))
     folder = _write_folder(dirs, cards, workdir, cfg.name, done.test_proba, done.val_proba)
-    card = _ensemble_card(cards, weights, cfg, folder.name, done, len(y[va]), len(te),
-                          time.perf_counter() - t0)
+    card = _ensemble_card(cards, weights, cfg, folder.name, dataset.classes, done, len(va),
+                          len(te), time.perf_counter() - t0)
     joined = oof_join(cards, dirs)
     if joined is not None:
         card.details.oof_image_ids = joined[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from lesionlab.errors import LesionLabError
 from models.explain import explain_images, grad_cam
 from models.finetune import FinetuneConfig, finetune, load_finetuned
 from models.predict import predict_images
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 TINY = dict(image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20, tta="flip")
 
@@ -154,10 +155,8 @@ def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Pat
     assert "error" in lines[0] and "broken.jpg" in lines[0]["error"]
     overlays = [Path(line["overlay"]) for line in lines[1:]]
     assert len(set(overlays)) == 2 and all(p.is_file() for p in overlays)
-    head_card = json.loads((folder / "card.json").read_text())
-    head_dir = tmp_path / "head_model"
-    head_dir.mkdir()
-    (head_dir / "card.json").write_text(json.dumps({**head_card, "kind": "head"}))
+    head_dir = shutil.copytree(ROOT / "tests" / "fixtures" / "cards_v2" / "head",
+                               tmp_path / "head_model")  # a head's folder
     proc = run_cli("models.explain", "--model", str(head_dir), str(img), "--out",
                    str(tmp_path / "x"))
     assert proc.returncode == 2 and "needs a fine-tuned network" in proc.stderr
