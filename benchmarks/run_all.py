@@ -326,7 +326,7 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
     cells: list[Cell] = []
     if heads_rows:
         best = max(heads_rows, key=lambda r: r["val_balanced_accuracy"])
-        base = load_card(best["model_dir"]).config
+        base = asdict(load_card(best["model_dir"]).config)
         for frac in plan.curve_fractions:
             if frac >= 1.0:
                 continue
