@@ -90,13 +90,13 @@ def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path)
     card = finetune(dataset, workdir, cfg, resume=True)
     row = {"lever": lever, "change": LEVERS[lever][0], "config": asdict(cfg),
            "val_balanced_accuracy": card.val["balanced_accuracy"],
-           "val_best_epoch_score": card.details["val_balanced_accuracy"],
-           "best_epoch": card.details["best_epoch"], "epochs_run": card.details["epochs_run"],
+           "val_best_epoch_score": card.details.val_balanced_accuracy,
+           "best_epoch": card.details.best_epoch, "epochs_run": card.details.epochs_run,
            "test_balanced_accuracy": card.test["balanced_accuracy"],
            "test_ci95": card.test["ci95"]["balanced_accuracy"],
            "test_macro_auc": card.test["macro_auc"],
            "test_mel_sensitivity": card.test["mel_sensitivity"],
-           "train_s": card.fit_time_s, "train_img_per_s": card.details["train_img_per_s"],
+           "train_s": card.fit_time_s, "train_img_per_s": card.details.train_img_per_s,
            "wall_s": None, "external": None}
     if external is not None:
         res = evaluate_model(Path(workdir) / "models" / card.name, external, by="dataset",

@@ -199,11 +199,11 @@ def training_md(rows: list[dict], cpu: str) -> str:
             continue
         card = load_card(r["model_dir"])
         c, d = card.config, card.details
-        h, w = c["image_size"]
-        fold = f" (fold {c['cv_fold'] + 1}/{c['cv_folds']})" if c.get("cv_folds") else ""
-        lines.append(f"| {c['backbone']}{fold} | {r['train_fraction']:g} | {w}x{h} | "
-                     f"{c.get('freeze_stages', 0)} | {d['epochs_run']} ({d['best_epoch']}) | "
-                     f"{d['train_img_per_s']:.1f} | {d['epoch_time_s'] / 60:.1f} | "
+        h, w = c.image_size
+        fold = f" (fold {c.cv_fold + 1}/{c.cv_folds})" if c.cv_folds else ""
+        lines.append(f"| {c.backbone}{fold} | {r['train_fraction']:g} | {w}x{h} | "
+                     f"{c.freeze_stages} | {d.epochs_run} ({d.best_epoch}) | "
+                     f"{d.train_img_per_s:.1f} | {d.epoch_time_s / 60:.1f} | "
                      f"{card.total_time_s / 60:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -31,12 +31,12 @@ def card_spec(card: ModelCard) -> dict:
     """The typed ``spec`` of a model card's row (see the module docstring)."""
     cls, c = folder_class(card), card.config
     head = issubclass(cls, HeadFolder)
-    blocks = parse_features(c["features"]) if head else ()
+    blocks = parse_features(c.features) if head else ()
     return {"inputs": [b.to_dict() for b in blocks],
-            "head": c["head"] if head else None,
-            "imbalance": c["imbalance"] if head else None,
-            "network": c["backbone"] if issubclass(cls, NetworkFolder) else None,
-            "members": list(c["members"]) if issubclass(cls, EnsembleFolder) else []}
+            "head": c.head if head else None,
+            "imbalance": c.imbalance if head else None,
+            "network": c.backbone if issubclass(cls, NetworkFolder) else None,
+            "members": list(c.members) if issubclass(cls, EnsembleFolder) else []}
 
 
 def card_fields(card: ModelCard) -> dict:

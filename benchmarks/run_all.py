@@ -236,10 +236,10 @@ def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
 def summarize(card: ModelCard) -> dict:
     """The leaderboard row of a model card: its typed ``spec``, the kind of input a head
     reads and the display labels made from them (``benchmarks.rows``), then its scores."""
-    t = card.test
+    t, scalars = card.test, card.details.scalars()
     return {
         "name": card.name, "kind": card.kind, **card_fields(card), "metadata": card.metadata,
-        "train_fraction": card.config.get("train_fraction", 1.0),
+        "train_fraction": card.config.train_fraction,
         "balanced_accuracy": t["balanced_accuracy"],
         "ci95": t.get("ci95", {}).get("balanced_accuracy"),
         "macro_f1": t["macro_f1"], "macro_auc": t["macro_auc"],
@@ -249,10 +249,10 @@ def summarize(card: ModelCard) -> dict:
         "mel_operating_point": t["mel_operating_point"],
         "confusion_matrix": t["confusion_matrix"],
         "val_balanced_accuracy": card.val["balanced_accuracy"],
-        "cv_balanced_accuracy": card.details.get("cv_balanced_accuracy"),
+        "cv_balanced_accuracy": scalars.get("cv_balanced_accuracy"),
         "total_time_s": card.total_time_s,
-        "epoch_time_s": card.details.get("epoch_time_s"),
-        "train_img_per_s": card.details.get("train_img_per_s"),
+        "epoch_time_s": scalars.get("epoch_time_s"),
+        "train_img_per_s": scalars.get("train_img_per_s"),
         "model_dir": None,
     }
 
@@ -374,7 +374,7 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
     cells: list[Cell] = []
     if heads_rows:
         best = max(heads_rows, key=lambda r: r["val_balanced_accuracy"])
-        base = load_card(best["model_dir"]).config
+        base = asdict(load_card(best["model_dir"]).config)
         for frac in plan.curve_fractions:
             if frac >= 1.0:
                 continue
@@ -399,14 +399,14 @@ def fold_rows(rows: list[dict]) -> list[dict]:
         if row["kind"] != "ensemble" or row.get("group", "main") != "main":
             continue
         card = load_card(row["model_dir"])
-        if not card.details.get("oof_image_ids"):
+        if not card.details.out_of_fold_ids():
             continue
         for member in member_dirs(row["model_dir"], card):
             fold = load_card(member)
             if fold.name in seen:
                 continue
             seen.add(fold.name)
-            k = fold.config["cv_folds"]
+            k = fold.config.cv_folds
             out.append({**summarize(fold), "group": "fold", "model_dir": str(member),
                         "train_fraction": round((k - 1) / k, 3)})
     return out
@@ -467,7 +467,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[di
         save_external_proba(workdir, row["name"], external, res.pop("proba"))
         overall = res["overall"]
         card = load_card(folder)
-        card.details["external"] = {"data": str(external.root), **overall}
+        card.external = {"data": str(external.root), **overall}
         save_card(folder, card)
         out.append({**{k: row[k] for k in ("name", "kind", *CARD_KEYS, "metadata",
                                             "train_fraction", "total_time_s")},

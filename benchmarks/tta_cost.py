@@ -44,9 +44,7 @@ def tta_rows(model: Path, dataset: Dataset, workdir: Path, ttas: Sequence[str] =
              n_boot: int = 500) -> list[dict]:
     """One row per TTA setting: val and test scores and seconds per image."""
     card = load_card(model)
-    seed = card.config.get("split_seed")
-    split = load_or_make_split(dataset, workdir, card.config.get("seed", 0) if seed is None
-                               else seed)
+    split = load_or_make_split(dataset, workdir, card.config.data_seed)
     _, va, te = split_indices(dataset, split)
     rows = []
     for tta in ttas:

@@ -83,7 +83,7 @@ def default_image_size(name: str) -> tuple[int, int]:
         return CLASSICAL_SIZE
     card = finetuned_card(name)
     if card is not None:
-        h, w = card.details["image_size"]
+        h, w = card.config.image_size
         return int(h), int(w)
     import timm
 
@@ -172,12 +172,12 @@ def weights_file(name: str, weights: Path | str | None = None) -> Path | None:
 def finetuned_backbone(name: str) -> tuple[nn.Module, BackboneSpec]:
     """A fine-tuned model folder as a backbone: its network, preprocessing and weights."""
     card = finetuned_card(name)
-    d = card.details
-    model, spec = create_backbone(d["backbone"], Path(name) / "model.pt",
+    c, d = card.config, card.details
+    model, spec = create_backbone(c.backbone, Path(name) / "model.pt",
                                   num_classes=len(card.classes))
-    return model, replace(spec, name=str(name), image_size=tuple(d["image_size"]),
-                          mean=tuple(d["mean"]), std=tuple(d["std"]),
-                          interpolation=d.get("interpolation", spec.interpolation))
+    return model, replace(spec, name=str(name), image_size=tuple(c.image_size),
+                          mean=tuple(d.mean), std=tuple(d.std),
+                          interpolation=d.interpolation or spec.interpolation)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -115,11 +115,11 @@ class FeaturizeConfig:
         card = finetuned_card(self.backbone)
         if card is None:
             return self
-        own = card.config.get("color_constancy", "none")
+        own = card.config.color_constancy
         if self.color_constancy not in ("none", own):
             raise LesionLabError(f"{self.backbone} was trained with colour constancy {own!r}; "
                                  f"drop --color-constancy {self.color_constancy}")
-        aspect = model_aspect(card.input_aspect, f"{self.backbone} card")
+        aspect = model_aspect(card.details.input_aspect, f"{self.backbone} card")
         return replace(self, color_constancy=own, input_aspect=aspect)
 
     def with_aspect(self, paths: Sequence[str]) -> "FeaturizeConfig":

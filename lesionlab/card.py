@@ -5,9 +5,10 @@ fine-tuned folder's card (to embed with its network) and ``models`` every folder
 folder of each kind *does* (predict, explain, its table labels) is ``models.folder``'s.
 
 Schema versions: a card records the ``schema_version`` it was written with. A card without
-one is version 1 (written before versions were recorded) and loads through
-:func:`migrate`; a card newer than :data:`SCHEMA_VERSION` is refused with one line naming
-its version.
+one is version 1 (written before versions were recorded); version 2 held ``config`` and
+``details`` as free-form objects; version 3 holds them as the typed blocks of its kind
+(``lesionlab.card_blocks``). Older cards load through :func:`migrate`; a card newer than
+:data:`SCHEMA_VERSION` is refused with one line naming its version.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lesionlab.artifacts import read_json, sha256_file, write_json
+from lesionlab.card_blocks import BLOCKS, EnsembleSettings
 from lesionlab.data import KNOWN_CLASSES
 from lesionlab.errors import LesionLabError
 from lesionlab.provenance import provenance
 
 CARD = "card.json"
-SCHEMA_VERSION = 2  # 1: no schema_version field; 2: schema_version recorded
-KINDS = ("head", "finetune", "ensemble")  # the ``kind`` a card may hold
+SCHEMA_VERSION = 3  # 1: no schema_version field; 2: schema_version recorded; 3: typed blocks
+KINDS = tuple(BLOCKS)  # the ``kind`` a card may hold: head, finetune, ensemble
 WEIGHT_FILES = ("model.pt", "head.skops")  # their sha256 is recorded in the card
 # temperature scaling is fitted inside these bounds (models.heads.fit_temperature); a card
 # outside them was not written by lesionlab, and a tiny one overflows the softmax
@@ -47,7 +49,7 @@ class ModelCard:
 
     kind: str  # head | finetune | ensemble
     name: str
-    config: dict
+    config: Any  # its kind's settings block (lesionlab.card_blocks: HeadSettings...)
     classes: list[str]
     val: dict
     test: dict
@@ -63,18 +65,19 @@ class ModelCard:
     total_time_s: float
     data_fingerprint: str
     versions: dict
-    features: list[dict] = field(default_factory=list)  # head: the feature blocks it reads
-    metadata: bool = False  # head: age, sex and site appended to the features
+    details: Any  # its kind's record block (lesionlab.card_blocks: HeadRecord...)
     mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
-    # finetune: median width/height of its training images, the aspect images are centre-
-    # cropped to (lesionlab.images); None: HAM10000's 4:3. A head's is in its feature blocks.
-    input_aspect: float | None = None
-    details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
+    external: dict | None = None  # its score on an external labelled set (benchmarks)
     # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
     # written before this field existed loads with {} (unknown provenance, so stale)
     provenance: dict = field(default_factory=provenance)
     files: dict = field(default_factory=dict)  # sha256 of each weights file, set by save_card
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def metadata(self) -> bool:
+        """Whether the model reads age, sex and site (its kind's blocks say)."""
+        return self.details.uses_metadata(self.config)
 
     def _labels(self) -> tuple[str, str, str]:
         if not _LABELER:
@@ -119,7 +122,44 @@ def _from_v1(raw: dict) -> dict:
     return {**filled, **raw, "schema_version": 2}
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _from_v1}  # version -> its next version
+def _head_v3(config: dict, details: dict, top: dict) -> None:
+    details["features"] = top.get("features", [])  # its feature blocks: the record's
+
+
+def _finetune_v3(config: dict, details: dict, top: dict) -> None:
+    for key in ("backbone", "image_size", "tta", "color_constancy"):  # settings, written twice
+        details.pop(key, None)
+    details["input_aspect"] = top.get("input_aspect")
+
+
+def _ensemble_v3(config: dict, details: dict, top: dict) -> None:
+    details["metadata"] = bool(top.get("metadata", False))
+    details["members"] = [{k: v for k, v in m.items() if k not in ("name", "weight")}
+                          for m in details.get("members", []) if isinstance(m, dict)]
+
+
+_BLOCKS_V3: dict[str, Callable[[dict, dict, dict], None]] = {
+    "head": _head_v3, "finetune": _finetune_v3, "ensemble": _ensemble_v3}
+
+
+def _from_v2(raw: dict) -> dict:
+    """A version-2 card as version 3: ``config`` and ``details`` become its kind's blocks.
+    The top-level ``features`` (a head's), ``input_aspect`` (a network's) and ``metadata``
+    move into the record (an ensemble's) or go (a head's is its settings'); fields written
+    twice (a network's image size, colour constancy and test-time views; an ensemble's member
+    names and weights) keep their settings' copy; ``details.external`` becomes ``external``."""
+    top = {k: raw[k] for k in ("features", "input_aspect", "metadata") if k in raw}
+    out = {k: v for k, v in raw.items() if k not in top}
+    config = dict(raw["config"]) if isinstance(raw.get("config"), dict) else raw.get("config")
+    details = dict(raw["details"]) if isinstance(raw.get("details"), dict) else {}
+    external = details.pop("external", None)
+    if isinstance(config, dict) and raw.get("kind") in _BLOCKS_V3:
+        _BLOCKS_V3[raw["kind"]](config, details, top)
+    return {**out, "config": config, "details": details, "external": external,
+            "schema_version": 3}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _from_v1, 2: _from_v2}  # -> next version
 
 
 def migrate(raw: dict, path: Path | str = CARD) -> dict:
@@ -147,8 +187,10 @@ def load_card(folder: Path | str) -> ModelCard:
 
     Raises:
         LesionLabError: (one line naming the folder and the field) when the folder has no
-            card, the card is newer than this version reads or lacks a required field, or a
-            field holds a value no lesionlab run writes (see :func:`check_card`).
+            card, the card is newer than this version reads or lacks a required field, its
+            ``config`` or ``details`` holds a key its kind's block does not have or lacks a
+            required one (``lesionlab.card_blocks``), or a field holds a value no lesionlab
+            run writes (see :func:`check_card`).
     """
     folder = Path(folder)
     if not (folder / CARD).exists():
@@ -166,6 +208,9 @@ def load_card(folder: Path | str) -> ModelCard:
         raise LesionLabError(
             f"{folder / CARD} is not a card this version reads (retrain the model); "
             f"missing: {sorted(missing - set(raw)) if isinstance(raw, dict) else 'all'}")
+    blocks = BLOCKS[raw["kind"]]
+    raw = {**raw, "config": blocks.settings.from_dict(raw["config"], f"{folder / CARD}: config"),
+           "details": blocks.record.from_dict(raw["details"], f"{folder / CARD}: details")}
     card = ModelCard(**{"provenance": {}, **{k: v for k, v in raw.items() if k in names}})
     check_card(folder, card)
     return card
@@ -211,14 +256,21 @@ def check_card(folder: Path, card: ModelCard) -> None:
     """Refuse card fields no lesionlab run writes (a damaged or edited card).
 
     Raises:
-        LesionLabError: naming the field and what was expected, for: classes not >= 2 distinct
+        LesionLabError: naming the field and what was expected, for: ``config`` or
+            ``details`` that are not its kind's blocks; classes not >= 2 distinct
             ``KNOWN_CLASSES``; a temperature outside ``TEMPERATURE_RANGE``; a melanoma threshold
             outside [0, 1]; image ids that are not a list of strings; sha256 records that
             are not 64 hex digits; and, for an ensemble, members that are not distinct plain
             folder names or member weights that are not one finite number >= 0 per member
             with a sum > 0.
     """
-    for name in ("config", "details", "val", "test", "files"):
+    blocks = BLOCKS.get(card.kind)
+    for name, block in (("config", blocks and blocks.settings), ("details",
+                                                                 blocks and blocks.record)):
+        if block is None or not isinstance(getattr(card, name), block):
+            raise _card_error(folder, name, f"a {card.kind} card's "
+                              f"{block.__name__ if block else 'block'}", getattr(card, name))
+    for name in ("val", "test", "files"):
         if not isinstance(getattr(card, name), dict):
             raise _card_error(folder, name, "an object", getattr(card, name))
     classes = card.classes
@@ -245,8 +297,8 @@ def check_card(folder: Path, card: ModelCard) -> None:
         check_config(folder, card.config)
 
 
-def _check_ensemble_config(folder: Path, config: dict) -> None:
-    members, weights = config.get("members"), config.get("member_weights")
+def _check_ensemble_config(folder: Path, config: EnsembleSettings) -> None:
+    members, weights = config.members, config.member_weights
     if not (isinstance(members, list) and members and len(set(map(str, members))) == len(members)
             and all(isinstance(m, str) and m not in (".", "..") and "/" not in m
                     and "\\" not in m for m in members)):
@@ -261,4 +313,4 @@ def _check_ensemble_config(folder: Path, config: dict) -> None:
 
 
 # kind -> the check of its ``config`` beyond the common fields
-CONFIG_CHECKS: dict[str, Callable[[Path, dict], None]] = {"ensemble": _check_ensemble_config}
+CONFIG_CHECKS: dict[str, Callable[[Path, Any], None]] = {"ensemble": _check_ensemble_config}

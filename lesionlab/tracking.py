@@ -21,6 +21,7 @@ the process. ``mlflow`` is imported on first use only (it takes seconds to impor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -190,7 +191,7 @@ def card_params(card: Any) -> dict[str, Any]:
     params = {"kind": card.kind, "name": card.name, "n_train": card.n_train,
               "n_val": card.n_val, "n_test": card.n_test, "temperature": card.temperature,
               "decision_rule": card.decision_rule, "metadata": card.metadata}
-    for key, value in card.config.items():
+    for key, value in dataclasses.asdict(card.config).items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             params[key] = value
         elif isinstance(value, (list, tuple)) and len(str(value)) <= PARAM_MAX:
@@ -207,15 +208,13 @@ def card_metrics(card: Any) -> dict[str, float]:
     for cls, row in (card.test or {}).get("per_class", {}).items():
         out[f"test_recall_{cls}"] = row.get("recall")
     out.update({k: getattr(card, k) for k in TIMINGS})
-    for key in ("epoch_time_s", "train_img_per_s", "cv_balanced_accuracy", "best_epoch"):
-        if _finite(card.details.get(key)):
-            out[key] = card.details[key]
+    out.update({k: v for k, v in card.details.scalars().items() if _finite(v)})
     return out
 
 
 def card_curves(card: Any) -> list[tuple[str, float, int]]:
     """A fine-tuned network's per-epoch record as stepped metrics (``epoch_train_loss``...)."""
-    return [(f"epoch_{k}", v, rec["epoch"]) for rec in card.details.get("history") or []
+    return [(f"epoch_{k}", v, rec["epoch"]) for rec in card.details.curves()
             for k, v in rec.items() if k != "epoch"]
 
 

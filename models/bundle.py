@@ -22,6 +22,7 @@ from lesionlab.artifacts import atomic_path, models_dir, read_json
 # the card's schema and loader live in the core; re-exported here for older imports
 from lesionlab.card import (CARD, KINDS, SCHEMA_VERSION, WEIGHT_FILES, ModelCard,  # noqa: F401
                             check_card, load_card, save_card, sha256_file)
+from lesionlab.card_blocks import HeadRecord
 from lesionlab.cli import safe_name
 from lesionlab.data import CLASSES
 from lesionlab.errors import LesionLabError
@@ -123,7 +124,7 @@ def summary_line(card: ModelCard) -> str:
     """One line of headline numbers for a model card."""
     t = card.test
     lo, hi = t.get("ci95", {}).get("balanced_accuracy") or [None, None]
-    cv = card.details.get("cv_balanced_accuracy")
+    cv = card.details.cv_balanced_accuracy if isinstance(card.details, HeadRecord) else None
     n = score_text
     return (f"{card.name}: test balanced acc {n(t['balanced_accuracy'])} [{n(lo)}, {n(hi)}]  "
             f"macro F1 {n(t['macro_f1'])}  AUC {n(t['macro_auc'])}  mel sens "

@@ -152,7 +152,7 @@ def is_stacked(block: dict) -> bool:
 
 def stacked_blocks(card: ModelCard) -> list[str]:
     """The ``oof:<name>`` blocks a head's card stacks on (empty for a plain head)."""
-    return [b["backbone"] for b in card.features if is_stacked(b)]
+    return [b["backbone"] for b in card.details.features if is_stacked(b)]
 
 
 def stack_member_dir(model_dir: Path | str, block: str) -> Path:
@@ -181,12 +181,12 @@ def localized(card: ModelCard, model_dir: Path | str) -> ModelCard:
     import dataclasses
 
     blocks = []
-    for block in card.features:
+    for block in card.details.features:
         copy = Path(model_dir) / "members" / Path(block["backbone"]).name
         if is_finetuned_key(block["backbone"]) and (copy / "card.json").exists():
             block = {**block, "backbone": str(copy)}
         blocks.append(block)
-    return dataclasses.replace(card, features=blocks)
+    return dataclasses.replace(card, details=dataclasses.replace(card.details, features=blocks))
 
 
 INPUTS = ("ImageNet embedding", "hand-made features", "fine-tuned embedding",
@@ -242,7 +242,7 @@ def card_extractors(card: ModelCard, device: str = "auto") -> list:
     """
     extractors = []
     try:
-        for block in card.features:
+        for block in card.details.features:
             if is_stacked(block):
                 continue  # a stack's CNN input comes from its ensemble member, not an extractor
             ext = Extractor(block_config(block, device=device, num_workers=0))
@@ -281,12 +281,12 @@ def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = 
             differ from the card's.
     """
     stacked = stacked or {}
-    missing = [b["backbone"] for b in card.features
+    missing = [b["backbone"] for b in card.details.features
                if is_stacked(b) and b["backbone"] not in stacked]
     if missing:
         raise LesionLabError(f"model {card.name} stacks on {missing}; their probabilities "
                              f"were not given")
-    cnn = [b for b in card.features if not is_stacked(b)]
+    cnn = [b for b in card.details.features if not is_stacked(b)]
     if workdir is not None:
         made = {}
         for block in cnn:
@@ -304,5 +304,5 @@ def card_design(card: ModelCard, dataset: Dataset, workdir: Path | str | None = 
                 for ext in extractors:
                     ext.close()
     blocks = [log_proba(stacked[b["backbone"]]) if is_stacked(b) else made[id(b)]
-              for b in card.features]
+              for b in card.details.features]
     return build_design(blocks, dataset.frame, card.metadata)

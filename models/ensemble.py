@@ -24,6 +24,7 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import library_versions, save_npy
+from lesionlab.card_blocks import EnsembleRecord, EnsembleSettings, MemberRecord
 from lesionlab.cli import (command_parser, config_from_args, data_option, option,
                            resolve_data, run_main, safe_name, save_config, workdir_option)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
@@ -37,7 +38,7 @@ from models.bundle import (LOCK_FILE, ModelCard, claim_folder, clear_folder, loa
 # member_dirs and combine are re-exported (they lived here)
 from models.folder import (MEMBERS, EnsembleFolder, HeadFolder, combine,  # noqa: F401
                            folder_class, labels, load_model_folder, member_dirs)
-from models.heads import fit_temperature
+from models.finish import Finished, FinishInput, finish
 from models.train_design import load_design
 
 WEIGHT_MODES = ("val", "equal")
@@ -202,7 +203,7 @@ def member_val_proba(folder: Path, dataset: Dataset, va: np.ndarray,
         proba = None
         if issubclass(folder_class(card), HeadFolder):  # its training features are cached
             try:
-                x = load_design(workdir, dataset, card.config["features"], card.metadata).x
+                x = load_design(workdir, dataset, card.config.features, card.metadata).x
                 proba = load_head(folder).predict_proba(x[va])
             except LesionLabError:
                 proba = None
@@ -231,11 +232,11 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
         LesionLabError: a member's held-out rows overlap its training rows, or two members'
             held-out rows overlap.
     """
-    if not all(c.details.get("oof_image_ids") for c in cards):
+    if not all(c.details.out_of_fold_ids() for c in cards):
         return None
     ids, probas = [], []
     for card, folder in zip(cards, dirs):
-        held = card.details["oof_image_ids"]
+        held = card.details.out_of_fold_ids()
         if set(held) & set(card.train_image_ids):
             raise LesionLabError(f"{card.name}: out-of-fold rows overlap its training rows")
         ids += held
@@ -245,32 +246,32 @@ def oof_join(cards: list[ModelCard], dirs: list[Path]) -> tuple[list[str], np.nd
     return ids, np.concatenate(probas)
 
 
-@release_claims
 def _ensemble_card(cards: list[ModelCard], weights: list[float], cfg: EnsembleConfig,
-                   name: str, classes: tuple[str, ...], y_val: np.ndarray,
-                   proba_va: np.ndarray, test: dict, temperature: float,
-                   mel_threshold: float, n_test: int, own_time_s: float) -> ModelCard:
+                   name: str, classes: tuple[str, ...], done: Finished, n_val: int,
+                   n_test: int, own_time_s: float) -> ModelCard:
     """The ensemble's card; its members named by their folder names inside the ensemble
-    folder. ``proba_va``: (n_val, n_classes) calibrated val probabilities."""
+    folder. ``done``: the finishing step's choices and scores (``models.finish``)."""
     cfg = replace(cfg, members=[c.name for c in cards], member_weights=weights)
     train_ids = sorted({i for c in cards for i in c.train_image_ids})
     return ModelCard(
-        kind="ensemble", name=name, config=asdict(cfg), classes=list(classes),
-        val=metrics.evaluate(y_val, proba_va, n_boot=0, classes=classes), test=test,
-        temperature=temperature, decision_rule="argmax", train_image_ids=train_ids,
-        test_image_ids=cards[0].test_image_ids, n_train=len(train_ids), n_val=len(y_val),
-        n_test=n_test, tune_time_s=0.0,
+        kind="ensemble", name=name, config=EnsembleSettings(**asdict(cfg)),
+        classes=list(classes),
+        val=done.val, test=done.test, temperature=done.temperature, decision_rule="argmax",
+        train_image_ids=train_ids, test_image_ids=cards[0].test_image_ids,
+        n_train=len(train_ids), n_val=n_val, n_test=n_test, tune_time_s=0.0,
         fit_time_s=round(sum(c.fit_time_s for c in cards), 1),
         total_time_s=round(sum(c.total_time_s for c in cards) + own_time_s, 1),
         data_fingerprint=cards[0].data_fingerprint, versions=library_versions(),
-        metadata=any(c.metadata for c in cards), mel_threshold=mel_threshold,
-        details={"members": [{"name": c.name, "kind": c.kind, "features": labels(c).features,
-                              "weight": w, "val_balanced_accuracy": c.val["balanced_accuracy"],
-                              "test_balanced_accuracy": c.test["balanced_accuracy"]}
-                             for c, w in zip(cards, weights)],
-                 "split_seed": _split_seed(cards[0])})
+        mel_threshold=done.mel_threshold,
+        details=EnsembleRecord(
+            members=[MemberRecord(kind=c.kind, features=labels(c).features,
+                                  val_balanced_accuracy=c.val["balanced_accuracy"],
+                                  test_balanced_accuracy=c.test["balanced_accuracy"])
+                     for c in cards],
+            split_seed=_split_seed(cards[0]), metadata=any(c.metadata for c in cards)))
 
 
+@release_claims
 def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path | str,
                    cfg: EnsembleConfig) -> ModelCard:
     """Choose weights and temperature on val, score test once, write the ensemble folder.
@@ -298,24 +299,20 @@ def build_ensemble(dirs: Sequence[Path | str], dataset: Dataset, workdir: Path |
     weights = choose_weights(val_p, y[va], cfg.weights)
     rule, factors, rule_scores = choose_decision_rule(
         combine(val_p, weights), y[va], _train_prior(cards, dataset), cfg.decision_rule)
-    t = fit_temperature(combine(val_p, weights, class_weights=factors), y[va])
-    proba_va, proba_te = (combine(p, weights, t, factors) for p in (val_p, test_p))
-    classes, mel = dataset.classes, metrics.mel_index(dataset.classes)
-    mel_threshold = metrics.threshold_for_sensitivity(y[va], proba_va[:, mel or 0], mel=mel)
-    test = metrics.evaluate(y[te], proba_te, groups[te], cfg.n_boot, cfg.seed, classes)
-    test["ece_uncalibrated"] = metrics.expected_calibration_error(
-        y[te], combine(test_p, weights, class_weights=factors))
-    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
-        y[te], proba_te[:, mel], mel_threshold, groups[te], cfg.n_boot, cfg.seed, mel)
-    folder = _write_folder(dirs, cards, workdir, cfg.name, proba_te, proba_va)
-    card = _ensemble_card(cards, weights, cfg, folder.name, classes, y[va], proba_va, test, t,
-                          mel_threshold, len(te), time.perf_counter() - t0)
+    done = finish(FinishInput(tuple(dataset.classes), y[va], y[te], groups[te],
+                              combine(val_p, weights, class_weights=factors),
+                              combine(test_p, weights, class_weights=factors),
+                              n_boot=cfg.n_boot, seed=cfg.seed))
+    folder = _write_folder(dirs, cards, workdir, cfg.name, done.test_proba, done.val_proba)
+    card = _ensemble_card(cards, weights, cfg, folder.name, dataset.classes, done, len(va),
+                          len(te), time.perf_counter() - t0)
     card.decision_rule = rule
     if cfg.decision_rule != "argmax":
-        card.details.update(class_weights=factors, val_balanced_accuracy_by_rule=rule_scores)
+        card.details.class_weights = factors
+        card.details.val_balanced_accuracy_by_rule = rule_scores
     joined = oof_join(cards, dirs)
     if joined is not None:
-        card.details["oof_image_ids"] = joined[0]
+        card.details.oof_image_ids = joined[0]
         save_npy(folder / "oof_proba.npy", joined[1])
     save_train_digests(folder, dataset, card.train_image_ids)
     save_card(folder, card)
@@ -330,8 +327,7 @@ def _train_prior(cards: list[ModelCard], dataset: Dataset) -> np.ndarray:
 
 
 def _split_seed(card: ModelCard) -> int:
-    c = card.config
-    return c["seed"] if c.get("split_seed") is None else c["split_seed"]
+    return card.config.data_seed  # a head's or network's (members are no ensembles)
 
 
 def _write_folder(dirs: list[Path], cards: list[ModelCard], workdir: Path | str, name: str,
@@ -381,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     track_model(parsed, args.workdir, card, model_path(args.workdir, card.name),
                 "python -m models.ensemble")
     print(summary_line(card) + "  weights " + ", ".join(f"{w:.2f}" for w in
-                                                         card.config["member_weights"]))
+                                                         card.config.member_weights))
     return 0
 
 

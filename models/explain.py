@@ -94,10 +94,10 @@ def explain_one(model: nn.Module, card: ModelCard, spec, path: str, dest: Path |
         LesionLabError: the image does not read (see :func:`lesionlab.images.read_image`).
     """
     img = read_image(path)  # upright, uncropped: the overlay is drawn on the image as given
-    aspect = model_aspect(card.input_aspect, f"model {card.name}")
+    aspect = model_aspect(card.details.input_aspect, f"model {card.name}")
     box, crop = crop_box(img.size, aspect), crop_to_aspect(img, aspect, path)
-    seen = apply_color_constancy(crop, card.config["color_constancy"])  # what the model sees
-    size = tuple(card.details["image_size"])
+    seen = apply_color_constancy(crop, card.config.color_constancy)  # what the model sees
+    size = tuple(card.config.image_size)
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     x = eval_tensor(seen, size, mean, std, spec.interpolation)[None]

@@ -33,6 +33,7 @@ from lesionlab.cli import (add_config_args, check_choices, config_from_args, con
                            safe_name, save_config)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
 from lesionlab.card import require_kind
+from lesionlab.card_blocks import FinetuneRecord, FinetuneSettings
 from lesionlab.data import CLASSES, Dataset
 from lesionlab.images import median_aspect, model_aspect, read_image
 from lesionlab.device import DEVICES, PRECISIONS, resolve_device, use_bf16
@@ -45,7 +46,8 @@ from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, mode
                            verify_weights)
 from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
                                 gather_rng, init_world)
-from models.heads import apply_temperature, fit_temperature
+from models.finish import FinishInput, calibrated, finish
+from models.heads import apply_temperature
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +540,7 @@ class Run:
     weights: np.ndarray | None = None  # per-training-image loss weights (dx_type)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling on CUDA, kept across epochs
     held: np.ndarray | None = None  # --cv-folds: the train rows this model never trains on
-    aspect: float | None = None  # median width/height of the training images (card.input_aspect)
+    aspect: float | None = None  # median width/height of the training images (its record's)
 
 
 def new_state() -> dict:
@@ -693,38 +695,30 @@ def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume:
 
 def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
                        t_start: float) -> ModelCard:
-    """Temperature on val, the one look at test, weights saved; returns the model's card."""
+    """The finishing step (temperature and melanoma threshold on val, the one look at test:
+    ``models.finish``), weights and probabilities saved; returns the model's card."""
     cfg, paths, y = run.cfg, run.paths, run.labels
     _, proba_va = evaluate(run.model, paths[run.va].tolist(), y[run.va], run.spec, run.device,
                            cfg, tta=cfg.tta, aspect=run.aspect)
-    temperature = fit_temperature(proba_va, y[run.va])
     t_eval = time.perf_counter()
     _, raw_te = evaluate(run.model, paths[run.te].tolist(), y[run.te], run.spec, run.device,
                          cfg, tta=cfg.tta, progress=True, aspect=run.aspect)
     eval_s = time.perf_counter() - t_eval
-    proba_te = apply_temperature(raw_te, temperature)
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    test = metrics.evaluate(y[run.te], proba_te, groups[run.te], n_boot=cfg.n_boot,
-                            seed=cfg.seed, classes=dataset.classes)
-    test["ece_uncalibrated"] = metrics.expected_calibration_error(y[run.te], raw_te)
-    val_proba = apply_temperature(proba_va, temperature)
-    mel = metrics.mel_index(dataset.classes)
-    mel_threshold = metrics.threshold_for_sensitivity(y[run.va], val_proba[:, mel or 0], mel=mel)
-    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
-        y[run.te], proba_te[:, mel], mel_threshold, groups[run.te], cfg.n_boot, cfg.seed, mel)
+    done = finish(FinishInput(tuple(dataset.classes), y[run.va], y[run.te], groups[run.te],
+                              proba_va, raw_te, n_boot=cfg.n_boot, seed=cfg.seed))
     with atomic_path(folder / WEIGHTS) as tmp:
         torch.save(run.model.state_dict(), tmp)
-    save_npy(folder / "test_proba.npy", proba_te)
-    save_npy(folder / "val_proba.npy", val_proba)  # what ensembles choose their weights on
+    save_npy(folder / "test_proba.npy", done.test_proba)
+    save_npy(folder / "val_proba.npy", done.val_proba)  # what ensembles choose their weights on
     if run.held is not None:  # out-of-fold: rows this network never trained on
         _, raw_oof = evaluate(run.model, paths[run.held].tolist(), y[run.held], run.spec,
                               run.device, cfg, tta=cfg.tta, aspect=run.aspect)
-        save_npy(folder / "oof_proba.npy", apply_temperature(raw_oof, temperature))
-    val = metrics.evaluate(y[run.va], val_proba, n_boot=0, classes=dataset.classes)
-    card = build_card(run, state, dataset, folder, val, test, temperature,
+        save_npy(folder / "oof_proba.npy", calibrated(raw_oof, done.temperature))
+    card = build_card(run, state, dataset, folder, done.val, done.test, done.temperature,
                       {"eval_img_per_s": round(len(run.te) / eval_s, 1),
                        "total_time_s": round(time.perf_counter() - t_start, 1)})
-    card.mel_threshold = mel_threshold
+    card.mel_threshold = done.mel_threshold
     return card
 
 
@@ -733,42 +727,31 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
     """The fine-tuned model's card: settings, preprocessing, training record, scores."""
     hist, spec = state["history"], run.spec
     ids = dataset.frame["image_id"].to_numpy()
-    details = {
-        "backbone": run.cfg.backbone, "image_size": list(run.cfg.image_size),
-        "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
-        "weights_source": spec.weights_source, "weights_sha256": spec.weights_sha256,
-        "tta": run.cfg.tta, "color_constancy": run.cfg.color_constancy,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-        "history": hist, "val_balanced_accuracy": state["best_score"],
-        "epoch_time_s": round(float(np.mean([h["train_s"] for h in hist])), 1),
-        "train_img_per_s": round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
-        "eval_img_per_s": timing["eval_img_per_s"], "device": str(run.device),
-        "processes": run.world.size,
-        "oof_image_ids": None if run.held is None else ids[run.held].tolist(),
-        "bf16_autocast": use_bf16(run.cfg.precision, run.device)}
+    details = FinetuneRecord(
+        mean=list(spec.mean), std=list(spec.std), interpolation=spec.interpolation,
+        weights_source=spec.weights_source, weights_sha256=spec.weights_sha256,
+        best_epoch=state["best_epoch"], epochs_run=state["epoch"],
+        history=hist, val_balanced_accuracy=state["best_score"],
+        epoch_time_s=round(float(np.mean([h["train_s"] for h in hist])), 1),
+        train_img_per_s=round(float(np.mean([h["train_img_per_s"] for h in hist])), 1),
+        eval_img_per_s=timing["eval_img_per_s"], device=str(run.device),
+        processes=run.world.size,
+        oof_image_ids=None if run.held is None else ids[run.held].tolist(),
+        bf16_autocast=use_bf16(run.cfg.precision, run.device), input_aspect=run.aspect)
     return ModelCard(
-        kind="finetune", name=folder.name, config=asdict(run.cfg), classes=list(dataset.classes),
+        kind="finetune", name=folder.name, config=FinetuneSettings(**asdict(run.cfg)),
+        classes=list(dataset.classes),
         val=val, test=test, temperature=temperature, decision_rule="argmax",
         train_image_ids=ids[run.tr].tolist(), test_image_ids=ids[run.te].tolist(),
         n_train=len(run.tr), n_val=len(run.va), n_test=len(run.te), tune_time_s=0.0,
         fit_time_s=round(sum(h["train_s"] for h in hist), 1),
         total_time_s=timing["total_time_s"], data_fingerprint=dataset.fingerprint(),
-        versions=library_versions(), details=details, input_aspect=run.aspect)
+        versions=library_versions(), details=details)
 
 
 def finetune_config(card: ModelCard) -> FinetuneConfig:
-    """The config a fine-tuned model's card was made with.
-
-    Raises:
-        LesionLabError: the card holds settings this version does not know.
-    """
-    import dataclasses
-
-    raw = dict(card.config)
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(FinetuneConfig)})
-    if unknown:
-        raise LesionLabError(f"model {card.name} was made by another lesionlab version "
-                             f"(settings {unknown} are unknown here); retrain it")
+    """The config a fine-tuned model's card was made with."""
+    raw = asdict(card.config)  # its block refused settings this version does not know
     raw["image_size"] = tuple(raw["image_size"])
     return FinetuneConfig(**raw)
 
@@ -811,11 +794,11 @@ def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
     """
     dev = next(model.parameters()).device
     raw = predict_proba(model.to(memory_format=torch.channels_last), list(paths), spec,
-                        tuple(card.details["image_size"]), dev,
-                        tta=tta or card.details["tta"],
-                        bf16=use_bf16(card.config["precision"], dev),
-                        color_constancy=card.config["color_constancy"],
-                        aspect=model_aspect(card.input_aspect, f"model {card.name}"))
+                        tuple(card.config.image_size), dev,
+                        tta=tta or card.config.tta,
+                        bf16=use_bf16(card.config.precision, dev),
+                        color_constancy=card.config.color_constancy,
+                        aspect=model_aspect(card.details.input_aspect, f"model {card.name}"))
     return apply_temperature(raw, card.temperature)
 
 
@@ -866,8 +849,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_config(model_path(args.workdir, card.name), args, "python -m models.finetune")
     track_model(args, args.workdir, card, model_path(args.workdir, card.name),
                 "python -m models.finetune")
-    print(summary_line(card) + f"  epoch {card.details['epoch_time_s']} s, "
-          f"{card.details['train_img_per_s']} img/s train")
+    print(summary_line(card) + f"  epoch {card.details.epoch_time_s} s, "
+          f"{card.details.train_img_per_s} img/s train")
     return 0
 
 

@@ -289,11 +289,11 @@ class NetworkFolder(ModelFolder):
     @classmethod
     def labels(cls, card: ModelCard) -> Labels:
         c = card.config
-        h, w = c["image_size"]
-        cc = ", SoG" if c.get("color_constancy") == "shades_of_gray" else ""
-        fold = f", fold {c['cv_fold'] + 1}/{c['cv_folds']}" if c.get("cv_folds") else ""
-        return Labels(f"{c['backbone']} (fine-tuned {w}x{h}, {c['epochs']} ep{cc}{fold})",
-                      "fine-tune", f"{c['sampler']} sampler, {c['loss']}")
+        h, w = c.image_size
+        cc = ", SoG" if c.color_constancy == "shades_of_gray" else ""
+        fold = f", fold {c.cv_fold + 1}/{c.cv_folds}" if c.cv_folds else ""
+        return Labels(f"{c.backbone} (fine-tuned {w}x{h}, {c.epochs} ep{cc}{fold})",
+                      "fine-tune", f"{c.sampler} sampler, {c.loss}")
 
     def _load(self) -> None:
         self.network, _, self.spec = load_finetuned(self.path, self.device)
@@ -317,7 +317,7 @@ def member_dirs(folder: Path | str, card: ModelCard | None = None) -> list[Path]
     """
     card = card or load_card(folder)
     require_kind(card, "ensemble", f"{folder} holds a {{have}} model, not an ensemble")
-    return [Path(folder) / MEMBERS / name for name in card.config["members"]]
+    return [Path(folder) / MEMBERS / name for name in card.config.members]
 
 
 def combine(probas: Sequence[np.ndarray], weights: Sequence[float],
@@ -351,13 +351,13 @@ class EnsembleFolder(ModelFolder):
 
     @classmethod
     def labels(cls, card: ModelCard) -> Labels:
-        label = members_label([m["features"] for m in card.details["members"]])
-        k = len(card.details["members"])
-        features = f"{label} x{k} folds" if card.details.get("oof_image_ids") else label
+        label = members_label([m.features for m in card.details.members])
+        k = len(card.details.members)
+        features = f"{label} x{k} folds" if card.details.oof_image_ids else label
         rule = (f", decision rule chosen on val: {card.decision_rule}"
-                if card.config.get("decision_rule", "argmax") != "argmax" else "")
-        return Labels(features, f"ensemble of {len(card.config['members'])}",
-                      f"weights: {card.config['weights']}{rule}")
+                if card.config.decision_rule != "argmax" else "")
+        return Labels(features, f"ensemble of {len(card.config.members)}",
+                      f"weights: {card.config.weights}{rule}")
 
     def children(self) -> list[ModelFolder]:
         return list(self.members)
@@ -367,13 +367,13 @@ class EnsembleFolder(ModelFolder):
         """Calibrated class probabilities, (n, n_classes): the members' weighted mean."""
         self.load()
         return combine([m.predict_proba(images, metadata) for m in self.members],
-                       self.card.config["member_weights"], self.card.temperature,
-                       self.card.details.get("class_weights"))
+                       self.card.config.member_weights, self.card.temperature,
+                       self.card.details.class_weights)
 
     def gradcam_network(self) -> NetworkFolder | None:
         """The network member with the largest weight (the map explains that member, not the
         average); None without one."""
-        nets = [(w, m) for w, m in zip(self.card.config["member_weights"], self.members)
+        nets = [(w, m) for w, m in zip(self.card.config.member_weights, self.members)
                 if isinstance(m, NetworkFolder)]
         return max(nets, key=lambda wm: wm[0])[1] if nets else None
 
@@ -394,7 +394,7 @@ class HeadFolder(ModelFolder):
     @classmethod
     def labels(cls, card: ModelCard) -> Labels:
         c = card.config
-        return Labels(_head_features_label(c["features"]), c["head"], c["imbalance"])
+        return Labels(_head_features_label(c.features), c.head, c.imbalance)
 
     def _load(self) -> None:
         self.head = load_head(self.path)
@@ -433,7 +433,7 @@ class EmbeddingHeadFolder(HeadFolder):
 
     @classmethod
     def claims(cls, card: ModelCard) -> bool:
-        return any(is_finetuned_key(b["backbone"]) for b in card.features) \
+        return any(is_finetuned_key(b["backbone"]) for b in card.details.features) \
             and not stacked_blocks(card)
 
 
@@ -457,7 +457,7 @@ class StackFolder(HeadFolder):
     @classmethod
     def labels(cls, card: ModelCard) -> Labels:
         plain = super().labels(card)
-        return Labels(plain.features, f"stack ({card.config['head']})", plain.imbalance)
+        return Labels(plain.features, f"stack ({card.config.head})", plain.imbalance)
 
     def children(self) -> list[ModelFolder]:
         return list(self.stacked.values())

@@ -82,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_config(folder, args, "python -m models.kfold")
     track_model(args, args.workdir, card, folder, "python -m models.kfold",
                 members=member_dirs(folder, card))
-    print(summary_line(card) + f"  ({len(card.config['members'])} fold networks; out-of-fold "
-                               f"probabilities for {len(card.details['oof_image_ids'])} "
+    print(summary_line(card) + f"  ({len(card.config.members)} fold networks; out-of-fold "
+                               f"probabilities for {len(card.details.oof_image_ids)} "
                                f"training images)")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+from lesionlab.card_blocks import FinetuneSettings, HeadSettings
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.tracking import TRACKING_WARNING, track_command
 from models.bundle import ModelCard, load_card
@@ -15,17 +16,19 @@ from models.design import input_kind
 def label_params(card: ModelCard) -> dict[str, Any]:
     """The leaderboard's columns of a card (features, head, imbalance, input, train
     fraction) as MLflow params. The table labels come from the model-folder kinds where
-    ``models.folder`` is loaded (it registers them); otherwise from the card's config."""
+    ``models.folder`` is loaded (it registers them); otherwise from the card's settings."""
     cfg = card.config
+    head = isinstance(cfg, HeadSettings)  # stacks and embedding heads too
+    net = isinstance(cfg, FinetuneSettings)
     try:
         shown = {"features": card.features_label, "head": card.head_label,
                  "imbalance": card.imbalance_label}
     except LesionLabError:  # no labeler registered in this process
-        shown = {"features": cfg.get("features", cfg.get("backbone")),
-                 "head": cfg.get("head", card.kind), "imbalance": cfg.get("imbalance")}
-    head = card.kind == "head" and "features" in cfg
-    return {**shown, "input": input_kind(cfg["features"]) if head else None,
-            "train_fraction": cfg.get("train_fraction", 1.0)}
+        shown = {"features": cfg.features if head else cfg.backbone if net else None,
+                 "head": cfg.head if head else card.kind,
+                 "imbalance": cfg.imbalance if head else None}
+    return {**shown, "input": input_kind(cfg.features) if head else None,
+            "train_fraction": cfg.train_fraction}
 
 
 def track_model(opts: Any, workdir: Path | str, card: ModelCard, folder: Path | str,

@@ -34,11 +34,11 @@ def oof_feature_set(workdir: Path | str, dataset: Dataset, name: str) -> Feature
     """
     folder = model_path(workdir, name)
     card = load_card(folder)
-    if not (issubclass(folder_class(card), EnsembleFolder) and card.details.get("oof_image_ids")):
+    if not (issubclass(folder_class(card), EnsembleFolder) and card.details.out_of_fold_ids()):
         raise LesionLabError(f"--features {OOF_PREFIX}{name}: {folder} is not a K-fold ensemble "
                              f"with out-of-fold probabilities (make it with models.kfold)")
     ids = dataset.frame["image_id"].astype(str)
-    held = card.details["oof_image_ids"]
+    held = card.details.out_of_fold_ids()
     oof = pd.DataFrame(load_proba(folder, "oof_proba.npy", len(held), len(card.classes)),
                        index=held)
     proba = np.zeros((len(ids), oof.shape[1]))

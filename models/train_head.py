@@ -25,6 +25,7 @@ import optuna
 from featurize.backbones import finetuned_card
 from featurize.spec import parse_features
 from lesionlab.artifacts import library_versions, save_npy
+from lesionlab.card_blocks import HeadRecord, HeadSettings
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            label_options, option, resolve_data, run_main, safe_name, save_config)
 from lesionlab.cli import TrackingOptions  # the MLflow flags
@@ -32,12 +33,12 @@ from lesionlab.data import CLASSES, Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import save_train_digests
-from lesionlab.metrics import evaluate, expected_calibration_error, mel_index, operating_point
 from lesionlab.splits import grouped_folds, load_or_make_split, split_indices
 from models import heads
 from models.bundle import (ModelCard, TrainingRun, claim_folder, model_name, model_path,
                            release_claims, save_card, save_head, summary_line)
 from models.design import Design, copy_members
+from models.finish import FinishInput, finish
 from models.train_design import load_design
 
 log = logging.getLogger(__name__)
@@ -246,23 +247,20 @@ def tune(study: optuna.Study, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     return time.perf_counter() - t0
 
 
-def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-              y_va: np.ndarray, cfg: HeadConfig,
+def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, cfg: HeadConfig,
               classes: tuple[str, ...] = CLASSES) -> tuple[heads.HeadModel, dict, float]:
-    """Refit the best trial on all of train; decision rule and temperature from val only
-    (``classes``: the class set the labels index).
+    """Refit the best trial on all of train; val and test are the finishing step's
+    (:func:`test_and_save`).
 
     Args:
         study: the tuned study.
         x_tr: (n_train, n_features) training rows.
         y_tr: (n_train,) their class indices.
-        x_va: (n_val, n_features) val rows (decision rule, temperature, melanoma threshold).
-        y_va: (n_val,) their class indices.
         cfg: the head config.
         classes: the class set's names.
 
     Returns:
-        (the fitted head, card details, refit seconds).
+        (the fitted head, its tuning record, refit seconds).
     """
     best = study.best_trial
     t0 = time.perf_counter()
@@ -271,16 +269,11 @@ def fit_final(study: optuna.Study, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.
                             tuple(classes))
     model.fit(x_tr, y_tr)
     fit_s = time.perf_counter() - t0
-    rule_scores = model.choose_rule(x_va, y_va)
-    model.calibrate(x_va, y_va)
-    model.choose_mel_threshold(x_va, y_va)
     details = {"best_params": dict(best.params),
                "n_estimators": model.n_estimators if cfg.head == "lightgbm" else None,
                "cv_balanced_accuracy": float(best.value),
                "cv_fold_scores": best.user_attrs.get("fold_scores"),
-               "n_trials": finished_trials(study),
-               "val_balanced_accuracy_argmax": rule_scores["argmax"],
-               "val_balanced_accuracy_prior": rule_scores["prior_corrected"]}
+               "n_trials": finished_trials(study)}
     return model, details, fit_s
 
 
@@ -319,7 +312,7 @@ def train_head(dataset: Dataset, workdir: Path | str, cfg: HeadConfig,
     fail_running(study, "by a worker that stopped")  # no worker is left at refit time
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise LesionLabError(f"study {study.study_name!r} has no completed trial to refit")
-    model, details, fit_s = fit_final(study, x[tr], y[tr], x[va], y[va], cfg, dataset.classes)
+    model, details, fit_s = fit_final(study, x[tr], y[tr], cfg, dataset.classes)
     card = test_and_save(model, dataset, design, (tr, va, te), folder, cfg,
                          {**details, "n_features": int(x.shape[1])})
     card.tune_time_s = round(tune_s, 1)
@@ -374,41 +367,43 @@ def unseen_train_rows(design: Design, dataset: Dataset, tr: np.ndarray,
 def test_and_save(model: heads.HeadModel, dataset: Dataset, design: Design,
                   rows: tuple[np.ndarray, np.ndarray, np.ndarray], folder: Path,
                   cfg: HeadConfig, details: dict) -> ModelCard:
-    """The one look at test; writes the head and its test probabilities; returns the card.
+    """The finishing step (decision rule, temperature and melanoma threshold on val, the one
+    look at test: ``models.finish``); writes the head and its val and test probabilities;
+    returns the card.
 
     Args:
-        model: the fitted, calibrated head.
+        model: the fitted head.
         dataset: the labelled images.
         design: (n_images, n_features) design matrix (``design.x``).
         rows: (train, val, test) row indices, each (n_rows,).
         folder: the model folder.
         cfg: the head config.
-        details: card details from :func:`fit_final`.
+        details: its tuning record from :func:`fit_final`.
     """
     tr, va, te = rows
     x, y = design.x, dataset.labels
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
-    proba_te = model.predict_proba(x[te])
-    test = evaluate(y[te], proba_te, groups[te], n_boot=cfg.n_boot, seed=cfg.seed,
-                    classes=dataset.classes)
-    test["ece_uncalibrated"] = expected_calibration_error(y[te], model.uncalibrated_proba(x[te]))
-    mel = mel_index(dataset.classes)
-    test["mel_operating_point"] = None if mel is None else operating_point(
-        y[te], proba_te[:, mel], model.mel_threshold_, groups[te], cfg.n_boot, cfg.seed, mel)
-    proba_va = model.predict_proba(x[va])
+    done = finish(FinishInput(tuple(dataset.classes), y[va], y[te], groups[te],
+                              model.raw_proba(x[va]), model.raw_proba(x[te]), model.prior_,
+                              cfg.n_boot, cfg.seed))
+    model.decision_rule_, model.temperature_ = done.decision_rule, done.temperature
+    model.mel_threshold_ = done.mel_threshold
+    details = {**details, "val_balanced_accuracy_argmax": done.rule_scores["argmax"],
+               "val_balanced_accuracy_prior": done.rule_scores["prior_corrected"]}
     save_head(folder, model)
-    save_npy(folder / "test_proba.npy", proba_te)
-    save_npy(folder / "val_proba.npy", proba_va)  # what ensembles choose their weights on
+    save_npy(folder / "test_proba.npy", done.test_proba)
+    save_npy(folder / "val_proba.npy", done.val_proba)  # what ensembles choose their weights on
     ids = dataset.frame["image_id"].to_numpy()
     return ModelCard(
-        kind="head", name=folder.name, config=asdict(cfg), classes=list(dataset.classes),
-        val=evaluate(y[va], proba_va, n_boot=0, classes=dataset.classes), test=test,
-        temperature=model.temperature_, decision_rule=model.decision_rule_,
-        train_image_ids=ids[tr].tolist(), test_image_ids=ids[te].tolist(),
-        n_train=len(tr), n_val=len(va), n_test=len(te), tune_time_s=0.0, fit_time_s=0.0,
-        total_time_s=0.0, data_fingerprint=dataset.fingerprint(),
-        versions=library_versions(), features=design.describe(), metadata=cfg.metadata,
-        mel_threshold=model.mel_threshold_, details=details)
+        kind="head", name=folder.name, config=HeadSettings(**asdict(cfg)),
+        classes=list(dataset.classes),
+        val=done.val, test=done.test, temperature=done.temperature,
+        decision_rule=done.decision_rule, train_image_ids=ids[tr].tolist(),
+        test_image_ids=ids[te].tolist(), n_train=len(tr), n_val=len(va), n_test=len(te),
+        tune_time_s=0.0, fit_time_s=0.0, total_time_s=0.0,
+        data_fingerprint=dataset.fingerprint(), versions=library_versions(),
+        details=HeadRecord(features=design.describe(), **details),
+        mel_threshold=done.mel_threshold)
 
 
 @dataclass

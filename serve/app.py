@@ -75,7 +75,7 @@ def model_summary(model: ModelFolder) -> dict:
                  "ci95": test.get("ci95", {}).get("balanced_accuracy"),
                  "macro_auc": test["macro_auc"], "mel_sensitivity": test["mel_sensitivity"],
                  "n": test["n"], "melanoma_rule": test.get("mel_operating_point")},
-        "external": card.details.get("external"),
+        "external": card.external,
         # the CLI's vocabulary (lesionlab/vocabulary.csv): every accepted name -> HAM10000's
         "sexes": list(name_table("sex")), "localizations": list(name_table("site")),
         "vocabulary": {"sex": name_table("sex"), "site": name_table("site")},

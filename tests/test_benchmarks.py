@@ -70,7 +70,7 @@ def test_quick_pipeline_end_to_end_tiny_budgets(fixture_dir: Path, tmp_path: Pat
     for r in summary["rows"]:
         assert 0 <= r["mel_operating_point"]["sensitivity"] <= 1
     for r in summary["external"]:  # the card carries its external score (the page shows it)
-        ext = load_card(work / "models" / r["name"]).details["external"]
+        ext = load_card(work / "models" / r["name"]).external
         assert ext["balanced_accuracy"] == r["balanced_accuracy"] and ext["n"] == 87
     for block in ("per_class", "errors", "artefacts", "calibration"):  # benchmarks.errors
         assert f"<!-- {block}:end -->" in text and "bal.acc masked" in text

@@ -54,15 +54,16 @@ def test_benchmarks_take_cpu_model_from_the_core() -> None:
 
 
 def test_summary_line_sits_beside_the_card() -> None:
+    from lesionlab.card_blocks import HeadRecord
     from models.bundle import summary_line
 
     card = SimpleNamespace(
-        name="m", total_time_s=12.5, details={"cv_balanced_accuracy": 0.61234},
+        name="m", total_time_s=12.5, details=HeadRecord(cv_balanced_accuracy=0.61234),
         test={"balanced_accuracy": 0.5, "ci95": {"balanced_accuracy": [0.25, 0.75]},
               "macro_f1": 0.4, "macro_auc": 0.8, "mel_sensitivity": 0.9, "ece": 0.05})
     assert summary_line(card) == ("m: test balanced acc 0.500 [0.250, 0.750]  macro F1 0.400  "
                                   "AUC 0.800  mel sens 0.900  ECE 0.050  (cv 0.612, 12.5 s)")
-    card.details, card.test = {}, {k: v for k, v in card.test.items() if k != "ci95"}
+    card.details, card.test = HeadRecord(), {k: v for k, v in card.test.items() if k != "ci95"}
     assert summary_line(card).endswith("[n/a, n/a]  macro F1 0.400  AUC 0.800  mel sens 0.900  "
                                        "ECE 0.050  (12.5 s)")
 

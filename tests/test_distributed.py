@@ -75,7 +75,7 @@ def test_two_workers_share_one_study(kind: str, workdir: Path, tmp_path_factory,
     assert 6 <= len(finished) <= 7  # the budget is the study's: one in-flight trial may finish
     card = train_head(load_dataset(FIXTURE), workdir, cfg, stage="refit")
     folders = list((workdir / "models").glob("*/card.json"))
-    assert len(folders) == 1 and load_card(folders[0].parent).details["n_trials"] == len(finished)
+    assert len(folders) == 1 and load_card(folders[0].parent).details.n_trials == len(finished)
     # the same trials in a single-process study refit to the same test numbers
     local = tmp_path_factory.mktemp("local")
     shutil.copytree(workdir / "features", local / "features")
@@ -85,7 +85,7 @@ def test_two_workers_share_one_study(kind: str, workdir: Path, tmp_path_factory,
     copy.add_trials(shared.trials)
     copy.set_user_attr("fingerprint", shared.user_attrs["fingerprint"])
     again = train_head(load_dataset(FIXTURE), local, single, stage="refit")
-    assert again.details["best_params"] == card.details["best_params"]
+    assert again.details.best_params == card.details.best_params
     assert again.test["balanced_accuracy"] == card.test["balanced_accuracy"]
     assert again.test["macro_auc"] == card.test["macro_auc"]
 
@@ -108,7 +108,7 @@ def test_refit_fails_trials_of_killed_workers(workdir: Path, pg_url: str) -> Non
     card = train_head(ds, workdir, cfg, stage="refit")
     states = [t.state for t in optuna.load_study(study_name=name, storage=pg_url).trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1
-    assert card.details["n_trials"] == 3
+    assert card.details.n_trials == 3
 
 
 def test_shared_study_for_other_inputs_is_refused(workdir: Path, pg_url: str) -> None:
@@ -244,7 +244,7 @@ def test_torchrun_two_processes_write_a_loadable_model(tmp_path: Path) -> None:
     folders = list((tmp_path / "models").glob("*/card.json"))
     assert len(folders) == 1
     card = load_card(folders[0].parent)
-    assert card.details["processes"] == 2 and card.details["epochs_run"] == 1
+    assert card.details.processes == 2 and card.details.epochs_run == 1
     img = sorted((FIXTURE / "images").glob("*.jpg"))[0]
     proc = subprocess.run([sys.executable, "-m", "models.predict", "--model",
                            str(folders[0].parent), str(img)], cwd=ROOT, capture_output=True,
@@ -285,10 +285,10 @@ def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None
     _finish(_torchrun(killed, 4, "--resume"))
     a = load_card(next(straight.glob("models/*")))
     b = load_card(next(killed.glob("models/*")))
-    assert [h["val_balanced_accuracy"] for h in b.details["history"]] == \
-        [h["val_balanced_accuracy"] for h in a.details["history"]]
-    assert [h["train_loss"] for h in b.details["history"]] == pytest.approx(
-        [h["train_loss"] for h in a.details["history"]], rel=1e-6)
+    assert [h["val_balanced_accuracy"] for h in b.details.history] == \
+        [h["val_balanced_accuracy"] for h in a.details.history]
+    assert [h["train_loss"] for h in b.details.history] == pytest.approx(
+        [h["train_loss"] for h in a.details.history], rel=1e-6)
     wa = torch.load(next(straight.glob("models/*/model.pt")))
     wb = torch.load(next(killed.glob("models/*/model.pt")))
     for k in wa:

@@ -36,9 +36,9 @@ def test_out_of_fold_rows_never_come_from_a_model_trained_on_them(kfold) -> None
     train_ids = set(ds.frame["image_id"].to_numpy()[tr])
     lesion = dict(zip(ds.frame["image_id"], ds.frame["lesion_id"]))
     held_all = []
-    for member in load_card(folder).config["members"]:
+    for member in load_card(folder).config.members:
         card = load_card(folder / "members" / member)
-        held = card.details["oof_image_ids"]
+        held = card.details.oof_image_ids
         assert held and not set(held) & set(card.train_image_ids)
         # lesion-grouped: no lesion of a held-out row is among the rows the model trained on
         assert not {lesion[i] for i in held} & {lesion[i] for i in card.train_image_ids}
@@ -47,14 +47,14 @@ def test_out_of_fold_rows_never_come_from_a_model_trained_on_them(kfold) -> None
     assert sorted(held_all) == sorted(train_ids)  # each train row held out exactly once
     ens = load_card(folder)
     oof = np.load(folder / "oof_proba.npy")
-    assert ens.details["oof_image_ids"] == held_all
+    assert ens.details.oof_image_ids == held_all
     assert oof.shape == (len(train_ids), 7) and np.allclose(oof.sum(1), 1)
 
 
 def test_fold_models_resume_instead_of_retraining(kfold) -> None:
     work, folder = kfold
     stamps = {m: (folder.parent / m / "model.pt").stat().st_mtime_ns
-              for m in load_card(folder).config["members"]}
+              for m in load_card(folder).config.members}
     kfold_finetune(load_dataset(FIXTURE), work, FinetuneConfig(cv_folds=3, **TINY))
     assert stamps == {m: (folder.parent / m / "model.pt").stat().st_mtime_ns for m in stamps}
 
@@ -72,7 +72,7 @@ def test_ensemble_folder_round_trips_through_predict_evaluate_explain(
     folder = work / "models" / "ens"
     loaded = load_card(folder)
     assert loaded.kind == "ensemble" and loaded.head_label == "ensemble of 2"
-    assert np.isclose(sum(loaded.config["member_weights"]), 1.0)
+    assert np.isclose(sum(loaded.config.member_weights), 1.0)
     assert (folder / "members" / members[1].name / "model.pt").exists()
     images = ds.frame["path"].tolist()[:3]
     results = predict_images(folder, images)
@@ -103,7 +103,7 @@ def test_weights_are_chosen_on_val_only(trained_models, tmp_path: Path) -> None:
     finally:
         for m in members:
             np.save(m / "test_proba.npy", np.load(m / "test_proba.npy")[::-1].copy())
-    assert a.config["member_weights"] == b.config["member_weights"]
+    assert a.config.member_weights == b.config.member_weights
     assert a.mel_threshold == b.mel_threshold and a.temperature == b.temperature
 
 
@@ -149,7 +149,7 @@ def test_stacking_head_reads_out_of_fold_probabilities(kfold, tmp_path: Path) ->
     featurize(ds, work, FeaturizeConfig(backbone="classical", num_workers=0))
     features = f"oof:{ens.name}+classical"
     design = load_design(work, ds, features, metadata=True)
-    oof_ids = load_card(ens).details["oof_image_ids"]
+    oof_ids = load_card(ens).details.oof_image_ids
     oof = np.load(ens / "oof_proba.npy")
     row = {i: k for k, i in enumerate(ds.frame["image_id"])}
     got = design.x[[row[i] for i in oof_ids], :7]
@@ -193,12 +193,12 @@ def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_sa
 
     work, ens = kfold
     ds = load_dataset(FIXTURE)
-    fold0 = ens / "members" / load_card(ens).config["members"][0]
+    fold0 = ens / "members" / load_card(ens).config.members[0]
     net = load_card(fold0)
     featurize(ds, work, FeaturizeConfig(backbone=str(fold0), num_workers=0))
     card = train_head(ds, work, HeadConfig(features=str(fold0), trials=1, folds=2, n_boot=20,
                                            tune_timeout=None, name="ftemb_head"))
-    assert sorted(card.train_image_ids) == sorted(net.details["oof_image_ids"])
+    assert sorted(card.train_image_ids) == sorted(net.details.oof_image_ids)
     assert card.features_label == "ft:lite0 fold 1/3"  # the table label, not the folder path
     import shutil
 
@@ -207,7 +207,7 @@ def test_head_on_a_fine_tuned_embedding_trains_only_on_rows_the_network_never_sa
     moved = tmp_path / "moved"  # the head carries its embedding network: it works elsewhere
     shutil.copytree(work / "models" / "ftemb_head", moved)
     predictor = Predictor(moved)
-    assert predictor.card.features[0]["backbone"] == str(moved / "members" / fold0.name)
+    assert predictor.card.details.features[0]["backbone"] == str(moved / "members" / fold0.name)
     proba = predictor.predict_proba(ds.frame["path"].tolist()[:3])
     predictor.close()
     assert proba.shape == (3, 7) and np.allclose(proba.sum(1), 1)
@@ -251,13 +251,13 @@ def test_fold_average_with_a_val_rule_predicts_what_its_card_scored(kfold,
 
     work, folder = kfold
     ds = load_dataset(FIXTURE)
-    members = [folder.parent / m for m in load_card(folder).config["members"]]
+    members = [folder.parent / m for m in load_card(folder).config.members]
     card = build_ensemble(members, ds, work, EnsembleConfig(
         members=[], name="folds_rule", weights="equal", decision_rule="val", n_boot=10))
     assert card.decision_rule in ("argmax", "prior_corrected", "class_factors")
-    assert set(card.details["val_balanced_accuracy_by_rule"]) == {
+    assert set(card.details.val_balanced_accuracy_by_rule) == {
         "argmax", "prior_corrected", "class_factors"}
-    best = max(card.details["val_balanced_accuracy_by_rule"].values())
+    best = max(card.details.val_balanced_accuracy_by_rule.values())
     assert card.val["balanced_accuracy"] == pytest.approx(best)
     assert ("decision rule chosen on val" in load_card(work / "models" / "folds_rule")
             .imbalance_label)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from lesionlab.errors import LesionLabError
 from models.explain import explain_images, grad_cam
 from models.finetune import FinetuneConfig, finetune, load_finetuned
 from models.predict import predict_images
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 TINY = dict(image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20, tta="flip")
 
@@ -28,8 +29,8 @@ def test_tiny_run_writes_loadable_model(fixture_dir: Path, tmp_path: Path) -> No
     ds = load_dataset(fixture_dir)
     card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
     folder = tmp_path / "models" / card.name
-    assert card.kind == "finetune" and card.details["epochs_run"] == 1
-    assert card.details["train_img_per_s"] > 0 and "ci95" in card.test
+    assert card.kind == "finetune" and card.details.epochs_run == 1
+    assert card.details.train_img_per_s > 0 and "ci95" in card.test
     assert card.tune_time_s == 0.0 and 0 < card.fit_time_s <= card.total_time_s
     model, _, _ = load_finetuned(folder)
     assert model.get_classifier().out_features == 7
@@ -53,7 +54,7 @@ def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(Interrupted):
         finetune(ds, tmp_path / "b", cfg, on_epoch_end=stop)
     resumed = finetune(ds, tmp_path / "b", cfg, resume=True)
-    hist_a, hist_b = straight.details["history"], resumed.details["history"]
+    hist_a, hist_b = straight.details.history, resumed.details.history
     assert [h["val_balanced_accuracy"] for h in hist_b] == \
         [h["val_balanced_accuracy"] for h in hist_a]
     assert hist_b[1]["train_loss"] == pytest.approx(hist_a[1]["train_loss"], rel=1e-6)
@@ -154,10 +155,8 @@ def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Pat
     assert "error" in lines[0] and "broken.jpg" in lines[0]["error"]
     overlays = [Path(line["overlay"]) for line in lines[1:]]
     assert len(set(overlays)) == 2 and all(p.is_file() for p in overlays)
-    head_card = json.loads((folder / "card.json").read_text())
-    head_dir = tmp_path / "head_model"
-    head_dir.mkdir()
-    (head_dir / "card.json").write_text(json.dumps({**head_card, "kind": "head"}))
+    head_dir = shutil.copytree(ROOT / "tests" / "fixtures" / "cards_v2" / "head",
+                               tmp_path / "head_model")  # a head's folder
     proc = run_cli("models.explain", "--model", str(head_dir), str(img), "--out",
                    str(tmp_path / "x"))
     assert proc.returncode == 2 and "needs a fine-tuned network" in proc.stderr

@@ -232,7 +232,7 @@ def test_out_of_fold_probabilities_rows_short_are_refused(work, members, tmp_pat
     _, net = members
     fold = copy_model(work, net.name, tmp_path / "fold")
     card = load_card(fold)
-    card.details["oof_image_ids"] = card.test_image_ids  # rows it never trained on
+    card.details.oof_image_ids = card.test_image_ids  # rows it never trained on
     n = len(card.test_image_ids)
     np.save(fold / "oof_proba.npy", np.load(fold / "test_proba.npy")[:-3])
     with pytest.raises(LesionLabError) as err:

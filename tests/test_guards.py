@@ -153,12 +153,12 @@ def test_stale_study_is_not_reused(fixture_dir: Path, tmp_path: Path) -> None:
     featurize(ds, tmp_path, FeaturizeConfig(backbone="classical", num_workers=0))
     cfg = HeadConfig(features="classical", trials=2, folds=2, n_boot=0)
     first = train_head(ds, tmp_path, cfg)
-    shutil.rmtree(tmp_path / "features" / first.features[0]["key"])
+    shutil.rmtree(tmp_path / "features" / first.details.features[0]["key"])
     featurize(ds, tmp_path, FeaturizeConfig(backbone="classical", num_workers=0,
                                            image_size=(90, 120)))
     second = train_head(ds, tmp_path, cfg)
-    assert second.features[0]["key"] != first.features[0]["key"]
-    assert second.tune_time_s > 0 and second.details["n_trials"] == 2
+    assert second.details.features[0]["key"] != first.details.features[0]["key"]
+    assert second.tune_time_s > 0 and second.details.n_trials == 2
     import optuna
 
     study = optuna.load_study(study_name="head",
@@ -185,4 +185,4 @@ def test_killed_trial_is_failed_not_counted(fixture_dir: Path, tmp_path: Path) -
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert states.count(optuna.trial.TrialState.RUNNING) == 0
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    assert sum(s in finished for s in states) == 4 == card.details["n_trials"]
+    assert sum(s in finished for s in states) == 4 == card.details.n_trials

@@ -88,9 +88,9 @@ def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str
     folder = wd / "models" / card.name
     assert (folder / "study.db").exists() and (folder / "head.skops").exists()
     assert not list(folder.glob("*.joblib")) and not list(folder.glob("*.pkl"))
-    assert card.details["n_trials"] == 3 and card.tune_time_s > 0
+    assert card.details.n_trials == 3 and card.tune_time_s > 0
     assert set(card.test["ci95"]) >= {"balanced_accuracy", "macro_auc"}
-    assert card.details["n_features"] == 75 + 17  # classical + age/sex/localization
+    assert card.details.n_features == 75 + 17  # classical + age/sex/localization
     model = load_head(folder)
     assert isinstance(model, HeadModel) and model.decision_rule_ == card.decision_rule
     assert model.temperature_ == pytest.approx(card.temperature)
@@ -115,7 +115,7 @@ def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str
     np.testing.assert_allclose(recomputed, design.x[test_rows], rtol=1e-5, atol=1e-5)
     # rerun: study resumes with no new trials, same numbers
     again = train_head(ds, wd, cfg)
-    assert again.details["n_trials"] == 3 and again.tune_time_s == 0.0
+    assert again.details.n_trials == 3 and again.tune_time_s == 0.0
     assert again.test["balanced_accuracy"] == card.test["balanced_accuracy"]
 
 

@@ -145,11 +145,11 @@ def test_a_1x1_image_is_an_error_line_in_predict(trained_models, tmp_path: Path)
 def test_recorded_aspects(trained_models) -> None:
     for kind in ("head", "finetune"):
         card = json.loads((trained_models[kind] / "card.json").read_text())
-        if kind == "head":
-            assert [b["input_aspect"] for b in card["features"]] == [1.3333]
-            assert card["input_aspect"] is None
+        if kind == "head":  # in its feature blocks, and nowhere else
+            assert [b["input_aspect"] for b in card["details"]["features"]] == [1.3333]
+            assert "input_aspect" not in card and "input_aspect" not in card["details"]
         else:
-            assert card["input_aspect"] == 1.3333
+            assert card["details"]["input_aspect"] == 1.3333
     assert images.model_aspect(None) == 4 / 3
     with pytest.raises(LesionLabError, match="input_aspect must be a positive number"):
         images.model_aspect(-1.0, "card.json")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lesionlab import card as core_card
+from lesionlab.card_blocks import HeadRecord
 from lesionlab.data import load_dataset
 from lesionlab.errors import LesionLabError
 from models import bundle
@@ -20,7 +21,9 @@ from models.folder import (EmbeddingHeadFolder, EnsembleFolder, HeadFolder, Labe
                            NetworkFolder, StackFolder, folder_class, kinds, labels,
                            load_model_folder, register_kind)
 from models.predict import Predictor
-from tests.conftest import FIXTURE
+from tests.conftest import FIXTURE, ROOT
+
+V2 = ROOT / "tests" / "fixtures" / "cards_v2"  # folders written at schema version 2
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,8 @@ def folders(trained_models, tmp_path_factory) -> dict[str, Path]:
 
 
 def _as_v1(folder: Path, dest: Path) -> Path:
-    """A copy of ``folder`` whose card is as written before schema versions (version 1)."""
+    """A copy of ``folder`` (a version-2 one) whose card is as written before schema
+    versions (version 1)."""
     shutil.copytree(folder, dest)
     raw = json.loads((dest / "card.json").read_text())
     for key in ("schema_version", "provenance", "files"):
@@ -53,25 +57,26 @@ def _as_v1(folder: Path, dest: Path) -> Path:
 def test_the_card_lives_in_the_core_and_bundle_re_exports_it() -> None:
     assert bundle.ModelCard is core_card.ModelCard
     assert bundle.load_card is core_card.load_card and bundle.save_card is core_card.save_card
-    assert core_card.SCHEMA_VERSION == 2
+    assert core_card.SCHEMA_VERSION == 3
 
 
 def test_a_new_card_records_its_schema_version(folders) -> None:
     raw = json.loads((folders["ensemble"] / "card.json").read_text())
-    assert raw["schema_version"] == 2
-    assert bundle.load_card(folders["ensemble"]).schema_version == 2
+    assert raw["schema_version"] == 3
+    assert bundle.load_card(folders["ensemble"]).schema_version == 3
 
 
 def test_a_version_1_card_loads_through_the_migration_and_predicts_the_same(
-        folders, tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # the fixture network's starting weights are named from there
     ds = load_dataset(FIXTURE)
     paths = ds.frame["path"].tolist()[:5]
     meta = ds.frame[["age", "sex", "localization"]].iloc[:5]
-    for kind in ("head_meta", "finetune"):
-        old = _as_v1(folders[kind], tmp_path / kind)
+    for kind in ("head", "finetune"):
+        old = _as_v1(V2 / kind, tmp_path / kind)
         card = bundle.load_card(old)
-        assert card.schema_version == 2 and card.provenance == {} and card.files == {}
-        with load_model_folder(folders[kind], "cpu") as now, \
+        assert card.schema_version == 3 and card.provenance == {} and card.files == {}
+        with load_model_folder(V2 / kind, "cpu") as now, \
                 load_model_folder(old, "cpu") as then:
             np.testing.assert_array_equal(then.predict_proba(paths, meta),
                                           now.predict_proba(paths, meta))
@@ -79,15 +84,15 @@ def test_a_version_1_card_loads_through_the_migration_and_predicts_the_same(
 
 def test_migrate_fills_only_what_a_version_1_card_lacks() -> None:
     raw = {"kind": "head", "details": {"a": 1}}
-    got = core_card.migrate(raw)
+    got = core_card.MIGRATIONS[1](raw)
     assert got == {"kind": "head", "details": {"a": 1}, "features": [], "metadata": False,
                    "mel_threshold": None, "provenance": {}, "files": {}, "schema_version": 2}
-    assert core_card.migrate({"schema_version": 2, "kind": "x"}) == {"schema_version": 2,
+    assert core_card.migrate({"schema_version": 3, "kind": "x"}) == {"schema_version": 3,
                                                                        "kind": "x"}
 
 
 @pytest.mark.parametrize("version, message", [
-    (3, "card schema_version 3 is newer than this lesionlab reads (2); update lesionlab"),
+    (4, "card schema_version 4 is newer than this lesionlab reads (3); update lesionlab"),
     ("2", "schema_version must be a whole number >= 1, got '2'"),
     (0, "schema_version must be a whole number >= 1, got 0"),
 ])
@@ -120,8 +125,9 @@ def test_the_registry_knows_every_kind_and_picks_the_class_of_each_folder(folder
     assert got == {"head_meta": HeadFolder, "finetune": NetworkFolder,
                    "ensemble": EnsembleFolder}
     card = bundle.load_card(folders["head_meta"])
-    stack = {**card.__dict__, "features": [{"backbone": "oof:kfold__k3__x"}]}
-    emb = {**card.__dict__, "features": [{"backbone": "runs/models/finetune__lite0__seed0"}]}
+    stack = {**card.__dict__, "details": HeadRecord(features=[{"backbone": "oof:kfold__k3__x"}])}
+    emb = {**card.__dict__,
+           "details": HeadRecord(features=[{"backbone": "runs/models/finetune__lite0__seed0"}])}
     assert folder_class(core_card.ModelCard(**stack)) is StackFolder
     assert folder_class(core_card.ModelCard(**emb)) is EmbeddingHeadFolder
 
@@ -176,7 +182,7 @@ def test_a_new_kind_is_one_registered_class(folders, monkeypatch) -> None:
     class TaggedHead(HeadFolder):
         @classmethod
         def claims(cls, card) -> bool:
-            return card.config.get("head") == "logreg"
+            return card.config.head == "logreg"
 
         @classmethod
         def labels(cls, card) -> Labels:

@@ -44,9 +44,9 @@ def test_study_cells_read_the_sets_they_made_not_another_size(tmp_path: Path,
     mine = featurize(ds, tmp_path, _classical(SMALL))
     assert mine.key != other.key
     card = load_card(summary["rows"][0]["model_dir"])
-    assert [b["key"] for b in card.features] == [mine.key]
-    assert card.features[0]["image_size"] == list(SMALL)
-    assert card.config["features"] == "classical"  # names and labels keep the short form
+    assert [b["key"] for b in card.details.features] == [mine.key]
+    assert card.details.features[0]["image_size"] == list(SMALL)
+    assert card.config.features == "classical"  # names and labels keep the short form
 
 
 def test_short_name_needs_one_match_or_says_how_to_pick(tmp_path: Path) -> None:

@@ -44,8 +44,8 @@ def test_each_seed_resplits_and_scores_its_own_test_images(seeded) -> None:
         seeds = record["pipelines"][label]["seeds"]
         assert sorted(seeds) == ["0", "1"]
         cards = [load_card(work / "models" / seeds[s]["name"]) for s in ("0", "1")]
-        assert [c.config["split_seed"] for c in cards] == [None, 1]
-        assert [c.config["seed"] for c in cards] == [0, 0]  # the model seed stays
+        assert [c.config.split_seed for c in cards] == [None, 1]
+        assert [c.config.seed for c in cards] == [0, 0]  # the model seed stays
         assert set(cards[0].test_image_ids) != set(cards[1].test_image_ids)
         vals = [seeds[s]["balanced_accuracy"] for s in ("0", "1")]
         assert all(0 <= v <= 1 for v in vals)

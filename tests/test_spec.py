@@ -8,6 +8,7 @@ import pytest
 from featurize.extract import feature_spec
 from featurize.spec import FeatureBlock, format_features, parse_features
 from lesionlab.card import ModelCard
+from lesionlab.card_blocks import HeadRecord, HeadSettings
 from lesionlab.errors import LesionLabError
 
 KFOLD = "kfold__k3__finetune__tf_efficientnet_lite0__200x150__isic__balanced__ce__seed0"
@@ -100,12 +101,12 @@ def test_table_labels_are_made_block_by_block() -> None:
 def _card(features: str, head: str = "lightgbm") -> ModelCard:
     blocks = [{"backbone": b.text() if b.kind == "oof" else b.source}
               for b in parse_features(features)]
-    return ModelCard(kind="head", name="m", config={"features": features, "head": head,
-                                                    "imbalance": "class_weight"},
+    return ModelCard(kind="head", name="m",
+                     config=HeadSettings(features=features, head=head, metadata=True),
                      classes=[], val={}, test={}, temperature=1.0, decision_rule="argmax",
                      train_image_ids=[], test_image_ids=[], n_train=0, n_val=0, n_test=0,
                      tune_time_s=0.0, fit_time_s=0.0, total_time_s=0.0, data_fingerprint="",
-                     versions={}, features=blocks, metadata=True, provenance={})
+                     versions={}, details=HeadRecord(features=blocks), provenance={})
 
 
 def _row(kind: str, val: float, test: float, **fields) -> dict:

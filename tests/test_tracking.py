@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lesionlab.card_blocks import FinetuneRecord, FinetuneSettings
 from lesionlab.errors import flush_warnings, warning_counts
 from lesionlab.tracking import TRACKING_WARNING, Tracker, default_uri
 
@@ -17,16 +18,17 @@ def _card(name: str) -> SimpleNamespace:
     """The attributes of a model card the tracker reads (a fine-tuned network's)."""
     return SimpleNamespace(
         kind="finetune", name=name, classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
-        config={"backbone": "tf_efficientnet_lite0", "seed": 3, "train_fraction": 0.25,
-                "image_size": [48, 64]},
+        config=FinetuneSettings(backbone="tf_efficientnet_lite0", seed=3, train_fraction=0.25,
+                                image_size=[48, 64]),
         val={"balanced_accuracy": 0.5}, n_train=40, n_val=10, n_test=12, metadata=False,
         test={"balanced_accuracy": 0.625, "macro_auc": 0.875, "ece": float("nan"),
               "per_class": {"mel": {"recall": 0.75}, "nv": {"recall": 1.0}},
               "confusion_matrix": [[3, 1], [0, 8]]},
         temperature=1.5, decision_rule="argmax", tune_time_s=0.0, fit_time_s=2.0,
         total_time_s=4.5,
-        details={"epoch_time_s": 1.0, "history": [{"epoch": 1, "train_loss": 2.0},
-                                                  {"epoch": 2, "train_loss": 1.25}]})
+        details=FinetuneRecord(mean=[0.5] * 3, std=[0.5] * 3, epoch_time_s=1.0,
+                               history=[{"epoch": 1, "train_loss": 2.0},
+                                        {"epoch": 2, "train_loss": 1.25}]))
 
 
 def test_a_study_cell_is_logged_nested_and_reads_back(tmp_path: Path, monkeypatch) -> None:
