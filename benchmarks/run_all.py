@@ -68,7 +68,6 @@ class Plan:
     curve_finetune: FinetuneConfig | None = None
     curve_finetune_fractions: tuple[float, ...] | None = None  # None: curve_fractions
     curve_head_trials: int = 10
-    external_n_boot: int = 500  # bootstrap resamples of each external score's CI
 
 
 FULL_HEAD_TIMEOUT = 60.0  # seconds of Optuna tuning per head cell in the full preset
@@ -91,7 +90,7 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
     size = (72, 96) if smoke else (168, 224)
     feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none", image_size=size)]
     plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0),
-                curve_head_trials=2 if smoke else 4, external_n_boot=50 if smoke else 500)
+                curve_head_trials=2 if smoke else 4)
     for head in ("logreg", "lightgbm"):
         cfg = HeadConfig(features="tf_efficientnet_lite0:none", head=head,
                          imbalance="class_weight", trials=2 if smoke else 6, folds=3,
@@ -361,10 +360,8 @@ def fold_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def external_eval(rows: list[dict], external: Dataset, workdir: Path,
-                  n_boot: int = 500) -> list[dict]:
-    """Score every model once on an external labelled folder, overall and per image source,
-    with ``n_boot`` bootstrap resamples for each confidence interval.
+def external_eval(rows: list[dict], external: Dataset, workdir: Path) -> list[dict]:
+    """Score every model once on an external labelled folder, overall and per image source.
 
     Goes through ``models.evaluate`` (features cached per image set); the score also goes onto
     the model's card, where the web page shows it.
@@ -383,7 +380,7 @@ def external_eval(rows: list[dict], external: Dataset, workdir: Path,
         if cache.exists() and read_json(cache).get("key") == key and saved.exists():
             out.append(read_json(cache)["row"])  # scored in an earlier part of this run
             continue
-        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=n_boot,
+        res = evaluate_model(folder, external, by=by, workdir=workdir, n_boot=500,
                              keep_proba=True)
         save_external_proba(workdir, row["name"], external, res.pop("proba"))
         overall = res["overall"]
@@ -444,8 +441,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
         _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
     rows += study.cells(fold_rows(rows))  # trained inside their K-fold cell
     ext_rows = study.external(external_eval([r for r in rows if r.get("group", "main") == "main"],
-                                            ext_ds, workdir, plan.external_n_boot)
-                             if ext_ds is not None else None)
+                                            ext_ds, workdir) if ext_ds is not None else None)
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
                "rows": rows, "external": ext_rows, "n_images": len(dataset),

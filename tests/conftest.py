@@ -43,6 +43,25 @@ def run_cli(*args: str, cwd: Path | None = None,
                           cwd=cwd or ROOT, timeout=timeout)
 
 
+def run_module(capsys: pytest.CaptureFixture, module: str,
+               *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` without starting an interpreter (seconds each): the module's
+    ``main`` through ``lesionlab.cli.run_main``, so its one-line errors and exit codes are the
+    command's; stdout and stderr come from ``capsys``."""
+    import importlib
+
+    from lesionlab.cli import run_main
+
+    main = importlib.import_module(module).main
+    capsys.readouterr()  # what the test printed before is not the command's
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, list(args))
+    out, err = capsys.readouterr()
+    code = exited.value.code
+    return subprocess.CompletedProcess([module, *args], code if isinstance(code, int) else 1,
+                                       out, err)
+
+
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory) -> dict[str, Path]:
     """Small models trained once on the fixture: heads with and without metadata, a network."""
