@@ -47,15 +47,27 @@ def run_module(capsys: pytest.CaptureFixture, module: str,
                *args: str) -> subprocess.CompletedProcess:
     """``python -m module args`` without starting an interpreter (seconds each): the module's
     ``main`` through ``lesionlab.cli.run_main``, so its one-line errors and exit codes are the
-    command's; stdout and stderr come from ``capsys``."""
+    command's; its log lines go to stderr as a command's do (``run_main``'s
+    ``logging.basicConfig``); stdout and stderr come from ``capsys``."""
     import importlib
+    import logging
 
     from lesionlab.cli import run_main
 
     main = importlib.import_module(module).main
     capsys.readouterr()  # what the test printed before is not the command's
-    with pytest.raises(SystemExit) as exited:
-        run_main(main, list(args))
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr, as it is now
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_main(main, list(args))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
     out, err = capsys.readouterr()
     code = exited.value.code
     return subprocess.CompletedProcess([module, *args], code if isinstance(code, int) else 1,
