@@ -15,7 +15,7 @@ from lesionlab.errors import LesionLabError
 from models.explain import explain_images, grad_cam
 from models.finetune import FinetuneConfig, finetune, load_finetuned
 from models.predict import predict_images
-from tests.conftest import run_cli
+from tests.conftest import run_module
 
 TINY = dict(image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20, tta="flip")
 
@@ -72,7 +72,7 @@ def test_eval_transform_is_deterministic(fixture_dir: Path) -> None:
     assert torch.equal(a, ds[0][0]) and a.shape == (3, 48, 64)
 
 
-def test_grad_cam_map(fixture_dir: Path, tmp_path: Path) -> None:
+def test_grad_cam_map(fixture_dir: Path, tmp_path: Path, capsys) -> None:
     ds = load_dataset(fixture_dir)
     card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
     folder = tmp_path / "models" / card.name
@@ -85,8 +85,8 @@ def test_grad_cam_map(fixture_dir: Path, tmp_path: Path) -> None:
     imgs = ds.frame["path"].tolist()[:2]
     res = explain_images(folder, imgs, tmp_path / "cams")
     assert all(Path(r["overlay"]).is_file() for r in res)
-    proc = run_cli("models.explain", "--model", str(folder), imgs[0], "--out",
-                   str(tmp_path / "cli"), "--target", "mel")
+    proc = run_module(capsys, "models.explain", "--model", str(folder), imgs[0], "--out",
+                      str(tmp_path / "cli"), "--target", "mel")
     assert proc.returncode == 0, proc.stderr[-400:]
     assert json.loads(proc.stdout.splitlines()[0])["class"] == "mel"
 
@@ -101,11 +101,12 @@ def tiny_model(tmp_path_factory) -> tuple[Path, object]:
     return work / "models" / card.name, card
 
 
-def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Path) -> None:
+def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Path,
+                                                     capsys) -> None:
     folder, _ = tiny_model
     imgs = sorted((fixture_dir / "images").glob("*.jpg"))[:2]
-    proc = run_cli("models.predict", "--model", str(folder), *map(str, imgs), "--age", "45",
-                   "--sex", "female", "--localization", "back")
+    proc = run_module(capsys, "models.predict", "--model", str(folder), *map(str, imgs), "--age",
+                      "45", "--sex", "female", "--localization", "back")
     assert proc.returncode == 0, proc.stderr[-400:]
     lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
     assert len(lines) == 2
@@ -139,7 +140,7 @@ def test_crafted_checkpoint_does_not_run_code(fixture_dir: Path, tmp_path: Path)
 
 
 def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, capsys) -> None:
     folder, _ = tiny_model
     img = sorted((fixture_dir / "images").glob("*.jpg"))[0]
     twin = tmp_path / "other" / img.name
@@ -147,8 +148,8 @@ def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Pat
     twin.write_bytes(img.read_bytes())
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"garbage")
-    proc = run_cli("models.explain", "--model", str(folder), str(bad), str(img), str(twin),
-                   "--out", str(tmp_path / "cams"))
+    proc = run_module(capsys, "models.explain", "--model", str(folder), str(bad), str(img),
+                      str(twin), "--out", str(tmp_path / "cams"))
     assert proc.returncode == 1
     lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
     assert "error" in lines[0] and "broken.jpg" in lines[0]["error"]
@@ -158,8 +159,8 @@ def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Pat
     head_dir = tmp_path / "head_model"
     head_dir.mkdir()
     (head_dir / "card.json").write_text(json.dumps({**head_card, "kind": "head"}))
-    proc = run_cli("models.explain", "--model", str(head_dir), str(img), "--out",
-                   str(tmp_path / "x"))
+    proc = run_module(capsys, "models.explain", "--model", str(head_dir), str(img), "--out",
+                      str(tmp_path / "x"))
     assert proc.returncode == 2 and "needs a fine-tuned network" in proc.stderr
     assert "Traceback" not in proc.stderr
 
