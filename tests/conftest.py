@@ -54,7 +54,8 @@ def run_module(capsys: pytest.CaptureFixture, module: str,
 
     from lesionlab.cli import run_main
 
-    main = importlib.import_module(module).main
+    mod = importlib.import_module(module)  # a package runs as its __main__ (featurize, serve)
+    main = getattr(mod, "main", None) or importlib.import_module(module + ".__main__").main
     capsys.readouterr()  # what the test printed before is not the command's
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)  # capsys's stderr, as it is now
