@@ -24,10 +24,19 @@ class Interrupted(Exception):
     """Stands in for a kill after an epoch's checkpoint was written."""
 
 
-def test_tiny_run_writes_loadable_model(fixture_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, object]:
+    """One tiny fine-tuned model folder (and its card) shared by the tests of this file."""
+    from tests.conftest import FIXTURE
+
+    work = tmp_path_factory.mktemp("ft")
+    card = finetune(load_dataset(FIXTURE), work, FinetuneConfig(epochs=1, **TINY))
+    return work / "models" / card.name, card
+
+
+def test_tiny_run_writes_loadable_model(tiny_model, fixture_dir: Path) -> None:
     ds = load_dataset(fixture_dir)
-    card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
-    folder = tmp_path / "models" / card.name
+    folder, card = tiny_model
     assert card.kind == "finetune" and card.details["epochs_run"] == 1
     assert card.details["train_img_per_s"] > 0 and "ci95" in card.test
     assert card.tune_time_s == 0.0 and 0 < card.fit_time_s <= card.total_time_s
@@ -72,10 +81,9 @@ def test_eval_transform_is_deterministic(fixture_dir: Path) -> None:
     assert torch.equal(a, ds[0][0]) and a.shape == (3, 48, 64)
 
 
-def test_grad_cam_map(fixture_dir: Path, tmp_path: Path, capsys) -> None:
+def test_grad_cam_map(tiny_model, fixture_dir: Path, tmp_path: Path, capsys) -> None:
     ds = load_dataset(fixture_dir)
-    card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
-    folder = tmp_path / "models" / card.name
+    folder, _ = tiny_model
     model, _, _ = load_finetuned(folder)
     x = torch.randn(1, 3, 48, 64)
     cam, cls, proba = grad_cam(model, x)
@@ -89,16 +97,6 @@ def test_grad_cam_map(fixture_dir: Path, tmp_path: Path, capsys) -> None:
                       str(tmp_path / "cli"), "--target", "mel")
     assert proc.returncode == 0, proc.stderr[-400:]
     assert json.loads(proc.stdout.splitlines()[0])["class"] == "mel"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> tuple[Path, object]:
-    """One tiny fine-tuned model folder shared by the tests below."""
-    from tests.conftest import FIXTURE
-
-    work = tmp_path_factory.mktemp("ft")
-    card = finetune(load_dataset(FIXTURE), work, FinetuneConfig(epochs=1, **TINY))
-    return work / "models" / card.name, card
 
 
 def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Path,
