@@ -43,6 +43,38 @@ def run_cli(*args: str, cwd: Path | None = None,
                           cwd=cwd or ROOT, timeout=timeout)
 
 
+def run_module(capsys: pytest.CaptureFixture, module: str,
+               *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` without starting an interpreter (seconds each): the module's
+    ``main`` through ``lesionlab.cli.run_main``, so its one-line errors and exit codes are the
+    command's; its log lines go to stderr as a command's do (``run_main``'s
+    ``logging.basicConfig``); stdout and stderr come from ``capsys``."""
+    import importlib
+    import logging
+
+    from lesionlab.cli import run_main
+
+    mod = importlib.import_module(module)  # a package runs as its __main__ (featurize, serve)
+    main = getattr(mod, "main", None) or importlib.import_module(module + ".__main__").main
+    capsys.readouterr()  # what the test printed before is not the command's
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr, as it is now
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_main(main, list(args))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    code = exited.value.code
+    return subprocess.CompletedProcess([module, *args], code if isinstance(code, int) else 1,
+                                       out, err)
+
+
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory) -> dict[str, Path]:
     """Small models trained once on the fixture: heads with and without metadata, a network."""

@@ -13,7 +13,7 @@ import torch
 
 import lesionlab.device as device
 from lesionlab.errors import LesionLabError
-from tests.conftest import FIXTURE, run_cli
+from tests.conftest import FIXTURE, run_cli, run_module
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000 @ 2.00GHz
@@ -90,8 +90,8 @@ def test_old_command_names_still_run(old: str, new: str) -> None:
     assert proc.stdout.startswith(f"usage: python -m {new} ")
 
 
-def test_new_download_command_checks_a_folder(tmp_path: Path) -> None:
-    proc = run_cli("lesionlab.download", "--data", str(tmp_path / "none"), "--check-only",
-                   timeout=120)
+def test_new_download_command_checks_a_folder(tmp_path: Path, capsys) -> None:
+    proc = run_module(capsys, "lesionlab.download", "--data", str(tmp_path / "none"),
+                      "--check-only")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")

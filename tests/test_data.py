@@ -12,7 +12,7 @@ from PIL import Image
 
 from lesionlab.data import CLASSES, load_dataset, load_external_labels, load_rgb
 from lesionlab.errors import LesionLabError
-from tests.conftest import run_cli
+from tests.conftest import run_module
 
 
 def test_fixture_loads_all_classes(fixture_dir: Path) -> None:
@@ -82,9 +82,9 @@ def test_any_mode_and_size_loads_as_rgb(tmp_path: Path, mode: str) -> None:
     assert img.mode == "RGB" and img.size == (600, 450)
 
 
-def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
-    proc = run_cli("lesionlab.splits", "--data", str(tmp_path / "missing"),
-                   "--workdir", str(tmp_path / "wd"))
+def test_cli_user_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    proc = run_module(capsys, "lesionlab.splits", "--data", str(tmp_path / "missing"), "--workdir",
+                      str(tmp_path / "wd"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:")
@@ -92,11 +92,12 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
     assert "data folder not found" in proc.stderr
 
 
-def test_cli_bad_dx_exits_nonzero(data_copy: Path, tmp_path: Path) -> None:
+def test_cli_bad_dx_exits_nonzero(data_copy: Path, tmp_path: Path, capsys) -> None:
     meta = pd.read_csv(data_copy / "HAM10000_metadata.csv")
     meta.loc[0, "dx"] = "xyz"
     meta.to_csv(data_copy / "HAM10000_metadata.csv", index=False)
-    proc = run_cli("lesionlab.splits", "--data", str(data_copy), "--workdir", str(tmp_path))
+    proc = run_module(capsys, "lesionlab.splits", "--data", str(data_copy), "--workdir",
+                      str(tmp_path))
     assert proc.returncode == 2
     assert "unknown class(es) ['xyz']" in proc.stderr and "Traceback" not in proc.stderr
 

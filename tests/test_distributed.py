@@ -39,10 +39,19 @@ def pg_url():
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def featurized(tmp_path_factory) -> Path:
+    """A workdir with the fixture's classical features, made once for this file."""
+    work = tmp_path_factory.mktemp("featurized")
+    featurize(load_dataset(FIXTURE), work, FeaturizeConfig(backbone="classical",
+                                                           num_workers=0))
+    return work
+
+
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    featurize(load_dataset(FIXTURE), tmp_path, FeaturizeConfig(backbone="classical",
-                                                               num_workers=0))
+def workdir(featurized: Path, tmp_path: Path) -> Path:
+    """A fresh copy of ``featurized`` for one test."""
+    shutil.copytree(featurized, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
@@ -199,7 +208,7 @@ def _torchrun(workdir: Path, epochs: int, *extra: str) -> subprocess.Popen:
            "-m", "models.finetune", "--data", str(FIXTURE), "--workdir", str(workdir),
            "--epochs", str(epochs), "--patience", "9", "--image-size", "48", "64",
            "--batch-size", "8", "--num-workers", "0", "--n-boot", "20", "--tta", "none",
-           *extra]
+           "--no-tracking", *extra]  # what is tested is the processes' model, not MLflow
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -236,33 +245,42 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-def test_torchrun_two_processes_write_a_loadable_model(tmp_path: Path) -> None:
+EPOCHS = 4  # the kill lands after epoch 1's checkpoint, with epochs left to resume
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted 2-process torchrun (its workdir and stdout), for both tests below."""
+    work = tmp_path_factory.mktemp("straight")
+    return work, _finish(_torchrun(work, EPOCHS))
+
+
+def test_torchrun_two_processes_write_a_loadable_model(straight, capsys) -> None:
     import json
 
-    out = _finish(_torchrun(tmp_path, 1))
+    from tests.conftest import run_module
+
+    work, out = straight
     assert out.count("test balanced acc") == 1  # one process reports and writes
-    folders = list((tmp_path / "models").glob("*/card.json"))
+    folders = list((work / "models").glob("*/card.json"))
     assert len(folders) == 1
     card = load_card(folders[0].parent)
-    assert card.details.processes == 2 and card.details.epochs_run == 1
+    assert card.details.processes == 2 and card.details.epochs_run == EPOCHS
     img = sorted((FIXTURE / "images").glob("*.jpg"))[0]
-    proc = subprocess.run([sys.executable, "-m", "models.predict", "--model",
-                           str(folders[0].parent), str(img)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_module(capsys, "models.predict", "--model", str(folders[0].parent), str(img))
     assert proc.returncode == 0, proc.stderr[-400:]
     line = json.loads(proc.stdout)
     assert set(line) == {"path", "prediction", "name", "probabilities", "decisions"}
 
 
-def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None:
+def test_torchrun_kill_and_resume_matches_a_straight_run(straight, tmp_path: Path) -> None:
     import signal
 
     import torch
 
-    straight = tmp_path / "straight"
-    _finish(_torchrun(straight, 4))
+    straight = straight[0]
     killed = tmp_path / "killed"
-    proc = _torchrun(killed, 4)
+    proc = _torchrun(killed, EPOCHS)
     deadline = time.time() + 300
     while time.time() < deadline and not list(killed.glob("models/*/checkpoint.pt")):
         assert proc.poll() is None, proc.stderr.read()[-800:]
@@ -282,7 +300,7 @@ def test_torchrun_kill_and_resume_matches_a_straight_run(tmp_path: Path) -> None
     psutil.wait_procs(workers, timeout=30)
     _wait_for_locks_free(killed)
     assert not list(killed.glob("models/*/card.json")), "the run ended before the kill"
-    _finish(_torchrun(killed, 4, "--resume"))
+    _finish(_torchrun(killed, EPOCHS, "--resume"))
     a = load_card(next(straight.glob("models/*")))
     b = load_card(next(killed.glob("models/*")))
     assert [h["val_balanced_accuracy"] for h in b.details.history] == \

@@ -15,7 +15,7 @@ from models.bundle import load_card
 from models.ensemble import EnsembleConfig, build_ensemble, choose_weights, combine
 from models.finetune import FinetuneConfig
 from models.kfold import kfold_finetune
-from tests.conftest import FIXTURE, run_cli
+from tests.conftest import FIXTURE, run_module
 
 TINY = dict(epochs=1, image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20,
             tta="none")
@@ -60,7 +60,7 @@ def test_fold_models_resume_instead_of_retraining(kfold) -> None:
 
 
 def test_ensemble_folder_round_trips_through_predict_evaluate_explain(
-        kfold, trained_models, tmp_path: Path) -> None:
+        kfold, trained_models, tmp_path: Path, capsys) -> None:
     from models.evaluate import evaluate_model
     from models.explain import explain_images
     from models.predict import predict_images
@@ -84,7 +84,7 @@ def test_ensemble_folder_round_trips_through_predict_evaluate_explain(
     assert 0 <= res["overall"]["balanced_accuracy"] <= 1
     cams = explain_images(folder, images[:1], tmp_path / "cam")
     assert Path(cams[0]["overlay"]).exists()
-    proc = run_cli("models.predict", "--model", str(folder), images[0])
+    proc = run_module(capsys, "models.predict", "--model", str(folder), images[0])
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(proc.stdout.splitlines()[0])["decisions"]) == {
         "balanced_accuracy_rule", "melanoma_rule"}

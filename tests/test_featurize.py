@@ -18,7 +18,7 @@ from featurize.backbones import Embedder, create_backbone, load_positional
 from featurize.extract import (Extractor, FeaturizeConfig, featurize, resolve_key, tta_views)
 from lesionlab.data import load_dataset
 from lesionlab.errors import LesionLabError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_module
 
 SMALL = (96, 128)  # small input keeps CPU tests fast
 
@@ -159,7 +159,7 @@ def test_kill_and_resume(fixture_dir: Path, tmp_path: Path) -> None:
     assert not (entry / "chunks").exists()
 
 
-def test_unknown_backbone_and_missing_weights(fixture_dir: Path, tmp_path: Path) -> None:
+def test_unknown_backbone_and_missing_weights(fixture_dir: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(LesionLabError, match="unknown backbone 'resnet_nonexistent'"):
         create_backbone("resnet_nonexistent")
     env_cmd = ["featurize", "--backbone", "convnext_small", "--data", str(fixture_dir),
@@ -172,16 +172,16 @@ def test_unknown_backbone_and_missing_weights(fixture_dir: Path, tmp_path: Path)
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no hub retry noise
     assert not list((tmp_path / "features").glob("*/manifest.json"))
-    proc = run_cli("featurize", "--backbone", "nope_net", "--data", str(fixture_dir),
-                   "--workdir", str(tmp_path))
+    proc = run_module(capsys, "featurize", "--backbone", "nope_net", "--data", str(fixture_dir),
+                      "--workdir", str(tmp_path))
     assert proc.returncode == 2 and "unknown backbone" in proc.stderr
 
 
-def test_corrupt_image_stops_featurize_cleanly(data_copy: Path, tmp_path: Path) -> None:
+def test_corrupt_image_stops_featurize_cleanly(data_copy: Path, tmp_path: Path, capsys) -> None:
     victim = sorted((data_copy / "images").glob("*.jpg"))[40]
     victim.write_bytes(b"\xff\xd8 truncated")
-    proc = run_cli("featurize", "--backbone", "classical", "--data", str(data_copy),
-                   "--workdir", str(tmp_path), "--num-workers", "1", "--chunk-size", "16")
+    proc = run_module(capsys, "featurize", "--backbone", "classical", "--data", str(data_copy),
+                      "--workdir", str(tmp_path), "--num-workers", "1", "--chunk-size", "16")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: corrupt or unreadable image") and victim.name in last

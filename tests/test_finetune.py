@@ -16,7 +16,7 @@ from lesionlab.errors import LesionLabError
 from models.explain import explain_images, grad_cam
 from models.finetune import FinetuneConfig, finetune, load_finetuned
 from models.predict import predict_images
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_module
 
 TINY = dict(image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20, tta="flip")
 
@@ -25,10 +25,19 @@ class Interrupted(Exception):
     """Stands in for a kill after an epoch's checkpoint was written."""
 
 
-def test_tiny_run_writes_loadable_model(fixture_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, object]:
+    """One tiny fine-tuned model folder (and its card) shared by the tests of this file."""
+    from tests.conftest import FIXTURE
+
+    work = tmp_path_factory.mktemp("ft")
+    card = finetune(load_dataset(FIXTURE), work, FinetuneConfig(epochs=1, **TINY))
+    return work / "models" / card.name, card
+
+
+def test_tiny_run_writes_loadable_model(tiny_model, fixture_dir: Path) -> None:
     ds = load_dataset(fixture_dir)
-    card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
-    folder = tmp_path / "models" / card.name
+    folder, card = tiny_model
     assert card.kind == "finetune" and card.details.epochs_run == 1
     assert card.details.train_img_per_s > 0 and "ci95" in card.test
     assert card.tune_time_s == 0.0 and 0 < card.fit_time_s <= card.total_time_s
@@ -73,10 +82,9 @@ def test_eval_transform_is_deterministic(fixture_dir: Path) -> None:
     assert torch.equal(a, ds[0][0]) and a.shape == (3, 48, 64)
 
 
-def test_grad_cam_map(fixture_dir: Path, tmp_path: Path) -> None:
+def test_grad_cam_map(tiny_model, fixture_dir: Path, tmp_path: Path, capsys) -> None:
     ds = load_dataset(fixture_dir)
-    card = finetune(ds, tmp_path, FinetuneConfig(epochs=1, **TINY))
-    folder = tmp_path / "models" / card.name
+    folder, _ = tiny_model
     model, _, _ = load_finetuned(folder)
     x = torch.randn(1, 3, 48, 64)
     cam, cls, proba = grad_cam(model, x)
@@ -86,27 +94,18 @@ def test_grad_cam_map(fixture_dir: Path, tmp_path: Path) -> None:
     imgs = ds.frame["path"].tolist()[:2]
     res = explain_images(folder, imgs, tmp_path / "cams")
     assert all(Path(r["overlay"]).is_file() for r in res)
-    proc = run_cli("models.explain", "--model", str(folder), imgs[0], "--out",
-                   str(tmp_path / "cli"), "--target", "mel")
+    proc = run_module(capsys, "models.explain", "--model", str(folder), imgs[0], "--out",
+                      str(tmp_path / "cli"), "--target", "mel")
     assert proc.returncode == 0, proc.stderr[-400:]
     assert json.loads(proc.stdout.splitlines()[0])["class"] == "mel"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> tuple[Path, object]:
-    """One tiny fine-tuned model folder shared by the tests below."""
-    from tests.conftest import FIXTURE
-
-    work = tmp_path_factory.mktemp("ft")
-    card = finetune(load_dataset(FIXTURE), work, FinetuneConfig(epochs=1, **TINY))
-    return work / "models" / card.name, card
-
-
-def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Path) -> None:
+def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Path,
+                                                     capsys) -> None:
     folder, _ = tiny_model
     imgs = sorted((fixture_dir / "images").glob("*.jpg"))[:2]
-    proc = run_cli("models.predict", "--model", str(folder), *map(str, imgs), "--age", "45",
-                   "--sex", "female", "--localization", "back")
+    proc = run_module(capsys, "models.predict", "--model", str(folder), *map(str, imgs), "--age",
+                      "45", "--sex", "female", "--localization", "back")
     assert proc.returncode == 0, proc.stderr[-400:]
     lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
     assert len(lines) == 2
@@ -140,7 +139,7 @@ def test_crafted_checkpoint_does_not_run_code(fixture_dir: Path, tmp_path: Path)
 
 
 def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, capsys) -> None:
     folder, _ = tiny_model
     img = sorted((fixture_dir / "images").glob("*.jpg"))[0]
     twin = tmp_path / "other" / img.name
@@ -148,8 +147,8 @@ def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Pat
     twin.write_bytes(img.read_bytes())
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"garbage")
-    proc = run_cli("models.explain", "--model", str(folder), str(bad), str(img), str(twin),
-                   "--out", str(tmp_path / "cams"))
+    proc = run_module(capsys, "models.explain", "--model", str(folder), str(bad), str(img),
+                      str(twin), "--out", str(tmp_path / "cams"))
     assert proc.returncode == 1
     lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
     assert "error" in lines[0] and "broken.jpg" in lines[0]["error"]
@@ -157,8 +156,8 @@ def test_explain_bad_file_same_stem_and_head_folder(tiny_model, fixture_dir: Pat
     assert len(set(overlays)) == 2 and all(p.is_file() for p in overlays)
     head_dir = shutil.copytree(ROOT / "tests" / "fixtures" / "cards_v2" / "head",
                                tmp_path / "head_model")  # a head's folder
-    proc = run_cli("models.explain", "--model", str(head_dir), str(img), "--out",
-                   str(tmp_path / "x"))
+    proc = run_module(capsys, "models.explain", "--model", str(head_dir), str(img), "--out",
+                      str(tmp_path / "x"))
     assert proc.returncode == 2 and "needs a fine-tuned network" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -22,7 +22,7 @@ from models.ensemble import EnsembleConfig, build_ensemble, oof_join
 from models.finetune import FinetuneConfig, finetune
 from models.predict import predict_images
 from models.train_head import HeadConfig, train_head
-from tests.conftest import FIXTURE, ROOT, run_cli
+from tests.conftest import FIXTURE, ROOT, run_module
 
 HEAD_ARGS = dict(features="classical", trials=1, folds=2, n_boot=10)
 
@@ -103,7 +103,7 @@ def test_an_ensemble_named_after_one_of_its_members_is_refused(work, members) ->
         sorted([head.name, net.name]) and card.name == "ens"
 
 
-def test_a_folder_in_use_by_another_run_is_refused_naming_its_pid(work) -> None:
+def test_a_folder_in_use_by_another_run_is_refused_naming_its_pid(work, capsys) -> None:
     folder = work / "models" / "busy"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from models.bundle import claim_folder; "
@@ -111,9 +111,9 @@ def test_a_folder_in_use_by_another_run_is_refused_naming_its_pid(work) -> None:
          str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = run_cli("models.train_head", "--features", "classical", "--trials", "1",
-                       "--folds", "2", "--n-boot", "10", "--name", "busy",
-                       "--workdir", str(work), "--data", str(FIXTURE), timeout=300)
+        proc = run_module(capsys, "models.train_head", "--features", "classical", "--trials", "1",
+                          "--folds", "2", "--n-boot", "10", "--name", "busy", "--workdir",
+                          str(work), "--data", str(FIXTURE))
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == (
             f"error: folder {folder} is in use by another run (pid {holder.pid})")
@@ -167,11 +167,11 @@ def test_extreme_but_valid_member_weights_predict_like_their_ratio(work, tmp_pat
         assert max(g.values()) > 1 / 7 + 0.01
 
 
-def test_predict_cli_on_zero_member_weights_exits_2_with_one_line(work, tmp_path) -> None:
+def test_predict_cli_on_zero_member_weights_exits_2_with_one_line(work, tmp_path, capsys) -> None:
     ens = copy_model(work, "ens", tmp_path / "ens")
     edit_card(ens, member_weights=[0, 0])
-    proc = run_cli("models.predict", "--model", str(ens),
-                   load_dataset(FIXTURE).frame["path"].tolist()[0], timeout=300)
+    proc = run_module(capsys, "models.predict", "--model", str(ens),
+                      load_dataset(FIXTURE).frame["path"].tolist()[0])
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"error: {ens / 'card.json'}: config.member_weights must be finite numbers >= 0 "

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from lesionlab import data as data_mod
 from lesionlab.artifacts import exclusive_lock
 from lesionlab.data import load_dataset, load_rgb
 from lesionlab.errors import LesionLabError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_module
 
 
 class Killed(Exception):
@@ -53,17 +54,31 @@ def test_second_featurize_waits_for_the_first(fixture_dir: Path, tmp_path: Path)
     cfg = FeaturizeConfig(backbone="classical", num_workers=0, chunk_size=16)
     done = featurize(ds, tmp_path / "ref", cfg)
     lock = tmp_path / "w" / "features" / f".{done.key}.lock"
+    err_lines: list[str] = []
+    waiting = threading.Event()
+
+    def read_stderr(stream) -> None:  # until the second run says it waits
+        for line in stream:
+            err_lines.append(line)
+            if "waiting for it to finish" in line:
+                waiting.set()
+
     with exclusive_lock(lock, "test"):
         proc = subprocess.Popen(
             [sys.executable, "-m", "featurize", "--backbone", "classical", "--data",
              str(fixture_dir), "--workdir", str(tmp_path / "w"), "--num-workers", "0",
-             "--chunk-size", "16"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        time.sleep(8)
+             "--chunk-size", "16"], cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        reader = threading.Thread(target=read_stderr, args=(proc.stderr,), daemon=True)
+        reader.start()
+        assert waiting.wait(timeout=120), "".join(err_lines)[-400:]
+        time.sleep(1)  # it waits on the lock, not merely says so
         assert proc.poll() is None, "the second run did not wait for the lock"
         assert not (tmp_path / "w" / "features" / done.key).exists()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-400:]
+    returncode = proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(err_lines)
+    assert returncode == 0, err[-400:]
     assert "waiting for it to finish" in err and f"pid {os.getpid()}" in err
     again = featurize(ds, tmp_path / "w", cfg)
     np.testing.assert_array_equal(again.features, done.features)
@@ -105,7 +120,7 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert rgb[0, 30].tolist() == [128, 128, 128] and rgb[0, 5].tolist() == [4, 4, 4]
 
 
-def test_blank_lesion_id_is_refused_with_its_rows(data_copy: Path, tmp_path: Path) -> None:
+def test_blank_lesion_id_is_refused_with_its_rows(data_copy: Path, tmp_path: Path, capsys) -> None:
     meta = pd.read_csv(data_copy / "HAM10000_metadata.csv")
     meta.loc[3, "lesion_id"] = np.nan
     meta.loc[7, "lesion_id"] = "  "
@@ -113,7 +128,8 @@ def test_blank_lesion_id_is_refused_with_its_rows(data_copy: Path, tmp_path: Pat
     with pytest.raises(LesionLabError, match="2 row.* blank lesion_id") as err:
         load_dataset(data_copy)
     assert meta.loc[3, "image_id"] in str(err.value) and "[5, 9]" in str(err.value)
-    proc = run_cli("lesionlab.splits", "--data", str(data_copy), "--workdir", str(tmp_path))
+    proc = run_module(capsys, "lesionlab.splits", "--data", str(data_copy), "--workdir",
+                      str(tmp_path))
     assert proc.returncode == 2 and "blank lesion_id" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

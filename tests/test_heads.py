@@ -19,7 +19,7 @@ from models.train_design import load_design
 from models.design import card_design
 from models.predict import images_dataset, predict_images
 from models.train_head import HeadConfig, train_head
-from tests.conftest import run_cli
+from tests.conftest import run_module
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_train_head_tiny_budget_and_reload(featurized, tmp_path: Path, head: str
     assert again.test["balanced_accuracy"] == card.test["balanced_accuracy"]
 
 
-def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
+def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path, capsys) -> None:
     data, work = featurized
     wd = tmp_path / "w"
     shutil.copytree(work, wd)
@@ -129,8 +129,8 @@ def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
     imgs = sorted((data / "images").glob("*.jpg"))[:2]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"garbage")
-    proc = run_cli("models.predict", "--model", str(wd / "models" / card.name),
-                   str(imgs[0]), str(bad), str(imgs[1]))
+    proc = run_module(capsys, "models.predict", "--model", str(wd / "models" / card.name),
+                      str(imgs[0]), str(bad), str(imgs[1]))
     assert proc.returncode == 1
     lines = [json.loads(text) for text in proc.stdout.strip().splitlines()]
     assert [line["path"] for line in lines] == [str(imgs[0]), str(bad), str(imgs[1])]
@@ -143,15 +143,15 @@ def test_predict_cli_format_and_bad_image(featurized, tmp_path: Path) -> None:
     assert "broken.jpg" in proc.stderr
 
 
-def test_bad_feature_key_and_options(featurized, tmp_path: Path) -> None:
+def test_bad_feature_key_and_options(featurized, tmp_path: Path, capsys) -> None:
     data, work = featurized
     ds = load_dataset(data)
     with pytest.raises(LesionLabError, match="no computed features match 'tf_efficientnet_lite1'"):
         train_head(ds, work, HeadConfig(features="classical+tf_efficientnet_lite1"))
     with pytest.raises(LesionLabError, match="unknown --head"):
         train_head(ds, work, HeadConfig(features="classical", head="svm"))
-    proc = run_cli("models.train_head", "--features", "nothing", "--data", str(data),
-                   "--workdir", str(tmp_path))
+    proc = run_module(capsys, "models.train_head", "--features", "nothing", "--data", str(data),
+                      "--workdir", str(tmp_path))
     assert proc.returncode == 2 and "no computed features" in proc.stderr
     assert "Traceback" not in proc.stderr
     with pytest.raises(LesionLabError, match="not a lesionlab model folder"):

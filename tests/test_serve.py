@@ -22,7 +22,7 @@ from lesionlab import data as data_mod
 from lesionlab.data import CLASSES
 from models.predict import predict_images
 from serve.app import create_app
-from tests.conftest import FIXTURE, ROOT, run_cli
+from tests.conftest import FIXTURE, ROOT, run_module
 
 
 @pytest.fixture
@@ -97,8 +97,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(models_dir, image: Path
     assert client.post("/api/predict").status_code == 422  # no file at all
 
 
-def test_missing_model_folder_is_one_line(tmp_path: Path) -> None:
-    proc = run_cli("serve", "--model", str(tmp_path / "nope"), timeout=120)
+def test_missing_model_folder_is_one_line(tmp_path: Path, capsys) -> None:
+    proc = run_module(capsys, "serve", "--model", str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: model folder not found or not a lesionlab model: {tmp_path / 'nope'}"]
