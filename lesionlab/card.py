@@ -28,7 +28,7 @@ from lesionlab.provenance import provenance
 CARD = "card.json"
 SCHEMA_VERSION = 2  # 1: no schema_version field; 2: schema_version recorded
 KINDS = ("head", "finetune", "ensemble")  # the ``kind`` a card may hold
-WEIGHT_FILES = ("model.pt", "head.skops")  # their sha256 is recorded in the card
+WEIGHT_FILES = ("model.pt", "head.skops", "model.onnx")  # their sha256 is recorded in the card
 # temperature scaling is fitted inside these bounds (models.heads.fit_temperature); a card
 # outside them was not written by lesionlab, and a tiny one overflows the softmax
 TEMPERATURE_RANGE: tuple[float, float] = (0.05, 20.0)
@@ -70,6 +70,9 @@ class ModelCard:
     # cropped to (lesionlab.images); None: HAM10000's 4:3. A head's is in its feature blocks.
     input_aspect: float | None = None
     details: dict = field(default_factory=dict)  # kind-specific: tuning or training record
+    # an exported network's (models.export): precision, its check on val, source, data,
+    # licence, scores, the melanoma rule, intended use; None: not exported
+    export: dict | None = None
     # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
     # written before this field existed loads with {} (unknown provenance, so stale)
     provenance: dict = field(default_factory=provenance)
