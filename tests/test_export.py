@@ -4,6 +4,7 @@ shipped default model."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from models import export, shipped
 from models.export import ExportConfig, export_model, precision_check, require_passed
 from models.folder import NetworkFolder, OnnxNetworkFolder, load_model_folder
 from models.predict import predict_proba
-from tests.conftest import FIXTURE, run_cli
+from tests.conftest import FIXTURE
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +127,10 @@ def test_fp16_needs_data_and_is_refused_or_kept_by_the_rule(
         export_model(cfg)
     real = export.val_probas
 
-    def worse(*args):  # the export turns a quarter of the val decisions
-        ref, new, labels = real(*args)
-        new = new.copy()
-        new[: max(1, len(new) // 4)] = np.roll(new[: max(1, len(new) // 4)], 1, axis=1)
-        return ref, new, labels
+    def worse(*args):  # mocked val numbers: the export turns a quarter of 40 decisions
+        labels = np.arange(40) % 7
+        ref = np.eye(7)[labels] * 0.9 + 0.1 / 7
+        return ref, np.concatenate([np.roll(ref[:10], 1, axis=1), ref[10:]]), labels
 
     monkeypatch.setattr(export, "val_probas", worse)
     with pytest.raises(LesionLabError, match="--precision fp16 refused"):
@@ -167,19 +167,32 @@ def test_default_model_is_the_shipped_folder(exported: Path, tmp_path: Path,
     assert main([_images(1)[0]]) == 0  # no --model: the shipped one predicts
 
 
-def test_cli_without_a_shipped_model_says_so_in_one_line() -> None:
-    if (shipped.SHIPPED_MODEL / "card.json").is_file():
-        pytest.skip("a shipped model is installed")
-    res = run_cli("models.predict", _images(1)[0])
-    assert res.returncode != 0 and res.stdout == ""
-    assert res.stderr.strip().count("\n") == 0
-    assert "no shipped model is installed" in res.stderr and "--model" in res.stderr
+@pytest.mark.parametrize("command", ["models.predict", "models.evaluate", "models.explain",
+                                     "serve.__main__"])
+def test_commands_without_a_shipped_model_say_so_in_one_line(
+        command: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    import importlib
+
+    from lesionlab.cli import run_main
+
+    monkeypatch.setattr(shipped, "SHIPPED_MODEL", tmp_path / "absent")
+    argv = {"models.predict": [_images(1)[0]], "models.explain": [_images(1)[0], "--out",
+                                                                  str(tmp_path / "o")],
+            "models.evaluate": ["--data", str(FIXTURE)], "serve.__main__": []}[command]
+    with pytest.raises(SystemExit) as stop:
+        run_main(importlib.import_module(command).main, argv)
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and out.out == ""
+    assert out.err == (f"error: no shipped model is installed ({tmp_path / 'absent'} has no "
+                       f"card.json); pass --model FOLDER (a model folder you trained)\n")
 
 
-def test_export_cli(network: Path, tmp_path: Path) -> None:
-    res = run_cli("models.export", "--model", str(network), "--out", str(tmp_path / "e"),
-                  "--torch-copy", "none")
-    assert res.returncode == 0, res.stderr
-    assert "(fp32," in res.stdout and "no check (no --data)" in res.stdout
+def test_export_cli(network: Path, tmp_path: Path, capsys) -> None:
+    from models.export import main
+
+    assert main(["--model", str(network), "--out", str(tmp_path / "e"),
+                 "--torch-copy", "none"]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"\(fp32, 13\.\d MB\); no check \(no --data\)", said)
     card = json.loads((tmp_path / "e" / "card.json").read_text())
     assert card["export"]["check"] is None and sorted(card["files"]) == ["model.onnx"]
