@@ -240,21 +240,10 @@ class Runner:
             self.embedder = self.embedder.to(memory_format=torch.channels_last)
 
     def _export_onnx(self, example: torch.Tensor):
-        import warnings
-
-        import onnxruntime as ort
-
         self._tmp = tempfile.mkdtemp(prefix="lesionlab-onnx-")
         path = os.path.join(self._tmp, "embedder.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(self.embedder, (example,), path, input_names=["x"],
-                              output_names=["y"], opset_version=17, dynamo=False,
-                              dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b"}})
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        export_onnx(self.embedder, example, path)
+        return onnx_session(path)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
@@ -271,6 +260,30 @@ class Runner:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path | str) -> None:
+    """Write ``module`` (eval mode, on the CPU) as an ONNX graph to ``path``: input ``x``
+    (batch, 3, H, W) float32, any batch and image size; output ``y`` (batch, ...), as
+    ``module`` returns it. ``example`` is one such input (its values are not stored)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamo=False,
+                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b"}})
+
+
+def onnx_session(path: Path | str):
+    """An ONNX Runtime CPU session on the graph at ``path``, with torch's thread count and
+    every graph optimisation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _onnx_available() -> bool:

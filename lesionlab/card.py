@@ -30,7 +30,7 @@ from lesionlab.provenance import provenance
 CARD = "card.json"
 SCHEMA_VERSION = 3  # 1: no schema_version field; 2: schema_version recorded; 3: typed blocks
 KINDS = tuple(BLOCKS)  # the ``kind`` a card may hold: head, finetune, ensemble
-WEIGHT_FILES = ("model.pt", "head.skops")  # their sha256 is recorded in the card
+WEIGHT_FILES = ("model.pt", "head.skops", "model.onnx")  # their sha256 is recorded in the card
 # temperature scaling is fitted inside these bounds (models.heads.fit_temperature); a card
 # outside them was not written by lesionlab, and a tiny one overflows the softmax
 TEMPERATURE_RANGE: tuple[float, float] = (0.05, 20.0)
@@ -68,6 +68,9 @@ class ModelCard:
     details: Any  # its kind's record block (lesionlab.card_blocks: HeadRecord...)
     mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
     external: dict | None = None  # its score on an external labelled set (benchmarks)
+    # an exported network's (models.export): precision, its check on val, source, data,
+    # licence, scores, the melanoma rule, intended use; None: not exported
+    export: dict | None = None
     # commit, dirty, code and lock sha256, library versions (lesionlab.provenance); a card
     # written before this field existed loads with {} (unknown provenance, so stale)
     provenance: dict = field(default_factory=provenance)

@@ -154,8 +154,11 @@ def workdir_option() -> Any:
     return option(Path(DEFAULT_WORKDIR), "folder for all artifacts")
 
 
-def model_option(what: str = "a model folder (with card.json)") -> Any:
-    """A required ``--model DIR``: the model folder a command reads."""
+def model_option(what: str = "a model folder (with card.json)", shipped: bool = False) -> Any:
+    """A ``--model DIR``: the model folder a command reads; required, or with ``shipped``
+    optional (None: the model shipped with lesionlab, ``models.shipped``)."""
+    if shipped:
+        return option(None, f"{what}; None: the shipped model (pretrained/)", parse=Path)
     return option(help=what, parse=Path)
 
 

@@ -39,6 +39,7 @@ from lesionlab.fingerprint import read_train_digests, train_overlap
 from models import classmap
 from models.bundle import ModelCard, load_card, score_text
 from models.folder import load_model_folder
+from models.shipped import default_model_folder
 
 SCORE_KEYS = ("n", "balanced_accuracy", "balanced_accuracy_ci95", "macro_f1", "macro_auc",
               "mel_sensitivity", "ece", "per_class_recall", "mel_operating_point",
@@ -235,8 +236,8 @@ def print_scores(result: dict) -> None:
 class EvaluateConfig:
     """What ``python -m models.evaluate`` scores and how; its flags come from these fields."""
 
-    model: Path = model_option()
     data: Path = option(help="images + one label CSV (or one folder per class)", parse=Path)
+    model: Path | None = model_option(shipped=True)
     labels: str = labels_option()
     label_map: Path | None = label_map_option()
     by: str | None = option(None, "column to score per value, e.g. dataset")
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Score the model and print (and optionally save) the table."""
     args = config_from_args(EvaluateConfig, build_parser().parse_args(argv))
+    args.model = default_model_folder(args.model)
     dataset, overlap = leave_out_training_images(
         args.model, load_external_labels(args.data, **label_options(args)),
         args.keep_train_overlap)

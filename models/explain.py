@@ -26,6 +26,7 @@ from lesionlab.images import crop_box, crop_to_aspect, model_aspect, read_image
 from lesionlab.errors import LesionLabError
 from models.bundle import ModelCard
 from models.folder import NetworkFolder, load_model_folder
+from models.shipped import default_model_folder
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None = None
@@ -123,7 +124,7 @@ def gradcam_folder(model_dir: Path | str, device: str = "cpu") -> NetworkFolder:
     if net is None:
         raise LesionLabError(
             f"Grad-CAM needs a fine-tuned network; {model_dir} holds a {model.card.kind!r} "
-            f"model without one (a head on embeddings)")
+            f"model without one ({model.no_gradcam})")
     return net
 
 
@@ -162,11 +163,11 @@ def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
 class ExplainConfig:
     """What ``python -m models.explain`` explains and where; its flags come from these fields."""
 
-    model: Path = model_option("a fine-tuned model folder")
     images: tuple[str, ...] = option(help="image files (JPEG or PNG, any size)",
                                      positional=True)
     out: Path = option(help="folder for the overlay PNGs (and the resolved config.yaml)",
                        parse=Path)
+    model: Path | None = model_option("a fine-tuned model folder", shipped=True)
     target: str | None = option(None, "class to explain (one of the model's classes); None: "
                                       "the predicted one", choices=KNOWN_CLASSES)
     device: str = device_option()
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one overlay per image and print a JSON line for each; exit 1 if any failed."""
     args = config_from_args(ExplainConfig, build_parser().parse_args(argv))
+    args.model = default_model_folder(args.model)
     from models.predict import print_results
 
     results = explain_images(args.model, list(args.images), args.out, args.target, args.device)

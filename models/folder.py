@@ -41,6 +41,7 @@ from models.design import (card_design, card_extractors, is_finetuned_key, local
                            stack_member_dir, stacked_blocks)
 from models.finetune import load_finetuned, network_proba
 from models.heads import apply_temperature
+from models.shipped import TORCH_FILE, card_spec, is_exported, load_onnx_network
 
 MEMBERS = "members"  # an ensemble's (and a stack's, an embedding head's) copied folders
 
@@ -70,6 +71,7 @@ class ModelFolder:
     kind: ClassVar[str] = ""  # the registry name, set by register_kind
     card_kind: ClassVar[str] = ""  # the card ``kind`` this class reads
     description: ClassVar[str] = ""
+    no_gradcam: ClassVar[str] = "a head on embeddings"  # why gradcam_network() is None
 
     def __init__(self, path: Path, card: ModelCard, device: str = "auto",
                  workdir: Path | str | None = None, tta: str | None = None) -> None:
@@ -307,6 +309,28 @@ class NetworkFolder(ModelFolder):
     def gradcam_network(self) -> NetworkFolder:
         """Itself."""
         return self
+
+
+@register_kind("onnx")
+class OnnxNetworkFolder(NetworkFolder):
+    """A fine-tuned network exported for inference (``model.onnx``, ``models.export``), run
+    by ONNX Runtime; Grad-CAM explains its torch copy (``model.pt``) when it keeps one."""
+
+    description = "a fine-tuned network exported for ONNX Runtime"
+    no_gradcam = "an export without its torch copy model.pt: explain the unexported folder"
+
+    @classmethod
+    def claims(cls, card: ModelCard) -> bool:
+        return is_exported(card)
+
+    def _load(self) -> None:
+        self.network, self.spec = load_onnx_network(self.path, self.card), card_spec(self.card)
+
+    def gradcam_network(self) -> NetworkFolder | None:
+        """The torch copy, as a plain network folder; None when the export keeps none."""
+        if not (self.path / TORCH_FILE).is_file():
+            return None
+        return NetworkFolder(self.path, self.card, self.device, self.workdir, self.tta)
 
 
 def member_dirs(folder: Path | str, card: ModelCard | None = None) -> list[Path]:

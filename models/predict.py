@@ -25,6 +25,7 @@ from lesionlab.errors import LesionLabError
 from lesionlab.labels import default_vocabulary, spelled
 # images_dataset is re-exported (it lived here)
 from models.folder import NetworkFolder, images_dataset, load_model_folder  # noqa: F401
+from models.shipped import default_model_folder
 
 RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
 # what the melanoma rule says for a model without a melanoma class (no threshold to apply)
@@ -176,9 +177,9 @@ def _age(text: str) -> float:
 class PredictConfig:
     """What ``python -m models.predict`` predicts and how; its flags come from these fields."""
 
-    model: Path = model_option()
     images: tuple[str, ...] = option(help="image files (any format Pillow reads, any size)",
                                      positional=True)
+    model: Path | None = model_option(shipped=True)
     age: float | None = option(None, "for models trained with --metadata", parse=_age)
     sex: str | None = option(None, "for models trained with --metadata (any case)",
                              choices=default_vocabulary().names("sex"),
@@ -210,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = len(args.images)
     meta = pd.DataFrame({"age": [args.age] * n, "sex": [args.sex] * n,
                          "localization": [args.localization] * n})
-    return print_results(predict_images(args.model, list(args.images), meta, args.device))
+    return print_results(predict_images(default_model_folder(args.model), list(args.images),
+                                        meta, args.device))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import uvicorn
 
+    from models.shipped import default_model_folder
     from serve.app import ServeConfig, create_app
 
     cfg = config_from_args(ServeConfig, build_parser().parse_args(argv))
+    cfg.model = default_model_folder(cfg.model)
     cfg.validate()
     if not (cfg.model / "card.json").is_file():
         raise LesionLabError(f"model folder not found or not a lesionlab model: {cfg.model}")

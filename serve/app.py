@@ -41,7 +41,7 @@ DISCLAIMER = ("Research tool, not a medical device: it must not be used to diagn
 class ServeConfig:
     """What ``python -m serve`` serves and how; its flags come from these fields."""
 
-    model: Path = model_option()
+    model: Path | None = model_option(shipped=True)
     host: str = option("127.0.0.1", "address to bind; 0.0.0.0 serves every network interface")
     port: int = option(8000, "TCP port", ge=1, le=65535)
     device: str = device_option()

@@ -120,7 +120,7 @@ def test_featurize_reads_a_fine_tuned_card_through_the_core(folders) -> None:
 
 
 def test_the_registry_knows_every_kind_and_picks_the_class_of_each_folder(folders) -> None:
-    assert kinds() == ["finetune", "ensemble", "head", "embedding_head", "stack"]
+    assert kinds() == ["finetune", "onnx", "ensemble", "head", "embedding_head", "stack"]
     got = {k: type(load_model_folder(d)) for k, d in folders.items()}
     assert got == {"head_meta": HeadFolder, "finetune": NetworkFolder,
                    "ensemble": EnsembleFolder}
