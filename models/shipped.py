@@ -92,8 +92,8 @@ def card_spec(card: ModelCard) -> BackboneSpec:
     """The preprocessing a fine-tuned network's card records (size, mean, std,
     interpolation), without building the network."""
     d = card.details
-    return BackboneSpec(name=card.name, image_size=tuple(d["image_size"]),
-                        mean=tuple(d["mean"]), std=tuple(d["std"]),
-                        weights_source=d.get("weights_source", ""),
+    return BackboneSpec(name=card.name, image_size=tuple(card.config.image_size),
+                        mean=tuple(d.mean), std=tuple(d.std),
+                        weights_source=d.weights_source,
                         weights_sha256=card.files.get(ONNX_FILE, ""),
-                        interpolation=d.get("interpolation", "bicubic"))
+                        interpolation=d.interpolation or "bicubic")
