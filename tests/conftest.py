@@ -53,9 +53,11 @@ def run_module(capsys: pytest.CaptureFixture, module: str,
     import logging
 
     from lesionlab.cli import run_main
+    from lesionlab.errors import flush_warnings
 
     mod = importlib.import_module(module)  # a package runs as its __main__ (featurize, serve)
     main = getattr(mod, "main", None) or importlib.import_module(module + ".__main__").main
+    flush_warnings()  # warnings counted by earlier tests in this process are not the command's
     capsys.readouterr()  # what the test printed before is not the command's
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)  # capsys's stderr, as it is now
