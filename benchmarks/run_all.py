@@ -50,13 +50,27 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 @dataclass
 class Cell:
-    """One unit of the study: a name, what it runs, and how to run it."""
+    """One unit of the study: a name, what it runs, and how to run it.
+
+    Raises:
+        LesionLabError: ``kind`` is not one of :data:`CELL_RUNNERS`.
+    """
 
     cell_id: str
-    kind: str  # head | finetune | kfold (K fold networks -> their ensemble) | ensemble
+    kind: str  # a key of CELL_RUNNERS: head | finetune | kfold | ensemble
     config: Any
     group: str = "main"  # main | curve
     needs: list[FeaturizeConfig] = field(default_factory=list)  # features made first, if missing
+
+    def __post_init__(self) -> None:
+        if self.kind not in CELL_RUNNERS:
+            raise LesionLabError(f"cell {self.cell_id}: unknown kind {self.kind!r}; expected "
+                                 f"one of {', '.join(CELL_RUNNERS)}")
+
+    @property
+    def runner(self) -> CellRunner:
+        """How a cell of this kind is run (:data:`CELL_RUNNERS`)."""
+        return CELL_RUNNERS[self.kind]
 
 
 @dataclass
@@ -71,6 +85,45 @@ class Plan:
     curve_finetune_fractions: tuple[float, ...] | None = None  # None: curve_fractions
     curve_head_trials: int = 10
     seeds: SeedStudy | None = None  # heads on cached features over split seeds
+
+
+@dataclass(frozen=True)
+class CellRunner:
+    """How one kind of cell is run: ``run(cell, dataset, workdir) -> ModelCard``, the model
+    folders it writes besides ``<workdir>/models/<cell_id>``, and whether its cost is the
+    card's training time (summed over resumed parts and folds) rather than the call's wall
+    time."""
+
+    run: Callable[[Cell, Dataset, Path], ModelCard]
+    extra_folders: Callable[[Cell, Path], list[Path]] = lambda cell, workdir: []
+    cost_is_training_time: bool = False
+
+
+def _run_head(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
+    return train_head(dataset, workdir, cell.config)
+
+
+def _run_ensemble(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
+    members = [Path(workdir) / "models" / m for m in cell.config.members]
+    return build_ensemble(members, dataset, workdir, cell.config)
+
+
+def _kfold_folders(cell: Cell, workdir: Path) -> list[Path]:
+    return [model_path(workdir, c.model_name()) for c in fold_configs(cell.config)]
+
+
+# One entry per kind of cell; a new kind is one runner registered here, nothing else changes.
+CELL_RUNNERS: dict[str, CellRunner] = {
+    "head": CellRunner(_run_head),
+    "finetune": CellRunner(lambda cell, dataset, workdir:
+                           finetune(dataset, workdir, cell.config, resume=True),
+                           cost_is_training_time=True),
+    # K fold networks, then their ensemble (the cell's folder)
+    "kfold": CellRunner(lambda cell, dataset, workdir:
+                        kfold_finetune(dataset, workdir, cell.config),
+                        extra_folders=_kfold_folders, cost_is_training_time=True),
+    "ensemble": CellRunner(_run_ensemble),
+}
 
 
 # The full preset's head studies end on their trial count, never on a time cap, so the same
@@ -224,7 +277,8 @@ def best_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     """
     full = full_plan(seed, workdir)
     ens = full.late_cells[0]
-    wanted = set(ens.config.members) | {c.cell_id for c in full.cells if c.kind == "kfold"}
+    wanted = set(ens.config.members) | {c.cell_id for c in full.cells
+                                         if c.runner is CELL_RUNNERS["kfold"]}
     return Plan(featurize=full.featurize, cells=[c for c in full.cells if c.cell_id in wanted],
                 late_cells=[ens], curve_fractions=())
 
@@ -285,22 +339,14 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path, reuse_stale: bool = Fa
     # e.g. the embedding of a network an earlier cell fine-tuned; the cell reads exactly these
     made = [featurize(dataset, workdir, need, fresh_code=not reuse_stale).key
             for need in cell.needs]
-    if cell.kind == "head":
-        with pinned_feature_sets(made):
-            card = train_head(dataset, workdir, cell.config)
-    elif cell.kind == "kfold":
-        card = kfold_finetune(dataset, workdir, cell.config)
-    elif cell.kind == "ensemble":
-        members = [Path(workdir) / "models" / m for m in cell.config.members]
-        card = build_ensemble(members, dataset, workdir, cell.config)
-    else:
-        card = finetune(dataset, workdir, cell.config, resume=True)
+    with pinned_feature_sets(made):  # a head reads exactly the sets made for it
+        card = cell.runner.run(cell, dataset, Path(workdir))
     row = summarize(card)
     row["group"] = cell.group
     row["model_dir"] = str(Path(workdir) / "models" / card.name)
     # what this cell cost: a network's training time (summed over resumed parts and folds),
     # otherwise this call's wall time (an ensemble's card also counts its members' training)
-    row["cell_time_s"] = (card.total_time_s if cell.kind in ("finetune", "kfold")
+    row["cell_time_s"] = (card.total_time_s if cell.runner.cost_is_training_time
                           else round(time.perf_counter() - t0, 1))
     row["provenance"] = card.provenance
     write_json(out, row)
@@ -309,10 +355,7 @@ def run_cell(cell: Cell, dataset: Dataset, workdir: Path, reuse_stale: bool = Fa
 
 def cell_folders(cell: Cell, workdir: Path | str) -> list[Path]:
     """The model folders a cell writes (a K-fold cell: its fold networks and their ensemble)."""
-    folders = [model_path(workdir, cell.cell_id)]
-    if cell.kind == "kfold":
-        folders += [model_path(workdir, c.model_name()) for c in fold_configs(cell.config)]
-    return folders
+    return [model_path(workdir, cell.cell_id)] + cell.runner.extra_folders(cell, Path(workdir))
 
 
 def archive_stale(cell: Cell, workdir: Path | str) -> list[Path]:

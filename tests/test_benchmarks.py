@@ -170,6 +170,25 @@ def test_unknown_preset_and_bad_external(fixture_dir: Path, tmp_path: Path) -> N
                    download=False)
 
 
+def test_every_cell_kind_runs_through_one_registered_runner(tmp_path: Path) -> None:
+    """Each preset's cells name a registered runner; an unknown kind stops when the cell is
+    made; a K-fold cell's folders are its ensemble's and its fold networks'."""
+    kinds = {c.kind for p in ("quick", "full", "best")
+             for c in ra.plan_for(p, 0).cells + ra.plan_for(p, 0).late_cells}
+    assert kinds == set(ra.CELL_RUNNERS) == {"head", "finetune", "kfold", "ensemble"}
+    with pytest.raises(LesionLabError, match="unknown kind 'stack'"):
+        ra.Cell("x", "stack", None)
+    kfold = next(c for c in ra.plan_for("full", 0).cells if c.kind == "kfold")
+    folders = ra.cell_folders(kfold, tmp_path)
+    assert folders[0].name == kfold.cell_id and len(folders) == 1 + kfold.config.cv_folds
+    assert [f.name for f in folders[1:]] == [c.model_name() for c in fold_configs(kfold.config)]
+    head = next(c for c in ra.plan_for("quick", 0).cells if c.kind == "head")
+    assert ra.cell_folders(head, tmp_path) == [tmp_path / "models" / head.cell_id]
+    assert [ra.CELL_RUNNERS[k].cost_is_training_time for k in ("head", "finetune", "kfold",
+                                                              "ensemble")] == [
+        False, True, True, False]
+
+
 def test_full_plan_covers_the_study() -> None:
     """The full preset holds every comparison the study claims, each cell once."""
     plan = ra.plan_for("full", 0)
