@@ -193,3 +193,29 @@ def test_a_new_kind_is_one_registered_class(folders, monkeypatch) -> None:
         == "tagged"
     with pytest.raises(ValueError, match="registered twice"):
         register_kind("tagged_head")(TaggedHead)
+
+
+def test_no_folder_kind_switch_outside_the_registry() -> None:
+    """What a folder does is decided by its registered class (``models/folder.py``, and the
+    ``onnx`` kind's claim in ``models/shipped.py``): no other module compares a ``.kind`` with a
+    model-folder kind's name."""
+    import ast
+
+    from models import folder
+
+    names = set(folder.kinds()) | {"head", "kfold", "stack"}
+    root = Path(__file__).resolve().parents[1]
+    allowed = {root / "models" / "folder.py", root / "models" / "shipped.py"}
+    found = []
+    for pkg in ("lesionlab", "featurize", "models", "serve", "benchmarks"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path in allowed:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Compare):
+                    continue
+                sides = [node.left, *node.comparators]
+                if any(isinstance(s, ast.Attribute) and s.attr == "kind" for s in sides) and any(
+                        isinstance(s, ast.Constant) and s.value in names for s in sides):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []
