@@ -174,7 +174,9 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
                          seed=seed, n_boot=50 if smoke else 500,
                          tune_timeout=None)  # the trial count ends the study: same numbers on any CPU
         plan.cells.append(_head_cell(cfg))
-    plan.seeds = head_seed_study(plan.cells[0].config, first_seeds(seed, 2))
+    # the split-seed study doubles the heads' cost (~7 min on 2 cores), so the first job a new
+    # user runs holds it with no seeds (--split-seeds 2 adds them); smoke keeps 2 for tests
+    plan.seeds = head_seed_study(plan.cells[0].config, first_seeds(seed, 2 if smoke else 0))
     ft = FinetuneConfig(image_size=(48, 64) if smoke else (96, 128), epochs=1,
                         train_fraction=0.25 if not smoke else 1.0, seed=seed,
                         n_boot=50 if smoke else 500, tta="none", num_workers=0 if smoke else 2)
@@ -461,7 +463,7 @@ def run_seeds(plan: Plan, dataset: Dataset, workdir: Path, reuse_stale: bool = F
     seed, each a head cell run through :func:`run_cell` (the study's own split seed is the
     study's cell, already run); returns the saved record, None when the plan has none.
     ``on_row`` (e.g. MLflow tracking) sees the cells of the other seeds."""
-    if plan.seeds is None:
+    if plan.seeds is None or not plan.seeds.split_seeds:
         return None
 
     def one(cfg: HeadConfig) -> dict:
@@ -676,7 +678,7 @@ class RunAllConfig:
     seed: int = option(0, "model seed of every cell", ge=0)
     split_seeds: int | None = option(None, "split seeds (--seed and the next ones) the heads "
                                            "on cached features are re-run over; None: the "
-                                           "preset's (full 5, quick 2), 0: none", ge=0)
+                                           "preset's (full 5, quick 0), 0: none", ge=0)
     data: Path | None = data_option()
     labels: str = labels_option()
     label_map: Path | None = label_map_option()

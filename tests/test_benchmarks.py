@@ -266,6 +266,10 @@ def test_full_plan_has_the_controls_and_no_time_cap() -> None:
         assert seeds.config(label, 3).model_name() not in by_id
     assert ra.with_split_seeds(ra.plan_for("full", 2), 2, 0).seeds is None
     assert ra.with_split_seeds(ra.plan_for("quick", 2), 2, 3).seeds.split_seeds == (2, 3, 4)
+    # the quick preset (a new user's first job) runs no seed study unless asked
+    quick = ra.with_split_seeds(ra.plan_for("quick", 2), 2, None)
+    assert quick.seeds.split_seeds == () and ra.run_seeds(quick, None, Path(".")) is None
+    assert ra.plan_for("smoke", 2).seeds.split_seeds == (2, 3)
 
 
 def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
