@@ -260,30 +260,60 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
         (lo, hi), the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled values
         (the percentile bootstrap, Efron & Tibshirani 1993); NaN, NaN when no draw counted.
     """
-    values = []
+    return bootstrap_cis(y_true, proba, groups, {"m": metric}, n_boot, seed, alpha)["m"]
+
+
+def bootstrap_cis(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray,
+                  metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]],
+                  n_boot: int = 1000, seed: int = 0,
+                  alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """:func:`bootstrap_ci` of several metrics on one set of lesion resamples: each draw is
+    made once and scored by every metric, so the intervals equal one :func:`bootstrap_ci`
+    call per metric (same seed, same draws) at a fraction of the cost.
+
+    Args:
+        y_true: (n_images,) class indices.
+        proba: (n_images, n_classes) probabilities.
+        groups: (n_images,) lesion id of each image.
+        metrics: name -> ``fn(y_true, proba) -> float``.
+        n_boot: bootstrap resamples.
+        seed: seed of the resamples.
+        alpha: 1 - the coverage.
+
+    Returns:
+        name -> (lo, hi); NaN, NaN for a metric no draw counted for.
+    """
+    values: dict[str, list[float]] = {name: [] for name in metrics}
     for idx in lesion_resamples(groups, n_boot, seed):
-        if len(np.unique(y_true[idx])) < 2:
+        y = y_true[idx]
+        if len(np.unique(y)) < 2:
             continue
-        values.append(metric(y_true[idx], proba[idx]))
-    values_arr = np.asarray([v for v in values if not np.isnan(v)])
-    if len(values_arr) == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(values_arr, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+        p = proba[idx]
+        for name, fn in metrics.items():
+            values[name].append(fn(y, p))
+    out = {}
+    for name, vals in values.items():
+        arr = np.asarray([v for v in vals if not np.isnan(v)])
+        if len(arr) == 0:
+            out[name] = (float("nan"), float("nan"))
+            continue
+        lo, hi = np.quantile(arr, [alpha / 2, 1 - alpha / 2])
+        out[name] = (float(lo), float(hi))
+    return out
 
 
 def _ci_metrics(mel: int | None) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
-    """The metrics :func:`evaluate` bootstraps, ``mel`` being melanoma's class index."""
+    """The metrics :func:`evaluate` bootstraps, ``mel`` being melanoma's class index: the
+    counting and rank forms (:func:`fast_balanced_accuracy`, :func:`fast_macro_f1`,
+    :func:`fast_macro_auc`), equal to the scikit-learn ones (tested) without their per-call
+    checks, since every resample calls them."""
     return {
-        "balanced_accuracy": lambda y, p: balanced_accuracy(y, p.argmax(axis=1)),
-        "macro_f1": lambda y, p: macro_f1(y, p.argmax(axis=1)),
-        "macro_auc": macro_auc,
+        "balanced_accuracy": fast_balanced_accuracy,
+        "macro_f1": fast_macro_f1,
+        "macro_auc": fast_macro_auc,
         "mel_sensitivity": lambda y, p: mel_sensitivity_specificity(y, p.argmax(axis=1),
                                                                     mel)[0],
     }
-
-
-_CI_METRICS = _ci_metrics(MEL)  # HAM10000's 7 classes
 
 
 def evaluate(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = None,
@@ -316,9 +346,9 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, groups: np.ndarray | None = 
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     result["n"] = int(len(y_true))
     if groups is not None and n_boot > 0:
-        result["ci95"] = {name: list(bootstrap_ci(y_true, proba, np.asarray(groups), fn,
-                                                  n_boot=n_boot, seed=seed))
-                          for name, fn in _ci_metrics(mel).items()}
+        cis = bootstrap_cis(y_true, proba, np.asarray(groups), _ci_metrics(mel),
+                            n_boot=n_boot, seed=seed)
+        result["ci95"] = {name: list(ci) for name, ci in cis.items()}
     return result
 
 
@@ -443,7 +473,7 @@ def paired_metric(name: str, mel_threshold: float = float("nan")
         sens = _op_metrics(mel_threshold)["sensitivity"]
         return lambda y, p: sens(y, p[:, [MEL]])
     return {"balanced_accuracy": fast_balanced_accuracy, "macro_auc": fast_macro_auc,
-            "mel_sensitivity": _CI_METRICS["mel_sensitivity"]}[name]
+            "mel_sensitivity": _ci_metrics(MEL)["mel_sensitivity"]}[name]
 
 
 def fast_balanced_accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
@@ -460,6 +490,25 @@ def fast_balanced_accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
     hits = np.bincount(y_true[proba.argmax(axis=1) == y_true], minlength=k)
     present = support > 0
     return float(np.mean(hits[present] / support[present]))
+
+
+def fast_macro_f1(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """:func:`macro_f1` of the argmax of ``proba`` (n, n_classes), by counting: per class
+    present in ``y_true``, F1 = 2 TP / (2 TP + FP + FN) (0 where the class is never
+    predicted, as ``zero_division=0``). The same value (tested); NaN when ``y_true`` is
+    empty.
+    """
+    y_true = np.asarray(y_true)
+    if len(y_true) == 0:
+        return float("nan")
+    k = proba.shape[1]
+    y_pred = proba.argmax(axis=1)
+    tp = np.bincount(y_true[y_pred == y_true], minlength=k).astype(float)
+    support = np.bincount(y_true, minlength=k)
+    predicted = np.bincount(y_pred, minlength=k)
+    present = support > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])
+    return float(np.mean(f1))
 
 
 def fast_macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:

@@ -102,7 +102,7 @@ def test_misaligned_image_ids_are_one_line_errors() -> None:
 
 def test_fast_metrics_equal_the_reported_ones() -> None:
     from lesionlab.metrics import (balanced_accuracy, fast_balanced_accuracy, fast_macro_auc,
-                                   macro_auc)
+                                   fast_macro_f1, macro_auc, macro_f1)
 
     rng = np.random.default_rng(0)
     for n, classes in ((50, [0, 2, 4, 5]), (200, list(range(7))), (9, [4, 5])):
@@ -112,4 +112,32 @@ def test_fast_metrics_equal_the_reported_ones() -> None:
         assert fast_balanced_accuracy(y, proba) == pytest.approx(
             balanced_accuracy(y, proba.argmax(axis=1)), abs=1e-12)
         assert fast_macro_auc(y, proba) == pytest.approx(macro_auc(y, proba), abs=1e-12)
+        assert fast_macro_f1(y, proba) == pytest.approx(
+            macro_f1(y, proba.argmax(axis=1)), abs=1e-12)
     assert np.isnan(fast_macro_auc(np.array([3, 3]), proba[:2]))
+    # a class present but never predicted scores F1 0 (zero_division=0), as scikit-learn's
+    y, proba = np.array([0, 0, 1, 2]), np.eye(7)[[0, 0, 0, 2]]
+    assert fast_macro_f1(y, proba) == pytest.approx(macro_f1(y, proba.argmax(axis=1)))
+    assert fast_macro_f1(y, proba) == pytest.approx((0.8 + 0 + 1) / 3)
+
+
+def test_evaluate_cis_equal_one_sklearn_bootstrap_per_metric() -> None:
+    """evaluate's CIs (one set of draws, the counting and rank metrics) are the intervals of
+    one bootstrap_ci per metric with scikit-learn's functions, to 1e-12."""
+    from lesionlab.metrics import (balanced_accuracy, bootstrap_ci, evaluate, macro_auc,
+                                   macro_f1, mel_sensitivity_specificity)
+
+    rng = np.random.default_rng(3)
+    y = rng.choice(7, 300)
+    proba = 0.6 * np.eye(7)[y] + rng.dirichlet(np.ones(7), 300)
+    proba /= proba.sum(axis=1, keepdims=True)
+    groups = rng.integers(0, 220, 300)
+    got = evaluate(y, proba, groups, n_boot=200, seed=5)["ci95"]
+    slow = {"balanced_accuracy": lambda t, p: balanced_accuracy(t, p.argmax(axis=1)),
+            "macro_f1": lambda t, p: macro_f1(t, p.argmax(axis=1)),
+            "macro_auc": macro_auc,
+            "mel_sensitivity": lambda t, p: mel_sensitivity_specificity(t, p.argmax(axis=1))[0]}
+    for name, fn in slow.items():
+        assert got[name] == pytest.approx(list(bootstrap_ci(y, proba, groups, fn, 200, 5)),
+                                          abs=1e-12), name
+    assert got["balanced_accuracy"][0] < got["balanced_accuracy"][1]
