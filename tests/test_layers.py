@@ -35,3 +35,18 @@ def test_import_contracts_are_kept() -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "2 kept, 0 broken" in res.stdout
+
+
+def test_no_function_over_60_lines() -> None:
+    """The code style's limit: no function or method of the packages is longer than 60
+    lines (decorators excluded, docstring included)."""
+    import ast
+
+    long = []
+    for pkg in ("lesionlab", "featurize", "models", "serve", "benchmarks"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                        node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert long == []
