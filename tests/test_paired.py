@@ -128,16 +128,16 @@ def test_evaluate_cis_equal_one_sklearn_bootstrap_per_metric() -> None:
                                    macro_f1, mel_sensitivity_specificity)
 
     rng = np.random.default_rng(3)
-    y = rng.choice(7, 300)
-    proba = 0.6 * np.eye(7)[y] + rng.dirichlet(np.ones(7), 300)
+    y = rng.choice(7, 200)
+    proba = 0.6 * np.eye(7)[y] + rng.dirichlet(np.ones(7), 200)
     proba /= proba.sum(axis=1, keepdims=True)
-    groups = rng.integers(0, 220, 300)
-    got = evaluate(y, proba, groups, n_boot=200, seed=5)["ci95"]
+    groups = rng.integers(0, 150, 200)
+    got = evaluate(y, proba, groups, n_boot=60, seed=5)["ci95"]
     slow = {"balanced_accuracy": lambda t, p: balanced_accuracy(t, p.argmax(axis=1)),
             "macro_f1": lambda t, p: macro_f1(t, p.argmax(axis=1)),
             "macro_auc": macro_auc,
             "mel_sensitivity": lambda t, p: mel_sensitivity_specificity(t, p.argmax(axis=1))[0]}
     for name, fn in slow.items():
-        assert got[name] == pytest.approx(list(bootstrap_ci(y, proba, groups, fn, 200, 5)),
+        assert got[name] == pytest.approx(list(bootstrap_ci(y, proba, groups, fn, 60, 5)),
                                           abs=1e-12), name
     assert got["balanced_accuracy"][0] < got["balanced_accuracy"][1]
