@@ -128,16 +128,15 @@ CELL_RUNNERS: dict[str, CellRunner] = {
 
 # The full preset's head studies end on their trial count, never on a time cap, so the same
 # command gives the same numbers on a slower or busier CPU. The counts are sized to what the
-# former 60 s cap gave on the 2-core AMD EPYC (REPORT.md section 5 and mishaps 9 and 16;
-# README's scaling run): logistic regression on one backbone's embedding ran 8.7 trials/min
-# (lite0 multistage: 13 trials in a 90 s cap; 11.8 trials/min on lite0's last layer), so 60 s
-# held about 9-12 trials: 10. On the concatenated backbones it ran 3.3 trials/min (5 trials in
-# 90 s): 5. A LightGBM trial fits 3 folds of up to 300 trees at about 30-40 s a fit
-# (models.heads.MAX_TREES), about 1.5 trials/min; the cap, checked only between trials, let
-# 2-3 through in 60-120 s: 4. A head cell then costs about what it did (77-128 s, LightGBM
-# about 3 min).
-FULL_TRIALS = {"logreg": 10, "lightgbm": 4}
-FULL_CONCAT_TRIALS = 5  # logistic regression on two or more ImageNet backbones concatenated
+# former 60 s cap gave, timed on the 2-core AMD EPYC with nothing beside it (2026-12-02):
+# logistic regression on lite0 multistage (1,712 columns) ran 10 trials in 99 s (6.1/min),
+# so 60 s holds 6. Earlier rounds measured 8.7/min on a faster machine and the concatenated
+# backbones (5,136+ columns) at 3.3/min; scaled by the same 0.7, 60 s holds about 2-3: 3. A
+# LightGBM trial fits 3 folds of up to 300 trees at 30-40 s a fit (models.heads.MAX_TREES);
+# the cap, checked only between trials, let 2-3 through: 3. A head cell then costs about what
+# it did under the cap (77-128 s; REPORT.md section 5), which keeps the preset inside 150 min.
+FULL_TRIALS = {"logreg": 6, "lightgbm": 3}
+FULL_CONCAT_TRIALS = 3  # logistic regression on two or more ImageNet backbones concatenated
 
 
 def full_trials(features: str, head: str) -> int:

@@ -241,9 +241,9 @@ def test_full_plan_has_the_controls_and_no_time_cap() -> None:
     cells = plan.cells + plan.late_cells
     heads = [c.config for c in cells if c.kind == "head"]
     assert heads and all(h.tune_timeout is None for h in heads)
-    assert {(h.head, h.trials) for h in heads} == {("logreg", 10), ("logreg", 5),
-                                                   ("lightgbm", 4)}
-    assert all(h.trials == 5 for h in heads if h.features.count("multistage") > 1)
+    assert {(h.head, h.trials) for h in heads} == {("logreg", 6), ("logreg", 3),
+                                                   ("lightgbm", 3)}
+    assert all(h.trials == 3 for h in heads if h.features.count("multistage") > 1)
     ids = [c.cell_id for c in cells]
     kfold = next(c for c in cells if c.kind == "kfold")
     folds = [f.model_name() for f in fold_configs(kfold.config)]
