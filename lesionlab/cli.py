@@ -125,9 +125,24 @@ def device_option() -> Any:
                   choices=DEVICES)
 
 
+def data_folder(text: str) -> Path:
+    """A ``--data`` value as a path, checked in argument parsing: an existing file is refused
+    (the commands read, or download into, a folder).
+
+    Raises:
+        LesionLabError: ``text`` names an existing file or other non-folder.
+    """
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise LesionLabError(f"{text} is a file; --data takes a folder (the images and "
+                             f"their label CSV)")
+    return path
+
+
 def data_option() -> Any:
     """The one ``--data`` of every command that reads HAM10000 (None: the default folder)."""
-    return option(None, "HAM10000 folder; None: $LESIONLAB_DATA, else ./data/ham10000")
+    return option(None, "HAM10000 folder; None: $LESIONLAB_DATA, else ./data/ham10000",
+                  parse=data_folder)
 
 
 def labels_option() -> Any:
@@ -540,8 +555,13 @@ def add_data_args(parser: argparse.ArgumentParser, *, workdir: bool = True,
 
 
 def resolve_data(args: Any) -> Path:
-    """The data folder ``args.data`` (parsed arguments or a config) names, or the default."""
-    return Path(args.data) if args.data is not None else default_data_dir()
+    """The data folder ``args.data`` (parsed arguments or a config) names, or the default
+    ($LESIONLAB_DATA, else ./data/ham10000).
+
+    Raises:
+        LesionLabError: the default names a file rather than a folder.
+    """
+    return Path(args.data) if args.data is not None else data_folder(str(default_data_dir()))
 
 
 def one_line(exc: LesionLabError) -> str:

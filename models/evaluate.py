@@ -29,9 +29,9 @@ import numpy as np
 
 from lesionlab import metrics
 from lesionlab.artifacts import write_json
-from lesionlab.cli import (command_parser, config_from_args, device_option, label_map_option,
-                           label_options, labels_option, model_option, option, run_main,
-                           save_config)
+from lesionlab.cli import (command_parser, config_from_args, data_folder, device_option,
+                           label_map_option, label_options, labels_option, model_option,
+                           option, run_main, save_config)
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
 from lesionlab.errors import LesionLabError
@@ -236,7 +236,8 @@ def print_scores(result: dict) -> None:
 class EvaluateConfig:
     """What ``python -m models.evaluate`` scores and how; its flags come from these fields."""
 
-    data: Path = option(help="images + one label CSV (or one folder per class)", parse=Path)
+    data: Path = option(help="images + one label CSV (or one folder per class)",
+                        parse=data_folder)
     model: Path | None = model_option(shipped=True)
     labels: str = labels_option()
     label_map: Path | None = label_map_option()

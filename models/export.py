@@ -29,8 +29,8 @@ import torch
 from featurize.extract import export_onnx
 from lesionlab.artifacts import atomic_path
 from lesionlab.card import ModelCard, save_card
-from lesionlab.cli import (command_parser, config_from_args, model_option, option, run_main,
-                           workdir_option)
+from lesionlab.cli import (command_parser, config_from_args, data_folder, model_option, option,
+                           run_main, workdir_option)
 from lesionlab.data import Dataset, load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.fingerprint import TRAIN_DIGESTS
@@ -62,7 +62,7 @@ class ExportConfig:
                                      "(fp16: half the size); none: explain needs the "
                                      "unexported folder", choices=TORCH_COPIES)
     data: Path | None = option(None, "the network's HAM10000 folder: its val split checks the "
-                                     "export (needed for fp16/int8)", parse=Path)
+                                     "export (needed for fp16/int8)", parse=data_folder)
     workdir: Path = workdir_option()
     max_mb: float = option(20.0, "refuse a folder larger than this (MB)", gt=0)
 

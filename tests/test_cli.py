@@ -74,6 +74,25 @@ def test_serve_rejects_bad_values_before_loading(tmp_path: Path, capsys) -> None
     assert proc.returncode == 2 and "invalid choice: 'tpu'" in proc.stderr
 
 
+@pytest.mark.parametrize("module, args", [
+    ("benchmarks.run_all", ["--preset", "quick"]),
+    ("lesionlab.download", []),
+    ("featurize", ["--backbone", "classical"]),
+    ("lesionlab.splits", []),
+    ("models.evaluate", ["--model", "tests"]),
+])
+def test_data_that_is_a_file_stops_in_argument_parsing(module: str, args: list[str],
+                                                       tmp_path: Path, capsys) -> None:
+    """--data naming a file (not a folder) is one line before anything is read or made."""
+    a_file = tmp_path / "labels.csv"
+    a_file.write_text("image_id,dx\n")
+    proc = run_main(module, *args, "--data", str(a_file), "--workdir", str(tmp_path / "w"),
+                    capsys=capsys)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{a_file} is a file; --data takes a folder" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("module, args, message", BAD)
 def test_invalid_choice_fails_in_argparse(module: str, args: list[str], message: str,
                                           tmp_path: Path, capsys) -> None:
