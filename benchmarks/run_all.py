@@ -130,8 +130,9 @@ CELL_RUNNERS: dict[str, CellRunner] = {
 # command gives the same numbers on a slower or busier CPU. The counts are sized to what the
 # former 60 s cap gave, timed on the 2-core AMD EPYC with nothing beside it (2026-12-02):
 # logistic regression on lite0 multistage (1,712 columns) ran 10 trials in 99 s (6.1/min),
-# so 60 s holds 6. Earlier rounds measured 8.7/min on a faster machine and the concatenated
-# backbones (5,136+ columns) at 3.3/min; scaled by the same 0.7, 60 s holds about 2-3: 3. A
+# so 60 s holds 6. Earlier rounds measured 8.7/min on a machine of the same CPU name (why this
+# one is slower was not found) and the concatenated backbones (5,136+ columns) at 3.3/min;
+# scaled by the same 0.7, 60 s holds about 2-3: 3. A
 # LightGBM trial fits 3 folds of up to 300 trees at 30-40 s a fit (models.heads.MAX_TREES);
 # the cap, checked only between trials, let 2-3 through: 3. A head cell then costs about what
 # it did under the cap (77-128 s; REPORT.md section 5), which keeps the preset inside 150 min.
