@@ -387,14 +387,58 @@ def with_current_labels(row: dict) -> dict:
     return {**row, **card_fields(load_card(row["model_dir"]))}
 
 
-def _eta(done_s: list[float], left: int) -> str:
-    if not done_s:
-        return "?"
-    return f"{np.mean(done_s) * left / 60:.1f} min"
+# the share of an epoch's cost that is the val pass (1,431 of 8,584 train + val images of the
+# HAM10000 split, forward only, about a third of a training step's cost per image)
+VAL_EPOCH_SHARE = 0.1
+
+
+def cell_work(cell: Cell) -> tuple[str, float]:
+    """What a cell's wall time scales with, for the progress line's estimate: its cost class
+    (``network``: fine-tuning cells and K-fold runs; ``head``; ``ensemble``) and its size in
+    that class's units. A network: epochs x (the share of train it trains on, summed over its
+    networks, + :data:`VAL_EPOCH_SHARE`); a head: Optuna trials x CV folds + 1 (the refit);
+    anything else: 1. Backbone size is ignored (lite2 trains about 1.5x slower than lite0 on
+    a 2-core CPU), so the estimate is rough."""
+    cfg = cell.config
+    if cell.kind in ("finetune", "kfold"):
+        k = cfg.cv_folds
+        share = cfg.train_fraction * ((k - 1) / k if k else 1.0)
+        networks = k if cell.kind == "kfold" else 1
+        return "network", cfg.epochs * (networks * share + networks * VAL_EPOCH_SHARE)
+    if cell.kind == "head":
+        return "head", float(cfg.trials * cfg.folds + 1)
+    return cell.kind, 1.0
+
+
+def eta_text(timed: dict[str, list[tuple[float, float]]], left: list[Cell]) -> str:
+    """The progress line's "remaining" text for the cells ``left``.
+
+    Args:
+        timed: cost class -> (seconds, units) of each cell of that class run in this process
+            (:func:`cell_work`).
+        left: the cells not yet run.
+
+    Returns:
+        e.g. ``"12.5 min"``, ``"3.0 min + 2 network cells not timed yet"`` while a class has
+        no timed cell (its cost cannot be guessed from other classes), or ``"0.0 min"``.
+    """
+    seconds, untimed = 0.0, {}
+    for cell in left:
+        cls, units = cell_work(cell)
+        if timed.get(cls):
+            rate = sum(s for s, _ in timed[cls]) / sum(u for _, u in timed[cls])
+            seconds += rate * units
+        else:
+            untimed[cls] = untimed.get(cls, 0) + 1
+    text = f"{seconds / 60:.1f} min"
+    for cls, n in sorted(untimed.items()):
+        text += f" + {n} {cls} cell{'s' if n > 1 else ''} not timed yet"
+    return text
 
 
 def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
-               rows: list[dict], durations: list[float], reuse_stale: bool = False,
+               rows: list[dict], timed: dict[str, list[tuple[float, float]]],
+               reuse_stale: bool = False,
                on_row: Callable[[dict, bool], None] = lambda row, reused: None) -> None:
     for i, cell in enumerate(cells):
         ts = time.perf_counter()
@@ -403,14 +447,15 @@ def _run_cells(cells: list[Cell], dataset: Dataset, workdir: Path, t0: float,
         row = run_cell(cell, dataset, workdir, reuse_stale)
         took = time.perf_counter() - ts
         if not cached:
-            durations.append(took)
+            cls, units = cell_work(cell)
+            timed.setdefault(cls, []).append((took, units))
         rows.append(row)
         on_row(row, cached)  # e.g. MLflow tracking
         lo, hi = row["ci95"] or (None, None)
         print(f"[{i + 1}/{len(cells)}] {cell.cell_id}: bal.acc "
               f"{score_text(row['balanced_accuracy'])} [{score_text(lo)}, {score_text(hi)}] {'(stale, reused) ' if row.get('stale') else '(cached) ' if cached else ''}{took:.0f} s | elapsed "
               f"{(time.perf_counter() - t0) / 60:.1f} min, remaining ~"
-              f"{_eta(durations, len(cells) - i - 1)}", flush=True)
+              f"{eta_text(timed, cells[i + 1:])} of this stage", flush=True)
 
 
 def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
@@ -562,12 +607,12 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
         print(f"features {fs.key}: {fs.features.shape[1]} dims, "
               f"{time.perf_counter() - ts:.0f} s", flush=True)
     rows: list[dict] = []
-    durations: list[float] = []
+    timed: dict[str, list[tuple[float, float]]] = {}  # cost class -> (s, units) per cell run
     with pinned_feature_sets(made):
-        _run_cells(plan.cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+        _run_cells(plan.cells, dataset, workdir, t0, rows, timed, reuse_stale, study.cell)
         curve = curve_cells(plan, rows, seed)
-        _run_cells(curve, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
-        _run_cells(plan.late_cells, dataset, workdir, t0, rows, durations, reuse_stale, study.cell)
+        _run_cells(curve, dataset, workdir, t0, rows, timed, reuse_stale, study.cell)
+        _run_cells(plan.late_cells, dataset, workdir, t0, rows, timed, reuse_stale, study.cell)
         seeds = run_seeds(plan, dataset, workdir, reuse_stale, study.cell)
     rows += study.cells(fold_rows(rows))  # trained inside their K-fold cell
     ext_rows = study.external(external_eval([r for r in rows if r.get("group", "main") == "main"],

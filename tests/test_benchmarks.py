@@ -272,6 +272,25 @@ def test_full_plan_has_the_controls_and_no_time_cap() -> None:
     assert ra.plan_for("smoke", 2).seeds.split_seeds == (2, 3)
 
 
+def test_progress_estimate_scales_networks_by_their_epochs_and_names_untimed_ones() -> None:
+    # the first full run printed "remaining ~13 min" with 3 h of fine-tuning left: a mean
+    # over head cells said nothing about networks
+    plan = ra.plan_for("full", 0)
+    lite2 = next(c for c in plan.cells if c.kind == "finetune")
+    kfold = next(c for c in plan.cells if c.kind == "kfold")
+    head = next(c for c in plan.cells if c.kind == "head")
+    assert ra.cell_work(lite2) == ("network", pytest.approx(6 * (1.0 + 0.1)))
+    assert ra.cell_work(kfold) == ("network", pytest.approx(12 * (3 * 2 / 3 + 3 * 0.1)))
+    assert ra.cell_work(head) == ("head", head.config.trials * head.config.folds + 1.0)
+    one_head = {"head": [(60.0, ra.cell_work(head)[1])]}
+    assert ra.eta_text(one_head, [head, head, kfold]) == \
+        "2.0 min + 1 network cell not timed yet"
+    # lite2 timed at 2,072 s (6.6 units): the K-fold run's 27.6 units at that rate
+    timed = {**one_head, "network": [(2072.0, 6.6)]}
+    assert ra.eta_text(timed, [kfold]) == f"{2072 / 6.6 * 27.6 / 60:.1f} min"
+    assert ra.eta_text(timed, []) == "0.0 min"
+
+
 def test_default_report_keeps_the_study_report(tmp_path: Path) -> None:
     """Only the full preset rewrites REPORT.md; quick runs report beside their artifacts."""
     assert ra.default_report("full", tmp_path) == Path("REPORT.md")
