@@ -90,13 +90,15 @@ class Plan:
 @dataclass(frozen=True)
 class CellRunner:
     """How one kind of cell is run: ``run(cell, dataset, workdir) -> ModelCard``, the model
-    folders it writes besides ``<workdir>/models/<cell_id>``, and whether its cost is the
+    folders it writes besides ``<workdir>/models/<cell_id>``, whether its cost is the
     card's training time (summed over resumed parts and folds) rather than the call's wall
-    time."""
+    time, and ``work(cell) -> (cost class, units)``: what its wall time scales with, for the
+    progress line's estimate (:func:`cell_work`)."""
 
     run: Callable[[Cell, Dataset, Path], ModelCard]
     extra_folders: Callable[[Cell, Path], list[Path]] = lambda cell, workdir: []
     cost_is_training_time: bool = False
+    work: Callable[[Cell], tuple[str, float]] = lambda cell: (cell.kind, 1.0)
 
 
 def _run_head(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
@@ -108,20 +110,41 @@ def _run_ensemble(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
     return build_ensemble(members, dataset, workdir, cell.config)
 
 
+# the share of an epoch's cost that is the val pass (1,431 of 8,584 train + val images of the
+# HAM10000 split, forward only, about a third of a training step's cost per image)
+VAL_EPOCH_SHARE = 0.1
+
+
+def _network_work(cell: Cell, networks: int) -> tuple[str, float]:
+    """``network`` units: epochs x (the share of train each network trains on +
+    :data:`VAL_EPOCH_SHARE`), summed over ``networks`` networks."""
+    cfg = cell.config
+    k = cfg.cv_folds
+    share = cfg.train_fraction * ((k - 1) / k if k else 1.0)
+    return "network", cfg.epochs * networks * (share + VAL_EPOCH_SHARE)
+
+
+def _head_work(cell: Cell) -> tuple[str, float]:
+    """``head`` units: Optuna trials x CV folds + 1 (the refit)."""
+    return "head", float(cell.config.trials * cell.config.folds + 1)
+
+
 def _kfold_folders(cell: Cell, workdir: Path) -> list[Path]:
     return [model_path(workdir, c.model_name()) for c in fold_configs(cell.config)]
 
 
 # One entry per kind of cell; a new kind is one runner registered here, nothing else changes.
 CELL_RUNNERS: dict[str, CellRunner] = {
-    "head": CellRunner(_run_head),
+    "head": CellRunner(_run_head, work=_head_work),
     "finetune": CellRunner(lambda cell, dataset, workdir:
                            finetune(dataset, workdir, cell.config, resume=True),
-                           cost_is_training_time=True),
+                           cost_is_training_time=True,
+                           work=lambda cell: _network_work(cell, 1)),
     # K fold networks, then their ensemble (the cell's folder)
     "kfold": CellRunner(lambda cell, dataset, workdir:
                         kfold_finetune(dataset, workdir, cell.config),
-                        extra_folders=_kfold_folders, cost_is_training_time=True),
+                        extra_folders=_kfold_folders, cost_is_training_time=True,
+                        work=lambda cell: _network_work(cell, cell.config.cv_folds)),
     "ensemble": CellRunner(_run_ensemble),
 }
 
@@ -387,27 +410,15 @@ def with_current_labels(row: dict) -> dict:
     return {**row, **card_fields(load_card(row["model_dir"]))}
 
 
-# the share of an epoch's cost that is the val pass (1,431 of 8,584 train + val images of the
-# HAM10000 split, forward only, about a third of a training step's cost per image)
-VAL_EPOCH_SHARE = 0.1
-
-
 def cell_work(cell: Cell) -> tuple[str, float]:
     """What a cell's wall time scales with, for the progress line's estimate: its cost class
     (``network``: fine-tuning cells and K-fold runs; ``head``; ``ensemble``) and its size in
-    that class's units. A network: epochs x (the share of train it trains on, summed over its
-    networks, + :data:`VAL_EPOCH_SHARE`); a head: Optuna trials x CV folds + 1 (the refit);
-    anything else: 1. Backbone size is ignored (lite2 trains about 1.5x slower than lite0 on
-    a 2-core CPU), so the estimate is rough."""
-    cfg = cell.config
-    if cell.kind in ("finetune", "kfold"):
-        k = cfg.cv_folds
-        share = cfg.train_fraction * ((k - 1) / k if k else 1.0)
-        networks = k if cell.kind == "kfold" else 1
-        return "network", cfg.epochs * (networks * share + networks * VAL_EPOCH_SHARE)
-    if cell.kind == "head":
-        return "head", float(cfg.trials * cfg.folds + 1)
-    return cell.kind, 1.0
+    that class's units, as its kind's :class:`CellRunner` gives them. A network: epochs x
+    (the share of train it trains on, summed over its networks, + :data:`VAL_EPOCH_SHARE`);
+    a head: Optuna trials x CV folds + 1 (the refit); anything else: 1. Backbone size is
+    ignored (lite2 trains about 1.5x slower than lite0 on a 2-core CPU), so the estimate is
+    rough."""
+    return cell.runner.work(cell)
 
 
 def eta_text(timed: dict[str, list[tuple[float, float]]], left: list[Cell]) -> str:
