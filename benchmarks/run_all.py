@@ -170,18 +170,20 @@ def full_trials(features: str, head: str) -> int:
 
 
 def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
-    """The cells of the ``quick``, ``full``, ``best`` (or ``smoke``) preset.
+    """The cells of the ``quick``, ``full``, ``best``, ``seeds`` (or ``smoke``) preset.
 
     Raises:
-        LesionLabError: ``preset`` is not quick, full, best or smoke.
+        LesionLabError: ``preset`` is not quick, full, best, seeds or smoke.
     """
     if preset in ("quick", "smoke"):
         return quick_plan(seed, smoke=preset == "smoke")
     if preset == "best":
         return best_plan(seed, workdir)
+    if preset == "seeds":
+        return seeds_plan(seed, workdir)
     if preset != "full":
-        raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full or best "
-                             f"(or smoke)")
+        raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full, best or "
+                             f"seeds (or smoke)")
     return full_plan(seed, workdir)
 
 
@@ -306,6 +308,36 @@ def best_plan(seed: int, workdir: Path | str = "runs") -> Plan:
                                          if c.runner is CELL_RUNNERS["kfold"]}
     return Plan(featurize=full.featurize, cells=[c for c in full.cells if c.cell_id in wanted],
                 late_cells=[ens], curve_fractions=())
+
+
+# the model seeds of the seeds preset's networks: 3, the fewest for a spread
+NETWORK_SEEDS = 3
+NETWORK_SEED_FRACTION = 0.1  # the learning curve's first fine-tuning point
+
+
+def seeds_plan(seed: int, workdir: Path | str = "runs") -> Plan:
+    """``--preset seeds``: the full study's spread over seeds alone, where a full run does not
+    fit (about 55 min on a 2-core AMD EPYC against about 4.3 h for the full preset).
+
+    The full preset's split-seed study as it is there (lite0 multistage features; logistic
+    regression with class weights and with SMOTE, LightGBM with class weights; the same trial
+    counts, 5 split seeds), its split-seed-``seed`` cells being the full preset's own cells;
+    and the cheapest network of the study, the learning curve's first fine-tuning point (lite0
+    with the study's recipe on 10% of train), at :data:`NETWORK_SEEDS` model seeds from
+    ``seed`` on the same split and the same 10%: how far training alone moves a network.
+    """
+    full = full_plan(seed, workdir)
+    assert full.seeds is not None
+    heads = [full.seeds.config(label, seed) for label in full.seeds.pipelines]
+    backbones = {part.split(":")[0] for h in heads for part in h.features.split("+")}
+    plan = Plan(featurize=[f for f in full.featurize if f.backbone in backbones],
+                cells=[_head_cell(h) for h in heads], curve_fractions=(), seeds=full.seeds)
+    assert full.curve_finetune is not None
+    for s in range(seed, seed + NETWORK_SEEDS):
+        ft = replace(full.curve_finetune, seed=s, split_seed=seed,
+                     train_fraction=NETWORK_SEED_FRACTION)
+        plan.cells.append(Cell(ft.model_name(), "finetune", ft))
+    return plan
 
 
 def _head_cell(cfg: HeadConfig, group: str = "main") -> Cell:
@@ -711,15 +743,17 @@ def default_report(preset: str, workdir: Path | str) -> Path:
     return Path("REPORT.md") if preset == "full" else Path(workdir) / f"REPORT_{preset}.md"
 
 
-PRESETS = ("quick", "full", "best", "smoke")
+PRESETS = ("quick", "full", "best", "seeds", "smoke")
 
 
 @dataclass
 class RunAllConfig:
     """The flags of ``python -m benchmarks.run_all``."""
 
-    preset: str = option("quick", "quick (<= 10 min) | full (the study, <= 2.5 h) | smoke "
-                                  "(tests)", choices=PRESETS)
+    preset: str = option("quick", "quick (<= 10 min) | full (the study, 2.5-4.5 h on 2 "
+                                  "cores) | best (its recommended pipeline) | seeds (its "
+                                  "spread over seeds alone, ~1 h) | smoke (tests)",
+                         choices=PRESETS)
     external_test: Path | None = option(None, "folder of images + one label CSV (HAM10000 or "
                                               "ISIC 2018 format)")
     report: Path | None = option(None, "markdown file to update; None: REPORT.md for --preset "

@@ -316,6 +316,31 @@ def test_best_preset_is_the_full_studys_ensemble_and_nothing_else() -> None:
     assert not best.curve_fractions and best.curve_finetune is None
 
 
+def test_seeds_preset_is_the_full_studys_seed_study_and_three_network_seeds() -> None:
+    """``--preset seeds`` reruns exactly the full study's seed cells (same names, so a workdir
+    shares them) on only the features they read, plus lite0 at the curve's 10% at 3 model
+    seeds that differ in the model seed alone."""
+    from dataclasses import asdict
+
+    seeds, full = ra.plan_for("seeds", 3), ra.plan_for("full", 3)
+    assert seeds.seeds == full.seeds and seeds.seeds.split_seeds == (3, 4, 5, 6, 7)
+    full_heads = {c.cell_id: c.config for c in full.cells}
+    heads = [c for c in seeds.cells if c.kind == "head"]
+    assert [c.config.imbalance for c in heads] == ["class_weight", "smote", "class_weight"]
+    assert all(full_heads[c.cell_id] == c.config for c in heads)
+    assert [(f.backbone, f.pool) for f in seeds.featurize] == [
+        ("tf_efficientnet_lite0", "multistage")]
+    nets = [c.config for c in seeds.cells if c.kind == "finetune"]
+    assert [n.seed for n in nets] == [3, 4, 5] and {n.data_seed for n in nets} == {3}
+    curve_point = next(c for c in ra.curve_cells(full, [], 3) if c.kind == "finetune")
+    assert curve_point.cell_id == seeds.cells[3].cell_id  # the full study's own curve cell
+    assert len({c.cell_id for c in seeds.cells}) == 6
+    drop = ("seed", "split_seed", "name")
+    assert len({tuple((k, v) for k, v in asdict(n).items() if k not in drop)
+                for n in nets}) == 1
+    assert not seeds.late_cells and not seeds.curve_fractions
+
+
 def test_ablation_levers_change_one_thing_and_render_as_deltas(tmp_path) -> None:
     import json
 
