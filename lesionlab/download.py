@@ -359,18 +359,30 @@ def download_ham10000(dest: Path | str, base_url: str = BASE_URL, http_timeout: 
     return dataset
 
 
+def download_files() -> set[str]:
+    """The names :func:`download_ham10000` writes at the top of its folder: the staged
+    metadata, the zips, their ``.part`` files and the folders they unzip to."""
+    names = {METADATA_FILE + ".download", METADATA_FILE + ".download.part"}
+    for z in ZIPS:
+        names |= {z, z + ".part", z.removesuffix(".zip")}
+    return names
+
+
 def ensure_data(root: Path | str, download: bool = False, *, labels: str = AUTO,
                 label_map: Path | str | None = None) -> Dataset:
-    """Load the dataset at ``root`` (``labels``/``label_map``: see ``load_dataset``); if it
-    holds no label CSV, ``download`` and HAM10000 labels, fetch HAM10000 there first.
+    """Load the dataset at ``root`` (``labels``/``label_map``: see ``load_dataset``). With
+    ``download`` and HAM10000 (or auto) labels, a folder that does not exist, is empty or
+    holds only an interrupted download's files (:func:`download_files`) gets HAM10000 first;
+    a folder holding anything else is the user's data and is only read, never written to.
 
     Raises:
         LesionLabError: the download fails or its files do not verify, or the folder's labels
-            are invalid (see :func:`lesionlab.data.load_dataset`).
+            are invalid or missing (see :func:`lesionlab.data.load_dataset`).
     """
     root = Path(root)
+    ours = download_files()
     if download and labels in (AUTO, "ham10000") and not (root / METADATA_FILE).exists() and \
-            not any(root.glob("*.csv")):
+            (not root.exists() or root.is_dir() and all(p.name in ours for p in root.iterdir())):
         log.info("no HAM10000 at %s: downloading the official files (about 2.7 GB)", root)
         return download_ham10000(root)
     return load_dataset(root, labels=labels, label_map=label_map)

@@ -156,6 +156,37 @@ def test_imagefolder_tree_with_class_spellings(tmp_path: Path) -> None:
         load_dataset(tmp_path / "tree", labels="imagefolder")
 
 
+def test_run_all_downloads_only_into_a_missing_empty_or_half_downloaded_folder(
+        tmp_path: Path, monkeypatch) -> None:
+    """``ensure_data(download=True)`` (run_all's default) reads a user's ImageFolder or a
+    folder without labels and never fetches HAM10000 into it; it fetches only where there is
+    nothing, or only an interrupted download's own files."""
+    from lesionlab import download
+
+    fetched: list[Path] = []
+    monkeypatch.setattr(download, "download_ham10000", lambda root: fetched.append(root))
+    names = {c: c for c in CLASSES}
+    _imagefolder(tmp_path / "tree", names)
+    before = sorted(p.name for p in (tmp_path / "tree").iterdir())
+    ds = download.ensure_data(tmp_path / "tree", download=True)
+    assert len(ds) == len(META) and fetched == []
+    assert sorted(p.name for p in (tmp_path / "tree").iterdir()) == before
+    (tmp_path / "loose").mkdir()
+    shutil.copy(FIXTURE / "images" / f"{META['image_id'][0]}.jpg", tmp_path / "loose")
+    with pytest.raises(LesionLabError, match="metadata CSV not found"):
+        download.ensure_data(tmp_path / "loose", download=True)
+    assert fetched == [] and [p.name for p in (tmp_path / "loose").iterdir()] == \
+        [f"{META['image_id'][0]}.jpg"]
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "HAM10000_images_part_1.zip.part").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "new", tmp_path / "empty", tmp_path / "half"):
+        download.ensure_data(root, download=True)
+    assert fetched == [tmp_path / "new", tmp_path / "empty", tmp_path / "half"]
+    with pytest.raises(LesionLabError, match="metadata CSV not found"):
+        download.ensure_data(tmp_path / "empty", download=False)
+
+
 @pytest.mark.parametrize("spelling", ["MEL", "Melanoma", " mel "])
 def test_class_spellings_are_one_in_training_and_evaluation(data_copy: Path,
                                                              spelling: str) -> None:
