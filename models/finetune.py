@@ -14,13 +14,12 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset, WeightedRandomSampler
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from featurize.backbones import BackboneSpec, check_backbone, create_backbone
@@ -48,6 +47,9 @@ from models.distributed import (ShardedEpochSampler, World, broadcast, close_wor
                                 gather_rng, init_world)
 from models.finish import FinishInput, calibrated, finish
 from models.heads import apply_temperature
+
+if TYPE_CHECKING:  # torchvision costs 1.5-3 s to import (it loads torch._dynamo): only
+    from torchvision.transforms import v2  # the commands that train import it
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ def train_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[
     """Training augmentation: ``basic`` (right-angle turns, mild affine and jitter) or
     ``isic`` (what the ISIC 2018-2019 winners used: any rotation, scale and shear, stronger
     colour jitter, random erasing)."""
+    from torchvision.transforms import v2
+
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std))]
     crop = v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(1.15, 1.5), antialias=True)

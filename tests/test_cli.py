@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT
 
 
 class Result:
@@ -46,8 +46,18 @@ def test_help(module: str, capsys) -> None:
 
 
 def test_help_from_the_command_line() -> None:
-    proc = run_cli("models.train_head", "--help", timeout=120)
+    """A real interpreter prints the help; a head's command imports no torchvision (1.5-3 s
+    of start-up: it loads torch._dynamo), which only the commands that train a network need."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "models.train_head",
+                           "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and "--tune-timeout" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "models.design" in imported and "torch" in imported
+    assert not {m for m in imported if m.split(".")[0] == "torchvision"}
 
 
 # Each line: a command with one bad value; --data points nowhere, so reaching the data would
