@@ -293,12 +293,36 @@ def check_min_side(img: Image.Image, path: Path | str) -> None:
             f"least {MIN_SIDE} px on the short side")
 
 
+# modes whose conversion to RGB loses what a dermoscopy model reads (counted warnings, one
+# key each): colour, the pixels under transparency, or all but 256 colours
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _warn_lossy_mode(img: Image.Image, path: Path | str) -> None:
+    """A counted warning for a grey, transparent or palette image (the models were trained
+    on 8-bit RGB dermoscopy, so their scores on such an image are not the card's)."""
+    if img.mode in GREY_MODES:
+        warn_once(f"grey image {path} (mode {img.mode}): read as RGB with no colour; the "
+                  f"models are trained on colour images, so expect unreliable predictions",
+                  "grey image read as RGB")
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        warn_once(f"transparent image {path} (mode {img.mode}): the alpha channel is dropped, "
+                  f"hidden pixels become visible", "alpha channel dropped")
+    if img.mode in ("P", "PA"):
+        warn_once(f"palette image {path}: at most 256 colours; predictions can differ from "
+                  f"the full-colour image's", "palette image")
+
+
 def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:
-    """8-bit RGB; 16-bit grey is scaled (PIL's ``convert`` would clip it to white).
+    """8-bit RGB; 16-bit grey is scaled (PIL's ``convert`` would clip it to white). Grey,
+    transparent and palette images get a counted warning (:func:`_warn_lossy_mode`).
 
     Raises:
         LesionLabError: 32-bit integer values outside 0..65535, or a floating-point image.
     """
+    if img.mode != "F":
+        _warn_lossy_mode(img, path)
     if img.mode in HIGH_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64)
         if arr.min() < 0 or arr.max() > 65535:

@@ -148,7 +148,8 @@ class Service:
             try:
                 load_rgb(tmp.name)
             except LesionLabError as exc:
-                raise HTTPException(400, str(exc).replace(tmp.name, repr(filename))) from None
+                msg = str(exc).replace(repr(tmp.name), repr(filename))  # PIL quotes it too
+                raise HTTPException(400, msg.replace(tmp.name, repr(filename))) from None
             proba = self.predictor.predict_proba([tmp.name], meta)[0]
             card = self.predictor.card
             result = result_line(filename, proba, card.mel_threshold, card.classes)
@@ -160,8 +161,8 @@ class Service:
         from models.explain import explain_one
 
         buf = io.BytesIO()
-        with self.cam_lock:
-            p = self.predictor.cam
+        with self.cam_lock:  # an export's torch copy is a folder of its own: loaded once, here
+            p = self.predictor.cam.load()
             explain_one(p.network, p.card, p.spec, path, buf, None)
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 

@@ -30,10 +30,11 @@ def _needs(folder: Path) -> None:
 
 
 def _bands(tmp_path: Path, w: int, h: int) -> Path:
-    """A w x h PNG whose column x holds grey value x % 256 (so a crop's columns tell where)."""
+    """A w x h RGB PNG whose column x holds value x % 256 in every channel (so a crop's columns
+    tell where; RGB, not grey, so it raises no grey-image warning)."""
     arr = np.tile((np.arange(w) % 256).astype(np.uint8), (h, 1))
     path = tmp_path / f"bands_{w}x{h}.png"
-    Image.fromarray(arr).save(path)
+    Image.fromarray(np.stack([arr] * 3, axis=-1)).save(path)
     return path
 
 
@@ -173,6 +174,25 @@ def test_every_case_format_decodes_to_rgb8_of_its_size() -> None:
     for path in files:
         arr = np.asarray(images.read_image(path, 4 / 3))
         assert arr.dtype == np.uint8 and arr.shape == (150, 200, 3), path.name
+
+
+def test_grey_transparent_and_palette_cases_get_a_counted_warning_each() -> None:
+    """The reported formats decode, and the ones whose RGB conversion loses colour, hidden
+    pixels or colours say so once per kind, counted; colour RGB and CMYK images say nothing."""
+    _needs(FORMATS)
+    expected = {"gray.jpg": "grey image read as RGB", "gray8.png": "grey image read as RGB",
+                "gray16.png": "grey image read as RGB", "rgba.png": "alpha channel dropped",
+                "palette.png": "palette image", "cmyk.jpg": None, "lesion.tif": None,
+                "lesion.webp": None, "ISIC_0029454.webp": None}
+    for name, key in expected.items():
+        flush_warnings()
+        images.read_image(FORMATS / name, 4 / 3)
+        assert warning_counts() == ({key: 1} if key else {}), name
+    flush_warnings()
+    for name in ("gray.jpg", "gray8.png", "gray16.png"):
+        images.read_image(FORMATS / name)
+    assert warning_counts() == {"grey image read as RGB": 3}  # one line, counted
+    flush_warnings()
 
 
 def test_extensions_come_from_pillow_any_case() -> None:

@@ -65,9 +65,17 @@ def test_head_api_schema_and_metadata(models_dir, image: Path) -> None:
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
 
 
-def test_finetuned_api_gradcam(models_dir, image: Path) -> None:
-    client = TestClient(create_app(models_dir["finetune"]))
-    out = _post(client, image.read_bytes(), image.name, "?gradcam=true").json()
+@pytest.mark.parametrize("which", ["finetune", "shipped"])
+def test_finetuned_api_gradcam(models_dir, image: Path, which: str) -> None:
+    """A network folder explains itself; an export (the shipped model, which the page asks for
+    Grad-CAM on every upload) explains its torch copy, loaded on first use."""
+    from models.shipped import SHIPPED_MODEL
+
+    client = TestClient(create_app(SHIPPED_MODEL if which == "shipped" else models_dir[which]))
+    assert client.get("/api/model").json()["has_gradcam"] is True
+    res = _post(client, image.read_bytes(), image.name, "?gradcam=true")
+    assert res.status_code == 200, res.text
+    out = res.json()
     assert out["prediction"] in CLASSES
     png = base64.b64decode(out["gradcam_png"].split(",", 1)[1])
     with Image.open(io.BytesIO(png)) as overlay:
@@ -93,6 +101,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(models_dir, image: Path
     for res, status, text in cases:
         assert res.status_code == status, (status, res.text)
         assert text in res.json()["detail"], res.json()
+        assert "''" not in res.json()["detail"], res.json()  # the upload's name quoted once
     assert _post(client, good, image.name).status_code == 200  # still serving
     assert client.post("/api/predict").status_code == 422  # no file at all
 
