@@ -20,6 +20,7 @@ import numpy as np
 from benchmarks.rows import CARD_KEYS, card_fields
 from featurize.backbones import sha256_file
 from featurize.extract import FeaturizeConfig, featurize, pinned_feature_sets
+from featurize.spec import parse_features
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.cli import (command_parser, config_from_args, data_option, label_map_option,
                            label_options, labels_option, option, resolve_data, run_main,
@@ -329,7 +330,7 @@ def seeds_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     full = full_plan(seed, workdir)
     assert full.seeds is not None
     heads = [full.seeds.config(label, seed) for label in full.seeds.pipelines]
-    backbones = {part.split(":")[0] for h in heads for part in h.features.split("+")}
+    backbones = {b.source for h in heads for b in parse_features(h.features)}
     plan = Plan(featurize=[f for f in full.featurize if f.backbone in backbones],
                 cells=[_head_cell(h) for h in heads], curve_fractions=(), seeds=full.seeds)
     assert full.curve_finetune is not None
