@@ -8,7 +8,12 @@ every lever to ``--out`` (JSON), which ``benchmarks.report`` renders between the
 ``ablation`` markers of REPORT.md. Val decides; test and external only report.
 
 The runs are sized for a GPU (about a minute each there); on a 2-core CPU each is ~25 min, so
-pass ``--levers`` to run a few.
+pass ``--levers`` to run a few. ``--seeds N`` trains every lever at model seeds ``--seed`` ..
+``--seed + N - 1`` (same split, same training images); :func:`adoption` then applies the study's
+one adoption rule to each lever from val alone. ``--base study`` measures the levers against
+the study's adopted recipe (``FinetuneConfig()``, Shades of Gray on) instead of the recipe
+before colour constancy, and ``--train-fraction`` shrinks train (lesion-grouped) so seeds fit a
+CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from lesionlab.artifacts import read_json, write_json
 from lesionlab.provenance import provenance
@@ -58,7 +65,19 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "size_160x120": ("trained and evaluated at 160x120", dict(image_size=(120, 160))),
     "freeze_4": ("stem + 4 blocks frozen", dict(freeze_stages=4)),
     "epochs_20": ("20 epochs (more compute)", dict(epochs=20)),
+    "no_color_constancy": ("no colour constancy (against --base study, where Shades of Gray "
+                           "is on)", dict(color_constancy="none")),
 }
+
+# --base: the recipe the levers change, as FinetuneConfig overrides of its defaults
+BASES: dict[str, dict] = {"before_color_constancy": dict(color_constancy="none"), "study": {}}
+
+# The adoption rule (REPORT.md section 5, "Recipe ablation"): a lever changes the recipe only
+# when its mean val balanced accuracy over >= MIN_SEEDS model seeds differs from the recipe's by
+# more than ADOPT_SE standard errors of the difference of the two means (Welch:
+# sqrt(sd_a^2 / n_a + sd_b^2 / n_b), sample standard deviations); test and external never enter.
+MIN_SEEDS = 3
+ADOPT_SE = 2.0
 
 
 def device_name(device: str) -> str:
@@ -70,16 +89,55 @@ def device_name(device: str) -> str:
     return f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def lever_config(lever: str, base: FinetuneConfig) -> FinetuneConfig:
-    """The recipe with one lever changed; the folder name says which.
+def lever_config(lever: str, base: FinetuneConfig, base_name: str = "before_color_constancy"
+                 ) -> FinetuneConfig:
+    """The recipe with one lever changed; the folder name says which (and, for ``--base
+    study`` or a train fraction under 1, that too, so runs of different bases never share a
+    folder).
 
     Raises:
-        LesionLabError: ``lever`` is not one of ``LEVERS``.
+        LesionLabError: ``lever`` is not one of ``LEVERS``, or it changes nothing in ``base``
+            (e.g. ``shades_of_gray`` against ``--base study``).
     """
     if lever not in LEVERS:
         raise LesionLabError(f"unknown lever {lever!r}; expected some of {list(LEVERS)}")
     cfg = replace(base, **LEVERS[lever][1])
-    return replace(cfg, name=f"ablation__{lever}__seed{cfg.seed}")
+    if lever != "recipe" and cfg == base:
+        raise LesionLabError(f"lever {lever!r} changes nothing in the {base_name!r} base")
+    tag = "" if base_name == "before_color_constancy" else f"{base_name}-"
+    frac = "" if cfg.train_fraction == 1.0 else f"frac{cfg.train_fraction:g}__"
+    split = "" if cfg.data_seed == cfg.seed else f"split{cfg.data_seed}__"
+    return replace(cfg, name=f"ablation__{tag}{lever}__{frac}{split}seed{cfg.seed}")
+
+
+def adoption(lever_val: Sequence[float], recipe_val: Sequence[float]) -> dict:
+    """The adoption rule (:data:`ADOPT_SE`) for one lever, from val balanced accuracies.
+
+    Args:
+        lever_val: the lever's val balanced accuracy at each model seed, shape ``(n_seeds,)``.
+        recipe_val: the recipe's at each model seed, shape ``(n_seeds,)``.
+
+    Returns:
+        ``delta`` (mean lever - mean recipe), ``se`` (Welch standard error of that
+        difference), ``n`` (the smaller seed count) and ``verdict``: ``"adopt"`` (delta >
+        ADOPT_SE x se), ``"reject"`` (delta < -ADOPT_SE x se), ``"no difference"`` (in
+        between: the recipe stays) or ``"too few seeds"`` (fewer than :data:`MIN_SEEDS` on
+        either side; delta and se are still given where defined).
+    """
+    a, b = np.asarray(lever_val, float), np.asarray(recipe_val, float)
+    n = int(min(a.size, b.size))
+    delta = float(a.mean() - b.mean()) if n else float("nan")
+    se = (float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)) if n >= 2
+          else float("nan"))
+    if n < MIN_SEEDS:
+        verdict = "too few seeds"
+    elif delta > ADOPT_SE * se:
+        verdict = "adopt"
+    elif delta < -ADOPT_SE * se:
+        verdict = "reject"
+    else:
+        verdict = "no difference"
+    return {"delta": delta, "se": se, "n": n, "verdict": verdict}
 
 
 def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path) -> dict:
@@ -88,7 +146,8 @@ def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path)
 
     t0 = time.perf_counter()
     card = finetune(dataset, workdir, cfg, resume=True)
-    row = {"lever": lever, "change": LEVERS[lever][0], "config": asdict(cfg),
+    row = {"lever": lever, "change": LEVERS[lever][0], "seed": cfg.seed,
+           "train_fraction": cfg.train_fraction, "config": asdict(cfg),
            "val_balanced_accuracy": card.val["balanced_accuracy"],
            "val_best_epoch_score": card.details.val_balanced_accuracy,
            "best_epoch": card.details.best_epoch, "epochs_run": card.details.epochs_run,
@@ -118,10 +177,20 @@ class AblationConfig:
                                               "per image source")
     out: Path = option(Path("reports/ablation.json"), "JSON results, rewritten after every "
                                                       "lever (the resolved config beside it)")
+    report: Path | None = option(None, "REPORT.md whose ablation blocks are rewritten from "
+                                       "reports/ beside it after every lever")
     device: str = device_option()
     num_workers: int = option(2, "image decoding processes", ge=0)
     weights: str | None = option(None, "local lite0 checkpoint (offline machines)")
-    seed: int = option(0, "model seed", ge=0)
+    seed: int = option(0, "model seed (the first of --seeds)", ge=0)
+    seeds: int = option(1, "model seeds per lever: --seed .. --seed + N - 1, same split and "
+                           "training images (the adoption rule needs 3)", ge=1)
+    base: str = option("before_color_constancy", "the recipe the levers change: the one before "
+                                                 "colour constancy (the GPU ablation) or the "
+                                                 "study's (Shades of Gray on)",
+                       choices=tuple(BASES))
+    train_fraction: float = option(1.0, "lesion-grouped fraction of train every run uses "
+                                        "(0.1: seeds on a CPU)", gt=0, le=1)
     data: Path | None = data_option()
     workdir: Path = workdir_option()
 
@@ -132,24 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the levers; keep earlier rows of ``--out`` for levers not rerun."""
+    """Run the levers, seed by seed (every lever at one seed, then the next seed, so a
+    stopped run has whole seeds); keep earlier rows of ``--out`` for (lever, seed) pairs not
+    rerun."""
     args = config_from_args(AblationConfig, build_parser().parse_args(argv))
     levers = [v.strip() for v in args.levers.split(",") if v.strip()]
-    base = FinetuneConfig(seed=args.seed, device=args.device, num_workers=args.num_workers,
-                          weights=args.weights, n_boot=500, color_constancy="none")
-    configs = {lever: lever_config(lever, base) for lever in levers}  # fail before training
+    seeds = range(args.seed, args.seed + args.seeds)
+    configs = {(lever, s): lever_config(lever, FinetuneConfig(
+        seed=s, split_seed=args.seed, device=args.device, num_workers=args.num_workers,
+        weights=args.weights, n_boot=500, train_fraction=args.train_fraction,
+        **BASES[args.base]), args.base)
+        for s in seeds for lever in levers}  # fail before training
     dataset = ensure_data(resolve_data(args))
     external = load_external_labels(args.external_test) if args.external_test else None
     done = read_json(args.out) if args.out.exists() else {"rows": []}
     done["device"] = device_name(args.device)
     done["provenance"] = provenance()
-    for lever in levers:
-        row = run_lever(lever, configs[lever], dataset, external, args.workdir)
-        done["rows"] = [r for r in done["rows"] if r["lever"] != lever] + [row]
+    done["base"] = args.base
+    for (lever, s), cfg in configs.items():
+        row = run_lever(lever, cfg, dataset, external, args.workdir)
+        done["rows"] = [r for r in done["rows"]
+                        if (r["lever"], r.get("seed", 0)) != (lever, s)] + [row]
         write_json(args.out, done)
         save_config(args.out, args, "python -m benchmarks.ablation")
+        if args.report is not None:
+            from benchmarks.report import update_ablation_blocks
+
+            update_ablation_blocks(args.report)
         ext = row["external"]["overall"] if row["external"] else float("nan")
-        print(f"{lever}: val {row['val_balanced_accuracy']:.3f}  test "
+        print(f"{lever} (seed {s}): val {row['val_balanced_accuracy']:.3f}  test "
               f"{row['test_balanced_accuracy']:.3f}  external {ext:.3f}  best epoch "
               f"{row['best_epoch']}/{row['epochs_run']}  train {row['train_s']:.0f} s "
               f"({row['train_img_per_s']:.0f} img/s)  [{done['device']}]", flush=True)

@@ -34,10 +34,13 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
            "head_input": ("<!-- head_input:start -->", "<!-- head_input:end -->"),
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->"),
            "comparisons": ("<!-- comparisons:start -->", "<!-- comparisons:end -->"),
-           "seeds": ("<!-- seeds:start -->", "<!-- seeds:end -->")}
+           "seeds": ("<!-- seeds:start -->", "<!-- seeds:end -->"),
+           "ablation_seeds": ("<!-- ablation_seeds:start -->", "<!-- ablation_seeds:end -->")}
 
 
 ABLATION = Path("reports") / "ablation_gpu.json"  # written by benchmarks.ablation on a GPU
+# benchmarks.ablation --seeds 3 --base study --train-fraction 0.1, on a CPU
+ABLATION_SEEDS = Path("reports") / "ablation_cpu_seeds.json"
 # blocks of the error analysis, written after the rest by benchmarks.errors.write_error_blocks
 ERROR_BLOCKS = ("per_class", "errors", "artefacts", "calibration")
 MARKERS.update({name: (f"<!-- {name}:start -->", f"<!-- {name}:end -->")
@@ -187,6 +190,67 @@ def ablation_md(path: Path) -> str:
             f"{r['best_epoch']}/{r['epochs_run']} | {r['train_s']:.0f} "
             f"({r['train_s'] - base['train_s']:+.0f}) |")
     return "\n".join(lines) + "\n"
+
+
+def ablation_seeds_md(path: Path) -> str:
+    """The seeded recipe ablation (``benchmarks.ablation --seeds N``): per lever, val and test
+    balanced accuracy over model seeds (mean, sample sd, each seed) and the adoption rule's
+    verdict from val alone (``benchmarks.ablation.adoption``)."""
+    from benchmarks.ablation import ADOPT_SE, adoption
+
+    if not path.exists():
+        return (f"_No seeded ablation yet (`python -m benchmarks.ablation --seeds 3 --out "
+                f"{path}`)._\n")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    by: dict[str, list[dict]] = {}
+    for r in saved["rows"]:
+        by.setdefault(r["lever"], []).append(r)
+    if "recipe" not in by:
+        return "_The seeded ablation has no baseline (`recipe`) rows._\n"
+
+    def col(rows: list[dict], key: str) -> np.ndarray:
+        return np.array([r[key] for r in sorted(rows, key=lambda r: r["seed"])], float)
+
+    def spread(v: np.ndarray) -> str:
+        sd = f" ({v.std(ddof=1):.3f})" if v.size > 1 else ""
+        return f"{v.mean():.3f}{sd}"
+
+    base_val, base_test = col(by["recipe"], "val_balanced_accuracy"), col(by["recipe"],
+                                                                          "test_balanced_accuracy")
+    fracs = sorted({r.get("train_fraction", 1.0) for r in saved["rows"]})
+    lines = [f"Measured on {saved['device']} (`python -m benchmarks.ablation`, base "
+             f"`{saved.get('base', 'before_color_constancy')}`, train fraction "
+             f"{', '.join(f'{f:g}' for f in fracs)}, one split; model seeds "
+             f"{sorted({r['seed'] for r in saved['rows']})}). Mean (sample sd) over seeds. "
+             f"Verdict from val alone: adopt or reject when the difference of the mean val "
+             f"scores exceeds {ADOPT_SE:g} Welch standard errors; test only reports.\n",
+             "| lever | what changes | seeds | val bal.acc per seed | val mean (sd) | "
+             "Δ val ± SE | verdict | test mean (sd) | Δ test | train s (mean) |",
+             "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for lever, rows in by.items():
+        val, test = col(rows, "val_balanced_accuracy"), col(rows, "test_balanced_accuracy")
+        train = col(rows, "train_s")
+        if lever == "recipe":
+            rule, dtest = "(the recipe)", "—"
+            dval = "—"
+        else:
+            a = adoption(val, base_val)
+            dval = f"{a['delta']:+.3f} ± {_fmt(a['se'])}"
+            rule, dtest = a["verdict"], f"{test.mean() - base_test.mean():+.3f}"
+        lines.append(f"| {lever} | {rows[0]['change']} | {val.size} | "
+                     f"{' / '.join(f'{v:.3f}' for v in val)} | {spread(val)} | {dval} | "
+                     f"{rule} | {spread(test)} | {dtest} | {train.mean():.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_ablation_blocks(report: Path) -> None:
+    """Rewrite only the two ablation blocks of ``report`` from ``reports/`` beside it (the
+    rest of the file, leaderboards included, is left as it is)."""
+    text = report.read_text(encoding="utf-8")
+    text = replace_block(text, "ablation", ablation_md(report.parent / ABLATION))
+    text = replace_block(text, "ablation_seeds",
+                         ablation_seeds_md(report.parent / ABLATION_SEEDS))
+    write_text(report, text)
 
 
 def training_md(rows: list[dict], cpu: str) -> str:
@@ -498,6 +562,8 @@ def write_report(report: Path | str, summary: dict, dataset: Dataset, split: pd.
         text = replace_block(text, "sources", sources_md(ext))
     text = replace_block(text, "melanoma", melanoma_md(main_rows, ext))
     text = replace_block(text, "ablation", ablation_md(report.parent / ABLATION))
+    text = replace_block(text, "ablation_seeds",
+                         ablation_seeds_md(report.parent / ABLATION_SEEDS))
     text = replace_block(text, "head_input", head_input_md(main_rows))
     text = replace_block(text, "comparisons", comparisons_block(summary, dataset, workdir))
     text = replace_block(text, "seeds", seeds_md(summary.get("seeds")))

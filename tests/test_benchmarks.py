@@ -372,6 +372,48 @@ def test_ablation_levers_change_one_thing_and_render_as_deltas(tmp_path) -> None
     assert "No ablation results" in ablation_md(tmp_path / "missing.json")
 
 
+def test_adoption_rule_decides_from_val_seeds_by_welch_standard_errors(tmp_path) -> None:
+    import json
+
+    from benchmarks.ablation import LEVERS, adoption, lever_config
+    from benchmarks.report import ablation_seeds_md
+    from lesionlab.errors import LesionLabError
+    from models.finetune import FinetuneConfig
+
+    recipe = [0.50, 0.52, 0.54]  # mean 0.52, sd 0.02
+    # +0.05 with the same spread: SE = sqrt(2 * 0.02^2 / 3) = 0.01633, 0.05 > 2 SE
+    a = adoption([0.55, 0.57, 0.59], recipe)
+    assert a["verdict"] == "adopt" and a["n"] == 3
+    assert a["delta"] == pytest.approx(0.05) and a["se"] == pytest.approx(0.0163299, abs=1e-6)
+    # +0.03 < 2 SE = 0.0327: the recipe stays
+    assert adoption([0.53, 0.55, 0.57], recipe)["verdict"] == "no difference"
+    assert adoption([0.45, 0.47, 0.49], recipe)["verdict"] == "reject"
+    assert adoption([0.70, 0.71], recipe)["verdict"] == "too few seeds"
+
+    study = FinetuneConfig(train_fraction=0.1, split_seed=0, seed=2)
+    cfg = lever_config("no_color_constancy", study, "study")
+    assert cfg.color_constancy == "none" and cfg.name == (
+        "ablation__study-no_color_constancy__frac0.1__split0__seed2")
+    with pytest.raises(LesionLabError, match="changes nothing"):
+        lever_config("shades_of_gray", study, "study")
+
+    def row(lever: str, seed: int, val: float, test: float) -> dict:
+        return {"lever": lever, "change": LEVERS[lever][0], "seed": seed,
+                "train_fraction": 0.1, "val_balanced_accuracy": val,
+                "test_balanced_accuracy": test, "train_s": 500.0 + seed}
+
+    rows = [row("recipe", s, v, 0.50) for s, v in enumerate(recipe)]
+    rows += [row("weighted_ce", s, v, 0.48 + 0.01 * s) for s, v in enumerate([0.55, 0.57, 0.59])]
+    path = tmp_path / "seeds.json"
+    path.write_text(json.dumps({"device": "a CPU", "base": "study", "rows": rows}))
+    md = ablation_seeds_md(path)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| weighted_ce"))
+    assert "0.550 / 0.570 / 0.590" in line and "0.570 (0.020)" in line
+    assert "+0.050 ± 0.016" in line and "| adopt |" in line and "-0.010" in line
+    assert "a CPU" in md and "base `study`" in md and "train fraction 0.1" in md
+    assert "No seeded ablation" in ablation_seeds_md(tmp_path / "missing.json")
+
+
 def test_head_input_table_pairs_heads_per_kind_of_input() -> None:
     from benchmarks.report import head_input_md, input_kind
 
