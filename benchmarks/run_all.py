@@ -166,7 +166,7 @@ FULL_CONCAT_TRIALS = 3  # logistic regression on two or more ImageNet backbones 
 
 def full_trials(features: str, head: str) -> int:
     """Optuna trials of a full-preset head cell on ``features`` (see :data:`FULL_TRIALS`)."""
-    backbones = sum(p.split(":")[0] in LITE for p in features.split("+"))
+    backbones = sum(b.source in LITE for b in parse_features(features))
     return FULL_CONCAT_TRIALS if head == "logreg" and backbones > 1 else FULL_TRIALS[head]
 
 

@@ -120,6 +120,20 @@ def _remote_size(url: str, timeout: float) -> int | None:
         return int(length) if length is not None else None
 
 
+# the names the download gives what it writes (download_files lists them from these)
+STAGED_METADATA = METADATA_FILE + ".download"  # fetched, put in place once verified
+
+
+def part_name(name: str) -> str:
+    """The file ``fetch`` downloads ``name`` into until the transfer is complete."""
+    return name + ".part"
+
+
+def unzip_name(name: str) -> str:
+    """The folder ``X.zip`` is extracted into: ``X``."""
+    return name.removesuffix(".zip")
+
+
 def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest``, resuming a ``.part`` file with an HTTP Range request.
 
@@ -129,7 +143,7 @@ def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:
     """
     if dest.exists():
         return dest
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(part_name(dest.name))
     try:
         total = _remote_size(url, timeout)
         have = part.stat().st_size if part.exists() else 0
@@ -315,7 +329,7 @@ def verify_release(root: Path | str, release: Release = OFFICIAL_RELEASE) -> Dat
 
 def _unzip(path: Path) -> None:
     """Extract ``X.zip`` into ``X/`` once (a marker file records that it finished)."""
-    folder = path.with_suffix("")
+    folder = path.with_name(unzip_name(path.name))
     done = folder / ".unzipped"
     if done.exists():
         return
@@ -340,7 +354,7 @@ def download_ham10000(dest: Path | str, base_url: str = BASE_URL, http_timeout: 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     csv = dest / METADATA_FILE
-    staged = dest / (METADATA_FILE + ".download")
+    staged = dest / STAGED_METADATA
     if not csv.exists():  # checked first, put in place last: its presence means "all fetched"
         fetch(base_url + METADATA_FILE, staged, timeout=http_timeout)
         try:
@@ -362,9 +376,9 @@ def download_ham10000(dest: Path | str, base_url: str = BASE_URL, http_timeout: 
 def download_files() -> set[str]:
     """The names :func:`download_ham10000` writes at the top of its folder: the staged
     metadata, the zips, their ``.part`` files and the folders they unzip to."""
-    names = {METADATA_FILE + ".download", METADATA_FILE + ".download.part"}
+    names = {STAGED_METADATA, part_name(STAGED_METADATA)}
     for z in ZIPS:
-        names |= {z, z + ".part", z.removesuffix(".zip")}
+        names |= {z, part_name(z), unzip_name(z)}
     return names
 
 

@@ -146,7 +146,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
     EXIF orientation of 5-8 (a quarter turn) swaps them.
 
     Raises:
-        LesionLabError: a missing or unreadable file.
+        LesionLabError: a missing or unreadable file, or a folder.
     """
     try:
         with warnings.catch_warnings():
@@ -156,6 +156,8 @@ def image_size(path: Path | str) -> tuple[int, int]:
                 turned = img.getexif().get(_ORIENTATION_TAG) in (5, 6, 7, 8)
     except FileNotFoundError:
         raise LesionLabError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise LesionLabError(f"not an image but a folder: {path}") from None
     except (*_READ_ERRORS, Image.DecompressionBombError) as exc:
         raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
     return (h, w) if turned else (w, h)
@@ -257,7 +259,8 @@ def read_image(path: Path | str, aspect: float | None = None, *,
         A PIL ``RGB`` image, (width, height) = the upright image's, or its crop.
 
     Raises:
-        LesionLabError: a missing, unreadable, unsupported, too large or too small image.
+        LesionLabError: a missing, unreadable, unsupported, too large or too small image, or
+            a folder.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
@@ -273,6 +276,8 @@ def read_image(path: Path | str, aspect: float | None = None, *,
                 rgb = _to_rgb8(ImageOps.exif_transpose(img), path)
     except FileNotFoundError:
         raise LesionLabError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise LesionLabError(f"not an image but a folder: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise LesionLabError(f"image too large: {path} ({exc})") from None
     except _READ_ERRORS as exc:

@@ -137,25 +137,43 @@ def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
                    target: str | None = None, device: str = "cpu") -> list[dict]:
     """Write one overlay PNG per image; an unreadable image gets ``{"path", "error"}``.
 
+    Each result's ``class`` is ``target`` or, without one, the model's prediction, and its
+    ``probability`` is the model's for that class: both exactly what ``models.predict`` prints
+    for the image (calibrated, the model's test-time views; an export's ONNX network, an
+    ensemble's average), not the single uncalibrated view the map's own forward pass takes.
+
     Raises:
         LesionLabError: the folder holds no fine-tuned network, ``target`` is not a class,
             or the network does not load.
     """
+    from models.predict import Predictor
+
     net = gradcam_folder(model_dir, device)
-    classes = net.card.classes  # the explained network's class set
+    classes = list(net.card.classes)  # the explained network's class set
     if target is not None and target not in classes:
-        raise LesionLabError(f"unknown class {target!r}; expected one of {list(classes)}")
+        raise LesionLabError(f"unknown class {target!r}; expected one of {classes}")
+    predictor = Predictor(model_dir, device)
+    try:
+        said = predictor.predict_images(list(paths))
+    finally:
+        predictor.close()
     net.load()
     model, card, spec = net.network, net.card, net.spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cls = None if target is None else list(classes).index(target)
     results = []
-    for path, name in zip(paths, overlay_names(paths)):
+    for path, name, line in zip(paths, overlay_names(paths), said):
+        if "error" in line:
+            results.append(line)
+            continue
+        label = target or line["prediction"]
         try:
-            results.append(explain_one(model, card, spec, path, out / name, cls))
+            res = explain_one(model, card, spec, path, out / name, classes.index(label))
         except LesionLabError as exc:
             results.append({"path": str(path), "error": str(exc)})
+            continue
+        res["probability"] = line["probabilities"][label]
+        results.append(res)
     return results
 
 

@@ -176,8 +176,8 @@ def write_torch_copy(network: torch.nn.Module, dest: Path, torch_copy: str) -> N
     state = network.state_dict()
     if torch_copy == "fp16":
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    with atomic_path(dest) as out:
-        torch.save(state, out)
+    with atomic_path(dest) as out, open(out, "wb") as fh:
+        torch.save(state, fh)  # a file object: the zip's folder is "archive", not the temp name
 
 
 def scores(card: ModelCard) -> dict:

@@ -482,10 +482,10 @@ def save_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
         state: the loop state (epoch, best score, history).
         rng: one (n_bytes,) uint8 torch RNG state per process.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save({"config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "state": state, "torch_rng": rng}, tmp)
+                    "state": state, "torch_rng": rng}, fh)
 
 
 def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
@@ -711,8 +711,8 @@ def calibrate_and_test(run: Run, state: dict, dataset: Dataset, folder: Path,
     groups = dataset.frame["lesion_id"].astype(str).to_numpy()
     done = finish(FinishInput(tuple(dataset.classes), y[run.va], y[run.te], groups[run.te],
                               proba_va, raw_te, n_boot=cfg.n_boot, seed=cfg.seed))
-    with atomic_path(folder / WEIGHTS) as tmp:
-        torch.save(run.model.state_dict(), tmp)
+    with atomic_path(folder / WEIGHTS) as tmp, open(tmp, "wb") as fh:
+        torch.save(run.model.state_dict(), fh)  # zip folder "archive", not the temp name
     save_npy(folder / "test_proba.npy", done.test_proba)
     save_npy(folder / "val_proba.npy", done.val_proba)  # what ensembles choose their weights on
     if run.held is not None:  # out-of-fold: rows this network never trained on

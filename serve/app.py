@@ -154,16 +154,18 @@ class Service:
             card = self.predictor.card
             result = result_line(filename, proba, card.mel_threshold, card.classes)
             if gradcam and self.predictor.cam is not None:
-                result["gradcam_png"] = self._gradcam(tmp.name)
+                result["gradcam_png"] = self._gradcam(tmp.name, result["prediction"])
         return result
 
-    def _gradcam(self, path: str) -> str:
+    def _gradcam(self, path: str, label: str) -> str:
+        """The page's overlay: the map of ``label``, the class the page shows (the model's
+        prediction, which a single uncalibrated view of the network may not rank first)."""
         from models.explain import explain_one
 
         buf = io.BytesIO()
         with self.cam_lock:  # an export's torch copy is a folder of its own: loaded once, here
             p = self.predictor.cam.load()
-            explain_one(p.network, p.card, p.spec, path, buf, None)
+            explain_one(p.network, p.card, p.spec, path, buf, list(p.card.classes).index(label))
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -60,6 +60,14 @@ def test_exported_predictions_equal_the_network_s(network: Path, exported: Path)
     np.testing.assert_allclose(got, source.predict_proba(_images()), atol=2e-3)
 
 
+def test_saved_weights_name_no_temp_file_inside(network: Path, exported: Path) -> None:
+    import zipfile
+
+    for weights in (network / "model.pt", exported / "model.pt"):  # finetune's and export's
+        names = zipfile.ZipFile(weights).namelist()
+        assert names and {n.split("/")[0] for n in names} == {"archive"}, names[:2]
+
+
 def test_the_card_holds_what_a_shipped_model_must_say(network: Path, exported: Path) -> None:
     card = load_model_folder(exported).card
     rec = card.export
@@ -94,8 +102,16 @@ def test_grad_cam_uses_the_torch_copy_or_says_it_needs_the_unexported_folder(
 
     net = load_model_folder(exported).gradcam_network()
     assert type(net) is NetworkFolder and net.path == exported
-    res = explain_images(exported, _images(1), tmp_path / "cam")
+    res = explain_images(exported, _images(2), tmp_path / "cam")
     assert (tmp_path / "cam" / res[0]["overlay"].rpartition("/")[2]).is_file()
+    # explain says what predict says (the ONNX network's calibrated probability), not the
+    # torch copy's single uncalibrated view
+    from models.predict import predict_images
+
+    said = predict_images(exported, _images(2), device="cpu")
+    assert [r["class"] for r in res] == [s["prediction"] for s in said]
+    assert [r["probability"] for r in res] == [s["probabilities"][s["prediction"]]
+                                               for s in said]
     bare = tmp_path / "bare"
     shutil.copytree(exported, bare)
     (bare / "model.pt").unlink()

@@ -132,6 +132,14 @@ def test_too_small_images_are_refused_naming_the_file(tmp_path: Path, w: int, h:
             read(path)
 
 
+def test_a_folder_given_as_an_image_is_named_a_folder_not_a_corrupt_image(tmp_path: Path) -> None:
+    folder = tmp_path / "ISIC_0000000.jpg"  # a folder with an image's name
+    folder.mkdir()
+    for read in (images.read_image, images.image_size):
+        with pytest.raises(LesionLabError, match=r"not an image but a folder: .*ISIC_0000000"):
+            read(folder)
+
+
 def test_a_1x1_image_is_an_error_line_in_predict(trained_models, tmp_path: Path) -> None:
     from models.predict import predict_images
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,9 @@ def test_the_shipped_model_is_the_default_and_loads_without_training() -> None:
     assert set(card.files) == {"model.onnx", "model.pt"}
     for name, digest in card.files.items():
         assert sha256_file(folder / name) == digest
+    # torch.save wrote to a file object: the zip's folder names no temp file, pid or host
+    assert {n.split("/")[0] for n in zipfile.ZipFile(folder / "model.pt").namelist()} == {
+        "archive"}
     text = (folder / "card.json").read_text()  # committed: it names no path of a machine
     assert not re.search(r'"(/|[A-Za-z]:\\\\|\.\./)', text)
 
