@@ -27,12 +27,20 @@ main row val ranks first) and the best frozen head (the main head row on frozen 
 ``calibration`` blocks and writes the numbers to ``<workdir>/results/errors/errors.json``;
 :func:`write_error_blocks`, which ``benchmarks.run_all`` calls after
 ``benchmarks.report.write_report``, puts them between their markers in the report.
+
+``python -m benchmarks.errors --model DIR`` makes the same analysis of one model folder
+outside a study (the shipped model by default): :func:`folder_row` predicts its val and test
+images (the split its card was made on; checked against the card's test ids) and, with
+``--external-test``, the external set once, and ``--report`` puts the four parts between the
+``shipped_errors`` markers.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +58,8 @@ from benchmarks.comparisons import Scored, load_scored  # noqa: E402
 from benchmarks.report import ERROR_BLOCKS as BLOCKS, replace_block  # noqa: E402
 from benchmarks.rows import row_input  # noqa: E402
 from lesionlab.artifacts import atomic_path, write_json, write_text  # noqa: E402
+from lesionlab.cli import (data_option, device_option, model_option, option,  # noqa: E402
+                           workdir_option)
 from lesionlab.calibration import (CALIBRATORS, class_score_calibration,  # noqa: E402
                                    compare_calibrators, ece_with_ci, per_class_ci)
 from lesionlab.data import Dataset  # noqa: E402
@@ -58,7 +68,7 @@ from lesionlab.images import read_image  # noqa: E402
 from lesionlab.metrics import (balanced_accuracy, expected_calibration_error,  # noqa: E402
                                fast_balanced_accuracy, mel_index, paired_bootstrap)
 from lesionlab.splits import split_indices  # noqa: E402
-from models.bundle import load_card, load_proba  # noqa: E402
+from models.bundle import CARD as CARD_FILE, load_card, load_proba  # noqa: E402
 from models.design import FROZEN_INPUTS  # noqa: E402
 
 MIN_CELL = 30  # a breakdown cell with fewer images is flagged "not interpretable"
@@ -723,3 +733,146 @@ def write_error_blocks(report: Path | str, summary: dict, dataset: Dataset,
                                     str(rel), cfg).items():
         text = replace_block(text, name, block)
     write_text(report, text)
+
+
+# -- one model folder outside a study (the shipped model) -------------------------------------
+
+
+def folder_row(model_dir: Path | str, dataset: Dataset, workdir: Path | str,
+               external: Dataset | None = None, device: str = "auto") -> tuple[dict, pd.DataFrame]:
+    """A model folder outside a study as a row :func:`analyse_row` reads, with its split.
+
+    The folder is copied to ``<workdir>/results/errors/folders/<name>/`` (the original is
+    only read; probabilities it saved at training are left behind), its val and test
+    probabilities are predicted there by the folder itself
+    (``predict_proba``: calibrated, its own test-time views) on the split its card was made
+    on, and the external set's, when given, are saved as a study saves them
+    (``benchmarks.comparisons.save_external_proba``). Predictions are made once per copy.
+
+    Args:
+        model_dir: a model folder (card.json with ``test_image_ids``).
+        dataset: the labelled set the model was trained and tested on.
+        workdir: where the copy, the split and the probabilities go.
+        external: the external labelled set; None: none.
+        device: where the folder predicts.
+
+    Returns:
+        (row, split): ``{"name", "model_dir"}`` and the (n_images, 4) split table.
+
+    Raises:
+        LesionLabError: the card has no test image ids, or the split made from ``dataset``
+            with the card's seed does not hold the card's test images (another dataset).
+    """
+    from benchmarks.comparisons import external_proba_path, save_external_proba
+    from lesionlab.artifacts import save_npy
+    from lesionlab.splits import load_or_make_split
+    from models.folder import load_model_folder
+
+    card = load_card(model_dir)
+    if not card.test_image_ids:
+        raise LesionLabError(f"{model_dir}: its card lists no test images; analyse it inside "
+                             f"the study that made it")
+    split = load_or_make_split(dataset, workdir, card.config.data_seed)
+    _, va, te = split_indices(dataset, split)
+    ids = dataset.frame["image_id"].astype(str).to_numpy()
+    if sorted(ids[te]) != sorted(map(str, card.test_image_ids)):
+        raise LesionLabError(f"{model_dir}: the split of {dataset.root} with seed "
+                             f"{card.config.data_seed} does not hold the "
+                             f"{len(card.test_image_ids)} test images its card lists (another "
+                             f"dataset or copy?)")
+    copy = Path(workdir) / "results" / "errors" / "folders" / card.name
+    if not (copy / CARD_FILE).exists():
+        tmp = copy.with_name(copy.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # without the probabilities it saved at training: the folder as shipped predicts
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*_proba.npy"))
+        shutil.rmtree(copy, ignore_errors=True)
+        tmp.rename(copy)
+    by_id = dataset.frame.set_index(dataset.frame["image_id"].astype(str))
+    wanted = (("test_proba.npy", list(map(str, card.test_image_ids))),
+              ("val_proba.npy", list(ids[va])))
+    todo = [(name, want) for name, want in wanted if not (copy / name).exists()]
+    ext_todo = external is not None and not external_proba_path(workdir, card.name).exists()
+    if todo or ext_todo:
+        with load_model_folder(copy, device=device) as model:
+            for name, want in todo:
+                paths = by_id.loc[want, "path"].astype(str).tolist()
+                save_npy(copy / name, np.asarray(model.predict_proba(paths), np.float32))
+            if ext_todo:
+                save_external_proba(workdir, card.name, external, model.predict_proba(external))
+    return {"name": card.name, "model_dir": str(copy)}, split
+
+
+def folder_md(label: str, analysis: dict, cfg: ErrorsConfig, figure: str | None) -> str:
+    """The four parts of the analysis for one folder, as one block (``shipped_errors``)."""
+    analyses = {label: analysis}
+    return "\n".join([
+        "##### Per-class recall and precision\n", per_class_md(analyses, cfg.n_boot),
+        "##### Top confusions and errors by dx_type, age, site and image source\n",
+        errors_md(analyses, cfg.min_cell),
+        "##### Artefact check: the dermoscope vignette masked\n", artefacts_md(analyses, cfg),
+        "##### Calibration of the melanoma score\n", calibration_md(analyses, cfg, figure)])
+
+
+@dataclass
+class FolderErrorsConfig:
+    """The flags of ``python -m benchmarks.errors``."""
+
+    model: Path | None = model_option(shipped=True)
+    external_test: Path | None = option(None, "labelled external folder, predicted once and "
+                                              "broken down by image source")
+    report: Path | None = option(None, "REPORT.md whose shipped_errors block is rewritten")
+    label: str = option("shipped model", "the model's name in the tables")
+    n_boot: int = option(1000, "lesion-level bootstrap resamples per CI", ge=1)
+    device: str = device_option()
+    data: Path | None = data_option()
+    workdir: Path = workdir_option()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI arguments, from ``FolderErrorsConfig``."""
+    from lesionlab.cli import command_parser
+
+    return command_parser("python -m benchmarks.errors", __doc__, FolderErrorsConfig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Analyse one model folder; print where the numbers went."""
+    from lesionlab.cli import config_from_args, resolve_data
+    from lesionlab.data import load_external_labels, load_dataset
+    from models.shipped import default_model_folder
+
+    args = config_from_args(FolderErrorsConfig, build_parser().parse_args(argv))
+    folder = default_model_folder(args.model)
+    dataset = load_dataset(resolve_data(args))
+    external = load_external_labels(args.external_test) if args.external_test else None
+    row, split = folder_row(folder, dataset, args.workdir, external, args.device)
+    cfg = ErrorsConfig(n_boot=args.n_boot, device=args.device)
+    analysis = analyse_row(row, dataset, split, args.workdir, external, cfg)
+    out = Path(args.workdir) / "results" / "errors" / f"{row['name']}.json"
+    write_json(out, {"config": asdict(cfg), "models": {args.label: analysis}})
+    figure = None
+    if args.report is not None:
+        report = Path(args.report)
+        fig = report.parent / "reports" / "figures" / f"reliability_mel_{row['name']}.png"
+        if fig_mel_reliability({args.label: analysis}, fig):
+            figure = str(fig.relative_to(report.parent))
+        text = report.read_text(encoding="utf-8")
+        write_text(report, replace_block(text, "shipped_errors",
+                                         folder_md(args.label, analysis, cfg, figure)))
+    print(f"{row['name']}: test bal.acc of the saved probabilities "
+          f"{balanced_accuracy(*_labels_pred(analysis, row, dataset, args.workdir)):.4f}; "
+          f"numbers in {out}" + (f"; {args.report} updated" if args.report else ""))
+    return 0
+
+
+def _labels_pred(analysis: dict, row: dict, dataset: Dataset,
+                 workdir: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    test = load_scored(row, "test", dataset, workdir)
+    return test.labels, test.proba.argmax(axis=1)
+
+
+if __name__ == "__main__":
+    from lesionlab.cli import run_main
+
+    run_main(main)

@@ -35,7 +35,8 @@ MARKERS = {"leaderboard": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -
            "figures": ("<!-- figures:start -->", "<!-- figures:end -->"),
            "comparisons": ("<!-- comparisons:start -->", "<!-- comparisons:end -->"),
            "seeds": ("<!-- seeds:start -->", "<!-- seeds:end -->"),
-           "ablation_seeds": ("<!-- ablation_seeds:start -->", "<!-- ablation_seeds:end -->")}
+           "ablation_seeds": ("<!-- ablation_seeds:start -->", "<!-- ablation_seeds:end -->"),
+           "shipped_errors": ("<!-- shipped_errors:start -->", "<!-- shipped_errors:end -->")}
 
 
 ABLATION = Path("reports") / "ablation_gpu.json"  # written by benchmarks.ablation on a GPU

@@ -27,6 +27,7 @@ def _module(name: str):
 def _classes(name: str) -> list[type]:
     """The config dataclasses whose fields are the flags of CLI ``name``."""
     from benchmarks.ablation import AblationConfig
+    from benchmarks.errors import FolderErrorsConfig
     from benchmarks.featurize_speed import FeaturizeSpeedConfig
     from benchmarks.run_all import RunAllConfig
     from benchmarks.scale import ScaleConfig
@@ -53,7 +54,7 @@ def _classes(name: str) -> list[type]:
         "models.evaluate": [EvaluateConfig],
         "models.predict": [PredictConfig], "models.explain": [ExplainConfig],
         "serve": [ServeConfig], "benchmarks.run_all": [RunAllConfig, TrackingOptions],
-        "benchmarks.ablation": [AblationConfig],
+        "benchmarks.ablation": [AblationConfig], "benchmarks.errors": [FolderErrorsConfig],
         "benchmarks.featurize_speed": [FeaturizeSpeedConfig],
         "benchmarks.scale": [ScaleConfig], "benchmarks.serve_load": [ServeLoadConfig],
         "benchmarks.train_speed": [TrainSpeedConfig], "benchmarks.tta_cost": [TtaCostConfig],
@@ -62,8 +63,9 @@ def _classes(name: str) -> list[type]:
 
 CLIS = ("featurize", "models.train_head", "models.finetune", "models.kfold", "models.ensemble",
         "models.evaluate", "models.predict", "models.explain", "serve", "benchmarks.run_all",
-        "benchmarks.ablation", "benchmarks.featurize_speed", "benchmarks.scale",
-        "benchmarks.serve_load", "benchmarks.train_speed", "benchmarks.tta_cost")
+        "benchmarks.ablation", "benchmarks.errors", "benchmarks.featurize_speed",
+        "benchmarks.scale", "benchmarks.serve_load", "benchmarks.train_speed",
+        "benchmarks.tta_cost")
 
 
 def _fields(name: str) -> list[dataclasses.Field]:
@@ -101,7 +103,7 @@ def test_one_device_default_everywhere(name: str) -> None:
         assert action.default == "auto" and tuple(action.choices) == DEVICES == (
             "auto", "cpu", "cuda")
     has = {"featurize", "models.finetune", "models.kfold", "models.evaluate", "models.predict",
-           "models.explain", "serve", "benchmarks.ablation"}
+           "models.explain", "serve", "benchmarks.ablation", "benchmarks.errors"}
     assert bool(devices) == (name in has)
 
 

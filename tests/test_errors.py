@@ -231,3 +231,47 @@ def test_error_blocks_on_fixture_models(trained_models, fixture_dir: Path, tmp_p
     assert "stale table" not in text and all(MARKERS[b][1] in text for b in er.BLOCKS)
     assert "](reports/figures/reliability_mel.png)" in text
     assert (tmp_path / "reports" / "figures" / "reliability_mel.png").is_file()
+
+
+def test_one_folder_outside_a_study_is_predicted_once_and_analysed(trained_models,
+                                                                    fixture_dir: Path,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    from benchmarks.comparisons import load_scored
+    from lesionlab.data import Dataset, load_dataset
+    from models.bundle import load_card
+    from models.folder import load_model_folder
+
+    ds = load_dataset(fixture_dir)
+    net = trained_models["finetune"]
+    card = load_card(net)
+    before = sorted(p.name for p in net.iterdir())
+    row, split = er.folder_row(net, ds, tmp_path, external=ds, device="cpu")
+    assert Path(row["model_dir"]).parent == tmp_path / "results" / "errors" / "folders"
+    assert sorted(p.name for p in net.iterdir()) == before  # the original is only read
+    test = load_scored(row, "test", ds, tmp_path)
+    # the copy's test probabilities are the folder's own predictions, in the card's order
+    with load_model_folder(net, device="cpu") as model:
+        by_id = ds.frame.set_index("image_id")
+        want = model.predict_proba(by_id.loc[list(card.test_image_ids), "path"].tolist())
+    np.testing.assert_allclose(test.proba, want, atol=1e-6)
+    assert list(test.image_ids) == list(card.test_image_ids)
+    assert load_scored(row, "external", ds, tmp_path).proba.shape == (len(ds), 7)
+    cfg = er.ErrorsConfig(n_boot=20, artefacts=False, device="cpu")
+    analysis = er.analyse_row(row, ds, split, tmp_path, ds, cfg)
+    md = er.folder_md("shipped model", {**analysis}, cfg, None)
+    assert "| class | test n |" in md and "**shipped model**" in md
+    assert sum(c["support"] for c in analysis["sets"]["test"]["per_class"].values()) == \
+        len(card.test_image_ids)
+
+    def boom(*a, **k):
+        raise AssertionError("predicted again")
+
+    import models.folder
+
+    monkeypatch.setattr(models.folder, "load_model_folder", boom)
+    assert er.folder_row(net, ds, tmp_path, external=ds, device="cpu")[0] == row  # saved
+    other = Dataset(root=ds.root, frame=ds.frame.iloc[:-5].reset_index(drop=True),
+                    classes=ds.classes)
+    with pytest.raises(LesionLabError, match="does not hold the .* test images its card"):
+        er.folder_row(net, other, tmp_path / "other", device="cpu")
