@@ -491,12 +491,12 @@ def _title(label: str, analysis: dict) -> str:
     return f"**{label}** (`{analysis['name']}`)"
 
 
-def per_class_md(analyses: dict[str, dict], n_boot: int) -> str:
+def per_class_md(analyses: dict[str, dict], n_boot: int,
+                 chosen: str = " The rows were chosen on val.") -> str:
     """The ``per_class`` block: per model, per class, recall and precision [95% CI] with n, on
-    the test split and the external set."""
+    the test split and the external set; ``chosen`` says how the models were picked."""
     parts = [f"Per-class recall and precision of the argmax decision, lesion-level bootstrap "
-             f"95% CIs ({n_boot} resamples); n: images of the class. The rows were chosen on "
-             f"val.\n"]
+             f"95% CIs ({n_boot} resamples); n: images of the class.{chosen}\n"]
     for label, a in analyses.items():
         test, ext = a["sets"]["test"], a["sets"].get("external")
         lines = [_title(label, a) + ":\n",
@@ -807,7 +807,7 @@ def folder_md(label: str, analysis: dict, cfg: ErrorsConfig, figure: str | None)
     """The four parts of the analysis for one folder, as one block (``shipped_errors``)."""
     analyses = {label: analysis}
     return "\n".join([
-        "##### Per-class recall and precision\n", per_class_md(analyses, cfg.n_boot),
+        "##### Per-class recall and precision\n", per_class_md(analyses, cfg.n_boot, ""),
         "##### Top confusions and errors by dx_type, age, site and image source\n",
         errors_md(analyses, cfg.min_cell),
         "##### Artefact check: the dermoscope vignette masked\n", artefacts_md(analyses, cfg),

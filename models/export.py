@@ -180,12 +180,67 @@ def write_torch_copy(network: torch.nn.Module, dest: Path, torch_copy: str) -> N
         torch.save(state, fh)  # a file object: the zip's folder is "archive", not the temp name
 
 
-def scores(card: ModelCard) -> dict:
-    """The network's scores its card holds: internal test metrics (numbers) with their
-    bootstrap 95% CIs and melanoma operating point, and the external set's when recorded."""
-    test = {k: v for k, v in card.test.items()
+def _numbers(test: dict) -> dict:
+    """A card's test metrics without its tables: numbers, CIs, n, melanoma operating point."""
+    return {k: v for k, v in test.items()
             if k in ("ci95", "mel_operating_point", "n") or isinstance(v, float)}
-    return {"internal_test": test, "external": card.external}
+
+
+def scores(card: ModelCard, exported_test: dict | None = None) -> dict:
+    """The scores the export record states: ``internal_test``, the exported network's own
+    test metrics (numbers) with their bootstrap 95% CIs and melanoma operating point
+    (:func:`exported_test_scores`; without data, the unexported network's, said by
+    ``internal_test_of``), the unexported network's as ``internal_test_before_export``, and
+    the external set's when recorded."""
+    before = _numbers(card.test)
+    if exported_test is None:
+        return {"internal_test": before, "internal_test_of": "the unexported network (no "
+                "--data: the export was not scored)", "external": card.external}
+    return {"internal_test": _numbers(exported_test), "internal_test_of": "the exported network",
+            "internal_test_before_export": before, "external": card.external}
+
+
+def card_test_rows(card: ModelCard, dataset: Dataset) -> Dataset:
+    """The network's test images (its card's ``test_image_ids``, in that order) as a Dataset.
+
+    Raises:
+        LesionLabError: ``dataset`` lacks one of them.
+    """
+    ids = [str(i) for i in card.test_image_ids]
+    frame = dataset.frame.set_index(dataset.frame["image_id"].astype(str))
+    missing = [i for i in ids if i not in frame.index]
+    if missing:
+        raise LesionLabError(f"--data lacks {len(missing)} test images of model {card.name} "
+                             f"(e.g. {missing[0]})")
+    return Dataset(root=dataset.root, frame=frame.loc[ids].reset_index(drop=True),
+                   classes=dataset.classes)
+
+
+def exported_test_scores(folder: Path | str, card: ModelCard, dataset: Dataset) -> dict:
+    """The test metrics of the exported network in ``folder`` on its card's test images,
+    computed as training computed the unexported network's (``lesionlab.metrics.evaluate``,
+    lesion-level bootstrap with the card's resample count and seed, the melanoma rule at the
+    card's threshold); ``ece_uncalibrated`` stays the unexported network's (the export holds
+    only calibrated outputs). Reporting only: the export's precision was chosen on val.
+
+    Raises:
+        LesionLabError: ``dataset`` lacks a test image (see :func:`card_test_rows`).
+    """
+    from lesionlab import metrics
+
+    test = card_test_rows(card, dataset)
+    with load_model_folder(folder, "cpu") as model:
+        proba = np.asarray(model.predict_proba(test), float)
+    groups = test.frame["lesion_id"].astype(str).to_numpy()
+    n_boot, seed = card.config.n_boot, card.config.seed
+    out = metrics.evaluate(test.labels, proba, groups, n_boot=n_boot, seed=seed,
+                           classes=card.classes)
+    out["ece_uncalibrated"] = card.test.get("ece_uncalibrated")
+    mel = metrics.mel_index(card.classes)
+    out["mel_operating_point"] = None if mel is None or card.mel_threshold is None else \
+        metrics.operating_point(test.labels, proba[:, mel], card.mel_threshold, groups,
+                                n_boot, seed, mel)
+    return out
 
 
 def melanoma_rule(card: ModelCard) -> str:
@@ -197,8 +252,9 @@ def melanoma_rule(card: ModelCard) -> str:
             f"that flags >= 80% of the val melanomas), whatever the most likely class")
 
 
-def export_record(card: ModelCard, cfg: ExportConfig, check: dict | None) -> dict:
-    """The ``export`` record of the exported card."""
+def export_record(card: ModelCard, cfg: ExportConfig, check: dict | None,
+                  exported_test: dict | None = None) -> dict:
+    """The ``export`` record of the exported card (``card``: the unexported network's)."""
     import onnxruntime
 
     return {"precision": cfg.precision, "runtime": f"onnxruntime {onnxruntime.__version__}",
@@ -206,7 +262,8 @@ def export_record(card: ModelCard, cfg: ExportConfig, check: dict | None) -> dic
             "source_files": dict(card.files), "check": check,
             "data": f"{DATA}; {card.n_train} training images (data fingerprint "
                     f"{card.data_fingerprint[:12]})",
-            "licence": LICENCE, "scores": scores(card), "melanoma_rule": melanoma_rule(card),
+            "licence": LICENCE, "scores": scores(card, exported_test),
+            "melanoma_rule": melanoma_rule(card),
             "intended_use": INTENDED_USE}
 
 
@@ -244,7 +301,9 @@ def _write(source: NetworkFolder, cfg: ExportConfig, tmp: Path,
                                 card.classes, card.mel_threshold)
         if cfg.precision != "fp32":
             require_passed(check, cfg.precision)
-        card.export = export_record(source.card, cfg, check)
+        # the card describes the folder: its test scores are the exported network's own
+        card.test = exported_test_scores(tmp, card, dataset)
+        card.export = export_record(source.card, cfg, check, card.test)
         save_card(tmp, card)
     size = folder_mb(tmp)
     if size > cfg.max_mb:

@@ -781,6 +781,11 @@ def load_finetuned(model_dir: Path | str,
     return model.to(resolve_device(device)).eval(), card, spec
 
 
+# a folder predicting at least this many images shows a progress bar (stderr); a page upload
+# or a few files do not
+PROGRESS_MIN_IMAGES = 256
+
+
 def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
                   paths: Sequence[str], tta: str | None = None) -> np.ndarray:
     """Calibrated probabilities of a loaded fine-tuned network for image ``paths``; ``tta``
@@ -801,6 +806,7 @@ def network_proba(model: nn.Module, card: ModelCard, spec: BackboneSpec,
                         tuple(card.config.image_size), dev,
                         tta=tta or card.config.tta,
                         bf16=use_bf16(card.config.precision, dev),
+                        progress=len(paths) >= PROGRESS_MIN_IMAGES,
                         color_constancy=card.config.color_constancy,
                         aspect=model_aspect(card.details.input_aspect, f"model {card.name}"))
     return apply_temperature(raw, card.temperature)

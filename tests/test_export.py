@@ -76,9 +76,25 @@ def test_the_card_holds_what_a_shipped_model_must_say(network: Path, exported: P
     assert rec["precision"] == "fp32" and rec["torch_copy"] == "fp16"
     assert rec["source"] == network.name and "HAM10000" in rec["data"]
     source = load_model_folder(network).card
-    assert rec["scores"]["internal_test"]["balanced_accuracy"] == \
-        source.test["balanced_accuracy"]
-    assert rec["scores"]["internal_test"]["ci95"] == source.test["ci95"]
+    before = rec["scores"]["internal_test_before_export"]
+    assert before["balanced_accuracy"] == source.test["balanced_accuracy"]
+    assert before["ci95"] == source.test["ci95"]
+    # the card's test scores are the exported network's own, scored on the same test images
+    test = rec["scores"]["internal_test"]
+    assert rec["scores"]["internal_test_of"] == "the exported network"
+    assert test["balanced_accuracy"] == card.test["balanced_accuracy"]
+    assert test["n"] == len(source.test_image_ids) == source.test["n"]
+    from models.export import card_test_rows
+
+    ds = load_dataset(FIXTURE)
+    proba = predict_proba(exported, card_test_rows(source, ds).frame["path"].tolist(),
+                          device="cpu")
+    from lesionlab.metrics import balanced_accuracy
+
+    assert test["balanced_accuracy"] == pytest.approx(balanced_accuracy(
+        card_test_rows(source, ds).labels, proba.argmax(1)))
+    # fp32: the export predicts what the network predicted, so it scores the same
+    assert test["balanced_accuracy"] == pytest.approx(source.test["balanced_accuracy"], abs=1e-9)
     assert f"{source.mel_threshold:.4f}" in rec["melanoma_rule"]
     assert set(card.files) == {"model.onnx", "model.pt"}
     assert card.files["model.onnx"] == sha256_file(exported / "model.onnx")
