@@ -146,9 +146,16 @@ def test_overconfident_model_gets_the_maps_compared_on_val() -> None:
     assert lo <= brier <= hi
     lo, hi = got["top_label"]["ci95"]
     assert lo <= got["top_label"]["ece"] <= hi
-    # a val ECE at most the bar: the model's own temperature scaling is kept
+    assert got["val_mel_ece"] == pytest.approx(er.class_score_calibration(
+        val.labels, val.proba, 1)["ece"])
+    chosen_test = maps["test"][maps["chosen"]]
+    assert 0 <= chosen_test["mel_ece"] <= 1 and 0 <= chosen_test["mel_brier"] <= 1
+    # both val ECEs at most the bar: the model's own temperature scaling is kept, unless asked
     assert er.calibration(test, val, er.ErrorsConfig(n_boot=20, ece_high=0.9),
                           classes)["maps"] is None
+    forced = er.calibration(test, val, er.ErrorsConfig(n_boot=20, ece_high=0.9,
+                                                       compare_maps=True), classes)["maps"]
+    assert forced["chosen"] == maps["chosen"]
     assert er.calibration(test, None, cfg, classes)["maps"] is None
 
 
