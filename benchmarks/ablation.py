@@ -177,8 +177,9 @@ class AblationConfig:
                                               "per image source")
     out: Path = option(Path("reports/ablation.json"), "JSON results, rewritten after every "
                                                       "lever (the resolved config beside it)")
-    report: Path | None = option(None, "REPORT.md whose ablation blocks are rewritten from "
-                                       "reports/ beside it after every lever")
+    report: Path | None = option(None, "REPORT.md whose ablation block (the seeded one with "
+                                       "--seeds > 1) is rewritten from --out after every "
+                                       "lever")
     device: str = device_option()
     num_workers: int = option(2, "image decoding processes", ge=0)
     weights: str | None = option(None, "local lite0 checkpoint (offline machines)")
@@ -227,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report is not None:
             from benchmarks.report import update_ablation_blocks
 
-            update_ablation_blocks(args.report)
+            update_ablation_blocks(args.report, args.out, seeded=args.seeds > 1)
         ext = row["external"]["overall"] if row["external"] else float("nan")
         print(f"{lever} (seed {s}): val {row['val_balanced_accuracy']:.3f}  test "
               f"{row['test_balanced_accuracy']:.3f}  external {ext:.3f}  best epoch "

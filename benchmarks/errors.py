@@ -1,5 +1,12 @@
 """Per-class results, the main errors, an artefact check and the melanoma score's calibration
-of the study's chosen models, from the probabilities the run saved (nothing is retrained).
+of the study's chosen models, from the probabilities the run saved (nothing is retrained), or
+of one model folder.
+
+``python -m benchmarks.errors [--model DIR]`` analyses one model folder outside a study (the
+shipped model by default): :func:`folder_row` lets the folder predict its val and test images
+(the split its card was made on, checked against the card's test ids) and, with
+``--external-test``, the external set, once; ``--report`` puts the four parts between the
+``shipped_errors`` markers.
 
 Two rows are analysed, both chosen on val (never on test): the recommended pipeline (the
 main row val ranks first) and the best frozen head (the main head row on frozen inputs,
@@ -29,11 +36,6 @@ main row val ranks first) and the best frozen head (the main head row on frozen 
 :func:`write_error_blocks`, which ``benchmarks.run_all`` calls after
 ``benchmarks.report.write_report``, puts them between their markers in the report.
 
-``python -m benchmarks.errors --model DIR`` makes the same analysis of one model folder
-outside a study (the shipped model by default): :func:`folder_row` predicts its val and test
-images (the split its card was made on; checked against the card's test ids) and, with
-``--external-test``, the external set once, and ``--report`` puts the four parts between the
-``shipped_errors`` markers.
 """
 
 from __future__ import annotations
@@ -774,8 +776,9 @@ def folder_row(model_dir: Path | str, dataset: Dataset, workdir: Path | str,
         (row, split): ``{"name", "model_dir"}`` and the (n_images, 4) split table.
 
     Raises:
-        LesionLabError: the card has no test image ids, or the split made from ``dataset``
-            with the card's seed does not hold the card's test images (another dataset).
+        LesionLabError: the card has no test image ids, ``dataset`` is not the data the
+            card records (its fingerprint), or the split made from it with the card's seed
+            does not hold the card's test images.
     """
     from benchmarks.comparisons import external_proba_path, save_external_proba
     from lesionlab.artifacts import save_npy
@@ -786,9 +789,13 @@ def folder_row(model_dir: Path | str, dataset: Dataset, workdir: Path | str,
     if not card.test_image_ids:
         raise LesionLabError(f"{model_dir}: its card lists no test images; analyse it inside "
                              f"the study that made it")
+    ids = dataset.frame["image_id"].astype(str).to_numpy()
+    if card.data_fingerprint and dataset.fingerprint() != card.data_fingerprint:
+        raise LesionLabError(f"{model_dir} was trained on other data than {dataset.root} "
+                             f"(fingerprint {dataset.fingerprint()[:12]}, the card's "
+                             f"{card.data_fingerprint[:12]}): pass the data it was made on")
     split = load_or_make_split(dataset, workdir, card.config.data_seed)
     _, va, te = split_indices(dataset, split)
-    ids = dataset.frame["image_id"].astype(str).to_numpy()
     if sorted(ids[te]) != sorted(map(str, card.test_image_ids)):
         raise LesionLabError(f"{model_dir}: the split of {dataset.root} with seed "
                              f"{card.config.data_seed} does not hold the "

@@ -244,13 +244,19 @@ def ablation_seeds_md(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_ablation_blocks(report: Path) -> None:
-    """Rewrite only the two ablation blocks of ``report`` from ``reports/`` beside it (the
-    rest of the file, leaderboards included, is left as it is)."""
+def update_ablation_blocks(report: Path, results: Path | None = None,
+                           seeded: bool = False) -> None:
+    """Rewrite only an ablation block of ``report`` (the rest of the file, leaderboards
+    included, is left as it is): from ``results`` (a ``benchmarks.ablation --out`` file) the
+    ``ablation_seeds`` block when ``seeded``, else the ``ablation`` block; without
+    ``results``, both from their files in ``reports/`` beside the report (:data:`ABLATION`,
+    :data:`ABLATION_SEEDS`), as the full report does."""
     text = report.read_text(encoding="utf-8")
-    text = replace_block(text, "ablation", ablation_md(report.parent / ABLATION))
-    text = replace_block(text, "ablation_seeds",
-                         ablation_seeds_md(report.parent / ABLATION_SEEDS))
+    if results is None or not seeded:
+        text = replace_block(text, "ablation", ablation_md(results or report.parent / ABLATION))
+    if results is None or seeded:
+        text = replace_block(text, "ablation_seeds",
+                             ablation_seeds_md(results or report.parent / ABLATION_SEEDS))
     write_text(report, text)
 
 

@@ -16,19 +16,26 @@ log = logging.getLogger("lesionlab")
 
 _COUNTS: collections.Counter[str] = collections.Counter()
 _FIRST: dict[str, str] = {}  # the message each key was first shown with
+_SEEN: set[tuple[str, str]] = set()  # (key, item) pairs already counted
 
 
 class LesionLabError(Exception):
     """A user-facing error: bad data, bad option, missing artifact. CLIs print it on one line."""
 
 
-def warn_once(message: str, key: str | None = None) -> None:
+def warn_once(message: str, key: str | None = None, item: str | None = None) -> None:
     """Log ``warning: <message>`` the first time ``key`` (default: the message) is seen.
 
     Later calls with the same key are counted, not printed; :func:`flush_warnings` reports the
-    counts. The message should be one line.
+    counts. With ``item`` (e.g. an image's path) each item counts once per key, however often
+    it is read (a command that checks an image and then predicts it reads it twice). The
+    message should be one line.
     """
     key = message if key is None else key
+    if item is not None:
+        if (key, item) in _SEEN:
+            return
+        _SEEN.add((key, item))
     _COUNTS[key] += 1
     if _COUNTS[key] == 1:
         _FIRST[key] = message
@@ -52,4 +59,5 @@ def flush_warnings() -> dict[str, int]:
             log.warning("warning repeated %d times in all (first: %s)", n, _FIRST.get(key, key))
     _COUNTS.clear()
     _FIRST.clear()
+    _SEEN.clear()
     return counts

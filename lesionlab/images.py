@@ -141,13 +141,24 @@ def index_images(root: Path | str) -> ImageIndex:
     return index
 
 
+def _refuse_empty(path: Path | str) -> None:
+    """An empty file gets its own message (PIL would call it unidentifiable)."""
+    try:
+        empty = os.stat(path).st_size == 0 and os.path.isfile(path)
+    except OSError:
+        return  # missing or unreadable: the open below says which
+    if empty:
+        raise LesionLabError(f"empty file: {path} (0 bytes, no image)")
+
+
 def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) as the image will be read, from its header alone (no decoding): an
     EXIF orientation of 5-8 (a quarter turn) swaps them.
 
     Raises:
-        LesionLabError: a missing or unreadable file, or a folder.
+        LesionLabError: a missing, empty or unreadable file, or a folder.
     """
+    _refuse_empty(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -242,7 +253,7 @@ def crop_to_aspect(img: Image.Image, aspect: float, path: Path | str = "image") 
         warn_once(f"{path}: {w}x{h} pixels, aspect {w / h:.3g} vs the model's {aspect:.3g} "
                   f"(over {ASPECT_WARN_FACTOR:g}x apart): centre-cropped to "
                   f"{box[2] - box[0]}x{box[3] - box[1]} (images are cropped, never stretched)",
-                  key="image aspect centre-cropped")
+                  key="image aspect centre-cropped", item=str(path))
     return img.crop(box)
 
 
@@ -259,10 +270,11 @@ def read_image(path: Path | str, aspect: float | None = None, *,
         A PIL ``RGB`` image, (width, height) = the upright image's, or its crop.
 
     Raises:
-        LesionLabError: a missing, unreadable, unsupported, too large or too small image, or
-            a folder.
+        LesionLabError: a missing, empty, unreadable, unsupported, too large or too small
+            image, or a folder.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    _refuse_empty(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -310,13 +322,13 @@ def _warn_lossy_mode(img: Image.Image, path: Path | str) -> None:
     if img.mode in GREY_MODES:
         warn_once(f"grey image {path} (mode {img.mode}): read as RGB with no colour; the "
                   f"models are trained on colour images, so expect unreliable predictions",
-                  "grey image read as RGB")
+                  "grey image read as RGB", str(path))
     if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         warn_once(f"transparent image {path} (mode {img.mode}): the alpha channel is dropped, "
-                  f"hidden pixels become visible", "alpha channel dropped")
+                  f"hidden pixels become visible", "alpha channel dropped", str(path))
     if img.mode in ("P", "PA"):
         warn_once(f"palette image {path}: at most 256 colours; predictions can differ from "
-                  f"the full-colour image's", "palette image")
+                  f"the full-colour image's", "palette image", str(path))
 
 
 def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:

@@ -64,7 +64,8 @@ def model_summary(model: ModelFolder) -> dict:
     card, labels = model.card, model.labels(model.card)
     test, has_mel = card.test, "mel" in card.classes
     return {
-        "name": card.name, "kind": card.kind, "features": labels.features,
+        "name": card.name, "kind": card.kind, "folder_kind": model.kind,  # e.g. onnx (export)
+        "features": labels.features,
         "head": labels.head, "imbalance": labels.imbalance,
         "uses_metadata": card.metadata, "has_gradcam": model.gradcam_network() is not None,
         "classes": {c: CLASS_NAMES[c] for c in card.classes},

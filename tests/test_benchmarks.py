@@ -412,6 +412,14 @@ def test_adoption_rule_decides_from_val_seeds_by_welch_standard_errors(tmp_path)
     assert "+0.050 ± 0.016" in line and "| adopt |" in line and "-0.010" in line
     assert "a CPU" in md and "base `study`" in md and "train fraction 0.1" in md
     assert "No seeded ablation" in ablation_seeds_md(tmp_path / "missing.json")
+    # --report renders the run's own --out into the seeded block, nothing else
+    from benchmarks.report import update_ablation_blocks
+
+    report = tmp_path / "R.md"
+    report.write_text("prose\n<!-- ablation:start -->\nGPU table\n<!-- ablation:end -->\n")
+    update_ablation_blocks(report, path, seeded=True)
+    text = report.read_text()
+    assert "GPU table" in text and "| weighted_ce |" in text and "| adopt |" in text
 
 
 def test_head_input_table_pairs_heads_per_kind_of_input() -> None:

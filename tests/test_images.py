@@ -132,12 +132,17 @@ def test_too_small_images_are_refused_naming_the_file(tmp_path: Path, w: int, h:
             read(path)
 
 
-def test_a_folder_given_as_an_image_is_named_a_folder_not_a_corrupt_image(tmp_path: Path) -> None:
+def test_a_folder_or_an_empty_file_is_named_so_not_a_corrupt_image(tmp_path: Path) -> None:
     folder = tmp_path / "ISIC_0000000.jpg"  # a folder with an image's name
     folder.mkdir()
     for read in (images.read_image, images.image_size):
         with pytest.raises(LesionLabError, match=r"not an image but a folder: .*ISIC_0000000"):
             read(folder)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for read in (images.read_image, images.image_size):
+        with pytest.raises(LesionLabError, match=r"empty file: .*empty\.jpg \(0 bytes"):
+            read(empty)
 
 
 def test_a_1x1_image_is_an_error_line_in_predict(trained_models, tmp_path: Path) -> None:
@@ -200,6 +205,9 @@ def test_grey_transparent_and_palette_cases_get_a_counted_warning_each() -> None
     for name in ("gray.jpg", "gray8.png", "gray16.png"):
         images.read_image(FORMATS / name)
     assert warning_counts() == {"grey image read as RGB": 3}  # one line, counted
+    for name in ("gray.jpg", "gray8.png"):  # read again (predict checks, then predicts)
+        images.read_image(FORMATS / name)
+    assert warning_counts() == {"grey image read as RGB": 3}  # counted per image, not per read
     flush_warnings()
 
 

@@ -72,7 +72,9 @@ def test_finetuned_api_gradcam(models_dir, image: Path, which: str) -> None:
     from models.shipped import SHIPPED_MODEL
 
     client = TestClient(create_app(SHIPPED_MODEL if which == "shipped" else models_dir[which]))
-    assert client.get("/api/model").json()["has_gradcam"] is True
+    info = client.get("/api/model").json()
+    assert info["has_gradcam"] is True and info["kind"] == "finetune"
+    assert info["folder_kind"] == ("onnx" if which == "shipped" else "finetune")
     res = _post(client, image.read_bytes(), image.name, "?gradcam=true")
     assert res.status_code == 200, res.text
     out = res.json()
