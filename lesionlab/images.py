@@ -316,19 +316,40 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-def _warn_lossy_mode(img: Image.Image, path: Path | str) -> None:
-    """A counted warning for a grey, transparent or palette image (the models were trained
-    on 8-bit RGB dermoscopy, so their scores on such an image are not the card's)."""
+def lossy_mode_notes(img: Image.Image, path: Path | str) -> dict[str, str]:
+    """What reading ``img`` as 8-bit RGB loses: ``{warning key: one-line message}`` for a
+    grey, transparent or palette image (the models were trained on 8-bit RGB dermoscopy, so
+    their scores on such an image are not the card's); empty for an RGB or CMYK image."""
+    notes = {}
     if img.mode in GREY_MODES:
-        warn_once(f"grey image {path} (mode {img.mode}): read as RGB with no colour; the "
-                  f"models are trained on colour images, so expect unreliable predictions",
-                  "grey image read as RGB", str(path))
+        notes["grey image read as RGB"] = (
+            f"grey image {path} (mode {img.mode}): read as RGB with no colour; the models are "
+            f"trained on colour images, so expect unreliable predictions")
     if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
-        warn_once(f"transparent image {path} (mode {img.mode}): the alpha channel is dropped, "
-                  f"hidden pixels become visible", "alpha channel dropped", str(path))
+        notes["alpha channel dropped"] = (
+            f"transparent image {path} (mode {img.mode}): the alpha channel is dropped, hidden "
+            f"pixels become visible")
     if img.mode in ("P", "PA"):
-        warn_once(f"palette image {path}: at most 256 colours; predictions can differ from "
-                  f"the full-colour image's", "palette image", str(path))
+        notes["palette image"] = (f"palette image {path}: at most 256 colours; predictions "
+                                  f"can differ from the full-colour image's")
+    return notes
+
+
+def image_notes(path: Path | str, name: str | None = None) -> list[str]:
+    """:func:`lossy_mode_notes` of the image file at ``path`` (header only, no decoding),
+    naming it ``name`` (default: the path); empty for a file PIL cannot open (reading it
+    says why)."""
+    try:
+        with Image.open(path) as img:
+            return list(lossy_mode_notes(img, path if name is None else name).values())
+    except (*_READ_ERRORS, Image.DecompressionBombError):
+        return []
+
+
+def _warn_lossy_mode(img: Image.Image, path: Path | str) -> None:
+    """A counted warning per :func:`lossy_mode_notes` entry, each image counted once."""
+    for key, message in lossy_mode_notes(img, path).items():
+        warn_once(message, key, str(path))
 
 
 def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:

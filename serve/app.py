@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from lesionlab.cli import check_choices, device_option, model_option, option
 from lesionlab.data import CLASS_NAMES, load_rgb
 from lesionlab.errors import LesionLabError
+from lesionlab.images import image_notes
 from lesionlab.labels import default_vocabulary, name_table
 from models.folder import ModelFolder
 from models.predict import NO_MELANOMA_RULE, Predictor, result_line
@@ -138,7 +139,8 @@ class Service:
 
         Returns:
             :func:`models.predict.result_line`'s record: probabilities of the (n_classes,) card
-            classes, decisions, and ``gradcam_png`` when asked.
+            classes, decisions, ``gradcam_png`` when asked, and ``warnings`` (one line each)
+            for a grey, transparent or palette image.
 
         Raises:
             HTTPException: 400 when the bytes are not a readable image (or too small or large).
@@ -154,6 +156,9 @@ class Service:
             proba = self.predictor.predict_proba([tmp.name], meta)[0]
             card = self.predictor.card
             result = result_line(filename, proba, card.mel_threshold, card.classes)
+            notes = image_notes(tmp.name, repr(filename))  # grey, transparent, palette
+            if notes:
+                result["warnings"] = notes
             if gradcam and self.predictor.cam is not None:
                 result["gradcam_png"] = self._gradcam(tmp.name, result["prediction"])
         return result

@@ -84,6 +84,18 @@ def test_finetuned_api_gradcam(models_dir, image: Path, which: str) -> None:
         assert overlay.format == "PNG" and overlay.size == Image.open(image).size
 
 
+def test_grey_and_palette_uploads_say_so_in_the_response(models_dir, image: Path) -> None:
+    client = TestClient(create_app(models_dir["finetune"]))
+    colour = _post(client, image.read_bytes(), image.name).json()
+    assert "warnings" not in colour
+    for mode, word in (("L", "grey image 'mole.png'"), ("P", "palette image 'mole.png'")):
+        buf = io.BytesIO()
+        Image.open(image).convert(mode).save(buf, format="PNG")
+        out = _post(client, buf.getvalue(), "mole.png").json()
+        assert len(out["warnings"]) == 1 and out["warnings"][0].startswith(word), out
+        assert ".upload" not in out["warnings"][0]  # the upload's name, not the temp file's
+
+
 def test_bad_inputs_get_4xx_and_the_server_keeps_serving(models_dir, image: Path,
                                                           monkeypatch) -> None:
     client = TestClient(create_app(models_dir["head"], max_mb=0.05))

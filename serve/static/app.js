@@ -57,6 +57,9 @@ function showResult(out) {
       `sensitivity >= 0.80): ${out.decisions.melanoma_rule}.`;
   }
   $("decision").textContent = decision;
+  // grey, transparent or palette images: the model saw less than a colour photo holds
+  $("warnings").textContent = (out.warnings || []).map((w) => `Warning: ${w}`).join(" ");
+  $("warnings").hidden = !(out.warnings && out.warnings.length);
   const bars = $("bars");
   bars.replaceChildren();
   for (const [code, p] of Object.entries(out.probabilities)) {
