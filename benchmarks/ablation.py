@@ -71,6 +71,12 @@ LEVERS: dict[str, tuple[str, dict]] = {
 
 # --base: the recipe the levers change, as FinetuneConfig overrides of its defaults
 BASES: dict[str, dict] = {"before_color_constancy": dict(color_constancy="none"), "study": {}}
+# what the "recipe" row is, per --base
+BASE_DESCRIPTIONS = {
+    "before_color_constancy": LEVERS["recipe"][0],
+    "study": ("the study's recipe (FinetuneConfig()'s defaults): 200x150, ISIC augmentation, "
+              "Shades of Gray colour constancy, balanced sampler + CE, stem + 2 blocks frozen, "
+              "12 epochs, schedule finished, epoch chosen on val")}
 
 # The adoption rule (REPORT.md section 5, "Recipe ablation"): a lever changes the recipe only
 # when its mean val balanced accuracy over >= MIN_SEEDS model seeds differs from the recipe's by
@@ -140,13 +146,15 @@ def adoption(lever_val: Sequence[float], recipe_val: Sequence[float]) -> dict:
     return {"delta": delta, "se": se, "n": n, "verdict": verdict}
 
 
-def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path) -> dict:
+def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path,
+              base: str = "before_color_constancy") -> dict:
     """Train one lever's model and return its row (val, test, external per source, cost)."""
     from models.evaluate import evaluate_model
 
     t0 = time.perf_counter()
     card = finetune(dataset, workdir, cfg, resume=True)
-    row = {"lever": lever, "change": LEVERS[lever][0], "seed": cfg.seed,
+    change = BASE_DESCRIPTIONS[base] if lever == "recipe" else LEVERS[lever][0]
+    row = {"lever": lever, "change": change, "seed": cfg.seed,
            "train_fraction": cfg.train_fraction, "config": asdict(cfg),
            "val_balanced_accuracy": card.val["balanced_accuracy"],
            "val_best_epoch_score": card.details.val_balanced_accuracy,
@@ -220,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done["provenance"] = provenance()
     done["base"] = args.base
     for (lever, s), cfg in configs.items():
-        row = run_lever(lever, cfg, dataset, external, args.workdir)
+        row = run_lever(lever, cfg, dataset, external, args.workdir, args.base)
         done["rows"] = [r for r in done["rows"]
                         if (r["lever"], r.get("seed", 0)) != (lever, s)] + [row]
         write_json(args.out, done)

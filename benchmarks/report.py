@@ -197,7 +197,7 @@ def ablation_seeds_md(path: Path) -> str:
     """The seeded recipe ablation (``benchmarks.ablation --seeds N``): per lever, val and test
     balanced accuracy over model seeds (mean, sample sd, each seed) and the adoption rule's
     verdict from val alone (``benchmarks.ablation.adoption``)."""
-    from benchmarks.ablation import ADOPT_SE, adoption
+    from benchmarks.ablation import ADOPT_SE, BASE_DESCRIPTIONS, adoption
 
     if not path.exists():
         return (f"_No seeded ablation yet (`python -m benchmarks.ablation --seeds 3 --out "
@@ -219,8 +219,9 @@ def ablation_seeds_md(path: Path) -> str:
     base_val, base_test = col(by["recipe"], "val_balanced_accuracy"), col(by["recipe"],
                                                                           "test_balanced_accuracy")
     fracs = sorted({r.get("train_fraction", 1.0) for r in saved["rows"]})
-    lines = [f"Measured on {saved['device']} (`python -m benchmarks.ablation`, base "
-             f"`{saved.get('base', 'before_color_constancy')}`, train fraction "
+    base = saved.get("base", "before_color_constancy")
+    lines = [f"Measured on {saved['device']} with `python -m benchmarks.ablation` (base "
+             f"`{base}`, train fraction "
              f"{', '.join(f'{f:g}' for f in fracs)}, one split; model seeds "
              f"{sorted({r['seed'] for r in saved['rows']})}). Mean (sample sd) over seeds. "
              f"Verdict from val alone: adopt or reject when the difference of the mean val "
@@ -231,6 +232,8 @@ def ablation_seeds_md(path: Path) -> str:
     for lever, rows in by.items():
         val, test = col(rows, "val_balanced_accuracy"), col(rows, "test_balanced_accuracy")
         train = col(rows, "train_s")
+        change = BASE_DESCRIPTIONS.get(base, rows[0]["change"]) if lever == "recipe" else \
+            rows[0]["change"]
         if lever == "recipe":
             rule, dtest = "(the recipe)", "—"
             dval = "—"
@@ -238,7 +241,7 @@ def ablation_seeds_md(path: Path) -> str:
             a = adoption(val, base_val)
             dval = f"{a['delta']:+.3f} ± {_fmt(a['se'])}"
             rule, dtest = a["verdict"], f"{test.mean() - base_test.mean():+.3f}"
-        lines.append(f"| {lever} | {rows[0]['change']} | {val.size} | "
+        lines.append(f"| {lever} | {change} | {val.size} | "
                      f"{' / '.join(f'{v:.3f}' for v in val)} | {spread(val)} | {dval} | "
                      f"{rule} | {spread(test)} | {dtest} | {train.mean():.0f} |")
     return "\n".join(lines) + "\n"

@@ -411,6 +411,8 @@ def test_adoption_rule_decides_from_val_seeds_by_welch_standard_errors(tmp_path)
     assert "0.550 / 0.570 / 0.590" in line and "0.570 (0.020)" in line
     assert "+0.050 ± 0.016" in line and "| adopt |" in line and "-0.010" in line
     assert "a CPU" in md and "base `study`" in md and "train fraction 0.1" in md
+    recipe_line = next(ln for ln in md.splitlines() if ln.startswith("| recipe"))
+    assert "the study's recipe" in recipe_line and "Shades of Gray" in recipe_line
     assert "No seeded ablation" in ablation_seeds_md(tmp_path / "missing.json")
     # --report renders the run's own --out into the seeded block, nothing else
     from benchmarks.report import update_ablation_blocks
