@@ -754,16 +754,51 @@ def write_error_blocks(report: Path | str, summary: dict, dataset: Dataset,
 # -- one model folder outside a study (the shipped model) -------------------------------------
 
 
+def _checked_split(model_dir: Path | str, card, dataset: Dataset,
+                   workdir: Path | str) -> pd.DataFrame:
+    """The split ``card`` was made on, from ``dataset``; refused when it is not that data."""
+    from lesionlab.splits import load_or_make_split
+
+    if not card.test_image_ids:
+        raise LesionLabError(f"{model_dir}: its card lists no test images; analyse it inside "
+                             f"the study that made it")
+    if card.data_fingerprint and dataset.fingerprint() != card.data_fingerprint:
+        raise LesionLabError(f"{model_dir} was trained on other data than {dataset.root} "
+                             f"(fingerprint {dataset.fingerprint()[:12]}, the card's "
+                             f"{card.data_fingerprint[:12]}): pass the data it was made on")
+    split = load_or_make_split(dataset, workdir, card.config.data_seed)
+    te = split_indices(dataset, split)[2]
+    ids = dataset.frame["image_id"].astype(str).to_numpy()
+    if sorted(ids[te]) != sorted(map(str, card.test_image_ids)):
+        raise LesionLabError(f"{model_dir}: the split of {dataset.root} with seed "
+                             f"{card.config.data_seed} does not hold the "
+                             f"{len(card.test_image_ids)} test images its card lists (another "
+                             f"dataset or copy?)")
+    return split
+
+
+def _folder_copy(model_dir: Path | str, copy: Path) -> Path:
+    """``model_dir`` copied to ``copy`` once (via ``copy.part``), without the probabilities it
+    saved at training: the folder as it is used predicts."""
+    if not (copy / CARD_FILE).exists():
+        tmp = copy.with_name(copy.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*_proba.npy"))
+        shutil.rmtree(copy, ignore_errors=True)
+        tmp.rename(copy)
+    return copy
+
+
 def folder_row(model_dir: Path | str, dataset: Dataset, workdir: Path | str,
                external: Dataset | None = None, device: str = "auto") -> tuple[dict, pd.DataFrame]:
     """A model folder outside a study as a row :func:`analyse_row` reads, with its split.
 
     The folder is copied to ``<workdir>/results/errors/folders/<name>/`` (the original is
     only read; probabilities it saved at training are left behind), its val and test
-    probabilities are predicted there by the folder itself
-    (``predict_proba``: calibrated, its own test-time views) on the split its card was made
-    on, and the external set's, when given, are saved as a study saves them
-    (``benchmarks.comparisons.save_external_proba``). Predictions are made once per copy.
+    probabilities are predicted there by the folder itself (``predict_proba``: calibrated,
+    its own test-time views) on the split its card was made on, and the external set's, when
+    given, are saved as a study saves them (``benchmarks.comparisons.save_external_proba``).
+    Predictions are made once per copy.
 
     Args:
         model_dir: a model folder (card.json with ``test_image_ids``).
@@ -782,36 +817,15 @@ def folder_row(model_dir: Path | str, dataset: Dataset, workdir: Path | str,
     """
     from benchmarks.comparisons import external_proba_path, save_external_proba
     from lesionlab.artifacts import save_npy
-    from lesionlab.splits import load_or_make_split
     from models.folder import load_model_folder
 
     card = load_card(model_dir)
-    if not card.test_image_ids:
-        raise LesionLabError(f"{model_dir}: its card lists no test images; analyse it inside "
-                             f"the study that made it")
-    ids = dataset.frame["image_id"].astype(str).to_numpy()
-    if card.data_fingerprint and dataset.fingerprint() != card.data_fingerprint:
-        raise LesionLabError(f"{model_dir} was trained on other data than {dataset.root} "
-                             f"(fingerprint {dataset.fingerprint()[:12]}, the card's "
-                             f"{card.data_fingerprint[:12]}): pass the data it was made on")
-    split = load_or_make_split(dataset, workdir, card.config.data_seed)
-    _, va, te = split_indices(dataset, split)
-    if sorted(ids[te]) != sorted(map(str, card.test_image_ids)):
-        raise LesionLabError(f"{model_dir}: the split of {dataset.root} with seed "
-                             f"{card.config.data_seed} does not hold the "
-                             f"{len(card.test_image_ids)} test images its card lists (another "
-                             f"dataset or copy?)")
-    copy = Path(workdir) / "results" / "errors" / "folders" / card.name
-    if not (copy / CARD_FILE).exists():
-        tmp = copy.with_name(copy.name + ".part")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # without the probabilities it saved at training: the folder as shipped predicts
-        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*_proba.npy"))
-        shutil.rmtree(copy, ignore_errors=True)
-        tmp.rename(copy)
+    split = _checked_split(model_dir, card, dataset, workdir)
+    va = split_indices(dataset, split)[1]
+    copy = _folder_copy(model_dir, Path(workdir) / "results" / "errors" / "folders" / card.name)
     by_id = dataset.frame.set_index(dataset.frame["image_id"].astype(str))
-    wanted = (("test_proba.npy", list(map(str, card.test_image_ids))),
-              ("val_proba.npy", list(ids[va])))
+    wanted = (("test_proba.npy", [str(i) for i in card.test_image_ids]),
+              ("val_proba.npy", dataset.frame["image_id"].astype(str).iloc[va].tolist()))
     todo = [(name, want) for name, want in wanted if not (copy / name).exists()]
     ext_todo = external is not None and not external_proba_path(workdir, card.name).exists()
     if todo or ext_todo:

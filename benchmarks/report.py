@@ -197,7 +197,7 @@ def ablation_seeds_md(path: Path) -> str:
     """The seeded recipe ablation (``benchmarks.ablation --seeds N``): per lever, val and test
     balanced accuracy over model seeds (mean, sample sd, each seed) and the adoption rule's
     verdict from val alone (``benchmarks.ablation.adoption``)."""
-    from benchmarks.ablation import ADOPT_SE, BASE_DESCRIPTIONS, adoption
+    from benchmarks.levers import ADOPT_SE, BASE_DESCRIPTIONS, adoption
 
     if not path.exists():
         return (f"_No seeded ablation yet (`python -m benchmarks.ablation --seeds 3 --out "
