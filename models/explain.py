@@ -148,33 +148,37 @@ def explain_images(model_dir: Path | str, paths: Sequence[str], out: Path | str,
     """
     from models.predict import Predictor
 
-    net = gradcam_folder(model_dir, device)
-    classes = list(net.card.classes)  # the explained network's class set
+    classes = list(gradcam_folder(model_dir, device).card.classes)  # card only: no weights yet
     if target is not None and target not in classes:
         raise LesionLabError(f"unknown class {target!r}; expected one of {classes}")
     predictor = Predictor(model_dir, device)
     try:
         said = predictor.predict_images(list(paths))
+        # the loaded network itself for a network folder or an ensemble's member; an export's
+        # torch copy is loaded here
+        net = predictor.cam.load()
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        return [_explain_line(net, path, out / name, line, target)
+                for path, name, line in zip(paths, overlay_names(paths), said)]
     finally:
         predictor.close()
-    net.load()
-    model, card, spec = net.network, net.card, net.spec
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path, name, line in zip(paths, overlay_names(paths), said):
-        if "error" in line:
-            results.append(line)
-            continue
-        label = target or line["prediction"]
-        try:
-            res = explain_one(model, card, spec, path, out / name, classes.index(label))
-        except LesionLabError as exc:
-            results.append({"path": str(path), "error": str(exc)})
-            continue
-        res["probability"] = line["probabilities"][label]
-        results.append(res)
-    return results
+
+
+def _explain_line(net: NetworkFolder, path: str, dest: Path, line: dict,
+                  target: str | None) -> dict:
+    """One image's overlay and record, from predict's ``line`` for it (an error line passes
+    through)."""
+    if "error" in line:
+        return line
+    label = target or line["prediction"]
+    try:
+        res = explain_one(net.network, net.card, net.spec, path, dest,
+                          list(net.card.classes).index(label))
+    except LesionLabError as exc:
+        return {"path": str(path), "error": str(exc)}
+    res["probability"] = line["probabilities"][label]
+    return res
 
 
 @dataclass
