@@ -758,14 +758,12 @@ def _checked_split(model_dir: Path | str, card, dataset: Dataset,
                    workdir: Path | str) -> pd.DataFrame:
     """The split ``card`` was made on, from ``dataset``; refused when it is not that data."""
     from lesionlab.splits import load_or_make_split
+    from models.export import require_training_data
 
     if not card.test_image_ids:
         raise LesionLabError(f"{model_dir}: its card lists no test images; analyse it inside "
                              f"the study that made it")
-    if card.data_fingerprint and dataset.fingerprint() != card.data_fingerprint:
-        raise LesionLabError(f"{model_dir} was trained on other data than {dataset.root} "
-                             f"(fingerprint {dataset.fingerprint()[:12]}, the card's "
-                             f"{card.data_fingerprint[:12]}): pass the data it was made on")
+    require_training_data(card, dataset)
     split = load_or_make_split(dataset, workdir, card.config.data_seed)
     te = split_indices(dataset, split)[2]
     ids = dataset.frame["image_id"].astype(str).to_numpy()
@@ -812,27 +810,27 @@ def folder_row(model_dir: Path | str, dataset: Dataset, workdir: Path | str,
 
     Raises:
         LesionLabError: the card has no test image ids, ``dataset`` is not the data the
-            card records (its fingerprint), or the split made from it with the card's seed
-            does not hold the card's test images.
+            card records (``models.export.require_training_data``), or the split made from it
+            with the card's seed does not hold the card's test images.
     """
     from benchmarks.comparisons import external_proba_path, save_external_proba
     from lesionlab.artifacts import save_npy
+    from models.export import card_test_rows
     from models.folder import load_model_folder
 
     card = load_card(model_dir)
     split = _checked_split(model_dir, card, dataset, workdir)
     va = split_indices(dataset, split)[1]
     copy = _folder_copy(model_dir, Path(workdir) / "results" / "errors" / "folders" / card.name)
-    by_id = dataset.frame.set_index(dataset.frame["image_id"].astype(str))
-    wanted = (("test_proba.npy", [str(i) for i in card.test_image_ids]),
-              ("val_proba.npy", dataset.frame["image_id"].astype(str).iloc[va].tolist()))
+    wanted = (("test_proba.npy", card_test_rows(card, dataset).frame["path"]),
+              ("val_proba.npy", dataset.frame["path"].iloc[va]))
     todo = [(name, want) for name, want in wanted if not (copy / name).exists()]
     ext_todo = external is not None and not external_proba_path(workdir, card.name).exists()
     if todo or ext_todo:
         with load_model_folder(copy, device=device) as model:
-            for name, want in todo:
-                paths = by_id.loc[want, "path"].astype(str).tolist()
-                save_npy(copy / name, np.asarray(model.predict_proba(paths), np.float32))
+            for name, paths in todo:
+                save_npy(copy / name, np.asarray(model.predict_proba(
+                    paths.astype(str).tolist()), np.float32))
             if ext_todo:
                 save_external_proba(workdir, card.name, external, model.predict_proba(external))
     return {"name": card.name, "model_dir": str(copy)}, split

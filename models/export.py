@@ -114,6 +114,18 @@ def require_passed(check: dict, precision: str) -> None:
             f"(must be >= {MIN_AGREEMENT:.0%}); export at fp32")
 
 
+def require_training_data(card: ModelCard, dataset: Dataset) -> None:
+    """Refuse ``dataset`` unless it is the data ``card``'s model was trained on.
+
+    Raises:
+        LesionLabError: the fingerprints differ.
+    """
+    if dataset.fingerprint() != card.data_fingerprint:
+        raise LesionLabError(f"--data is not the data model {card.name} was trained on "
+                             f"(fingerprint {dataset.fingerprint()[:12]}, the card's "
+                             f"{card.data_fingerprint[:12]})")
+
+
 def val_rows(card: ModelCard, dataset: Dataset, workdir: Path | str) -> Dataset:
     """The val split the network was trained with, as a Dataset of (n_val, ...) rows.
 
@@ -122,10 +134,7 @@ def val_rows(card: ModelCard, dataset: Dataset, workdir: Path | str) -> Dataset:
     """
     from lesionlab.splits import load_or_make_split, split_indices
 
-    if dataset.fingerprint() != card.data_fingerprint:
-        raise LesionLabError(f"--data is not the data model {card.name} was trained on "
-                             f"(fingerprint {dataset.fingerprint()[:12]}, the card's "
-                             f"{card.data_fingerprint[:12]})")
+    require_training_data(card, dataset)
     split = load_or_make_split(dataset, workdir, card.config.data_seed)
     _, va, _ = split_indices(dataset, split)
     return Dataset(root=dataset.root, frame=dataset.frame.iloc[va].reset_index(drop=True),

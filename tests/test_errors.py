@@ -280,6 +280,7 @@ def test_one_folder_outside_a_study_is_predicted_once_and_analysed(trained_model
     assert er.folder_row(net, ds, tmp_path, external=ds, device="cpu")[0] == row  # saved
     other = Dataset(root=ds.root, frame=ds.frame.iloc[:-5].reset_index(drop=True),
                     classes=ds.classes)
-    with pytest.raises(LesionLabError, match=r"trained on other data .*\(fingerprint"):
+    with pytest.raises(LesionLabError,
+                       match=r"not the data model .* was trained on \(fingerprint"):
         er.folder_row(net, other, tmp_path / "other", device="cpu")
     assert not (tmp_path / "other").exists()  # refused before any split is written
