@@ -147,10 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     external = load_external_labels(args.external_test) if args.external_test else None
     done = read_json(args.out) if args.out.exists() else {"rows": []}
     done["device"] = device_name(args.device)
-    done["provenance"] = provenance()
+    done["provenance"] = provenance()  # the latest run's; each row keeps its own commit
     done["base"] = args.base
     for (lever, s), cfg in configs.items():
         row = run_lever(lever, cfg, dataset, external, args.workdir, args.base)
+        row["commit"] = done["provenance"]["commit"]
         done["rows"] = [r for r in done["rows"]
                         if (r["lever"], r.get("seed", 0)) != (lever, s)] + [row]
         write_json(args.out, done)
