@@ -132,6 +132,7 @@ class FinetuneSettings(Block):
     weights: str | None = None
     name: str | None = None
     n_boot: int = 1000
+    input_pipeline: str = "workers"  # workers | batched (models.batched_input)
 
     @property
     def data_seed(self) -> int:

@@ -12,7 +12,7 @@ import argparse
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -45,6 +45,8 @@ from models.bundle import (ModelCard, TrainingRun, claim_folder, load_card, mode
                            verify_weights)
 from models.distributed import (ShardedEpochSampler, World, broadcast, close_world,
                                 gather_rng, init_world)
+from models.batched_input import (PIPELINES, BatchedLoader, IndexSet, batch_augment,
+                                  cached_proba, decoded_cache)
 from models.finish import FinishInput, calibrated, finish
 from models.heads import apply_temperature
 
@@ -110,6 +112,11 @@ class FinetuneConfig(TrainingRun):
     name: str | None = option(None, "model folder name; None: made from the settings",
                               parse=safe_name)
     n_boot: int = option(1000, "bootstrap resamples for the test CIs", ge=0)
+    input_pipeline: str = option("workers", "training input: decode + augment in worker "
+                                            "processes, or batched (decoded once into a "
+                                            "cache, augmented on the device per batch: the "
+                                            "GPU path; isic augmentation only)",
+                                 choices=PIPELINES)
 
     def validate(self) -> None:
         """Reject unknown option values.
@@ -120,6 +127,9 @@ class FinetuneConfig(TrainingRun):
                 ``--cv-fold`` pair that names no fold.
         """
         check_choices(self)
+        if self.input_pipeline == "batched" and self.augment != "isic":
+            raise LesionLabError(f"--input-pipeline batched implements the isic augmentation "
+                                 f"only, not {self.augment!r}; use --input-pipeline workers")
         if self.epochs < 1:
             raise LesionLabError("--epochs must be at least 1")
         if self.freeze_stages < 0 or self.histo_weight <= 0:
@@ -137,9 +147,10 @@ class FinetuneConfig(TrainingRun):
         frz = f"frz{self.freeze_stages}"
         histo = f"histo{self.histo_weight:g}" if self.histo_weight != 1.0 else ""
         cv = f"cv{self.cv_fold + 1}of{self.cv_folds}" if self.cv_folds else ""
+        pipe = "" if self.input_pipeline == "workers" else self.input_pipeline
         return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, aug,
                                        self.sampler, self.loss, frz, histo, f"ep{self.epochs}",
-                                       cv, *self.name_tail())
+                                       cv, pipe, *self.name_tail())
 
 
 def train_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
@@ -545,6 +556,7 @@ class Run:
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling on CUDA, kept across epochs
     held: np.ndarray | None = None  # --cv-folds: the train rows this model never trains on
     aspect: float | None = None  # median width/height of the training images (its record's)
+    cache: np.ndarray | None = None  # --input-pipeline batched: (n_images, H, W, 3) uint8
 
 
 def new_state() -> dict:
@@ -561,18 +573,14 @@ def fit(run: Run, state: dict, ckpt: Path,
     stops at the same epoch; it alone writes the checkpoint.
     """
     cfg, world = run.cfg, run.world
-    data = TrainSet(run.paths[run.tr], run.labels[run.tr], cfg.image_size, run.spec.mean,
-                    run.spec.std, cfg.color_constancy, cfg.augment, run.weights, run.aspect)
     patience = cfg.patience if cfg.patience is not None else cfg.epochs
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < patience:
         epoch = state["epoch"]
-        loader = train_loader(data, run.labels[run.tr], cfg, epoch, world)
         record = train_one_epoch(run.net or run.model, run.criterion, run.opt, run.sched,
-                                 loader, run.device, use_bf16(cfg.precision, run.device),
+                                 epoch_loader(run, epoch), run.device,
+                                 use_bf16(cfg.precision, run.device),
                                  f"epoch {epoch + 1}/{cfg.epochs}", run.scaler)
-        score = evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va], run.spec,
-                         run.device, cfg, aspect=run.aspect)[0] if world.main else None
-        score = broadcast(score, world)
+        score = broadcast(val_score(run) if world.main else None, world)
         record["train_img_per_s"] = round(record["train_img_per_s"] * world.size, 1)
         update_state(state, run.model, epoch, score, record)
         rng = gather_rng(world)
@@ -582,6 +590,39 @@ def fit(run: Run, state: dict, ckpt: Path,
             on_epoch_end(epoch + 1)
     run.model.load_state_dict(state["best_state"])
     return state
+
+
+def epoch_loader(run: Run, epoch: int):
+    """This epoch's training batches: the worker pipeline's loader, or (``--input-pipeline
+    batched``) the same sampler's batches gathered from the decoded cache and augmented on
+    the device, the augmentation seeded by the model seed and the epoch (so a resumed run
+    draws the same)."""
+    cfg = run.cfg
+    labels = run.labels[run.tr]
+    weights = (np.ones(len(run.tr), np.float32) if run.weights is None else run.weights)
+    if cfg.input_pipeline == "batched":
+        torch.manual_seed(cfg.seed * 1000 + epoch + 1)
+        index = train_loader(IndexSet(labels, weights), labels, replace(cfg, num_workers=0),
+                             epoch, run.world)
+        return BatchedLoader(index, run.cache, run.tr, batch_augment(
+            cfg.image_size, run.spec.mean, run.spec.std, cfg.augment), run.device)
+    data = TrainSet(run.paths[run.tr], labels, cfg.image_size, run.spec.mean, run.spec.std,
+                    cfg.color_constancy, cfg.augment, weights, run.aspect)
+    return train_loader(data, labels, cfg, epoch, run.world)
+
+
+def val_score(run: Run) -> float:
+    """Val balanced accuracy of the network now (one view), from the decoded cache when the
+    run has one (the same probabilities as the eval transform's)."""
+    cfg = run.cfg
+    if run.cache is None:
+        return evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va], run.spec,
+                        run.device, cfg, aspect=run.aspect)[0]
+    bf16 = use_bf16(cfg.precision, run.device)
+    proba = cached_proba(run.model, run.cache, run.va, run.spec.mean, run.spec.std,
+                         run.device, lambda x: tta_views(x, "none"),
+                         lambda: _autocast(run.device, bf16))
+    return metrics.balanced_accuracy(run.labels[run.va], proba.argmax(1))
 
 
 def update_state(state: dict, model: nn.Module, epoch: int, score: float,
@@ -630,6 +671,9 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
               sample_weights(dataset.frame, tr, cfg.histo_weight),
               torch.amp.GradScaler(device.type, enabled=device.type == "cuda"), held,
               aspect=median_aspect(dataset.frame["path"].to_numpy()[tr].tolist()))
+    if cfg.input_pipeline == "batched":
+        run.cache = decoded_cache(run.paths.tolist(), cfg.image_size, workdir, run.aspect,
+                                  cfg.color_constancy, spec.interpolation, cfg.num_workers)
     return run, folder
 
 

@@ -103,7 +103,8 @@ def test_one_device_default_everywhere(name: str) -> None:
         assert action.default == "auto" and tuple(action.choices) == DEVICES == (
             "auto", "cpu", "cuda")
     has = {"featurize", "models.finetune", "models.kfold", "models.evaluate", "models.predict",
-           "models.explain", "serve", "benchmarks.ablation", "benchmarks.errors"}
+           "models.explain", "serve", "benchmarks.ablation", "benchmarks.errors",
+           "benchmarks.train_speed"}
     assert bool(devices) == (name in has)
 
 
