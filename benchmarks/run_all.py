@@ -170,28 +170,39 @@ def full_trials(features: str, head: str) -> int:
     return FULL_CONCAT_TRIALS if head == "logreg" and backbones > 1 else FULL_TRIALS[head]
 
 
-def plan_for(preset: str, seed: int, workdir: Path | str = "runs") -> Plan:
+def plan_for(preset: str, seed: int, workdir: Path | str = "runs", gpu: bool = False) -> Plan:
     """The cells of the ``quick``, ``full``, ``best``, ``seeds`` (or ``smoke``) preset.
 
     Raises:
         LesionLabError: ``preset`` is not quick, full, best, seeds or smoke.
     """
     if preset in ("quick", "smoke"):
-        return quick_plan(seed, smoke=preset == "smoke")
+        return quick_plan(seed, smoke=preset == "smoke", gpu=gpu)
     if preset == "best":
-        return best_plan(seed, workdir)
+        return best_plan(seed, workdir, gpu)
     if preset == "seeds":
-        return seeds_plan(seed, workdir)
+        return seeds_plan(seed, workdir, gpu)
     if preset != "full":
         raise LesionLabError(f"unknown --preset {preset!r}; expected quick, full, best or "
                              f"seeds (or smoke)")
-    return full_plan(seed, workdir)
+    return full_plan(seed, workdir, gpu)
 
 
-def quick_plan(seed: int, smoke: bool = False) -> Plan:
+def on_gpu(gpu: bool) -> tuple[dict, dict]:
+    """(FinetuneConfig, FeaturizeConfig) overrides of ``--gpu``: networks train on CUDA with
+    the batched input pipeline (``models.batched_input``) and featurize runs there; the
+    recipe (batch size, learning rate, epochs) is the CPU's. Empty without ``--gpu``."""
+    if not gpu:
+        return {}, {}
+    return dict(device="cuda", input_pipeline="batched", num_workers=8), dict(device="cuda")
+
+
+def quick_plan(seed: int, smoke: bool = False, gpu: bool = False) -> Plan:
     """The default preset (lite0 only, small budgets); ``smoke``: tiny budgets for tests."""
     size = (72, 96) if smoke else (168, 224)
-    feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none", image_size=size)]
+    net, fz = on_gpu(gpu)
+    feats = [FeaturizeConfig(backbone="tf_efficientnet_lite0", tta="none", image_size=size,
+                             **fz)]
     plan = Plan(featurize=feats, curve_fractions=(0.25, 1.0),
                 curve_head_trials=2 if smoke else 4)
     for head in ("logreg", "lightgbm"):
@@ -205,14 +216,16 @@ def quick_plan(seed: int, smoke: bool = False) -> Plan:
     plan.seeds = head_seed_study(plan.cells[0].config, first_seeds(seed, 2 if smoke else 0))
     ft = FinetuneConfig(image_size=(48, 64) if smoke else (96, 128), epochs=1,
                         train_fraction=0.25 if not smoke else 1.0, seed=seed,
-                        n_boot=50 if smoke else 500, tta="none", num_workers=0 if smoke else 2)
+                        n_boot=50 if smoke else 500, tta="none",
+                        **{"num_workers": 0 if smoke else 2, **net})
     plan.cells.append(Cell(ft.model_name(), "finetune", ft))
     plan.curve_finetune = None
     return plan
 
 
-def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
-    """The whole study."""
+def full_plan(seed: int, workdir: Path | str = "runs", gpu: bool = False) -> Plan:
+    """The whole study (``gpu``: its networks and feature extraction on CUDA, see
+    :func:`on_gpu`)."""
     # Budgets are sized so the study's cells fit 150 min on a 2-core CPU (AMD EPYC with
     # avx512_bf16): heads end on a trial count sized to the former 60 s cap (FULL_TRIALS);
     # lite0 is fine-tuned 3-fold with the study's recipe (FinetuneConfig's defaults: 200x150,
@@ -222,7 +235,8 @@ def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     # K-fold run; its fold networks (2/3 of train) are the curve's last point. The split-seed
     # study adds 4 seeds x 3 head cells (about 20-25 min at those budgets); the controls reuse
     # the K-fold run's probabilities (a few minutes).
-    feats = [FeaturizeConfig(backbone=b, tta="flip", pool="multistage") for b in LITE]
+    net, fz = on_gpu(gpu)
+    feats = [FeaturizeConfig(backbone=b, tta="flip", pool="multistage", **fz) for b in LITE]
     feats += [FeaturizeConfig(backbone="classical", num_workers=2)]
     plan = Plan(featurize=feats, curve_finetune_fractions=(0.1, 0.25))
     ms = [f"{b}:multistage" for b in LITE]
@@ -243,15 +257,15 @@ def full_plan(seed: int, workdir: Path | str = "runs") -> Plan:
                    cell(ms[1], "logreg"), cell(ms[2], "logreg"),
                    # boosting where it should be strongest: 75 informative hand-made columns
                    cell("classical", "logreg"), cell("classical", "lightgbm")]
-    networks = [FinetuneConfig(backbone=LITE[2], epochs=6, seed=seed)]
+    networks = [FinetuneConfig(backbone=LITE[2], epochs=6, seed=seed, **net)]
     plan.cells += [Cell(n.model_name(), "finetune", n) for n in networks]
-    ft = FinetuneConfig(seed=seed, cv_folds=3)
+    ft = FinetuneConfig(seed=seed, cv_folds=3, **net)
     plan.cells.append(Cell(kfold_name(ft), "kfold", ft))
-    plan.curve_finetune = FinetuneConfig(seed=seed)
+    plan.curve_finetune = FinetuneConfig(seed=seed, **net)
     # stacks: out-of-fold probabilities + metadata (+ hand-made features), logreg vs LightGBM
     stacks = [cell(f"oof:{kfold_name(ft)}{extra}", head, metadata=True)
               for extra in ("", "+classical") for head in ("logreg", "lightgbm")]
-    plan.cells += stacks + control_cells(ft, seed) + embedding_cells(ft, seed, workdir)
+    plan.cells += stacks + control_cells(ft, seed) + embedding_cells(ft, seed, workdir, fz)
     # the logreg stack, lite2 and the richest frozen head, weights chosen on val
     members = [stacks[2].cell_id] + [n.model_name() for n in networks] + [frozen.cell_id]
     ens = EnsembleConfig(members=members, name=f"ensemble__stack+lite2-finetuned+head__seed{seed}",
@@ -279,12 +293,13 @@ def control_cells(ft: FinetuneConfig, seed: int) -> list[Cell]:
     return [Cell(rule.name, "ensemble", rule)] + stacks
 
 
-def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[Cell]:
+def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str,
+                    featurize_kw: dict | None = None) -> list[Cell]:
     """Heads on the embedding of fold network 0 of the K-fold run, trained only on the fold it
     held out (``train_head`` drops the rows it trained on): the fine-tuned-embedding input."""
     fold0 = fold_configs(ft)[0]
     backbone = str(model_path(workdir, fold0.model_name()))
-    emb = FeaturizeConfig(backbone=backbone, tta="flip", num_workers=2)
+    emb = FeaturizeConfig(backbone=backbone, tta="flip", num_workers=2, **(featurize_kw or {}))
     short = f"{fold0.backbone.removeprefix('tf_efficientnet_')}-fold1of{fold0.cv_folds}"
     cfgs = [HeadConfig(features=f"{backbone}:flip", head=head, seed=seed,
                        trials=full_trials(f"{backbone}:flip", head), tune_timeout=None,
@@ -293,7 +308,7 @@ def embedding_cells(ft: FinetuneConfig, seed: int, workdir: Path | str) -> list[
     return [Cell(cfg.name, "head", cfg, needs=[emb]) for cfg in cfgs]
 
 
-def best_plan(seed: int, workdir: Path | str = "runs") -> Plan:
+def best_plan(seed: int, workdir: Path | str = "runs", gpu: bool = False) -> Plan:
     """``--preset best``: only the pipeline the full study recommends, its recipe written down
     here (not re-chosen): the full preset's late ensemble, which val ranked first (0.821).
 
@@ -303,7 +318,7 @@ def best_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     The stack, lite2 fine-tuned for 6 epochs and the frozen 3-backbone + hand-made + metadata
     head are averaged with weights chosen on val. The final model folder is the ensemble's.
     """
-    full = full_plan(seed, workdir)
+    full = full_plan(seed, workdir, gpu)
     ens = full.late_cells[0]
     wanted = set(ens.config.members) | {c.cell_id for c in full.cells
                                          if c.runner is CELL_RUNNERS["kfold"]}
@@ -316,7 +331,7 @@ NETWORK_SEEDS = 3
 NETWORK_SEED_FRACTION = 0.1  # the learning curve's first fine-tuning point
 
 
-def seeds_plan(seed: int, workdir: Path | str = "runs") -> Plan:
+def seeds_plan(seed: int, workdir: Path | str = "runs", gpu: bool = False) -> Plan:
     """``--preset seeds``: the full study's spread over seeds alone, where a full run does not
     fit (about 55 min on a 2-core AMD EPYC against about 4.3 h for the full preset).
 
@@ -327,7 +342,7 @@ def seeds_plan(seed: int, workdir: Path | str = "runs") -> Plan:
     with the study's recipe on 10% of train), at :data:`NETWORK_SEEDS` model seeds from
     ``seed`` on the same split and the same 10%: how far training alone moves a network.
     """
-    full = full_plan(seed, workdir)
+    full = full_plan(seed, workdir, gpu)
     assert full.seeds is not None
     heads = [full.seeds.config(label, seed) for label in full.seeds.pipelines]
     backbones = {b.source for h in heads for b in parse_features(h.features)}
@@ -621,20 +636,27 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             download: bool = True, report_only: bool = False,
             reuse_stale: bool = False, labels: str = "auto",
             label_map: Path | None = None, tracking: Any = None,
-            split_seeds: int | None = None) -> dict:
+            split_seeds: int | None = None, gpu: bool = False) -> dict:
     """The whole study; returns the rows written to the report.
 
     ``labels``/``label_map`` say how ``data`` is labelled (``load_dataset``); the label map
     also applies to ``external``. ``tracking``: parsed ``TrackingOptions``, MLflow
     (``benchmarks.study_tracking``); None: off. ``split_seeds``: how many split seeds the
     heads on cached features are re-run over (``benchmarks.seeds``; None: the preset's).
+    ``gpu``: networks and feature extraction on CUDA (:func:`on_gpu`); the report's machine
+    line names the GPU.
+
+    Raises:
+        LesionLabError: ``gpu`` on a machine where torch sees no CUDA device.
 
     ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
     A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
     marked stale); see :func:`run_cell`.
     """
     t0 = time.perf_counter()
-    plan = with_split_seeds(plan_for(preset, seed, workdir), seed, split_seeds)
+    if gpu:
+        require_cuda()
+    plan = with_split_seeds(plan_for(preset, seed, workdir, gpu), seed, split_seeds)
     dataset = ensure_data(data, download=download, labels=labels, label_map=label_map)
     split = load_or_make_split(dataset, workdir, seed)
     print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
@@ -664,7 +686,7 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
     wall = time.perf_counter() - t0
     summary = {"preset": preset, "seed": seed, "wall_time_s": round(wall, 1),
                "rows": rows, "external": ext_rows, "n_images": len(dataset),
-               "cpu": machine_label(), "provenance": provenance(), "seeds": seeds}
+               "cpu": machine_label(gpu), "provenance": provenance(), "seeds": seeds}
     write_json(Path(workdir) / "results" / f"summary_{preset}.json", summary)
     if report is not None:
         from benchmarks.errors import write_error_blocks
@@ -726,13 +748,29 @@ def _report_from_saved(plan: Plan, dataset: Dataset, split, workdir: Path,
     return summary
 
 
-def machine_label() -> str:
-    """The CPU model, its core count and whether bf16 autocast is used, for every timing."""
+def machine_label(gpu: bool = False) -> str:
+    """The CPU model, its core count and whether bf16 autocast is used, for every timing;
+    with ``gpu``, first the GPU the networks ran on."""
     import os
 
     bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
-    return (f"{cpu_model()}, {os.cpu_count()} cores, "
-            f"{'bf16 autocast (avx512_bf16)' if bf16 else 'fp32 (no avx512_bf16/AMX)'}")
+    cpu = (f"{cpu_model()}, {os.cpu_count()} cores, "
+           f"{'bf16 autocast (avx512_bf16)' if bf16 else 'fp32 (no avx512_bf16/AMX)'}")
+    if not gpu:
+        return cpu
+    import torch
+
+    return (f"GPU run (--gpu): {torch.cuda.get_device_name(0)}, fp16 AMP, batched input "
+            f"pipeline; heads on {cpu}")
+
+
+def require_cuda() -> None:
+    """Raises LesionLabError (one line) where torch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LesionLabError("--gpu needs a CUDA GPU; torch.cuda.is_available() is False "
+                             "here (run without --gpu: the CPU presets are the reference)")
 
 
 def default_report(preset: str, workdir: Path | str) -> Path:
@@ -742,6 +780,12 @@ def default_report(preset: str, workdir: Path | str) -> Path:
     artifacts, so a first try never replaces the study's tables with small-budget numbers.
     """
     return Path("REPORT.md") if preset == "full" else Path(workdir) / f"REPORT_{preset}.md"
+
+
+def report_path(preset: str, workdir: Path | str, gpu: bool = False) -> Path:
+    """:func:`default_report`, except that a ``--gpu`` run never writes the committed
+    REPORT.md (the CPU run is the reference): it writes ``WORKDIR/REPORT_<preset>-gpu.md``."""
+    return Path(workdir) / f"REPORT_{preset}-gpu.md" if gpu else default_report(preset, workdir)
 
 
 PRESETS = ("quick", "full", "best", "seeds", "smoke")
@@ -767,6 +811,9 @@ class RunAllConfig:
                                       "running them again; their rows are marked stale in the "
                                       "report", switch=True)
     seed: int = option(0, "model seed of every cell", ge=0)
+    gpu: bool = option(False, "networks and feature extraction on the CUDA GPU, the networks "
+                              "with the batched input pipeline; the report (default "
+                              "WORKDIR/REPORT_<preset>-gpu.md) names the GPU", switch=True)
     split_seeds: int | None = option(None, "split seeds (--seed and the next ones) the heads "
                                            "on cached features are re-run over; None: the "
                                            "preset's (full 5, quick 0), 0: none", ge=0)
@@ -786,11 +833,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the study, and write the resolved config.yaml in its results."""
     parsed = build_parser().parse_args(argv)
     args = config_from_args(RunAllConfig, parsed)
-    report = args.report or default_report(args.preset, args.workdir)
+    report = args.report or report_path(args.preset, args.workdir, args.gpu)
     run_all(resolve_data(args), args.workdir, args.preset, args.seed, args.external_test,
             report, download=not args.no_download, report_only=args.report_only,
             reuse_stale=args.reuse_stale, **label_options(args),
-            tracking=config_from_args(TrackingOptions, parsed), split_seeds=args.split_seeds)
+            tracking=config_from_args(TrackingOptions, parsed), split_seeds=args.split_seeds,
+            gpu=args.gpu)
     results_dir(args.workdir).mkdir(parents=True, exist_ok=True)
     save_config(results_dir(args.workdir), args, "python -m benchmarks.run_all")
     return 0

@@ -189,6 +189,35 @@ def test_every_cell_kind_runs_through_one_registered_runner(tmp_path: Path) -> N
         False, True, True, False]
 
 
+def test_gpu_flag_moves_every_network_and_backbone_to_cuda(tmp_path: Path) -> None:
+    """``--gpu``: the same study, its networks on CUDA with the batched input pipeline (their
+    names say so, and the stacks and the ensemble read those networks), the recipe
+    unchanged; without CUDA it stops in one line; it never writes REPORT.md."""
+    import torch
+
+    for preset in ("quick", "full", "best", "seeds"):
+        cpu, gpu = ra.plan_for(preset, 0), ra.plan_for(preset, 0, gpu=True)
+        nets = [c.config for c in gpu.cells + gpu.late_cells if c.kind in ("finetune", "kfold")]
+        assert nets and all(n.device == "cuda" and n.input_pipeline == "batched" for n in nets)
+        cpu_nets = [c.config for c in cpu.cells + cpu.late_cells
+                    if c.kind in ("finetune", "kfold")]
+        assert [(n.epochs, n.batch_size, n.lr, n.image_size) for n in nets] == \
+            [(n.epochs, n.batch_size, n.lr, n.image_size) for n in cpu_nets]
+        assert all(f.device == "cuda" for f in gpu.featurize if f.backbone != "classical")
+        assert all(c.device == "auto" for c in cpu_nets)
+    full = ra.plan_for("full", 0, gpu=True)
+    kfold = next(c for c in full.cells if c.kind == "kfold")
+    assert "batched" in kfold.cell_id
+    stacks = [c for c in full.cells if c.kind == "head" and c.config.features.startswith("oof:")]
+    assert stacks and all(kfold.cell_id in c.config.features for c in stacks)
+    assert any("batched" in m for m in full.late_cells[0].config.members)
+    assert ra.report_path("full", tmp_path, gpu=True) == tmp_path / "REPORT_full-gpu.md"
+    assert ra.report_path("full", tmp_path) == Path("REPORT.md")
+    if not torch.cuda.is_available():
+        with pytest.raises(LesionLabError, match="--gpu needs a CUDA GPU"):
+            ra.run_all(tmp_path, tmp_path, "quick", gpu=True, report=None, download=False)
+
+
 def test_full_plan_covers_the_study() -> None:
     """The full preset holds every comparison the study claims, each cell once."""
     plan = ra.plan_for("full", 0)
