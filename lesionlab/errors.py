@@ -10,13 +10,16 @@ by every CLI on exit) logs how often each one recurred.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+from typing import Iterator
 
 log = logging.getLogger("lesionlab")
 
 _COUNTS: collections.Counter[str] = collections.Counter()
 _FIRST: dict[str, str] = {}  # the message each key was first shown with
 _SEEN: set[tuple[str, str]] = set()  # (key, item) pairs already counted
+_SHOWN_AS: dict[str, str] = {}  # path -> the name warnings give it (shown_as)
 
 
 class LesionLabError(Exception):
@@ -31,6 +34,8 @@ def warn_once(message: str, key: str | None = None, item: str | None = None) -> 
     it is read (a command that checks an image and then predicts it reads it twice). The
     message should be one line.
     """
+    for path, name in list(_SHOWN_AS.items()):
+        message = message.replace(path, name)
     key = message if key is None else key
     if item is not None:
         if (key, item) in _SEEN:
@@ -40,6 +45,18 @@ def warn_once(message: str, key: str | None = None, item: str | None = None) -> 
     if _COUNTS[key] == 1:
         _FIRST[key] = message
         log.warning("warning: %s", message)
+
+
+@contextlib.contextmanager
+def shown_as(path: str, name: str) -> Iterator[None]:
+    """Inside the block, warnings that name ``path`` name ``name`` instead: a web upload's
+    temporary file is logged as the file the user sent (``serve``), never as
+    ``/tmp/tmpXXXX.upload``. Paths are unique per block, so concurrent requests do not mix."""
+    _SHOWN_AS[str(path)] = name
+    try:
+        yield
+    finally:
+        _SHOWN_AS.pop(str(path), None)
 
 
 def warning_counts() -> dict[str, int]:

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lesionlab.cli import check_choices, device_option, model_option, option
 from lesionlab.data import CLASS_NAMES, load_rgb
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, shown_as
 from lesionlab.images import image_notes
 from lesionlab.labels import default_vocabulary, name_table
 from models.folder import ModelFolder
@@ -145,7 +145,8 @@ class Service:
         Raises:
             HTTPException: 400 when the bytes are not a readable image (or too small or large).
         """
-        with tempfile.NamedTemporaryFile(suffix=UPLOAD_SUFFIX) as tmp:
+        with tempfile.NamedTemporaryFile(suffix=UPLOAD_SUFFIX) as tmp, \
+                shown_as(tmp.name, repr(filename)):  # logged warnings name the upload
             tmp.write(data)
             tmp.flush()
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import shutil
 import socket
@@ -94,6 +95,21 @@ def test_grey_and_palette_uploads_say_so_in_the_response(models_dir, image: Path
         out = _post(client, buf.getvalue(), "mole.png").json()
         assert len(out["warnings"]) == 1 and out["warnings"][0].startswith(word), out
         assert ".upload" not in out["warnings"][0]  # the upload's name, not the temp file's
+
+
+def test_logged_warnings_name_the_upload_not_its_temp_file(models_dir, image: Path,
+                                                            caplog) -> None:
+    from lesionlab.errors import flush_warnings
+
+    flush_warnings()  # counted warnings are logged the first time their key is seen
+    client = TestClient(create_app(models_dir["finetune"]))
+    buf = io.BytesIO()
+    Image.open(image).convert("RGB").resize((450, 100)).save(buf, format="PNG")
+    with caplog.at_level(logging.WARNING, logger="lesionlab"):
+        assert _post(client, buf.getvalue(), "wide.png").status_code == 200
+    logged = [r.getMessage() for r in caplog.records if "centre-cropped" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("warning: 'wide.png': 450x100 pixels")
+    assert ".upload" not in logged[0] and "/tmp" not in logged[0]
 
 
 def test_bad_inputs_get_4xx_and_the_server_keeps_serving(models_dir, image: Path,
