@@ -227,28 +227,23 @@ def card_test_rows(card: ModelCard, dataset: Dataset) -> Dataset:
 
 def exported_test_scores(folder: Path | str, card: ModelCard, dataset: Dataset) -> dict:
     """The test metrics of the exported network in ``folder`` on its card's test images,
-    computed as training computed the unexported network's (``lesionlab.metrics.evaluate``,
-    lesion-level bootstrap with the card's resample count and seed, the melanoma rule at the
+    computed as training computed the unexported network's
+    (``models.finish.score_test_split``: lesion-level bootstrap with the card's resample count and seed, the melanoma rule at the
     card's threshold); ``ece_uncalibrated`` stays the unexported network's (the export holds
     only calibrated outputs). Reporting only: the export's precision was chosen on val.
 
     Raises:
         LesionLabError: ``dataset`` lacks a test image (see :func:`card_test_rows`).
     """
-    from lesionlab import metrics
+    from models.finish import score_test_split
 
     test = card_test_rows(card, dataset)
     with load_model_folder(folder, "cpu") as model:
         proba = np.asarray(model.predict_proba(test), float)
     groups = test.frame["lesion_id"].astype(str).to_numpy()
-    n_boot, seed = card.config.n_boot, card.config.seed
-    out = metrics.evaluate(test.labels, proba, groups, n_boot=n_boot, seed=seed,
-                           classes=card.classes)
+    out = score_test_split(test.labels, proba, groups, card.classes, card.mel_threshold,
+                           card.config.n_boot, card.config.seed)
     out["ece_uncalibrated"] = card.test.get("ece_uncalibrated")
-    mel = metrics.mel_index(card.classes)
-    out["mel_operating_point"] = None if mel is None or card.mel_threshold is None else \
-        metrics.operating_point(test.labels, proba[:, mel], card.mel_threshold, groups,
-                                n_boot, seed, mel)
     return out
 
 

@@ -106,6 +106,31 @@ def choose_rule(inp: FinishInput) -> tuple[str, dict[str, float]]:
     return ("prior_corrected" if better else "argmax"), scores
 
 
+def score_test_split(y_test: np.ndarray, test_proba: np.ndarray, groups_test: np.ndarray,
+                     classes: tuple[str, ...] | list[str], mel_threshold: float | None,
+                     n_boot: int, seed: int) -> dict:
+    """The test block of every card: ``lesionlab.metrics.evaluate`` with lesion-level
+    bootstrap CIs, plus ``mel_operating_point`` (the melanoma rule at ``mel_threshold`` on
+    P(mel), with CIs; None without a ``mel`` class or a threshold).
+
+    Args:
+        y_test: (n_test,) class indices.
+        test_proba: (n_test, n_classes) calibrated probabilities.
+        groups_test: (n_test,) lesion ids (the bootstrap resamples lesions).
+        classes: the class set, length ``n_classes``.
+        mel_threshold: the threshold on P(mel) chosen on val.
+        n_boot: bootstrap resamples (0: no CIs).
+        seed: bootstrap seed.
+    """
+    test = metrics.evaluate(y_test, test_proba, groups_test, n_boot=n_boot, seed=seed,
+                            classes=classes)
+    mel = metrics.mel_index(classes)
+    test["mel_operating_point"] = None if mel is None or mel_threshold is None else \
+        metrics.operating_point(y_test, test_proba[:, mel], mel_threshold, groups_test,
+                                n_boot, seed, mel)
+    return test
+
+
 def finish(inp: FinishInput) -> Finished:
     """Decision rule, temperature and melanoma threshold from val; test scored once.
 
@@ -126,10 +151,8 @@ def finish(inp: FinishInput) -> Finished:
     val_p, test_p = calibrated(val_raw, t), calibrated(test_raw, t)
     mel = metrics.mel_index(inp.classes)
     threshold = metrics.threshold_for_sensitivity(inp.y_val, val_p[:, mel or 0], mel=mel)
-    test = metrics.evaluate(inp.y_test, test_p, inp.groups_test, n_boot=inp.n_boot,
-                            seed=inp.seed, classes=inp.classes)
+    test = score_test_split(inp.y_test, test_p, inp.groups_test, inp.classes, threshold,
+                            inp.n_boot, inp.seed)
     test["ece_uncalibrated"] = metrics.expected_calibration_error(inp.y_test, test_raw)
-    test["mel_operating_point"] = None if mel is None else metrics.operating_point(
-        inp.y_test, test_p[:, mel], threshold, inp.groups_test, inp.n_boot, inp.seed, mel)
     val = metrics.evaluate(inp.y_val, val_p, n_boot=0, classes=inp.classes)
     return Finished(rule, scores, t, threshold, val_p, test_p, val, test)
