@@ -64,7 +64,8 @@ from lesionlab.artifacts import atomic_path, write_json, write_text  # noqa: E40
 from lesionlab.cli import (data_option, device_option, model_option, option,  # noqa: E402
                            workdir_option)
 from lesionlab.calibration import (CALIBRATORS, class_score_calibration,  # noqa: E402
-                                   compare_calibrators, ece_with_ci, per_class_ci)
+                                   compare_calibrators, ece_with_ci, per_class_ci,
+                                   prevalence_decisions)
 from lesionlab.data import Dataset  # noqa: E402
 from lesionlab.errors import LesionLabError  # noqa: E402
 from lesionlab.images import read_image  # noqa: E402
@@ -380,11 +381,15 @@ def calibrator_comparison(val: Scored, test: Scored, cfg: ErrorsConfig,
                           mel: int | None) -> dict:
     """Temperature, vector and Dirichlet scaling on top of the model's calibration: compared
     on val by cross-fitting (chosen by NLL), each then fitted on all of val and scored on
-    test (top-label ECE and Brier of P(mel), reported, never used to choose).
+    test (top-label ECE and Brier of P(mel), reported, never used to choose), with what each
+    does to the decisions: the balanced accuracy of the argmax and of the
+    prevalence-corrected argmax (``lesionlab.calibration.prevalence_decisions``, val's class
+    frequencies), since a map that learns the data's prevalence moves the argmax toward nv.
 
     Returns:
-        ``val`` (``{map: {"nll", "ece", "brier"}}``), ``chosen`` and ``test``
-        (``{map: {"ece", "mel_brier"}}``); or ``{"skipped": why}`` when val is too small to
+        ``val`` (``{map: {"nll", "ece", "brier", "balanced_accuracy",
+        "balanced_accuracy_prevalence"}}``), ``chosen`` and ``test`` (``{map: {"ece",
+        "mel_brier", "mel_ece", "balanced_accuracy", "balanced_accuracy_prevalence"}}``); or ``{"skipped": why}`` when val is too small to
         cross-fit (a class with fewer than 2 lesions).
     """
     try:
@@ -393,13 +398,17 @@ def calibrator_comparison(val: Scored, test: Scored, cfg: ErrorsConfig,
         return {"skipped": str(exc)}
     chosen = min(on_val, key=lambda name: on_val[name]["nll"])
     on_test = {}
+    prevalence = np.bincount(val.labels, minlength=val.proba.shape[1]) / len(val.labels)
     for name, fit in CALIBRATORS.items():
         proba = fit(val.proba, val.labels)(test.proba)
         on_mel = (None if mel is None else
                   class_score_calibration(test.labels, proba, mel))
         on_test[name] = {"ece": expected_calibration_error(test.labels, proba),
                          "mel_brier": float("nan") if on_mel is None else on_mel["brier"],
-                         "mel_ece": float("nan") if on_mel is None else on_mel["ece"]}
+                         "mel_ece": float("nan") if on_mel is None else on_mel["ece"],
+                         "balanced_accuracy": balanced_accuracy(test.labels, proba.argmax(1)),
+                         "balanced_accuracy_prevalence": balanced_accuracy(
+                             test.labels, prevalence_decisions(proba, prevalence))}
     return {"val": on_val, "chosen": chosen, "test": on_test}
 
 
@@ -611,19 +620,35 @@ def _maps_md(analyses: dict[str, dict], cfg: ErrorsConfig) -> str:
              f"each map then fitted on all of val and scored on test (reported, not used to "
              f"choose).\n",
              "| model | map | val NLL | val ECE | val Brier | test ECE | test Brier of P(mel) "
-             "| test ECE of P(mel) | chosen on val |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| test ECE of P(mel) | val bal.acc: argmax / ÷ prevalence | test bal.acc: "
+             "argmax / ÷ prevalence | chosen on val |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, a in compared.items():
         maps = a["calibration"]["maps"]
         if "skipped" in maps:
-            lines.append(f"| {label} | not compared: {maps['skipped']} | | | | | | | |")
+            lines.append(f"| {label} | not compared: {maps['skipped']} | | | | | | | | | |")
             continue
         for name, v in maps["val"].items():
             t = maps["test"][name]
             lines.append(f"| {label} | {name} | {_f(v['nll'])} | {_f(v['ece'])} | "
                          f"{_f(v['brier'])} | {_f(t['ece'])} | {_f(t['mel_brier'])} | "
-                         f"{_f(t.get('mel_ece'))} | {'yes' if name == maps['chosen'] else ''} |")
-    return "\n".join(lines) + "\n"
+                         f"{_f(t.get('mel_ece'))} | {_pair(v)} | {_pair(t)} | "
+                         f"{'yes' if name == maps['chosen'] else ''} |")
+    return "\n".join(lines) + "\n" + MAPS_NOTE
+
+
+MAPS_NOTE = ("\nVal columns are cross-fitted (each fold's map scores the fold it did not see); "
+             "÷ prevalence: the argmax of p / (val class frequency), the decision that "
+             "maximises balanced accuracy for probabilities calibrated to val's prevalence "
+             "(`lesionlab.calibration.prevalence_decisions`).\n")
+
+
+def _pair(v: dict) -> str:
+    """``argmax / ÷ prevalence`` balanced accuracies of one map (blank where not measured:
+    results saved before they were)."""
+    if "balanced_accuracy" not in v:
+        return ""
+    return f"{_f(v['balanced_accuracy'])} / {_f(v['balanced_accuracy_prevalence'])}"
 
 
 def calibration_md(analyses: dict[str, dict], cfg: ErrorsConfig, figure: str | None) -> str:

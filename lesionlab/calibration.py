@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, precision_score, recall_score
 
 from lesionlab.errors import LesionLabError
-from lesionlab.metrics import (binned_ece, binned_reliability, bootstrap_ci,
+from lesionlab.metrics import (balanced_accuracy, binned_ece, binned_reliability, bootstrap_ci,
                                expected_calibration_error)
 from lesionlab.splits import grouped_folds
 
@@ -328,8 +328,11 @@ def compare_calibrators(proba: np.ndarray, y: np.ndarray, groups: np.ndarray,
         seed: the folds' seed.
 
     Returns:
-        ``{name: {"nll", "ece", "brier"}}`` of the out-of-fold calibrated probabilities, for
-        ``none``, ``temperature``, ``vector`` and ``dirichlet`` (lower is better). Choose by
+        ``{name: {"nll", "ece", "brier", "balanced_accuracy",
+        "balanced_accuracy_prevalence"}}`` of the out-of-fold calibrated probabilities, for
+        ``none``, ``temperature``, ``vector`` and ``dirichlet``: NLL, ECE and Brier (lower is
+        better), and the balanced accuracy of their argmax and of
+        :func:`prevalence_decisions` (with the fitting folds' class frequencies). Choose by
         ``nll`` (a proper scoring rule); the binned top-label ECE can rank the maps otherwise
         (on a hand-made per-class miscalibration, vector scaling lowers NLL and Brier below
         temperature scaling's and doubles its ECE: tests/test_calibration.py).
@@ -341,12 +344,38 @@ def compare_calibrators(proba: np.ndarray, y: np.ndarray, groups: np.ndarray,
     y, proba = _check(y, proba)
     folds = grouped_folds(y, np.asarray(groups), n_folds, seed, purpose="calibration folds")
     out: dict[str, dict[str, float]] = {}
-    rows = np.arange(len(y))
+    rows, k = np.arange(len(y)), proba.shape[1]
     for name, fit in CALIBRATORS.items():
         oof = np.zeros_like(proba)
+        pred = np.zeros(len(y), dtype=int)
         for train_idx, test_idx in folds:
             oof[test_idx] = fit(proba[train_idx], y[train_idx])(proba[test_idx])
+            pred[test_idx] = prevalence_decisions(oof[test_idx], np.bincount(
+                y[train_idx], minlength=k) / len(train_idx))
         out[name] = {"nll": float(-np.log(np.clip(oof[rows, y], EPS, 1.0)).mean()),
                      "ece": expected_calibration_error(y, oof),
-                     "brier": brier_score(y, oof)}
+                     "brier": brier_score(y, oof),
+                     "balanced_accuracy": balanced_accuracy(y, oof.argmax(1)),
+                     "balanced_accuracy_prevalence": balanced_accuracy(y, pred)}
     return out
+
+
+def prevalence_decisions(proba: np.ndarray, prevalence: np.ndarray) -> np.ndarray:
+    """The class that maximises expected balanced accuracy, ``argmax_c p_c / prevalence_c``,
+    for probabilities calibrated to a population with those class frequencies (Bayes'
+    decision under the balanced loss: each class's errors weigh 1 / its frequency; Elkan,
+    "The foundations of cost-sensitive learning", IJCAI 2001). The argmax of ``proba`` itself
+    maximises accuracy instead.
+
+    Args:
+        proba: (n_images, n_classes) calibrated probabilities.
+        prevalence: (n_classes,) class frequencies of the population ``proba`` is calibrated
+            to (e.g. val's); a class of frequency 0 is never chosen.
+
+    Returns:
+        (n_images,) class indices.
+    """
+    prevalence = np.asarray(prevalence, dtype=float)
+    ratio = np.where(prevalence > 0, np.asarray(proba, float) / np.clip(prevalence, EPS, None),
+                     -np.inf)
+    return ratio.argmax(axis=1)

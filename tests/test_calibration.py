@@ -5,7 +5,8 @@ import pytest
 
 from lesionlab.calibration import (binary_ece, binary_reliability, brier_score,
                                    class_score_calibration, compare_calibrators, ece_with_ci,
-                                   fit_dirichlet, fit_vector_scaling, per_class_ci)
+                                   fit_dirichlet, fit_vector_scaling, per_class_ci,
+                                   prevalence_decisions)
 from lesionlab.errors import LesionLabError
 
 
@@ -105,3 +106,28 @@ def test_vector_scaling_keeps_calibrated_probabilities_and_a_missing_class():
     assert q.shape == (2000, 3) and (q[:, 2] == 0).all()
     with pytest.raises(LesionLabError, match="two classes"):
         fit_dirichlet(p[y == 0], y[y == 0])
+
+
+def test_prevalence_decisions_by_hand_and_on_a_known_posterior():
+    got = prevalence_decisions(np.array([[0.7, 0.3], [0.95, 0.05]]), np.array([0.9, 0.1]))
+    assert got.tolist() == [1, 0]  # 0.7/0.9 < 0.3/0.1; 0.95/0.9 > 0.05/0.1
+    assert prevalence_decisions(np.array([[0.1, 0.9]]), np.array([1.0, 0.0])).tolist() == [0]
+    # three 1-D Gaussian classes, prior 0.8 / 0.15 / 0.05: the exact posterior is calibrated
+    rng = np.random.default_rng(0)
+    prior, mu = np.array([0.8, 0.15, 0.05]), np.array([0.0, 1.5, 3.0])
+    y = rng.choice(3, size=20000, p=prior)
+    x = rng.normal(mu[y], 1.0)
+    lik = np.exp(-0.5 * (x[:, None] - mu[None, :]) ** 2) * prior
+    post = lik / lik.sum(axis=1, keepdims=True)
+    from lesionlab.metrics import balanced_accuracy
+
+    by_prevalence, by_argmax = prevalence_decisions(post, prior), post.argmax(1)
+    assert balanced_accuracy(y, by_prevalence) > balanced_accuracy(y, by_argmax) + 0.1
+    assert (by_argmax == y).mean() > (by_prevalence == y).mean()  # argmax: accuracy
+
+
+def test_compare_calibrators_scores_the_decisions_too():
+    proba, y = _miscalibrated()
+    scores = compare_calibrators(proba, y, np.arange(len(y)), n_folds=5)
+    for v in scores.values():
+        assert 0.3 < v["balanced_accuracy"] <= 1 and 0.3 < v["balanced_accuracy_prevalence"] <= 1

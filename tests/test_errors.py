@@ -150,6 +150,15 @@ def test_overconfident_model_gets_the_maps_compared_on_val() -> None:
         val.labels, val.proba, 1)["ece"])
     chosen_test = maps["test"][maps["chosen"]]
     assert 0 <= chosen_test["mel_ece"] <= 1 and 0 <= chosen_test["mel_brier"] <= 1
+    prevalence = np.bincount(val.labels, minlength=3) / len(val.labels)
+    none = maps["test"]["none"]  # the model's own probabilities: decisions from test.proba
+    assert none["balanced_accuracy"] == pytest.approx(er.balanced_accuracy(
+        test.labels, test.proba.argmax(1)))
+    assert none["balanced_accuracy_prevalence"] == pytest.approx(er.balanced_accuracy(
+        test.labels, er.prevalence_decisions(test.proba, prevalence)))
+    md = er._maps_md({"m": {"calibration": got}}, cfg)
+    row = next(line for line in md.splitlines() if line.startswith("| m | none |"))
+    assert f"{none['balanced_accuracy']:.3f} / {none['balanced_accuracy_prevalence']:.3f}" in row
     # both val ECEs at most the bar: the model's own temperature scaling is kept, unless asked
     assert er.calibration(test, val, er.ErrorsConfig(n_boot=20, ece_high=0.9),
                           classes)["maps"] is None
