@@ -483,7 +483,8 @@ def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="TOML or YAML file of option values, keyed by the option names "
-                             "with _ for - (n_boot: 20); flags given here override it")
+                             "with _ for - (--some-option 3 is some_option: 3); flags given "
+                             "here override it")
     return parser
 
 

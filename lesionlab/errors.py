@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import threading
 from typing import Iterator
 
 log = logging.getLogger("lesionlab")
@@ -20,6 +21,7 @@ _COUNTS: collections.Counter[str] = collections.Counter()
 _FIRST: dict[str, str] = {}  # the message each key was first shown with
 _SEEN: set[tuple[str, str]] = set()  # (key, item) pairs already counted
 _SHOWN_AS: dict[str, str] = {}  # path -> the name warnings give it (shown_as)
+_LOCAL = threading.local()  # .notes: the list collect_warnings() fills in this thread
 
 
 class LesionLabError(Exception):
@@ -36,6 +38,9 @@ def warn_once(message: str, key: str | None = None, item: str | None = None) -> 
     """
     for path, name in list(_SHOWN_AS.items()):
         message = message.replace(path, name)
+    notes = getattr(_LOCAL, "notes", None)
+    if notes is not None and message not in notes:
+        notes.append(message)  # every occurrence, logged or only counted
     key = message if key is None else key
     if item is not None:
         if (key, item) in _SEEN:
@@ -57,6 +62,19 @@ def shown_as(path: str, name: str) -> Iterator[None]:
         yield
     finally:
         _SHOWN_AS.pop(str(path), None)
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Yield a list that receives the message of every :func:`warn_once` call made in this
+    thread inside the block, each message once, whether it is logged or only counted: what
+    one web request's image set off (``serve`` returns them with the prediction)."""
+    previous = getattr(_LOCAL, "notes", None)
+    _LOCAL.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _LOCAL.notes = previous
 
 
 def warning_counts() -> dict[str, int]:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from featurize.color import apply_color_constancy
 from lesionlab.artifacts import atomic_path
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.images import model_aspect, read_image
 
 PIPELINES = ("workers", "batched")
@@ -91,7 +91,10 @@ def decoded_cache(paths: Sequence[str], size: tuple[int, int], workdir: Path | s
 
     Built on first use (a progress bar; ``num_workers`` decoding processes), written to a
     temporary file and renamed into ``<workdir>/cache/decoded/<key>.npy``
-    (:func:`cache_key`), so an interrupted build leaves no cache behind.
+    (:func:`cache_key`), so an interrupted build leaves no cache behind. A damaged cache
+    file (truncated, emptied, overwritten or of another shape) is decoded again, with a
+    counted warning. Caches of earlier data or settings stay until deleted (each is about
+    ``n_images x H x W x 3`` bytes).
 
     Args:
         paths: image files, in the row order of the result.
@@ -106,30 +109,55 @@ def decoded_cache(paths: Sequence[str], size: tuple[int, int], workdir: Path | s
         (n_paths, H, W, 3) uint8, memory-mapped.
 
     Raises:
-        LesionLabError: an image cannot be read (naming it), or a cache file of the right
-            name has the wrong shape (damaged: delete it).
+        LesionLabError: an image cannot be read (naming it), or the cache just written
+            cannot be read back.
     """
     size = (int(size[0]), int(size[1]))
     path = Path(workdir) / CACHE_DIR / (cache_key(paths, size, aspect, color_constancy,
                                                   interpolation) + ".npy")
     shape = (len(paths), *size, 3)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        loader = DataLoader(_DecodeSet(paths, size, aspect, color_constancy, interpolation),
-                            batch_size=64, num_workers=num_workers)
-        with atomic_path(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            at = 0
-            for batch in tqdm(loader, desc="decoding images once", unit="batch", leave=False):
-                out[at:at + len(batch)] = batch.numpy()
-                at += len(batch)
-            out.flush()
-            del out
-    cache = np.load(path, mmap_mode="r")
-    if cache.shape != shape or cache.dtype != np.uint8:
-        raise LesionLabError(f"decoded-image cache {path} holds {cache.dtype} {cache.shape}, "
-                             f"expected uint8 {shape}: damaged; delete it to rebuild")
+    if path.is_file():
+        cache, damage = _open_cache(path, shape)
+        if cache is not None:
+            return cache
+        warn_once(f"decoded-image cache {path} is damaged ({damage}): decoded again",
+                  key="decoded-image cache rebuilt")
+    _build_cache(path, shape, _DecodeSet(paths, size, aspect, color_constancy, interpolation),
+                 num_workers)
+    cache, damage = _open_cache(path, shape)
+    if cache is None:
+        raise LesionLabError(f"decoded-image cache {path} is damaged right after it was "
+                             f"written ({damage}): is the disk full or failing?")
     return cache
+
+
+def _open_cache(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """(the memory map, "") or (None, what is wrong with the file: a truncated, emptied or
+    overwritten file, or one of another shape)."""
+    try:
+        cache = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not isinstance(cache, np.ndarray) or cache.shape != shape or cache.dtype != np.uint8:
+        what = (f"{cache.dtype} {cache.shape}" if isinstance(cache, np.ndarray)
+                else type(cache).__name__)
+        return None, f"holds {what}, expected uint8 {shape}"
+    return cache, ""
+
+
+def _build_cache(path: Path, shape: tuple[int, ...], images: _DecodeSet,
+                 num_workers: int) -> None:
+    """Decode ``images`` into ``path`` through a temporary file renamed on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(images, batch_size=64, num_workers=num_workers)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        at = 0
+        for batch in tqdm(loader, desc="decoding images once", unit="batch", leave=False):
+            out[at:at + len(batch)] = batch.numpy()
+            at += len(batch)
+        out.flush()
+        del out
 
 
 def batch_augment(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],

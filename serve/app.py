@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lesionlab.cli import check_choices, device_option, model_option, option
 from lesionlab.data import CLASS_NAMES, load_rgb
-from lesionlab.errors import LesionLabError, shown_as
+from lesionlab.errors import LesionLabError, collect_warnings, shown_as
 from lesionlab.images import image_notes
 from lesionlab.labels import default_vocabulary, name_table
 from models.folder import ModelFolder
@@ -140,13 +140,15 @@ class Service:
         Returns:
             :func:`models.predict.result_line`'s record: probabilities of the (n_classes,) card
             classes, decisions, ``gradcam_png`` when asked, and ``warnings`` (one line each)
-            for a grey, transparent or palette image.
+            for a grey, transparent or palette image and for every other warning the image set
+            off (an aspect centre-crop, ...), each once.
 
         Raises:
             HTTPException: 400 when the bytes are not a readable image (or too small or large).
         """
         with tempfile.NamedTemporaryFile(suffix=UPLOAD_SUFFIX) as tmp, \
-                shown_as(tmp.name, repr(filename)):  # logged warnings name the upload
+                shown_as(tmp.name, repr(filename)), \
+                collect_warnings() as raised:  # logged warnings name the upload
             tmp.write(data)
             tmp.flush()
             try:
@@ -158,6 +160,7 @@ class Service:
             card = self.predictor.card
             result = result_line(filename, proba, card.mel_threshold, card.classes)
             notes = image_notes(tmp.name, repr(filename))  # grey, transparent, palette
+            notes += [m for m in raised if m not in notes]  # e.g. an aspect centre-crop
             if notes:
                 result["warnings"] = notes
             if gradcam and self.predictor.cam is not None:

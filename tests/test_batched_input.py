@@ -3,6 +3,7 @@ augmentation's statistics against the worker pipeline's, its batches and a tiny 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from featurize.color import apply_color_constancy
 from featurize.extract import eval_transform
 from lesionlab.data import load_dataset
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, flush_warnings
 from lesionlab.images import read_image
 from models.batched_input import (CACHE_DIR, BatchedLoader, IndexSet, batch_augment,
                                   cache_key, cached_proba, decoded_cache, to_device)
@@ -52,7 +53,8 @@ def test_cache_rows_are_the_eval_transforms_image(fixture_dir: Path, tmp_path: P
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_cache_is_reused_keyed_and_checked(fixture_dir: Path, tmp_path: Path) -> None:
+def test_cache_is_reused_keyed_and_rebuilt_when_damaged(fixture_dir: Path, tmp_path: Path,
+                                                        caplog) -> None:
     src = load_dataset(fixture_dir).frame["path"].tolist()[:3]
     paths = []
     for p in src:
@@ -68,9 +70,18 @@ def test_cache_is_reused_keyed_and_checked(fixture_dir: Path, tmp_path: Path) ->
     assert files[0].stem == key
     assert key != cache_key(paths, (24, 32), None, "shades_of_gray", "bicubic")
     assert key != cache_key(paths, (24, 24), None, "none", "bicubic")
-    np.save(files[0], np.zeros((2, 24, 32, 3), np.uint8))  # damaged: 2 rows, not 3
-    with pytest.raises(LesionLabError, match="damaged; delete it"):
-        decoded_cache(paths, (24, 32), tmp_path, num_workers=0)
+    good = np.array(np.load(files[0]))
+    for damage in (lambda f: np.save(f, np.zeros((2, 24, 32, 3), np.uint8)),  # 2 rows, not 3
+                   lambda f: f.write_bytes(f.read_bytes()[:300]),  # truncated
+                   lambda f: f.write_bytes(b""),  # emptied
+                   lambda f: f.write_bytes(b"not a numpy file at all" * 20)):  # overwritten
+        damage(files[0])
+        flush_warnings()
+        with caplog.at_level(logging.WARNING, logger="lesionlab"):
+            again = decoded_cache(paths, (24, 32), tmp_path, num_workers=0)
+        assert np.array_equal(again, good)  # decoded again, the same rows
+        assert "is damaged" in caplog.text and "decoded again" in caplog.text
+        caplog.clear()
     os.utime(paths[0], ns=(1, 1))  # a changed image: another key, never the stale rows
     assert cache_key(paths, (24, 32), None, "none", "bicubic") != key
     assert decoded_cache(paths, (24, 32), tmp_path, num_workers=0).shape == (3, 24, 32, 3)

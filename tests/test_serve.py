@@ -110,6 +110,12 @@ def test_logged_warnings_name_the_upload_not_its_temp_file(models_dir, image: Pa
     logged = [r.getMessage() for r in caplog.records if "centre-cropped" in r.getMessage()]
     assert len(logged) == 1 and logged[0].startswith("warning: 'wide.png': 450x100 pixels")
     assert ".upload" not in logged[0] and "/tmp" not in logged[0]
+    # the response says so on every request, also once the log only counts it
+    for name in ("wide.png", "wide2.png"):
+        out = _post(client, buf.getvalue(), name).json()
+        assert [w for w in out["warnings"] if "centre-cropped" in w] == [
+            f"'{name}': 450x100 pixels, aspect 4.5 vs the model's 1.33 (over 1.5x apart): "
+            f"centre-cropped to 133x100 (images are cropped, never stretched)"], out
 
 
 def test_bad_inputs_get_4xx_and_the_server_keeps_serving(models_dir, image: Path,
