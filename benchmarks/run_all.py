@@ -583,6 +583,20 @@ def run_seeds(plan: Plan, dataset: Dataset, workdir: Path, reuse_stale: bool = F
     return run_seed_study(plan.seeds, one, results_dir(workdir), reuse_stale)
 
 
+def study_plan(preset: str, seed: int, workdir: Path | str, split_seeds: int | None,
+               gpu: bool = False) -> Plan:
+    """The preset's plan (:func:`plan_for`) with its split-seed study (:func:`with_split_seeds`);
+    with ``gpu`` (:func:`on_gpu`; the report's machine line names the GPU) CUDA is checked
+    first.
+
+    Raises:
+        LesionLabError: ``gpu`` where torch sees no CUDA device, or an unknown preset.
+    """
+    if gpu:
+        require_cuda()
+    return with_split_seeds(plan_for(preset, seed, workdir, gpu=gpu), seed, split_seeds)
+
+
 def with_split_seeds(plan: Plan, seed: int, n: int | None) -> Plan:
     """``plan`` with its split-seed study over ``n`` seeds from ``seed`` (None: the preset's
     count; 0: no seed study)."""
@@ -639,24 +653,18 @@ def run_all(data: Path, workdir: Path, preset: str = "quick", seed: int = 0,
             split_seeds: int | None = None, gpu: bool = False) -> dict:
     """The whole study; returns the rows written to the report.
 
-    ``labels``/``label_map`` say how ``data`` is labelled (``load_dataset``); the label map
-    also applies to ``external``. ``tracking``: parsed ``TrackingOptions``, MLflow
-    (``benchmarks.study_tracking``); None: off. ``split_seeds``: how many split seeds the
-    heads on cached features are re-run over (``benchmarks.seeds``; None: the preset's).
-    ``gpu``: networks and feature extraction on CUDA (:func:`on_gpu`); the report's machine
-    line names the GPU.
+    ``labels``/``label_map`` say how ``data`` is labelled (``load_dataset``; the map applies
+    to ``external`` too). ``tracking``: parsed ``TrackingOptions`` (MLflow,
+    ``benchmarks.study_tracking``), None: off. ``split_seeds``: split seeds of the heads on
+    cached features (None: the preset's). ``gpu``: networks and featurize on CUDA
+    (:func:`study_plan`). ``report_only`` rebuilds the report from finished cells, running
+    nothing; a cell made by other code runs again unless ``reuse_stale`` (marked stale).
 
     Raises:
-        LesionLabError: ``gpu`` on a machine where torch sees no CUDA device.
-
-    ``report_only`` runs nothing: it rebuilds the report from the cells already finished.
-    A finished cell made by other code is run again unless ``reuse_stale`` (then its row is
-    marked stale); see :func:`run_cell`.
+        LesionLabError: ``gpu`` where torch sees no CUDA device, or bad data or options.
     """
     t0 = time.perf_counter()
-    if gpu:
-        require_cuda()
-    plan = with_split_seeds(plan_for(preset, seed, workdir, gpu), seed, split_seeds)
+    plan = study_plan(preset, seed, workdir, split_seeds, gpu)
     dataset = ensure_data(data, download=download, labels=labels, label_map=label_map)
     split = load_or_make_split(dataset, workdir, seed)
     print(f"data: {len(dataset)} images, {dataset.frame['lesion_id'].nunique()} lesions; "
@@ -765,7 +773,11 @@ def machine_label(gpu: bool = False) -> str:
 
 
 def require_cuda() -> None:
-    """Raises LesionLabError (one line) where torch sees no CUDA device."""
+    """Stop, in one line, where torch sees no CUDA device.
+
+    Raises:
+        LesionLabError: ``torch.cuda.is_available()`` is False.
+    """
     import torch
 
     if not torch.cuda.is_available():

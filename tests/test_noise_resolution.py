@@ -39,7 +39,7 @@ def test_study_cells_read_the_sets_they_made_not_another_size(tmp_path: Path,
     head = HeadConfig(features="classical", trials=1, folds=2, n_boot=0)
     plan = ra.Plan(featurize=[_classical(SMALL)], cells=[ra._head_cell(head)],
                    curve_fractions=())
-    monkeypatch.setattr(ra, "plan_for", lambda preset, seed, workdir: plan)
+    monkeypatch.setattr(ra, "plan_for", lambda preset, seed, workdir, gpu=False: plan)
     summary = ra.run_all(FIXTURE, tmp_path, "smoke", report=None, download=False)
     mine = featurize(ds, tmp_path, _classical(SMALL))
     assert mine.key != other.key
