@@ -197,6 +197,26 @@ def eval_tensor(img, size: tuple[int, int], mean: Sequence[float] | torch.Tensor
     return eval_transform(size, mean, std, interpolation)(img)
 
 
+def view_mean_proba(model: torch.nn.Module, views: list[torch.Tensor],
+                    autocast: Callable) -> np.ndarray:
+    """Softmax of ``model``'s logits averaged over test-time views of one batch.
+
+    Args:
+        model: a classifier, (batch, n_classes) logits.
+        views: :func:`tta_views` of a (batch, 3, H, W) normalised batch.
+        autocast: a context-manager factory (the run's precision).
+
+    Returns:
+        (batch, n_classes) probabilities on the CPU, rows summing to 1.
+    """
+    probs = []
+    for view in views:
+        with autocast():
+            logits = model(view.contiguous(memory_format=torch.channels_last))
+        probs.append(torch.softmax(logits.float(), dim=1))
+    return torch.stack(probs).mean(0).cpu().numpy()
+
+
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The batch under each test-time view: identity, + h-flip, or the 8 dihedral transforms.
 

@@ -376,6 +376,19 @@ def prevalence_decisions(proba: np.ndarray, prevalence: np.ndarray) -> np.ndarra
         (n_images,) class indices.
     """
     prevalence = np.asarray(prevalence, dtype=float)
-    ratio = np.where(prevalence > 0, np.asarray(proba, float) / np.clip(prevalence, EPS, None),
-                     -np.inf)
-    return ratio.argmax(axis=1)
+    return np.where(prevalence > 0, prior_corrected(proba, prevalence), -1.0).argmax(axis=1)
+
+
+def prior_corrected(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """``proba / prior``, renormalised: probabilities under a uniform class prior (the
+    class-prior correction of ``models.heads``, a balanced-accuracy decision rule).
+
+    Args:
+        proba: (n_images, n_classes) probabilities.
+        prior: (n_classes,) class frequencies (clipped at 1e-12).
+
+    Returns:
+        (n_images, n_classes), rows summing to 1.
+    """
+    q = np.asarray(proba, dtype=float) / np.clip(np.asarray(prior, dtype=float), EPS, None)
+    return q / q.sum(axis=1, keepdims=True)

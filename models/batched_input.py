@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from featurize.color import apply_color_constancy
+from featurize.extract import view_mean_proba
 from lesionlab.artifacts import atomic_path
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.images import model_aspect, read_image
@@ -273,10 +274,5 @@ def cached_proba(model: nn.Module, cache: np.ndarray, rows: np.ndarray,
     out = []
     for at in range(0, len(rows), batch_size):
         x = (to_device(cache[np.asarray(rows[at:at + batch_size])], device) - m) / s
-        probs = []
-        for view in views(x):
-            with autocast():
-                logits = model(view.contiguous(memory_format=torch.channels_last))
-            probs.append(torch.softmax(logits.float(), dim=1))
-        out.append(torch.stack(probs).mean(0).cpu().numpy())
+        out.append(view_mean_proba(model, views(x), autocast))
     return np.concatenate(out)

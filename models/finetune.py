@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from featurize.backbones import BackboneSpec, check_backbone, create_backbone
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
-from featurize.extract import TTA_MODES, ImagePathDataset, tta_views
+from featurize.extract import TTA_MODES, ImagePathDataset, tta_views, view_mean_proba
 from lesionlab import metrics
 from lesionlab.artifacts import atomic_path, library_versions, save_npy
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
@@ -441,13 +441,8 @@ def predict_proba(model: nn.Module, paths: Sequence[str], spec: BackboneSpec,
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     out = []
     for x, _ in tqdm(loader, disable=not progress, desc="eval", unit="batch", leave=False):
-        x = x.to(device)
-        probs = []
-        for view in tta_views(x, tta):
-            with _autocast(device, bf16):
-                logits = model(view.contiguous(memory_format=torch.channels_last))
-            probs.append(torch.softmax(logits.float(), dim=1))
-        out.append(torch.stack(probs).mean(0).cpu().numpy())
+        out.append(view_mean_proba(model, tta_views(x.to(device), tta),
+                                   lambda: _autocast(device, bf16)))
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
 

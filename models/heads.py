@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
+from lesionlab.calibration import prior_corrected
 from lesionlab.data import CLASSES
 from lesionlab.errors import LesionLabError, warn_once
 from lesionlab.metrics import (MEL_TARGET_SENSITIVITY, N_CLASSES, balanced_accuracy, mel_index,
@@ -368,8 +369,7 @@ def apply_prior_correction(proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
     Returns:
         (n_images, n_classes) p / prior, renormalised; rows summing to 1.
     """
-    q = proba / np.clip(prior, 1e-12, None)
-    return q / q.sum(axis=1, keepdims=True)
+    return prior_corrected(proba, prior)
 
 
 class HeadModel(ClassifierMixin, BaseEstimator):
