@@ -36,6 +36,10 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "size_160x120": ("trained and evaluated at 160x120", dict(image_size=(120, 160))),
     "freeze_4": ("stem + 4 blocks frozen", dict(freeze_stages=4)),
     "epochs_20": ("20 epochs (more compute)", dict(epochs=20)),
+    "mixup_cutmix": ("MixUp (alpha 0.2) or CutMix (alpha 1.0) on each batch, one of the two "
+                     "at random", dict(mixup=0.2, cutmix=1.0)),
+    "ema": ("weight EMA (decay 0.999, timm's warm-up): val, the chosen epoch and the network "
+            "use the averaged weights", dict(ema_decay=0.999)),
     "no_color_constancy": ("no colour constancy (against --base study, where Shades of Gray "
                            "is on)", dict(color_constancy="none")),
 }

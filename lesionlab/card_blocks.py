@@ -120,6 +120,9 @@ class FinetuneSettings(Block):
     patience: int | None = None
     freeze_stages: int = 2
     histo_weight: float = 1.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.0
     tta: str = "flip"
     color_constancy: str = "shades_of_gray"
     cv_folds: int = 0

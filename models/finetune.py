@@ -93,6 +93,14 @@ class FinetuneConfig(TrainingRun):
                                    "statistics too); 0: train everything", ge=0)
     histo_weight: float = option(1.0, "loss weight of histopathology-confirmed images "
                                       "(dx_type 'histo'); dx_type is never an input", gt=0)
+    mixup: float = option(0.0, "MixUp alpha (Zhang et al., ICLR 2018): each batch blended "
+                               "with itself rolled by one image, the weight drawn from "
+                               "Beta(alpha, alpha); 0: off", ge=0)
+    cutmix: float = option(0.0, "CutMix alpha (Yun et al., ICCV 2019); with --mixup too, each "
+                                "batch gets one of the two at random; 0: off", ge=0)
+    ema_decay: float = option(0.0, "weight EMA decay (timm's ModelEmaV3 with its warm-up); "
+                                   "val, the chosen epoch and the saved network use the "
+                                   "averaged weights; 0: off", ge=0, lt=1)
     tta: str = option("flip", "test-time views at evaluation", choices=TTA_MODES)
     color_constancy: str = option("shades_of_gray", "colour constancy before training and "
                                                     "prediction (chosen on val: see the "
@@ -123,10 +131,15 @@ class FinetuneConfig(TrainingRun):
 
         Raises:
             LesionLabError: an option outside its choices, ``--epochs`` under 1, a negative
-                ``--freeze-stages``, a ``--histo-weight`` <= 0, or a ``--cv-folds`` /
-                ``--cv-fold`` pair that names no fold.
+                ``--freeze-stages``, a ``--histo-weight`` <= 0, ``--mixup`` / ``--cutmix``
+                with the focal loss or a ``--histo-weight`` other than 1 (a mixed image has
+                two targets and two weights), or a ``--cv-folds`` / ``--cv-fold`` pair that
+                names no fold.
         """
         check_choices(self)
+        if (self.mixup or self.cutmix) and (self.loss == "focal" or self.histo_weight != 1.0):
+            raise LesionLabError("--mixup and --cutmix mix two images' targets: they work with "
+                                 "--loss ce or weighted_ce and --histo-weight 1 only")
         if self.input_pipeline == "batched" and self.augment != "isic":
             raise LesionLabError(f"--input-pipeline batched implements the isic augmentation "
                                  f"only, not {self.augment!r}; use --input-pipeline workers")
@@ -148,9 +161,11 @@ class FinetuneConfig(TrainingRun):
         histo = f"histo{self.histo_weight:g}" if self.histo_weight != 1.0 else ""
         cv = f"cv{self.cv_fold + 1}of{self.cv_folds}" if self.cv_folds else ""
         pipe = "" if self.input_pipeline == "workers" else self.input_pipeline
+        mix = "-".join(f"{tag}{v:g}" for tag, v in (("mix", self.mixup), ("cut", self.cutmix),
+                                                   ("ema", self.ema_decay)) if v)
         return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, aug,
-                                       self.sampler, self.loss, frz, histo, f"ep{self.epochs}",
-                                       cv, pipe, *self.name_tail())
+                                       self.sampler, self.loss, frz, histo, mix,
+                                       f"ep{self.epochs}", cv, pipe, *self.name_tail())
 
 
 def train_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
@@ -244,6 +259,42 @@ def make_loss(cfg: FinetuneConfig, counts: np.ndarray) -> nn.Module:
         return FocalLoss(2.0, weight if cfg.sampler == "none" else None)
     return nn.CrossEntropyLoss(weight=weight if cfg.loss == "weighted_ce" else None,
                                label_smoothing=cfg.label_smoothing, reduction="none")
+
+
+def batch_mixer(cfg: FinetuneConfig, n_classes: int) -> Callable | None:
+    """MixUp and/or CutMix on whole training batches (``torchvision.transforms.v2``), or
+    None when both are off (the recipe).
+
+    The draws come from torch's global generator, which the run seeds and its checkpoints
+    store (as for dropout), so a run is reproducible and a resumed run draws the same. Label
+    smoothing is applied by the loss on top of the mixed targets.
+
+    Args:
+        cfg: the fine-tuning config (``mixup`` and ``cutmix`` alphas; 0 is off).
+        n_classes: the number of classes of the targets.
+
+    Returns:
+        A function mapping (batch, 3, H, W) float images and (batch,) int64 labels to the
+        mixed images and (batch, n_classes) float target probabilities (rows sum to 1).
+    """
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from torchvision.transforms import v2
+
+    ops = ([v2.MixUp(alpha=cfg.mixup, num_classes=n_classes)] if cfg.mixup else [])
+    ops += [v2.CutMix(alpha=cfg.cutmix, num_classes=n_classes)] if cfg.cutmix else []
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+def weight_ema(cfg: FinetuneConfig, model: nn.Module) -> nn.Module | None:
+    """The exponential moving average of ``model``'s weights (timm's ``ModelEmaV3``, with its
+    warm-up: decay ``1 - (1 + step)^(-2/3)`` capped at ``cfg.ema_decay``, so a short run
+    averages over a short window), or None when ``cfg.ema_decay`` is 0."""
+    if not cfg.ema_decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
 
 
 def sample_weights(frame, rows: np.ndarray, histo_weight: float) -> np.ndarray:
@@ -381,11 +432,14 @@ def train_loader(data: TorchDataset, labels: np.ndarray, cfg: FinetuneConfig, ep
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Optimizer,
                     sched, loader: DataLoader, device: torch.device, bf16: bool,
-                    desc: str, scaler: torch.amp.GradScaler | None = None) -> dict:
+                    desc: str, scaler: torch.amp.GradScaler | None = None,
+                    mixer: Callable | None = None, ema: nn.Module | None = None) -> dict:
     """One pass over ``loader``; the scheduler steps per batch. Returns loss and speed.
 
     The loss is the weighted mean of per-image losses; on CUDA (fp16 autocast) a GradScaler
-    keeps small gradients from underflowing.
+    keeps small gradients from underflowing. ``mixer`` (:func:`batch_mixer`) turns a batch
+    and its labels into mixed images and target probabilities; ``ema`` (:func:`weight_ema`)
+    is updated after every optimiser step, at the schedule's step count.
     """
     train_mode(model)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -394,6 +448,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Opt
     for x, target, weight in tqdm(loader, desc=desc, unit="batch", leave=False):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         target, weight = target.to(device), weight.to(device, torch.float32)
+        if mixer is not None:
+            x, target = mixer(x, target)
         with _autocast(device, bf16):
             per_image = criterion(model(x).float(), target)
         loss = (per_image * weight).sum() / weight.sum()
@@ -402,6 +458,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, opt: torch.optim.Opt
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:  # the unwrapped network (DistributedDataParallel's .module)
+            ema.update(getattr(model, "module", model), step=sched.last_epoch)
         seen += len(x)
         loss_sum += float(loss.detach()) * len(x)
     took = time.perf_counter() - t0
@@ -475,9 +533,9 @@ def evaluate(model: nn.Module, paths: Sequence[str], labels: np.ndarray, spec: B
 
 def save_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
                     opt: torch.optim.Optimizer, sched, state: dict,
-                    rng: list[torch.Tensor]) -> None:
+                    rng: list[torch.Tensor], ema: nn.Module | None = None) -> None:
     """Everything a resume needs, written atomically: weights, optimiser, schedule, the RNG
-    state of every process.
+    state of every process, the weight EMA's averaged weights (``--ema-decay``).
 
     Args:
         path: the checkpoint file.
@@ -487,17 +545,20 @@ def save_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
         sched: the learning-rate schedule.
         state: the loop state (epoch, best score, history).
         rng: one (n_bytes,) uint8 torch RNG state per process.
+        ema: the weight EMA (:func:`weight_ema`), or None.
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save({"config": asdict(cfg), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "state": state, "torch_rng": rng}, fh)
+                    "state": state, "torch_rng": rng,
+                    "ema": None if ema is None else ema.module.state_dict()}, fh)
 
 
 def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
                     opt: torch.optim.Optimizer, sched, device: torch.device,
-                    world: World = World()) -> dict:
-    """Restore a checkpoint into ``model``, ``opt`` and ``sched``; returns the loop state.
+                    world: World = World(), ema: nn.Module | None = None) -> dict:
+    """Restore a checkpoint into ``model``, ``opt``, ``sched`` (and the weight EMA ``ema``);
+    returns the loop state.
 
     Loaded with ``weights_only=True``: a crafted file cannot run code.
 
@@ -519,6 +580,8 @@ def load_checkpoint(path: Path, cfg: FinetuneConfig, model: nn.Module,
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(saved["ema"])
     torch.set_rng_state(saved["torch_rng"][world.rank].cpu())
     log.info("resumed %s at epoch %d", path.parent.name, saved["state"]["epoch"])
     return saved["state"]
@@ -552,6 +615,8 @@ class Run:
     held: np.ndarray | None = None  # --cv-folds: the train rows this model never trains on
     aspect: float | None = None  # median width/height of the training images (its record's)
     cache: np.ndarray | None = None  # --input-pipeline batched: (n_images, H, W, 3) uint8
+    mixer: Callable | None = None  # --mixup / --cutmix: batch_mixer
+    ema: nn.Module | None = None  # --ema-decay: weight_ema; what val scores and fit keeps
 
 
 def new_state() -> dict:
@@ -565,7 +630,8 @@ def fit(run: Run, state: dict, ckpt: Path,
     """Train until the last epoch or early stop; keep the best val epoch's weights.
 
     Under torchrun the main process scores val and its score is shared, so every process
-    stops at the same epoch; it alone writes the checkpoint.
+    stops at the same epoch; it alone writes the checkpoint. With ``--ema-decay`` the
+    averaged weights are scored and kept.
     """
     cfg, world = run.cfg, run.world
     patience = cfg.patience if cfg.patience is not None else cfg.epochs
@@ -574,13 +640,14 @@ def fit(run: Run, state: dict, ckpt: Path,
         record = train_one_epoch(run.net or run.model, run.criterion, run.opt, run.sched,
                                  epoch_loader(run, epoch), run.device,
                                  use_bf16(cfg.precision, run.device),
-                                 f"epoch {epoch + 1}/{cfg.epochs}", run.scaler)
+                                 f"epoch {epoch + 1}/{cfg.epochs}", run.scaler, run.mixer,
+                                 run.ema)
         score = broadcast(val_score(run) if world.main else None, world)
         record["train_img_per_s"] = round(record["train_img_per_s"] * world.size, 1)
-        update_state(state, run.model, epoch, score, record)
+        update_state(state, scored_model(run), epoch, score, record)
         rng = gather_rng(world)
         if world.main:
-            save_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, state, rng)
+            save_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, state, rng, run.ema)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
     run.model.load_state_dict(state["best_state"])
@@ -606,15 +673,21 @@ def epoch_loader(run: Run, epoch: int):
     return train_loader(data, labels, cfg, epoch, run.world)
 
 
+def scored_model(run: Run) -> nn.Module:
+    """The weights val scores and the run keeps: the weight EMA's (``--ema-decay``), else the
+    network's own."""
+    return run.model if run.ema is None else run.ema.module
+
+
 def val_score(run: Run) -> float:
     """Val balanced accuracy of the network now (one view), from the decoded cache when the
     run has one (the same probabilities as the eval transform's)."""
     cfg = run.cfg
     if run.cache is None:
-        return evaluate(run.model, run.paths[run.va].tolist(), run.labels[run.va], run.spec,
-                        run.device, cfg, aspect=run.aspect)[0]
+        return evaluate(scored_model(run), run.paths[run.va].tolist(), run.labels[run.va],
+                        run.spec, run.device, cfg, aspect=run.aspect)[0]
     bf16 = use_bf16(cfg.precision, run.device)
-    proba = cached_proba(run.model, run.cache, run.va, run.spec.mean, run.spec.std,
+    proba = cached_proba(scored_model(run), run.cache, run.va, run.spec.mean, run.spec.std,
                          run.device, lambda x: tta_views(x, "none"),
                          lambda: _autocast(run.device, bf16))
     return metrics.balanced_accuracy(run.labels[run.va], proba.argmax(1))
@@ -665,7 +738,8 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
               criterion, opt, sched, world, net,
               sample_weights(dataset.frame, tr, cfg.histo_weight),
               torch.amp.GradScaler(device.type, enabled=device.type == "cuda"), held,
-              aspect=median_aspect(dataset.frame["path"].to_numpy()[tr].tolist()))
+              aspect=median_aspect(dataset.frame["path"].to_numpy()[tr].tolist()),
+              mixer=batch_mixer(cfg, len(dataset.classes)), ema=weight_ema(cfg, model))
     if cfg.input_pipeline == "batched":
         run.cache = decoded_cache(run.paths.tolist(), cfg.image_size, workdir, run.aspect,
                                   cfg.color_constancy, spec.interpolation, cfg.num_workers)
@@ -722,7 +796,7 @@ def finetune(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig, resume:
         state = new_state()
         if resume and ckpt.exists():
             state = load_checkpoint(ckpt, cfg, run.model, run.opt, run.sched, run.device,
-                                    run.world)
+                                    run.world, run.ema)
         state = fit(run, state, ckpt, on_epoch_end)
         card = None
         if run.world.main:

@@ -51,9 +51,11 @@ def test_tiny_run_writes_loadable_model(tiny_model, fixture_dir: Path) -> None:
     np.testing.assert_allclose([[g[c] for c in card.classes] for g in got], want, atol=2e-3)
 
 
-def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [{}, dict(mixup=0.2, cutmix=1.0, ema_decay=0.99)],
+                         ids=["recipe", "mixup-cutmix-ema"])
+def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path, extra: dict) -> None:
     ds = load_dataset(fixture_dir)
-    cfg = FinetuneConfig(epochs=2, patience=5, **TINY)
+    cfg = FinetuneConfig(epochs=2, patience=5, **TINY, **extra)
     straight = finetune(ds, tmp_path / "a", cfg)
 
     def stop(epoch: int) -> None:
@@ -266,3 +268,52 @@ def test_histopathology_weights_only_the_loss(fixture_dir: Path) -> None:
     assert histo.any() and (~histo).any()
     assert np.all(w[histo] == 2.0) and np.all(w[~histo] == 1.0)
     assert np.all(sample_weights(frame, rows, 1.0) == 1.0)
+
+
+def test_batch_mixer_mixes_images_and_targets_alike() -> None:
+    from models.finetune import batch_mixer
+
+    assert batch_mixer(FinetuneConfig(), 7) is None  # the recipe mixes nothing
+    x = torch.rand(8, 3, 12, 16)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])
+    torch.manual_seed(3)
+    mixed, target = batch_mixer(FinetuneConfig(mixup=0.4), 7)(x, labels)
+    assert target.shape == (8, 7) and target.dtype == torch.float32
+    torch.testing.assert_close(target.sum(1), torch.ones(8))
+    lam = float(target[1, 1])  # image 1 is blended with image 0 (the batch rolled by one)
+    assert 0.0 < lam < 1.0 and target[1, 0] == pytest.approx(1 - lam)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.roll(1, 0))
+    torch.manual_seed(3)  # the draw follows torch's seeded global generator
+    again, _ = batch_mixer(FinetuneConfig(mixup=0.4), 7)(x, labels)
+    torch.testing.assert_close(again, mixed)
+    # CutMix pastes a box of the rolled batch: each pixel is one image's or the other's, and
+    # the target is the pasted area's share
+    torch.manual_seed(5)
+    cut, target = batch_mixer(FinetuneConfig(cutmix=1.0), 7)(x, labels)
+    pasted = (cut[1] == x[0]).all(0) & (cut[1] != x[1]).any(0)
+    assert ((cut == x) | (cut == x.roll(1, 0))).all()
+    assert float(target[1, 0]) == pytest.approx(float(pasted.float().mean()), abs=1e-6)
+
+
+def test_mixup_needs_one_target_per_loss_term() -> None:
+    for bad in (dict(loss="focal", sampler="none"), dict(histo_weight=2.0)):
+        with pytest.raises(LesionLabError, match="--mixup and --cutmix mix"):
+            FinetuneConfig(cutmix=1.0, **bad).validate()
+    FinetuneConfig(mixup=0.2, loss="weighted_ce", sampler="none").validate()
+    assert "mix0.2-cut1-ema0.999" in FinetuneConfig(mixup=0.2, cutmix=1.0,
+                                                   ema_decay=0.999).model_name()
+
+
+def test_ema_weights_are_what_val_scores_and_the_folder_keeps(fixture_dir: Path,
+                                                              tmp_path: Path) -> None:
+    card = finetune(load_dataset(fixture_dir), tmp_path,
+                    FinetuneConfig(epochs=1, ema_decay=0.999, mixup=0.2, cutmix=1.0, **TINY))
+    folder = tmp_path / "models" / card.name
+    assert card.config.ema_decay == 0.999 and card.config.cutmix == 1.0
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+    saved = torch.load(folder / "model.pt", weights_only=True)
+    moved = [k for k in saved if saved[k].is_floating_point()
+             and not torch.equal(ckpt["ema"][k], ckpt["model"][k])]
+    assert len(moved) > 10  # the average lags the trained weights
+    for k in saved:  # one epoch: its (only) val epoch is the averaged weights
+        torch.testing.assert_close(saved[k], ckpt["ema"][k])
