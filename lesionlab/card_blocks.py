@@ -123,6 +123,9 @@ class FinetuneSettings(Block):
     mixup: float = 0.0
     cutmix: float = 0.0
     ema_decay: float = 0.0
+    distill_targets: str | None = None
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.5
     tta: str = "flip"
     color_constancy: str = "shades_of_gray"
     cv_folds: int = 0
@@ -210,6 +213,7 @@ class FinetuneRecord(Block):
     oof_image_ids: list[str] | None = None  # --cv-folds: the train rows it never trained on
     bf16_autocast: bool = False
     input_aspect: float | None = None
+    distill_targets_sha256: str | None = None  # --distill-targets: the soft targets' file
 
     def scalars(self) -> dict[str, float | None]:
         """Training speed (seconds per epoch, images per second) and the best epoch."""

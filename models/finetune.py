@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset, WeightedRandomSampler
@@ -26,7 +28,7 @@ from featurize.backbones import BackboneSpec, check_backbone, create_backbone
 from featurize.color import COLOR_CONSTANCY, apply_color_constancy
 from featurize.extract import TTA_MODES, ImagePathDataset, tta_views, view_mean_proba
 from lesionlab import metrics
-from lesionlab.artifacts import atomic_path, library_versions, save_npy
+from lesionlab.artifacts import atomic_path, library_versions, save_npy, sha256_file
 from lesionlab.cli import (add_config_args, check_choices, config_from_args, config_parser,
                            device_option, label_options, option, resolve_data, run_main,
                            safe_name, save_config)
@@ -101,6 +103,14 @@ class FinetuneConfig(TrainingRun):
     ema_decay: float = option(0.0, "weight EMA decay (timm's ModelEmaV3 with its warm-up); "
                                    "val, the chosen epoch and the saved network use the "
                                    "averaged weights; 0: off", ge=0, lt=1)
+    distill_targets: str | None = option(None, "soft-target CSV to distil from (image_id and "
+                                               "one probability column per class; python -m "
+                                               "models.distill writes it from a teacher model "
+                                               "folder); None: no distillation")
+    distill_temperature: float = option(2.0, "distillation temperature T (Hinton et al. 2015)",
+                                        gt=0)
+    distill_weight: float = option(0.5, "weight of the teacher term; 1 - this weighs the hard "
+                                        "labels' cross-entropy", ge=0, le=1)
     tta: str = option("flip", "test-time views at evaluation", choices=TTA_MODES)
     color_constancy: str = option("shades_of_gray", "colour constancy before training and "
                                                     "prediction (chosen on val: see the "
@@ -133,13 +143,17 @@ class FinetuneConfig(TrainingRun):
             LesionLabError: an option outside its choices, ``--epochs`` under 1, a negative
                 ``--freeze-stages``, a ``--histo-weight`` <= 0, ``--mixup`` / ``--cutmix``
                 with the focal loss or a ``--histo-weight`` other than 1 (a mixed image has
-                two targets and two weights), or a ``--cv-folds`` / ``--cv-fold`` pair that
-                names no fold.
+                two targets and two weights), ``--distill-targets`` with another loss than
+                ce or with mixing, or a ``--cv-folds`` / ``--cv-fold`` pair that names no
+                fold.
         """
         check_choices(self)
         if (self.mixup or self.cutmix) and (self.loss == "focal" or self.histo_weight != 1.0):
             raise LesionLabError("--mixup and --cutmix mix two images' targets: they work with "
                                  "--loss ce or weighted_ce and --histo-weight 1 only")
+        if self.distill_targets and (self.loss != "ce" or self.mixup or self.cutmix):
+            raise LesionLabError("--distill-targets brings its own loss (teacher term + "
+                                 "cross-entropy): use it with --loss ce and no --mixup/--cutmix")
         if self.input_pipeline == "batched" and self.augment != "isic":
             raise LesionLabError(f"--input-pipeline batched implements the isic augmentation "
                                  f"only, not {self.augment!r}; use --input-pipeline workers")
@@ -163,6 +177,10 @@ class FinetuneConfig(TrainingRun):
         pipe = "" if self.input_pipeline == "workers" else self.input_pipeline
         mix = "-".join(f"{tag}{v:g}" for tag, v in (("mix", self.mixup), ("cut", self.cutmix),
                                                    ("ema", self.ema_decay)) if v)
+        if self.distill_targets:
+            stem = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(self.distill_targets).stem)[:40]
+            mix = "-".join(p for p in (mix, f"kd-{stem}-T{self.distill_temperature:g}-"
+                                            f"a{self.distill_weight:g}") if p)
         return self.name or model_name("finetune", self.backbone, f"{h}x{w}", cc, aug,
                                        self.sampler, self.loss, frz, histo, mix,
                                        f"ep{self.epochs}", cv, pipe, *self.name_tail())
@@ -242,17 +260,95 @@ class FocalLoss(nn.Module):
         return (1 - pt) ** self.gamma * ce
 
 
-def make_loss(cfg: FinetuneConfig, counts: np.ndarray) -> nn.Module:
+class DistillLoss(nn.Module):
+    """Knowledge distillation (Hinton, Vinyals and Dean 2015, "Distilling the knowledge in a
+    neural network"), per image: ``(1 - weight) * CE(label, smoothed) + weight * T^2 *
+    KL(teacher_T || student_T)``, where ``x_T`` is a softmax at temperature T (the teacher's
+    probabilities re-tempered as ``softmax(log p / T)``); the T^2 keeps the teacher term's
+    gradients on the scale of the hard term's.
+
+    The target of a training item is its row in the training set (``epoch_loader`` gives
+    row indices when distilling), which looks up its label and its teacher probabilities.
+
+    Args:
+        labels: (n_train,) int64 class indices of the training rows.
+        teacher: (n_train, n_classes) the teacher's probabilities for them, rows summing to 1.
+        temperature: T > 0.
+        weight: the teacher term's weight in [0, 1].
+        label_smoothing: of the hard labels' cross-entropy.
+    """
+
+    def __init__(self, labels: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                 weight: float, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("labels", labels.long())
+        self.register_buffer("teacher_t", torch.softmax(
+            torch.log(teacher.float().clamp_min(1e-8)) / temperature, dim=1))
+        self.temperature, self.weight, self.label_smoothing = temperature, weight, label_smoothing
+
+    def forward(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(batch, n_classes) logits and (batch,) training-row indices -> (batch,) losses."""
+        z, t = logits.float(), self.temperature
+        hard = nn.functional.cross_entropy(z, self.labels[rows], reduction="none",
+                                           label_smoothing=self.label_smoothing)
+        p = self.teacher_t[rows]
+        soft = (p * (p.clamp_min(1e-12).log() - torch.log_softmax(z / t, dim=1))).sum(1)
+        return (1 - self.weight) * hard + self.weight * t * t * soft
+
+
+def read_soft_targets(path: str | Path, image_ids: Sequence[str],
+                      classes: Sequence[str]) -> np.ndarray:
+    """A teacher's probabilities for ``image_ids`` from a soft-target CSV: an ``image_id``
+    column and one column per class, each row a probability vector (``models.distill``
+    writes one).
+
+    Returns:
+        (n_images, n_classes) float32 in the order of ``image_ids`` and ``classes``.
+
+    Raises:
+        LesionLabError: the file cannot be read, lacks a class column or one of the images,
+            repeats an image, or has a row that is not a probability vector (non-finite,
+            negative, or not summing to 1 within 1e-3).
+    """
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str}).set_index("image_id")
+    except (OSError, ValueError, KeyError) as exc:
+        raise LesionLabError(f"--distill-targets {path}: cannot read it as a soft-target CSV "
+                             f"({str(exc).splitlines()[0][:120]})") from None
+    lacking = [c for c in classes if c not in frame.columns]
+    missing = pd.Index(image_ids).difference(frame.index)
+    if lacking or len(missing) or frame.index.duplicated().any():
+        raise LesionLabError(f"--distill-targets {path}: needs one row per training image and "
+                             f"a column per class; missing classes {lacking}, "
+                             f"{len(missing)} of {len(image_ids)} images missing, "
+                             f"{int(frame.index.duplicated().sum())} repeated")
+    p = frame.loc[list(image_ids), list(classes)].to_numpy(np.float64)
+    bad = ~np.isfinite(p).all(1) | (p < 0).any(1) | (np.abs(p.sum(1) - 1) > 1e-3)
+    if bad.any():
+        raise LesionLabError(f"--distill-targets {path}: {int(bad.sum())} rows are not "
+                             f"probability vectors (first: {image_ids[int(np.argmax(bad))]})")
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def make_loss(cfg: FinetuneConfig, counts: np.ndarray,
+              teacher: tuple[np.ndarray, np.ndarray] | None = None) -> nn.Module:
     """The per-image training loss (``reduction="none"``: images carry their own weights);
     class weights are inverse frequency, normalised to mean 1.
 
     Args:
-        cfg: the fine-tuning config (``loss``, ``sampler``, ``label_smoothing``).
+        cfg: the fine-tuning config (``loss``, ``sampler``, ``label_smoothing``, the
+            ``distill_*`` settings).
         counts: (n_classes,) training images per class.
+        teacher: with ``--distill-targets``, the training rows' (n_train,) labels and
+            (n_train, n_classes) teacher probabilities: a :class:`DistillLoss`.
 
     Returns:
-        A module mapping (batch, n_classes) logits and (batch,) targets to (batch,) losses.
+        A module mapping (batch, n_classes) logits and (batch,) targets (class indices, or
+        training-row indices for :class:`DistillLoss`) to (batch,) losses.
     """
+    if teacher is not None:
+        return DistillLoss(torch.as_tensor(teacher[0]), torch.as_tensor(teacher[1]),
+                           cfg.distill_temperature, cfg.distill_weight, cfg.label_smoothing)
     weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)),
                           dtype=torch.float32)
     if cfg.loss == "focal":
@@ -661,14 +757,16 @@ def epoch_loader(run: Run, epoch: int):
     draws the same)."""
     cfg = run.cfg
     labels = run.labels[run.tr]
+    # distilling, an item's target is its training row (DistillLoss looks up label + teacher)
+    targets = np.arange(len(run.tr)) if cfg.distill_targets else labels
     weights = (np.ones(len(run.tr), np.float32) if run.weights is None else run.weights)
     if cfg.input_pipeline == "batched":
         torch.manual_seed(cfg.seed * 1000 + epoch + 1)
-        index = train_loader(IndexSet(labels, weights), labels, replace(cfg, num_workers=0),
+        index = train_loader(IndexSet(targets, weights), labels, replace(cfg, num_workers=0),
                              epoch, run.world)
         return BatchedLoader(index, run.cache, run.tr, batch_augment(
             cfg.image_size, run.spec.mean, run.spec.std, cfg.augment), run.device)
-    data = TrainSet(run.paths[run.tr], labels, cfg.image_size, run.spec.mean, run.spec.std,
+    data = TrainSet(run.paths[run.tr], targets, cfg.image_size, run.spec.mean, run.spec.std,
                     cfg.color_constancy, cfg.augment, weights, run.aspect)
     return train_loader(data, labels, cfg, epoch, run.world)
 
@@ -730,7 +828,8 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
         net = DistributedDataParallel(
             model, device_ids=[world.local_rank] if device.type == "cuda" else None)
     labels = dataset.labels
-    criterion = make_loss(cfg, np.bincount(labels[tr], minlength=len(dataset.classes))).to(device)
+    criterion = make_loss(cfg, np.bincount(labels[tr], minlength=len(dataset.classes)),
+                          teacher_targets(dataset, tr, cfg)).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     steps = math.ceil(len(tr) // world.size / cfg.batch_size)
     sched = build_scheduler(opt, steps, cfg)
@@ -744,6 +843,16 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
         run.cache = decoded_cache(run.paths.tolist(), cfg.image_size, workdir, run.aspect,
                                   cfg.color_constancy, spec.interpolation, cfg.num_workers)
     return run, folder
+
+
+def teacher_targets(dataset: Dataset, tr: np.ndarray,
+                    cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """With ``--distill-targets``: the training rows' (n_train,) labels and (n_train,
+    n_classes) teacher probabilities (:func:`read_soft_targets`); else None."""
+    if not cfg.distill_targets:
+        return None
+    ids = dataset.frame["image_id"].astype(str).to_numpy()[tr]
+    return dataset.labels[tr], read_soft_targets(cfg.distill_targets, ids, dataset.classes)
 
 
 def cv_rows(dataset: Dataset, tr: np.ndarray,
@@ -854,7 +963,9 @@ def build_card(run: Run, state: dict, dataset: Dataset, folder: Path, val: dict,
         eval_img_per_s=timing["eval_img_per_s"], device=str(run.device),
         processes=run.world.size,
         oof_image_ids=None if run.held is None else ids[run.held].tolist(),
-        bf16_autocast=use_bf16(run.cfg.precision, run.device), input_aspect=run.aspect)
+        bf16_autocast=use_bf16(run.cfg.precision, run.device), input_aspect=run.aspect,
+        distill_targets_sha256=(sha256_file(run.cfg.distill_targets)
+                                if run.cfg.distill_targets else None))
     return ModelCard(
         kind="finetune", name=folder.name, config=FinetuneSettings(**asdict(run.cfg)),
         classes=list(dataset.classes),

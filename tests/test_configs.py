@@ -36,6 +36,7 @@ def _classes(name: str) -> list[type]:
     from benchmarks.tta_cost import TtaCostConfig
     from featurize.__main__ import FeaturizeRunOptions
     from featurize.extract import FeaturizeConfig
+    from models.distill import DistillOptions
     from models.ensemble import EnsembleCommand
     from models.evaluate import EvaluateConfig
     from models.explain import ExplainConfig
@@ -50,6 +51,8 @@ def _classes(name: str) -> list[type]:
         "models.train_head": [HeadConfig, DataOptions, HeadRunOptions, TrackingOptions],
         "models.finetune": [FinetuneConfig, DataOptions, FinetuneRunOptions, TrackingOptions],
         "models.kfold": [FinetuneConfig, DataOptions, FinetuneRunOptions, TrackingOptions],
+        "models.distill": [FinetuneConfig, DataOptions, FinetuneRunOptions, DistillOptions,
+                           TrackingOptions],
         "models.ensemble": [EnsembleCommand, TrackingOptions],
         "models.evaluate": [EvaluateConfig],
         "models.predict": [PredictConfig], "models.explain": [ExplainConfig],
@@ -61,7 +64,8 @@ def _classes(name: str) -> list[type]:
     }[name]
 
 
-CLIS = ("featurize", "models.train_head", "models.finetune", "models.kfold", "models.ensemble",
+CLIS = ("featurize", "models.train_head", "models.finetune", "models.kfold", "models.distill",
+        "models.ensemble",
         "models.evaluate", "models.predict", "models.explain", "serve", "benchmarks.run_all",
         "benchmarks.ablation", "benchmarks.errors", "benchmarks.featurize_speed",
         "benchmarks.scale", "benchmarks.serve_load", "benchmarks.train_speed",
@@ -102,7 +106,8 @@ def test_one_device_default_everywhere(name: str) -> None:
     for action in devices:
         assert action.default == "auto" and tuple(action.choices) == DEVICES == (
             "auto", "cpu", "cuda")
-    has = {"featurize", "models.finetune", "models.kfold", "models.evaluate", "models.predict",
+    has = {"featurize", "models.finetune", "models.kfold", "models.distill", "models.evaluate",
+           "models.predict",
            "models.explain", "serve", "benchmarks.ablation", "benchmarks.errors",
            "benchmarks.train_speed"}
     assert bool(devices) == (name in has)
