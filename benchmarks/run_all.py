@@ -38,6 +38,7 @@ from lesionlab.provenance import move_aside, provenance, same_code, short
 from lesionlab.splits import class_counts, load_or_make_split
 from models.bundle import CARD, ModelCard, load_card, model_path, save_card, score_text
 from models.design import FROZEN_INPUTS
+from models.distill import write_soft_targets
 from models.ensemble import EnsembleConfig, build_ensemble, member_dirs
 from models.finetune import FinetuneConfig, finetune
 from models.kfold import fold_configs, kfold_finetune, kfold_name
@@ -58,7 +59,7 @@ class Cell:
     """
 
     cell_id: str
-    kind: str  # a key of CELL_RUNNERS: head | finetune | kfold | ensemble
+    kind: str  # a key of CELL_RUNNERS: head | finetune | kfold | ensemble | distill
     config: Any
     group: str = "main"  # main | curve
     needs: list[FeaturizeConfig] = field(default_factory=list)  # features made first, if missing
@@ -111,6 +112,22 @@ def _run_ensemble(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
     return build_ensemble(members, dataset, workdir, cell.config)
 
 
+@dataclass(frozen=True)
+class DistillCell:
+    """A distillation cell's settings: the student's fine-tuning config (its ``name`` set,
+    as the soft targets' file is only known once the teacher exists) and the teacher's cell
+    id (``models.distill``)."""
+
+    student: FinetuneConfig
+    teacher: str
+
+
+def _run_distill(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
+    cfg = cell.config.student
+    targets = write_soft_targets(model_path(workdir, cell.config.teacher), dataset, workdir, cfg)
+    return finetune(dataset, workdir, replace(cfg, distill_targets=str(targets)), resume=True)
+
+
 # the share of an epoch's cost that is the val pass (1,431 of 8,584 train + val images of the
 # HAM10000 split, forward only, about a third of a training step's cost per image)
 VAL_EPOCH_SHARE = 0.1
@@ -119,7 +136,7 @@ VAL_EPOCH_SHARE = 0.1
 def _network_work(cell: Cell, networks: int) -> tuple[str, float]:
     """``network`` units: epochs x (the share of train each network trains on +
     :data:`VAL_EPOCH_SHARE`), summed over ``networks`` networks."""
-    cfg = cell.config
+    cfg = cell.config.student if isinstance(cell.config, DistillCell) else cell.config
     k = cfg.cv_folds
     share = cfg.train_fraction * ((k - 1) / k if k else 1.0)
     return "network", cfg.epochs * networks * (share + VAL_EPOCH_SHARE)
@@ -147,6 +164,9 @@ CELL_RUNNERS: dict[str, CellRunner] = {
                         extra_folders=_kfold_folders, cost_is_training_time=True,
                         work=lambda cell: _network_work(cell, cell.config.cv_folds)),
     "ensemble": CellRunner(_run_ensemble),
+    # the teacher's soft targets (models.distill), then one network trained on them
+    "distill": CellRunner(_run_distill, cost_is_training_time=True,
+                          work=lambda cell: _network_work(cell, 1)),
 }
 
 
@@ -271,9 +291,48 @@ def full_plan(seed: int, workdir: Path | str = "runs", gpu: bool = False) -> Pla
     ens = EnsembleConfig(members=members, name=f"ensemble__stack+lite2-finetuned+head__seed{seed}",
                          weights="val", seed=seed)
     plan.late_cells.append(Cell(ens.name, "ensemble", ens))
+    if gpu:  # the rows that do not fit 2 CPU cores
+        extra, late = gpu_cells(ft, members[1:], seed)
+        plan.cells += extra
+        plan.late_cells += late
     # the imbalance and head comparisons on lite0 multistage, over 5 split seeds
     plan.seeds = head_seed_study(grid[1].config, first_seeds(seed, 5), full_trials)
     return plan
+
+
+# distillation's (temperature, teacher weight) grid in the GPU study; val chooses among them
+DISTILL_GRID = ((1.0, 0.5), (2.0, 0.5), (2.0, 0.9), (4.0, 0.9))
+
+
+def gpu_cells(ft: FinetuneConfig, others: list[str], seed: int) -> tuple[list[Cell], list[Cell]]:
+    """What only ``--gpu`` runs: K-fold lite1 and lite2 with the recipe beside lite0's (more
+    diverse out-of-fold members), the logreg stack on all three's out-of-fold probabilities
+    + hand-made features + metadata, lite0 on all of train with the recipe (the network
+    trained plainly), and (late) the ensemble of that stack with ``others`` (lite2 on all of
+    train, the richest frozen head; weights on val) and lite0 distilled from it at each
+    :data:`DISTILL_GRID` point.
+
+    Returns:
+        (cells, late cells).
+    """
+    kfolds = [ft] + [replace(ft, backbone=b) for b in LITE[1:]]
+    oof = "+".join(f"oof:{kfold_name(k)}" for k in kfolds) + "+classical"
+    pipe = "" if ft.input_pipeline == "workers" else f"{ft.input_pipeline}__"
+    stack = _head_cell(HeadConfig(  # named: three K-fold names would pass 255 bytes
+        features=oof, head="logreg", metadata=True, seed=seed, trials=full_trials(oof, "logreg"),
+        tune_timeout=None, name=f"stack__oof-kfold-lite012+classical__logreg__class_weight__"
+                                f"meta__{pipe}seed{seed}"))
+    plain = replace(ft, cv_folds=0)
+    cells = [Cell(kfold_name(k), "kfold", k) for k in kfolds[1:]]
+    cells += [stack, Cell(plain.model_name(), "finetune", plain)]
+    ens = EnsembleConfig(members=[stack.cell_id, *others], weights="val", seed=seed,
+                         name=f"ensemble__stack-lite012+lite2-finetuned+head__seed{seed}")
+    late = [Cell(ens.name, "ensemble", ens)]
+    for t, w in DISTILL_GRID:
+        student = replace(plain, distill_temperature=t, distill_weight=w,
+                          name=f"distill__{plain.model_name()}__T{t:g}-a{w:g}")
+        late.append(Cell(student.name, "distill", DistillCell(student, ens.name)))
+    return cells, late
 
 
 def control_cells(ft: FinetuneConfig, seed: int) -> list[Cell]:

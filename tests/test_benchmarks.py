@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -197,7 +198,9 @@ def test_gpu_flag_moves_every_network_and_backbone_to_cuda(tmp_path: Path) -> No
 
     for preset in ("quick", "full", "best", "seeds"):
         cpu, gpu = ra.plan_for(preset, 0), ra.plan_for(preset, 0, gpu=True)
-        nets = [c.config for c in gpu.cells + gpu.late_cells if c.kind in ("finetune", "kfold")]
+        on_cpu = {c.cell_id for c in cpu.cells + cpu.late_cells}
+        nets = [c.config for c in gpu.cells + gpu.late_cells if c.kind in ("finetune", "kfold")
+                and c.cell_id.replace("__batched", "") in on_cpu]  # the GPU-only rows: below
         assert nets and all(n.device == "cuda" and n.input_pipeline == "batched" for n in nets)
         cpu_nets = [c.config for c in cpu.cells + cpu.late_cells
                     if c.kind in ("finetune", "kfold")]
@@ -211,6 +214,30 @@ def test_gpu_flag_moves_every_network_and_backbone_to_cuda(tmp_path: Path) -> No
     stacks = [c for c in full.cells if c.kind == "head" and c.config.features.startswith("oof:")]
     assert stacks and all(kfold.cell_id in c.config.features for c in stacks)
     assert any("batched" in m for m in full.late_cells[0].config.members)
+    # the rows only a GPU runs: lite1 and lite2 K-fold beside lite0's, the stack on all
+    # three's out-of-fold probabilities, the plain lite0 and lite0 distilled from the new
+    # ensemble at each grid point, all with the recipe; the CPU plan has none of them
+    cpu_full = ra.plan_for("full", 0)
+    assert not {c.kind for c in cpu_full.cells + cpu_full.late_cells} & {"distill"}
+    kfolds = [c.config for c in full.cells if c.kind == "kfold"]
+    assert [k.backbone for k in kfolds] == list(ra.LITE)
+    stack3 = next(c for c in full.cells if c.cell_id.startswith("stack__oof-kfold-lite012"))
+    assert stack3.config.features.count("oof:") == 3 and stack3.config.metadata
+    assert all(f"oof:{ra.kfold_name(k)}" in stack3.config.features for k in kfolds)
+    ids = [c.cell_id for c in full.cells + full.late_cells]
+    assert len(ids) == len(set(ids)) and max(map(len, ids)) < 200  # folder names fit
+    ens3 = next(c for c in full.late_cells if stack3.cell_id in c.config.members)
+    students = [c for c in full.late_cells if c.kind == "distill"]
+    assert [(s.config.student.distill_temperature, s.config.student.distill_weight)
+            for s in students] == list(ra.DISTILL_GRID)
+    assert all(s.config.teacher == ens3.cell_id and ids.index(s.cell_id) > ids.index(
+        ens3.cell_id) for s in students)
+    plain = next(c.config for c in full.cells if c.kind == "finetune"
+                 and c.config.backbone == ra.LITE[0])
+    for s in students:
+        assert replace(s.config.student, distill_temperature=2.0, distill_weight=0.5,
+                       name=None) == plain and s.cell_id == s.config.student.name
+    assert replace(plain, cv_folds=3) == kfolds[0]
     assert ra.report_path("full", tmp_path, gpu=True) == tmp_path / "REPORT_full-gpu.md"
     assert ra.report_path("full", tmp_path) == Path("REPORT.md")
     if not torch.cuda.is_available():

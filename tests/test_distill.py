@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lesionlab.artifacts import sha256_file
+from lesionlab.data import load_dataset
 from lesionlab.errors import LesionLabError
 from models.bundle import load_card
 from models.finetune import DistillLoss, FinetuneConfig, read_soft_targets
@@ -85,6 +86,16 @@ def test_distill_from_a_kfold_teacher_uses_its_out_of_fold_probabilities(
     assert student.config.distill_temperature == 3 and student.config.distill_weight == 0.7
     assert student.details.distill_targets_sha256 == sha256_file(csv)
     assert student.test_image_ids == card.test_image_ids  # the same split, test untouched
+    # run_all's distill cell: the same soft targets (the file is reused, not rewritten)
+    from benchmarks.run_all import CELL_RUNNERS, Cell, DistillCell
+
+    made = csv.stat().st_mtime_ns
+    cfg = FinetuneConfig(image_size=(48, 64), batch_size=16, num_workers=0, n_boot=20,
+                         tta="none", epochs=1, name="cellstudent")
+    cell = Cell("cellstudent", "distill", DistillCell(cfg, "teacher"))
+    got = CELL_RUNNERS["distill"].run(cell, load_dataset(fixture_dir), work)
+    assert got.name == "cellstudent" and csv.stat().st_mtime_ns == made
+    assert got.details.distill_targets_sha256 == sha256_file(csv)
     # a student on another split would have val/test images the teacher trained on
     other = run_module(capsys, "models.distill", *common, "--teacher", str(teacher),
                        "--split-seed", "1")
