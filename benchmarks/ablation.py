@@ -33,7 +33,8 @@ from lesionlab.cli import (command_parser, config_from_args, data_option, device
 from lesionlab.data import load_external_labels
 from lesionlab.device import cpu_model
 from lesionlab.download import ensure_data
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, warn_once
+from models.batched_input import PIPELINES
 from models.finetune import FinetuneConfig, finetune
 from benchmarks.levers import (ADOPT_SE, BASE_DESCRIPTIONS, BASES, LEVERS,  # noqa: F401
                                MIN_SEEDS, adoption)
@@ -53,6 +54,10 @@ def lever_config(lever: str, base: FinetuneConfig, base_name: str = "before_colo
     study`` or a train fraction under 1, that too, so runs of different bases never share a
     folder).
 
+    With ``--input-pipeline batched`` (the GPU path) a lever of basic augmentation, which that
+    pipeline does not implement, runs with the worker pipeline, with a counted warning; each
+    row's ``config`` says which pipeline it ran.
+
     Raises:
         LesionLabError: ``lever`` is not one of ``LEVERS``, or it changes nothing in ``base``
             (e.g. ``shades_of_gray`` against ``--base study``).
@@ -62,10 +67,15 @@ def lever_config(lever: str, base: FinetuneConfig, base_name: str = "before_colo
     cfg = replace(base, **LEVERS[lever][1])
     if lever != "recipe" and cfg == base:
         raise LesionLabError(f"lever {lever!r} changes nothing in the {base_name!r} base")
+    if cfg.input_pipeline == "batched" and cfg.augment != "isic":
+        warn_once(f"lever {lever!r}: the batched input pipeline has the isic augmentation only; "
+                  f"this lever runs with the worker pipeline", key="ablation lever on workers")
+        cfg = replace(cfg, input_pipeline="workers")
     tag = "" if base_name == "before_color_constancy" else f"{base_name}-"
     frac = "" if cfg.train_fraction == 1.0 else f"frac{cfg.train_fraction:g}__"
     split = "" if cfg.data_seed == cfg.seed else f"split{cfg.data_seed}__"
-    return replace(cfg, name=f"ablation__{tag}{lever}__{frac}{split}seed{cfg.seed}")
+    pipe = "" if cfg.input_pipeline == "workers" else f"{cfg.input_pipeline}__"
+    return replace(cfg, name=f"ablation__{tag}{lever}__{frac}{split}{pipe}seed{cfg.seed}")
 
 
 def run_lever(lever: str, cfg: FinetuneConfig, dataset, external, workdir: Path,
@@ -112,6 +122,10 @@ class AblationConfig:
                                        "lever")
     device: str = device_option()
     num_workers: int = option(2, "image decoding processes", ge=0)
+    input_pipeline: str = option("workers", "training input of every run: worker processes, "
+                                            "or batched (decoded once, augmented on the "
+                                            "device: the GPU path; basic-augmentation levers "
+                                            "fall back to workers)", choices=PIPELINES)
     weights: str | None = option(None, "local lite0 checkpoint (offline machines)")
     seed: int = option(0, "model seed (the first of --seeds)", ge=0)
     seeds: int = option(1, "model seeds per lever: --seed .. --seed + N - 1, same split and "
@@ -140,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = range(args.seed, args.seed + args.seeds)
     configs = {(lever, s): lever_config(lever, FinetuneConfig(
         seed=s, split_seed=args.seed, device=args.device, num_workers=args.num_workers,
+        input_pipeline=args.input_pipeline,
         weights=args.weights, n_boot=500, train_fraction=args.train_fraction,
         **BASES[args.base]), args.base)
         for s in seeds for lever in levers}  # fail before training

@@ -34,6 +34,8 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "lr_1e-3": ("peak learning rate 1e-3 (recipe: 5e-4)", dict(lr=1e-3)),
     "lr_2.5e-4": ("peak learning rate 2.5e-4 (recipe: 5e-4)", dict(lr=2.5e-4)),
     "size_160x120": ("trained and evaluated at 160x120", dict(image_size=(120, 160))),
+    "size_300x225": ("trained and evaluated at 300x225, upsampled from the 200x150 copy (the "
+                     "FixRes effect: Touvron et al. 2019)", dict(image_size=(225, 300))),
     "freeze_4": ("stem + 4 blocks frozen", dict(freeze_stages=4)),
     "epochs_20": ("20 epochs (more compute)", dict(epochs=20)),
     "mixup_cutmix": ("MixUp (alpha 0.2) or CutMix (alpha 1.0) on each batch, one of the two "

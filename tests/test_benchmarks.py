@@ -412,6 +412,17 @@ def test_ablation_levers_change_one_thing_and_render_as_deltas(tmp_path) -> None
     assert lever_config("shades_of_gray", base).color_constancy == "shades_of_gray"
     with pytest.raises(LesionLabError, match="unknown lever"):
         lever_config("nope", base)
+    # the GPU path: its own folders; a basic-augmentation lever falls back to the workers
+    from lesionlab.errors import warning_counts
+
+    gpu = replace(base, input_pipeline="batched")
+    assert lever_config("ema", gpu).name == "ablation__ema__batched__seed0"
+    assert lever_config("ema", gpu).ema_decay == 0.999
+    before = warning_counts().get("ablation lever on workers", 0)
+    basic = lever_config("basic_augment", gpu)
+    assert (basic.input_pipeline, basic.name) == ("workers", "ablation__basic_augment__seed0")
+    assert warning_counts().get("ablation lever on workers", 0) == before + 1
+    assert lever_config("size_300x225", base).image_size == (225, 300)
 
     def row(lever: str, val: float, test: float) -> dict:
         return {"lever": lever, "change": LEVERS[lever][0], "val_balanced_accuracy": val,
