@@ -221,6 +221,13 @@ class VectorScaling:
         return _softmax(_log_p(proba) * self.weight + self.bias)
 
 
+def vector_scaling_from(block: dict) -> VectorScaling:
+    """The map a card's ``prevalence_map`` block holds (``weight`` and ``bias``, one number
+    per class: ``models.calibrate``)."""
+    return VectorScaling(weight=np.asarray(block["weight"], float),
+                         bias=np.asarray(block["bias"], float))
+
+
 def fit_vector_scaling(proba: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> VectorScaling:
     """Fit vector scaling by minimising the NLL on held-out rows (L-BFGS, scipy).
 

@@ -67,6 +67,9 @@ class ModelCard:
     versions: dict
     details: Any  # its kind's record block (lesionlab.card_blocks: HeadRecord...)
     mel_threshold: float | None = None  # melanoma rule: flag when calibrated P(mel) >= this
+    # a second output per image (models.calibrate): probabilities calibrated to the training
+    # data's class frequencies, beside the model's own, which every decision keeps using
+    prevalence_map: dict | None = None
     external: dict | None = None  # its score on an external labelled set (benchmarks)
     # an exported network's (models.export): precision, its check on val, source, data,
     # licence, scores, the melanoma rule, intended use; None: not exported
@@ -288,6 +291,14 @@ def check_card(folder: Path, card: ModelCard) -> None:
     t = card.mel_threshold
     if t is not None and not (_is_number(t) and (math.isnan(t) or 0 <= t <= 1)):
         raise _card_error(folder, "mel_threshold", "null or a number in [0, 1]", t)
+    pm = card.prevalence_map
+    if pm is not None and not (
+            isinstance(pm, dict) and all(
+                isinstance(pm.get(k), list) and len(pm[k]) == len(classes)
+                and all(_is_number(v) and math.isfinite(v) for v in pm[k])
+                for k in ("weight", "bias"))):
+        raise _card_error(folder, "prevalence_map", f"null or {{weight, bias: {len(classes)} "
+                          f"finite numbers each, ...}}", pm)
     for name in ("train_image_ids", "test_image_ids"):
         ids = getattr(card, name)
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):

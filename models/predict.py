@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.artifacts import json_text
+from lesionlab.calibration import vector_scaling_from
 from lesionlab.cli import (command_parser, config_from_args, device_option, model_option,
                            option, run_main)
 from lesionlab.data import CLASS_NAMES, CLASSES, Dataset, load_rgb
@@ -27,7 +28,8 @@ from lesionlab.labels import default_vocabulary, spelled
 from models.folder import NetworkFolder, images_dataset, load_model_folder  # noqa: F401
 from models.shipped import default_model_folder
 
-RESULT_KEYS = ("path", "prediction", "name", "probabilities", "decisions")
+RESULT_KEYS = ("path", "prediction", "name", "probabilities", "prevalence_probabilities",
+               "decisions")
 # what the melanoma rule says for a model without a melanoma class (no threshold to apply)
 NO_MELANOMA_RULE = "none: the model has no mel class"
 
@@ -88,10 +90,18 @@ class Predictor:
         if ok:
             sub_meta = meta.iloc[ok] if meta is not None else None
             proba = self.predict_proba([str(paths[i]) for i in ok], sub_meta)
-            for i, row in zip(ok, proba):
+            mapped = self.prevalence_proba(proba)
+            for j, (i, row) in enumerate(zip(ok, proba)):
                 results[i] = result_line(paths[i], row, self.card.mel_threshold,
-                                         self.card.classes)
+                                         self.card.classes,
+                                         None if mapped is None else mapped[j])
         return results
+
+    def prevalence_proba(self, proba: np.ndarray) -> np.ndarray | None:
+        """(n, n_classes) ``proba`` at the training data's class frequencies (the card's
+        ``prevalence_map``: ``models.calibrate``), or None when the card has no map."""
+        pm = self.card.prevalence_map
+        return None if pm is None else vector_scaling_from(pm)(proba)
 
     def close(self) -> None:
         """Free the feature extractors' engines (members' too)."""
@@ -121,13 +131,16 @@ def predict_proba(model_dir: Path | str, paths: Sequence[str],
 
 
 def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None,
-                classes: Sequence[str] = CLASSES) -> dict:
+                classes: Sequence[str] = CLASSES,
+                prevalence_proba: np.ndarray | None = None) -> dict:
     """The JSON record of one predicted image (keys: ``RESULT_KEYS``).
 
     ``proba`` is (n_classes,), ``classes`` the card's class set. ``decisions`` holds each
     rule the card has: the balanced-accuracy rule (the most likely class) and, when the card
     has one, the melanoma rule (flag when P(mel) >= its threshold); a class set without
-    ``mel`` has none, and ``melanoma_rule`` says so.
+    ``mel`` has none, and ``melanoma_rule`` says so. ``prevalence_proba`` (n_classes,): the
+    same image's probabilities at the training data's class frequencies (the card's
+    ``prevalence_map``, ``models.calibrate``), or None; no decision reads them.
     """
     code = classes[int(proba.argmax())]
     decisions = {"balanced_accuracy_rule": code}
@@ -138,6 +151,8 @@ def result_line(path: str, proba: np.ndarray, mel_threshold: float | None = None
         decisions["melanoma_rule"] = "mel" if flagged else "not mel"
     return {"path": str(path), "prediction": code, "name": CLASS_NAMES[code],
             "probabilities": {c: round(float(v), 6) for c, v in zip(classes, proba)},
+            "prevalence_probabilities": None if prevalence_proba is None else {
+                c: round(float(v), 6) for c, v in zip(classes, prevalence_proba)},
             "decisions": decisions}
 
 

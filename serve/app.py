@@ -78,6 +78,9 @@ def model_summary(model: ModelFolder) -> dict:
                  "macro_auc": test["macro_auc"], "mel_sensitivity": test["mel_sensitivity"],
                  "n": test["n"], "melanoma_rule": test.get("mel_operating_point")},
         "external": card.external,
+        # models.calibrate's second output: its method, val's class frequencies, its test ECEs
+        "prevalence_map": None if card.prevalence_map is None else {
+            k: v for k, v in card.prevalence_map.items() if k not in ("weight", "bias")},
         # the CLI's vocabulary (lesionlab/vocabulary.csv): every accepted name -> HAM10000's
         "sexes": list(name_table("sex")), "localizations": list(name_table("site")),
         "vocabulary": {"sex": name_table("sex"), "site": name_table("site")},
@@ -158,7 +161,9 @@ class Service:
                 raise HTTPException(400, msg.replace(tmp.name, repr(filename))) from None
             proba = self.predictor.predict_proba([tmp.name], meta)[0]
             card = self.predictor.card
-            result = result_line(filename, proba, card.mel_threshold, card.classes)
+            mapped = self.predictor.prevalence_proba(proba[None])
+            result = result_line(filename, proba, card.mel_threshold, card.classes,
+                                 None if mapped is None else mapped[0])
             notes = image_notes(tmp.name, repr(filename))  # grey, transparent, palette
             notes += [m for m in raised if m not in notes]  # e.g. an aspect centre-crop
             if notes:

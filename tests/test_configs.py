@@ -36,6 +36,7 @@ def _classes(name: str) -> list[type]:
     from benchmarks.tta_cost import TtaCostConfig
     from featurize.__main__ import FeaturizeRunOptions
     from featurize.extract import FeaturizeConfig
+    from models.calibrate import CalibrateConfig
     from models.distill import DistillOptions
     from models.ensemble import EnsembleCommand
     from models.evaluate import EvaluateConfig
@@ -54,7 +55,7 @@ def _classes(name: str) -> list[type]:
         "models.distill": [FinetuneConfig, DataOptions, FinetuneRunOptions, DistillOptions,
                            TrackingOptions],
         "models.ensemble": [EnsembleCommand, TrackingOptions],
-        "models.evaluate": [EvaluateConfig],
+        "models.evaluate": [EvaluateConfig], "models.calibrate": [CalibrateConfig],
         "models.predict": [PredictConfig], "models.explain": [ExplainConfig],
         "serve": [ServeConfig], "benchmarks.run_all": [RunAllConfig, TrackingOptions],
         "benchmarks.ablation": [AblationConfig], "benchmarks.errors": [FolderErrorsConfig],
@@ -65,7 +66,7 @@ def _classes(name: str) -> list[type]:
 
 
 CLIS = ("featurize", "models.train_head", "models.finetune", "models.kfold", "models.distill",
-        "models.ensemble",
+        "models.ensemble", "models.calibrate",
         "models.evaluate", "models.predict", "models.explain", "serve", "benchmarks.run_all",
         "benchmarks.ablation", "benchmarks.errors", "benchmarks.featurize_speed",
         "benchmarks.scale", "benchmarks.serve_load", "benchmarks.train_speed",
@@ -107,6 +108,7 @@ def test_one_device_default_everywhere(name: str) -> None:
         assert action.default == "auto" and tuple(action.choices) == DEVICES == (
             "auto", "cpu", "cuda")
     has = {"featurize", "models.finetune", "models.kfold", "models.distill", "models.evaluate",
+           "models.calibrate",
            "models.predict",
            "models.explain", "serve", "benchmarks.ablation", "benchmarks.errors",
            "benchmarks.train_speed"}

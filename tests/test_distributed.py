@@ -270,7 +270,8 @@ def test_torchrun_two_processes_write_a_loadable_model(straight, capsys) -> None
     proc = run_module(capsys, "models.predict", "--model", str(folders[0].parent), str(img))
     assert proc.returncode == 0, proc.stderr[-400:]
     line = json.loads(proc.stdout)
-    assert set(line) == {"path", "prediction", "name", "probabilities", "decisions"}
+    assert set(line) == {"path", "prediction", "name", "probabilities",
+        "prevalence_probabilities", "decisions"}
 
 
 def test_torchrun_kill_and_resume_matches_a_straight_run(straight, tmp_path: Path) -> None:

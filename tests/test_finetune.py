@@ -112,7 +112,8 @@ def test_predict_cli_with_finetuned_model_exact_keys(tiny_model, fixture_dir: Pa
     lines = [json.loads(t) for t in proc.stdout.strip().splitlines()]
     assert len(lines) == 2
     for line, img in zip(lines, imgs):
-        assert set(line) == {"path", "prediction", "name", "probabilities", "decisions"}
+        assert set(line) == {"path", "prediction", "name", "probabilities",
+            "prevalence_probabilities", "decisions"}
         assert line["path"] == str(img)
         assert list(line["probabilities"]) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
         assert line["decisions"]["balanced_accuracy_rule"] == line["prediction"]

@@ -52,7 +52,8 @@ def test_head_api_schema_and_metadata(models_dir, image: Path) -> None:
     res = _post(client, image.read_bytes(), image.name, age=55, sex="male", localization="back")
     assert res.status_code == 200, res.text
     out = res.json()
-    assert set(out) == {"path", "prediction", "name", "probabilities", "decisions"}
+    assert set(out) == {"path", "prediction", "name", "probabilities",
+        "prevalence_probabilities", "decisions"}
     assert abs(sum(out["probabilities"].values()) - 1) < 1e-4
     meta = __import__("pandas").DataFrame({"age": [55.0], "sex": ["male"],
                                            "localization": ["back"]})

@@ -56,6 +56,12 @@ function showResult(out) {
     decision += ` Melanoma rule (flag when P(mel) >= ${fmt(t)}, chosen on val for ` +
       `sensitivity >= 0.80): ${out.decisions.melanoma_rule}.`;
   }
+  const prev = out.prevalence_probabilities;
+  if (prev && prev.mel !== undefined) {  // models.calibrate's second output; decides nothing
+    decision += ` At the training data's class frequencies (mel ` +
+      `${fmt(model.prevalence_map.val_class_frequencies.mel)} of val), P(mel) reads ` +
+      `${fmt(prev.mel)}.`;
+  }
   $("decision").textContent = decision;
   // grey, transparent or palette images: the model saw less than a colour photo holds
   $("warnings").textContent = (out.warnings || []).map((w) => `Warning: ${w}`).join(" ");
