@@ -98,9 +98,10 @@ def write_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | st
         The CSV's path (what ``--distill-targets`` takes).
 
     Raises:
-        LesionLabError: see :func:`teacher_soft_targets`.
+        LesionLabError: ``teacher`` is not a model folder; see :func:`teacher_soft_targets`.
     """
     teacher = Path(teacher)
+    load_card(teacher)  # one line for a folder that is not a model folder
     digest = sha256_file(teacher / CARD)[:12]
     rows = f"split{cfg.data_seed}-frac{cfg.train_fraction:g}"
     rows += f"-cv{cfg.cv_fold + 1}of{cfg.cv_folds}" if cfg.cv_folds else ""
@@ -134,14 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Write the teacher's soft targets, train the student on them, print its line.
 
     Raises:
-        LesionLabError: no ``--teacher``, or the errors of :func:`write_soft_targets` and
-            ``models.finetune``.
+        LesionLabError: no ``--teacher`` or not a model folder, or the errors of
+            :func:`write_soft_targets` and ``models.finetune``.
     """
     from models.tracking import track_model  # imports the model-folder kinds
     args = build_parser().parse_args(argv)
     if not args.teacher:
         raise LesionLabError("python -m models.distill needs --teacher FOLDER")
+    load_card(args.teacher)  # before the data: a wrong folder fails in one line, at once
     cfg = config_from_args(FinetuneConfig, args)
+    replace(cfg, distill_targets=str(args.teacher)).validate()  # its loss, before the data
     dataset = ensure_data(resolve_data(args), **label_options(args))
     targets = write_soft_targets(args.teacher, dataset, args.workdir, cfg)
     card = finetune(dataset, args.workdir, replace(cfg, distill_targets=str(targets)),

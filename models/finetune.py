@@ -152,8 +152,9 @@ class FinetuneConfig(TrainingRun):
             raise LesionLabError("--mixup and --cutmix mix two images' targets: they work with "
                                  "--loss ce or weighted_ce and --histo-weight 1 only")
         if self.distill_targets and (self.loss != "ce" or self.mixup or self.cutmix):
-            raise LesionLabError("--distill-targets brings its own loss (teacher term + "
-                                 "cross-entropy): use it with --loss ce and no --mixup/--cutmix")
+            raise LesionLabError("distillation (--teacher, --distill-targets) brings its own "
+                                 "loss, the teacher term + cross-entropy: use --loss ce (any "
+                                 "--sampler) and no --mixup/--cutmix")
         if self.input_pipeline == "batched" and self.augment != "isic":
             raise LesionLabError(f"--input-pipeline batched implements the isic augmentation "
                                  f"only, not {self.augment!r}; use --input-pipeline workers")

@@ -59,7 +59,7 @@ def test_soft_target_file_checks(tmp_path: Path) -> None:
     with pytest.raises(LesionLabError, match="cannot read it"):
         read_soft_targets(tmp_path / "absent.csv", ["x"], classes)
     for bad in (dict(loss="focal", sampler="none"), dict(mixup=0.2)):
-        with pytest.raises(LesionLabError, match="--distill-targets brings its own loss"):
+        with pytest.raises(LesionLabError, match="distillation .* brings its own loss"):
             FinetuneConfig(distill_targets="t.csv", **bad).validate()
 
 
@@ -96,6 +96,12 @@ def test_distill_from_a_kfold_teacher_uses_its_out_of_fold_probabilities(
     got = CELL_RUNNERS["distill"].run(cell, load_dataset(fixture_dir), work)
     assert got.name == "cellstudent" and csv.stat().st_mtime_ns == made
     assert got.details.distill_targets_sha256 == sha256_file(csv)
+    # refused in one line before any data is read: no model folder, a loss it cannot take
+    for bad, msg in (([str(tmp_path / "absent")], "not a lesionlab model folder"),
+                     ([str(teacher), "--loss", "focal", "--sampler", "none"],
+                      "brings its own loss")):
+        proc = run_module(capsys, "models.distill", *common, "--teacher", *bad)
+        assert proc.returncode != 0 and msg in proc.stderr and "Traceback" not in proc.stderr
     # a student on another split would have val/test images the teacher trained on
     other = run_module(capsys, "models.distill", *common, "--teacher", str(teacher),
                        "--split-seed", "1")
