@@ -174,9 +174,9 @@ def test_unknown_preset_and_bad_external(fixture_dir: Path, tmp_path: Path) -> N
 def test_every_cell_kind_runs_through_one_registered_runner(tmp_path: Path) -> None:
     """Each preset's cells name a registered runner; an unknown kind stops when the cell is
     made; a K-fold cell's folders are its ensemble's and its fold networks'."""
-    kinds = {c.kind for p in ("quick", "full", "best")
-             for c in ra.plan_for(p, 0).cells + ra.plan_for(p, 0).late_cells}
-    assert kinds == set(ra.CELL_RUNNERS) == {"head", "finetune", "kfold", "ensemble"}
+    kinds = {c.kind for p in ("quick", "full", "best") for gpu in (False, True)
+             for c in ra.plan_for(p, 0, gpu=gpu).cells + ra.plan_for(p, 0, gpu=gpu).late_cells}
+    assert kinds == set(ra.CELL_RUNNERS) == {"head", "finetune", "kfold", "ensemble", "distill"}
     with pytest.raises(LesionLabError, match="unknown kind 'stack'"):
         ra.Cell("x", "stack", None)
     kfold = next(c for c in ra.plan_for("full", 0).cells if c.kind == "kfold")
@@ -186,8 +186,8 @@ def test_every_cell_kind_runs_through_one_registered_runner(tmp_path: Path) -> N
     head = next(c for c in ra.plan_for("quick", 0).cells if c.kind == "head")
     assert ra.cell_folders(head, tmp_path) == [tmp_path / "models" / head.cell_id]
     assert [ra.CELL_RUNNERS[k].cost_is_training_time for k in ("head", "finetune", "kfold",
-                                                              "ensemble")] == [
-        False, True, True, False]
+                                                              "ensemble", "distill")] == [
+        False, True, True, False, True]
 
 
 def test_gpu_flag_moves_every_network_and_backbone_to_cuda(tmp_path: Path) -> None:

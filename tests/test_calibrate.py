@@ -18,7 +18,6 @@ from lesionlab.data import load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
 from models.calibrate import model_split, prevalence_map
-from models.finetune import FinetuneConfig, finetune
 from models.predict import predict_images, predict_proba
 from tests.conftest import run_module
 
@@ -51,14 +50,14 @@ def test_the_map_moves_uniform_prior_probabilities_to_the_data_prevalence() -> N
     assert lo <= test["model"]["mel"]["brier"] <= hi
 
 
-def test_calibrate_writes_the_map_and_predict_gives_both_outputs(fixture_dir: Path,
+def test_calibrate_writes_the_map_and_predict_gives_both_outputs(trained_models,
+                                                                 fixture_dir: Path,
                                                                  tmp_path: Path,
                                                                  capsys) -> None:
     ds = load_dataset(fixture_dir)
     work = tmp_path / "runs"
-    card = finetune(ds, work, FinetuneConfig(epochs=1, image_size=(48, 64), batch_size=16,
-                                             num_workers=0, n_boot=20, tta="none"))
-    folder = work / "models" / card.name
+    folder = tmp_path / "network"  # a copy: calibrate writes into the card
+    shutil.copytree(trained_models["finetune"], folder)
     img = [str(p) for p in sorted((fixture_dir / "images").glob("*.jpg"))[:4]]
     before = predict_images(folder, img)
     assert all(r["prevalence_probabilities"] is None for r in before)

@@ -172,6 +172,7 @@ class FakePredictor:
 
     def __init__(self, model_dir: Path | str, device: str) -> None:
         self.card = type("Card", (), {"mel_threshold": None, "name": "fake",
+                                      "prevalence_map": None,
                                       "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv",
                                                   "vasc"]})()
         self.cam = None
@@ -183,6 +184,9 @@ class FakePredictor:
         self.paths.extend(paths)
         assert load_rgb(paths[0]).size == (200, 150)
         return np.array([[0.1, 0.4, 0.1, 0.1, 0.1, 0.1, 0.1]])
+
+    def prevalence_proba(self, proba: np.ndarray) -> None:
+        return None  # an uncalibrated card (models.calibrate not run)
 
 
 @pytest.mark.parametrize("name", ["x." + "a" * 300, "lesion.jpg/..", "a" * 300, ".." * 200])
