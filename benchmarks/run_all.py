@@ -133,10 +133,9 @@ def _run_distill(cell: Cell, dataset: Dataset, workdir: Path) -> ModelCard:
 VAL_EPOCH_SHARE = 0.1
 
 
-def _network_work(cell: Cell, networks: int) -> tuple[str, float]:
+def _network_work(cfg: FinetuneConfig, networks: int) -> tuple[str, float]:
     """``network`` units: epochs x (the share of train each network trains on +
     :data:`VAL_EPOCH_SHARE`), summed over ``networks`` networks."""
-    cfg = cell.config.student if isinstance(cell.config, DistillCell) else cell.config
     k = cfg.cv_folds
     share = cfg.train_fraction * ((k - 1) / k if k else 1.0)
     return "network", cfg.epochs * networks * (share + VAL_EPOCH_SHARE)
@@ -157,16 +156,16 @@ CELL_RUNNERS: dict[str, CellRunner] = {
     "finetune": CellRunner(lambda cell, dataset, workdir:
                            finetune(dataset, workdir, cell.config, resume=True),
                            cost_is_training_time=True,
-                           work=lambda cell: _network_work(cell, 1)),
+                           work=lambda cell: _network_work(cell.config, 1)),
     # K fold networks, then their ensemble (the cell's folder)
     "kfold": CellRunner(lambda cell, dataset, workdir:
                         kfold_finetune(dataset, workdir, cell.config),
                         extra_folders=_kfold_folders, cost_is_training_time=True,
-                        work=lambda cell: _network_work(cell, cell.config.cv_folds)),
+                        work=lambda cell: _network_work(cell.config, cell.config.cv_folds)),
     "ensemble": CellRunner(_run_ensemble),
     # the teacher's soft targets (models.distill), then one network trained on them
     "distill": CellRunner(_run_distill, cost_is_training_time=True,
-                          work=lambda cell: _network_work(cell, 1)),
+                          work=lambda cell: _network_work(cell.config.student, 1)),
 }
 
 

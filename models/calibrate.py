@@ -28,10 +28,8 @@ from lesionlab.card import ModelCard, load_card, save_card
 from lesionlab.cli import (command_parser, config_from_args, data_option, device_option,
                            label_map_option, label_options, labels_option, model_option,
                            option, resolve_data, run_main, workdir_option)
-from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
-from lesionlab.errors import LesionLabError
-from lesionlab.splits import load_or_make_split, split_indices
+from models.export import card_test_rows, val_rows
 from models.folder import load_model_folder
 
 METHOD = "vector scaling (Guo et al. 2017) of the model's probabilities, fitted on val by NLL"
@@ -49,24 +47,6 @@ class CalibrateConfig:
     n_boot: int = option(1000, "lesion bootstrap resamples for the test CIs", ge=0)
     seed: int = option(0, "bootstrap seed", ge=0, le=2**32 - 1)
     device: str = device_option()
-
-
-def model_split(card: ModelCard, dataset: Dataset,
-                workdir: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """The (n_val,) val and (n_test,) test rows of ``dataset`` the model was made with.
-
-    Raises:
-        LesionLabError: the split of the card's seed on this data does not hold the card's
-            test images (other data, or another split).
-    """
-    seed = getattr(card.config, "data_seed", getattr(card.config, "seed", 0))
-    _, va, te = split_indices(dataset, load_or_make_split(dataset, workdir, seed))
-    ids = dataset.frame["image_id"].astype(str).to_numpy()
-    if sorted(ids[te]) != sorted(card.test_image_ids):
-        raise LesionLabError(f"{card.name}: split seed {seed} of this data does not hold the "
-                             f"model's {len(card.test_image_ids)} test images; calibrate on "
-                             f"the data it was trained on")
-    return va, te
 
 
 def prevalence_map(card: ModelCard, val: tuple[np.ndarray, np.ndarray],
@@ -110,25 +90,17 @@ def calibrate(cfg: CalibrateConfig) -> ModelCard:
     the card (atomically; weights untouched) and return the card.
 
     Raises:
-        LesionLabError: the folder does not load, the data is not the model's, or an image
-            cannot be read.
+        LesionLabError: the folder does not load, the data is not the model's
+            (``models.export.val_rows``, ``card_test_rows``), or an image cannot be read.
     """
     card = load_card(cfg.model)
     dataset = ensure_data(resolve_data(cfg), **label_options(cfg))
-    if list(dataset.classes) != list(card.classes):
-        raise LesionLabError(f"{cfg.model}: the model's classes {card.classes} are not the "
-                             f"data's {list(dataset.classes)}")
-    va, te = model_split(card, dataset, cfg.workdir)
-
-    def rows(idx: np.ndarray) -> Dataset:
-        return Dataset(root=dataset.root, frame=dataset.frame.iloc[idx].reset_index(drop=True),
-                       classes=dataset.classes)
-
+    val = val_rows(card, dataset, cfg.workdir)  # refuses data the model was not trained on
+    test = card_test_rows(card, dataset)
     with load_model_folder(cfg.model, cfg.device, cfg.workdir, card=card) as model:
-        p_val, p_test = model.predict_proba(rows(va)), model.predict_proba(rows(te))
-    lesions = dataset.frame["lesion_id"].astype(str).to_numpy()[te]
-    card.prevalence_map = prevalence_map(card, (p_val, dataset.labels[va]),
-                                         (p_test, dataset.labels[te], lesions),
+        p_val, p_test = model.predict_proba(val), model.predict_proba(test)
+    lesions = test.frame["lesion_id"].astype(str).to_numpy()
+    card.prevalence_map = prevalence_map(card, (p_val, val.labels), (p_test, test.labels, lesions),
                                          cfg.n_boot, cfg.seed)
     save_card(Path(cfg.model), card)
     return card

@@ -28,22 +28,11 @@ from lesionlab.cli import (TrackingOptions, add_config_args, config_from_args, c
 from lesionlab.data import Dataset
 from lesionlab.download import ensure_data
 from lesionlab.errors import LesionLabError
-from lesionlab.splits import load_or_make_split, split_indices
 from models.bundle import CARD, load_card, load_proba, model_path, summary_line
-from models.finetune import FinetuneConfig, FinetuneRunOptions, cv_rows, finetune
+from models.finetune import FinetuneConfig, FinetuneRunOptions, finetune, run_rows
 from models.folder import load_model_folder
 
 SOFT_TARGETS = "soft_targets"
-
-
-def student_rows(dataset: Dataset, workdir: Path | str,
-                 cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The student's (n_train,) training rows and its (n_val + n_test,) held-out rows, as
-    ``models.finetune`` will cut them (split seed, train fraction, ``--cv-folds``)."""
-    split = load_or_make_split(dataset, workdir, cfg.data_seed)
-    tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
-    tr, _ = cv_rows(dataset, tr, cfg)
-    return tr, np.concatenate([va, te])
 
 
 def teacher_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | str,
@@ -63,7 +52,8 @@ def teacher_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | 
     if list(card.classes) != list(dataset.classes):
         raise LesionLabError(f"--teacher {teacher}: its classes {card.classes} are not the "
                              f"data's {list(dataset.classes)}")
-    tr, held_out = student_rows(dataset, workdir, cfg)
+    tr, va, te, _ = run_rows(dataset, workdir, cfg)  # the student's, as finetune cuts them
+    held_out = np.concatenate([va, te])
     ids = dataset.frame["image_id"].astype(str).to_numpy()
     leaked = set(card.train_image_ids) & set(ids[held_out])
     if leaked:

@@ -815,9 +815,7 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
     device = resolve_device(cfg.device)
     if world.backend == "nccl":
         device = torch.device("cuda", world.local_rank)
-    split = load_or_make_split(dataset, workdir, cfg.data_seed)
-    tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
-    tr, held = cv_rows(dataset, tr, cfg)
+    tr, va, te, held = run_rows(dataset, workdir, cfg)
     folder = claim_folder(model_path(workdir, cfg.model_name()), "finetune",
                           inputs=[cfg.backbone], exclusive=world.main)  # the main one writes
     model, spec = build_model(cfg, len(dataset.classes))
@@ -844,6 +842,21 @@ def prepare(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig) -> tuple
         run.cache = decoded_cache(run.paths.tolist(), cfg.image_size, workdir, run.aspect,
                                   cfg.color_constancy, spec.interpolation, cfg.num_workers)
     return run, folder
+
+
+def run_rows(dataset: Dataset, workdir: Path | str, cfg: FinetuneConfig
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A run's rows of ``dataset``: (n_train,) train (after ``--train-fraction`` and
+    ``--cv-folds``), (n_val,) val, (n_test,) test, and the (n_held,) train rows a fold model
+    holds out (None without ``--cv-folds``).
+
+    Raises:
+        LesionLabError: the errors of the split and of :func:`cv_rows`.
+    """
+    split = load_or_make_split(dataset, workdir, cfg.data_seed)
+    tr, va, te = split_indices(dataset, split, cfg.train_fraction, cfg.data_seed)
+    tr, held = cv_rows(dataset, tr, cfg)
+    return tr, va, te, held
 
 
 def teacher_targets(dataset: Dataset, tr: np.ndarray,

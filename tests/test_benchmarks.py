@@ -338,6 +338,8 @@ def test_progress_estimate_scales_networks_by_their_epochs_and_names_untimed_one
     assert ra.cell_work(lite2) == ("network", pytest.approx(6 * (1.0 + 0.1)))
     assert ra.cell_work(kfold) == ("network", pytest.approx(12 * (3 * 2 / 3 + 3 * 0.1)))
     assert ra.cell_work(head) == ("head", head.config.trials * head.config.folds + 1.0)
+    student = next(c for c in ra.plan_for("full", 0, gpu=True).late_cells if c.kind == "distill")
+    assert ra.cell_work(student) == ("network", pytest.approx(12 * (1.0 + 0.1)))
     one_head = {"head": [(60.0, ra.cell_work(head)[1])]}
     assert ra.eta_text(one_head, [head, head, kfold]) == \
         "2.0 min + 1 network cell not timed yet"

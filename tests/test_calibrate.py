@@ -17,7 +17,7 @@ from lesionlab.card import load_card
 from lesionlab.data import load_dataset
 from lesionlab.errors import LesionLabError
 from lesionlab.splits import load_or_make_split, split_indices
-from models.calibrate import model_split, prevalence_map
+from models.calibrate import CalibrateConfig, calibrate, prevalence_map
 from models.predict import predict_images, predict_proba
 from tests.conftest import run_module
 
@@ -86,15 +86,14 @@ def test_calibrate_writes_the_map_and_predict_gives_both_outputs(trained_models,
 
 def test_calibrate_refuses_other_data_and_the_card_checks_the_map(fixture_dir: Path,
                                                                    tmp_path: Path) -> None:
-    ds = load_dataset(fixture_dir)
-    card = SimpleNamespace(name="m", config=SimpleNamespace(data_seed=0),
-                           test_image_ids=["not-an-image"])
-    with pytest.raises(LesionLabError, match="does not hold the model's 1 test images"):
-        model_split(card, ds, tmp_path)
     from tests.conftest import ROOT
 
     folder = tmp_path / "shipped"
     shutil.copytree(ROOT / "pretrained" / "lesionlab-lite0", folder)
+    before = (folder / "card.json").read_bytes()
+    with pytest.raises(LesionLabError, match="is not the data model lesionlab-lite0 was trained"):
+        calibrate(CalibrateConfig(model=folder, data=fixture_dir, workdir=tmp_path / "w"))
+    assert (folder / "card.json").read_bytes() == before  # nothing written
     raw = json.loads((folder / "card.json").read_text())
     raw["prevalence_map"] = {"weight": [1.0] * 6, "bias": [0.0] * 7}
     (folder / "card.json").write_text(json.dumps(raw))
