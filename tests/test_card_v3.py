@@ -52,7 +52,10 @@ def test_a_version_2_folder_loads_through_the_migration_and_predicts_the_same(
     assert (type(card.config), type(card.details)) == KINDS[kind]
     got = _predict(V2 / kind, expected["image_ids"])
     assert got.shape == (3, 7)
-    np.testing.assert_allclose(got, expected[kind], atol=1e-6)
+    # the expected values were recorded on an avx512 CPU; fp32 convolution kernels of a CPU
+    # without avx512 move a network's probabilities by up to 4e-5 (seen on a 2-core AMD EPYC,
+    # family 25 model 1); a wrong weight, transform or class order moves them by far more
+    np.testing.assert_allclose(got, expected[kind], atol=1e-4)
 
 
 def test_the_migration_keeps_each_field_once(at_root) -> None:
