@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.artifacts import atomic_path, sha256_file
+from lesionlab.card import ModelCard
 from lesionlab.cli import (TrackingOptions, add_config_args, config_from_args, config_parser,
                            label_options, option, resolve_data, run_main, save_config)
 from lesionlab.data import Dataset
@@ -36,8 +37,9 @@ SOFT_TARGETS = "soft_targets"
 
 
 def teacher_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | str,
-                         cfg: FinetuneConfig) -> pd.DataFrame:
-    """The teacher's probabilities for the student's training images.
+                         cfg: FinetuneConfig, card: ModelCard | None = None) -> pd.DataFrame:
+    """The teacher's probabilities for the student's training images (``card``: the
+    teacher's, when the caller has read it already).
 
     Returns:
         (n_train, n_classes) frame indexed by ``image_id``, one column per class, rows
@@ -48,7 +50,7 @@ def teacher_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | 
             trained on one of the student's val or test images; or its folder does not load.
     """
     teacher = Path(teacher)
-    card = load_card(teacher)
+    card = load_card(teacher) if card is None else card
     if list(card.classes) != list(dataset.classes):
         raise LesionLabError(f"--teacher {teacher}: its classes {card.classes} are not the "
                              f"data's {list(dataset.classes)}")
@@ -80,9 +82,10 @@ def teacher_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | 
 
 
 def write_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | str,
-                       cfg: FinetuneConfig) -> Path:
+                       cfg: FinetuneConfig, card: ModelCard | None = None) -> Path:
     """:func:`teacher_soft_targets` as a CSV under ``<workdir>/soft_targets/``, written
-    atomically; a file already made from the same teacher card for the same rows is reused.
+    atomically; a file already made from the same teacher card for the same rows is reused
+    (``card``: the teacher's, when the caller has read it already).
 
     Returns:
         The CSV's path (what ``--distill-targets`` takes).
@@ -91,13 +94,13 @@ def write_soft_targets(teacher: Path | str, dataset: Dataset, workdir: Path | st
         LesionLabError: ``teacher`` is not a model folder; see :func:`teacher_soft_targets`.
     """
     teacher = Path(teacher)
-    load_card(teacher)  # one line for a folder that is not a model folder
+    card = load_card(teacher) if card is None else card  # one line for a non-model folder
     digest = sha256_file(teacher / CARD)[:12]
     rows = f"split{cfg.data_seed}-frac{cfg.train_fraction:g}"
     rows += f"-cv{cfg.cv_fold + 1}of{cfg.cv_folds}" if cfg.cv_folds else ""
     path = Path(workdir) / SOFT_TARGETS / f"{teacher.name}-{digest}-{rows}.csv"
     if not path.exists():
-        frame = teacher_soft_targets(teacher, dataset, workdir, cfg)
+        frame = teacher_soft_targets(teacher, dataset, workdir, cfg, card)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, float_format="%.7g")
@@ -132,11 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.teacher:
         raise LesionLabError("python -m models.distill needs --teacher FOLDER")
-    load_card(args.teacher)  # before the data: a wrong folder fails in one line, at once
+    teacher = load_card(args.teacher)  # before the data: a wrong folder fails at once
     cfg = config_from_args(FinetuneConfig, args)
     replace(cfg, distill_targets=str(args.teacher)).validate()  # its loss, before the data
     dataset = ensure_data(resolve_data(args), **label_options(args))
-    targets = write_soft_targets(args.teacher, dataset, args.workdir, cfg)
+    targets = write_soft_targets(args.teacher, dataset, args.workdir, cfg, teacher)
     card = finetune(dataset, args.workdir, replace(cfg, distill_targets=str(targets)),
                     resume=args.resume)
     if card is None:  # a torchrun worker other than the main one
