@@ -55,7 +55,9 @@ def test_tiny_run_writes_loadable_model(tiny_model, fixture_dir: Path) -> None:
                          ids=["recipe", "mixup-cutmix-ema"])
 def test_resume_continues_exactly(fixture_dir: Path, tmp_path: Path, extra: dict) -> None:
     ds = load_dataset(fixture_dir)
-    cfg = FinetuneConfig(epochs=2, patience=5, **TINY, **extra)
+    # test-time views and the bootstrap play no part in a resume: one view, no CIs
+    cfg = FinetuneConfig(epochs=2, patience=5, **{**TINY, "tta": "none", "n_boot": 0},
+                         **extra)
     straight = finetune(ds, tmp_path / "a", cfg)
 
     def stop(epoch: int) -> None:
