@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (lever, s), cfg in configs.items():
         row = run_lever(lever, cfg, dataset, external, args.workdir, args.base)
         row["commit"] = done["provenance"]["commit"]
+        row["device"] = done["device"]  # rows of one file may come from several machines
         done["rows"] = [r for r in done["rows"]
                         if (r["lever"], r.get("seed", 0)) != (lever, s)] + [row]
         write_json(args.out, done)

@@ -220,7 +220,7 @@ def ablation_seeds_md(path: Path) -> str:
                                                                           "test_balanced_accuracy")
     fracs = sorted({r.get("train_fraction", 1.0) for r in saved["rows"]})
     base = saved.get("base", "before_color_constancy")
-    lines = [f"Measured on {saved['device']} with `python -m benchmarks.ablation` (base "
+    lines = [f"Measured on {_ablation_devices(saved)} with `python -m benchmarks.ablation` (base "
              f"`{base}`, train fraction "
              f"{', '.join(f'{f:g}' for f in fracs)}, one split; model seeds "
              f"{sorted({r['seed'] for r in saved['rows']})}). Mean (sample sd) over seeds. "
@@ -245,6 +245,19 @@ def ablation_seeds_md(path: Path) -> str:
                      f"{' / '.join(f'{v:.3f}' for v in val)} | {spread(val)} | {dval} | "
                      f"{rule} | {spread(test)} | {dtest} | {train.mean():.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _ablation_devices(saved: dict) -> str:
+    """The machine of the seeded ablation's rows: one name, or each machine with its
+    levers where the rows came from several (a row without a ``device`` ran on the file's)."""
+    levers: dict[str, list[str]] = {}
+    for r in saved["rows"]:
+        names = levers.setdefault(r.get("device") or saved["device"], [])
+        if r["lever"] not in names:
+            names.append(r["lever"])
+    if len(levers) == 1:
+        return next(iter(levers))
+    return "; ".join(f"{d} ({', '.join(names)})" for d, names in levers.items())
 
 
 def update_ablation_blocks(report: Path, results: Path | None = None,

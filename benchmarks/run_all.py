@@ -600,7 +600,8 @@ def curve_cells(plan: Plan, main_rows: list[dict], seed: int) -> list[Cell]:
 def fold_rows(rows: list[dict]) -> list[dict]:
     """The fold networks of each K-fold cell as rows of group ``fold``: single networks on
     (K-1)/K of train, the fine-tuning learning curve's last point (their cost is the cell's).
-    Each fold network once, though several ensembles average it (a control's decision rule)."""
+    Each fold network once, though several ensembles average it (a control's decision rule);
+    each row carries its network's own provenance (the code that trained it)."""
     out, seen = [], set()
     for row in rows:
         if row["kind"] != "ensemble" or row.get("group", "main") != "main":
@@ -615,7 +616,8 @@ def fold_rows(rows: list[dict]) -> list[dict]:
             seen.add(fold.name)
             k = fold.config.cv_folds
             out.append({**summarize(fold), "group": "fold", "model_dir": str(member),
-                        "train_fraction": round((k - 1) / k, 3)})
+                        "train_fraction": round((k - 1) / k, 3),
+                        "provenance": fold.provenance})
     return out
 
 

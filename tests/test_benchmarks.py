@@ -483,6 +483,12 @@ def test_adoption_rule_decides_from_val_seeds_by_welch_standard_errors(tmp_path)
     recipe_line = next(ln for ln in md.splitlines() if ln.startswith("| recipe"))
     assert "the study's recipe" in recipe_line and "Shades of Gray" in recipe_line
     assert "No seeded ablation" in ablation_seeds_md(tmp_path / "missing.json")
+    # rows from two machines: each named with its levers (a row without one ran on the file's)
+    rows[3:] = [{**r, "device": "CPU B"} for r in rows[3:]]
+    path.write_text(json.dumps({"device": "CPU A", "base": "study", "rows": rows}))
+    assert "Measured on CPU A (recipe); CPU B (weighted_ce) with" in ablation_seeds_md(path)
+    path.write_text(json.dumps({"device": "a CPU", "base": "study", "rows": rows[:3] + [
+        {k: v for k, v in r.items() if k != "device"} for r in rows[3:]]}))
     # --report renders the run's own --out into the seeded block, nothing else
     from benchmarks.report import update_ablation_blocks
 

@@ -47,6 +47,18 @@ def test_cpu_model_and_flags_read_cpuinfo(tmp_path: Path, monkeypatch) -> None:
     assert device.cpu_model()  # platform's answer, or "unknown CPU"
 
 
+def test_cpu_model_names_family_and_model_where_the_name_is_bare(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    info = tmp_path / "cpuinfo"
+    bare = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    info.write_text(bare + bare.replace("processor\t: 0", "processor\t: 1"))
+    monkeypatch.setattr(device, "CPUINFO", info)
+    assert device.cpu_model() == "AMD EPYC (family 25 model 17)"
+    info.write_text(CPUINFO.replace("processor\t: 0", "processor\t: 0\ncpu family\t: 6\n"
+                                    "model\t\t: 85"))
+    assert device.cpu_model() == "Test CPU 9000 @ 2.00GHz"  # a named model stays as it is
+
+
 def test_benchmarks_take_cpu_model_from_the_core() -> None:
     for module in ("benchmarks.serve_load", "benchmarks.train_speed", "benchmarks.scale",
                    "benchmarks.tta_cost"):

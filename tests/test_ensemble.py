@@ -59,6 +59,17 @@ def test_fold_models_resume_instead_of_retraining(kfold) -> None:
     assert stamps == {m: (folder.parent / m / "model.pt").stat().st_mtime_ns for m in stamps}
 
 
+def test_fold_rows_carry_the_provenance_of_the_code_that_trained_them(kfold) -> None:
+    from benchmarks.run_all import fold_rows
+    from lesionlab.provenance import same_code, short
+
+    _, folder = kfold
+    rows = fold_rows([{"kind": "ensemble", "model_dir": str(folder)}] * 2)  # 2 ensembles, 1 set
+    assert len(rows) == 3 and {r["train_fraction"] for r in rows} == {0.667}
+    assert all(same_code(r["provenance"]) for r in rows)  # this process's code trained them
+    assert not any(short(r["provenance"]).startswith("unknown") for r in rows)
+
+
 def test_ensemble_folder_round_trips_through_predict_evaluate_explain(
         kfold, trained_models, tmp_path: Path, capsys) -> None:
     from models.evaluate import evaluate_model
