@@ -45,7 +45,7 @@ def device_name(device: str) -> str:
 
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def lever_config(lever: str, base: FinetuneConfig, base_name: str = "before_color_constancy"
