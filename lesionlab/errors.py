@@ -28,6 +28,18 @@ class LesionLabError(Exception):
     """A user-facing error: bad data, bad option, missing artifact. CLIs print it on one line."""
 
 
+def all_problems(errors: list[str], total: int, what: str = "images",
+                 examples: int = 3) -> LesionLabError:
+    """One error for several bad inputs found in one run, so a user fixes them all at once:
+    the single message as it is, else ``"<n> of <total> <what> cannot be read (fix or remove
+    them): <first few messages>"`` on one line."""
+    if len(errors) == 1:
+        return LesionLabError(errors[0])
+    return LesionLabError(f"{len(errors)} of {total} {what} cannot be read (fix or remove "
+                          f"them): {'; '.join(errors[:examples])}"
+                          + ("; ..." if len(errors) > examples else ""))
+
+
 def warn_once(message: str, key: str | None = None, item: str | None = None) -> None:
     """Log ``warning: <message>`` the first time ``key`` (default: the message) is seen.
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from lesionlab.artifacts import atomic_path, sha256_file
 from lesionlab.data import Dataset
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, all_problems
 
 # Near duplicates: pHash (16x16, 256 bits) Hamming distance <= 24 bits (9%). Measured on
 # HAM10000 (200x150): a JPEG re-encode at quality 50 moves a hash by at most 16 bits and a
@@ -84,19 +84,30 @@ def perceptual_hash(path: Path | str) -> str:
     return str(imagehash.phash(rgb, hash_size=HASH_SIZE))
 
 
-def _fingerprint_one(path: str) -> tuple[str, str]:
-    return sha256_file(path), perceptual_hash(path)
+def _fingerprint_one(path: str) -> tuple[str, str] | str:
+    """(sha256, pHash) of one image, or the one-line error that names why it cannot be read."""
+    try:
+        return sha256_file(path), perceptual_hash(path)
+    except LesionLabError as exc:
+        return str(exc)
 
 
 def _stat(paths: Sequence[str]) -> pd.DataFrame:
-    """(path, size in bytes, mtime in ns) of each file."""
-    rows = []
+    """(path, size in bytes, mtime in ns) of each file.
+
+    Raises:
+        LesionLabError: files are missing (all of them named by count, a few by path).
+    """
+    rows, missing = [], []
     for p in paths:
         try:
             st = os.stat(p)
         except FileNotFoundError:
-            raise LesionLabError(f"image not found: {p}") from None
+            missing.append(f"image not found: {p}")
+            continue
         rows.append((p, st.st_size, st.st_mtime_ns))
+    if missing:
+        raise all_problems(missing, len(paths))
     return pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
 
 
@@ -139,13 +150,17 @@ def fingerprint_paths(paths: Sequence[str | Path], cache: Path | None = None,
             done = list(tqdm(pool.map(_fingerprint_one, todo_paths), total=len(todo_paths),
                              unit="img", desc="fingerprints", disable=not progress,
                              leave=False))
-        merged.loc[todo, "sha256"] = [d[0] for d in done]
-        merged.loc[todo, "phash"] = [d[1] for d in done]
-        if cache is not None:
+        ok = np.array([not isinstance(d, str) for d in done])
+        merged.loc[todo[ok], "sha256"] = [d[0] for d in done if not isinstance(d, str)]
+        merged.loc[todo[ok], "phash"] = [d[1] for d in done if not isinstance(d, str)]
+        if cache is not None:  # the readable images' hashes are kept even when some fail
             keep = cached[~cached["path"].isin(merged["path"])]
-            table = pd.concat([keep, merged[list(CACHE_COLUMNS)]], ignore_index=True)
+            table = pd.concat([keep, merged[list(CACHE_COLUMNS)].dropna(subset=["sha256"])],
+                              ignore_index=True)
             with atomic_path(cache) as tmp:
                 table.to_csv(tmp, index=False)
+        if not ok.all():
+            raise all_problems([d for d in done if isinstance(d, str)], len(paths))
     return pd.DataFrame({c: merged[c].astype(str).tolist() for c in ("path", "sha256", "phash")})
 
 

@@ -298,6 +298,26 @@ def read_image(path: Path | str, aspect: float | None = None, *,
     return rgb if aspect is None else crop_to_aspect(rgb, aspect, path)
 
 
+def decode_error(path: Path | str) -> str | None:
+    """Why the image at ``path`` cannot be decoded (the one-line message :func:`read_image`
+    raises), or None: a full decode, for naming every bad image of a set once one failed."""
+    try:
+        _refuse_empty(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+    except LesionLabError as exc:
+        return str(exc)
+    except FileNotFoundError:
+        return f"image not found: {path}"
+    except IsADirectoryError:
+        return f"not an image but a folder: {path}"
+    except (*_READ_ERRORS, Image.DecompressionBombError) as exc:
+        return f"corrupt or unreadable image: {path} ({exc})"
+    return None
+
+
 def check_min_side(img: Image.Image, path: Path | str) -> None:
     """Refuse an image whose short side is under :data:`MIN_SIDE` pixels.
 

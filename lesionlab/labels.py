@@ -390,8 +390,8 @@ def finish(frame: pd.DataFrame, vocab: Vocabulary, *, strict: bool, where: str,
                   f"unknown or blank) and are left out, e.g. "
                   f"{frame['image_id'][none].tolist()[:EXAMPLES]}")
         frame = frame[~none]
-        if frame.empty:
-            raise LesionLabError(f"{where}: no row has a class")
+    if frame.empty:  # a header-only CSV, an empty tree, or only class-less rows
+        raise LesionLabError(f"{where}: no labelled row (no image with a class)")
     for column, kind in (("localization", "site"), ("sex", "sex")):
         if column in frame.columns:
             frame[column] = map_names(frame[column], kind, vocab, strict=strict, where=where,
@@ -498,16 +498,20 @@ class LabelTable:
     source: Path
 
 
-def _no_match(root: Path, headers: dict[Path, list[str]], forced: str) -> NoLabelFile:
+def _no_match(root: Path, headers: dict[Path, list[str]], forced: str,
+              vocab: Vocabulary) -> NoLabelFile:
     known = f"known formats and what each needs: {formats_help()}"
     if forced != AUTO:
         return NoLabelFile(
             f"--labels {forced}: no CSV in {root} has the columns {list(FORMATS[forced].needs)}"
             f" (found: {_found(headers)}); {known}")
     if not headers:
-        return NoLabelFile(f"{root} must hold exactly one label CSV; found [] (and its "
-                           f"sub-folders are not all class names, so it is no class-per-folder "
-                           f"tree either); {known}")
+        subdirs = _subdirs(root)
+        odd = [d.name for d in subdirs if vocab.lookup("class", d.name) in (None, NO_CLASS)]
+        tree = (f"its sub-folders {odd[:EXAMPLES]} are not class names" if odd
+                else "it has no sub-folders")
+        return NoLabelFile(f"{root} must hold exactly one label CSV; found [] (and {tree}, "
+                           f"so it is no class-per-folder tree either); {known}")
     return NoLabelFile(f"label CSV(s) {[p.name for p in headers]} in {root} fit neither known "
                        f"format (found: {_found(headers)}); {known}; or force one with "
                        f"--labels FORMAT")
@@ -517,7 +521,8 @@ def _found(headers: dict[Path, list[str]]) -> str:
     return "; ".join(f"{p.name}: {cols}" for p, cols in headers.items()) or "no CSV"
 
 
-def _pick_csv(root: Path, headers: dict[Path, list[str]], forced: str) -> tuple[Path, str]:
+def _pick_csv(root: Path, headers: dict[Path, list[str]], forced: str,
+              vocab: Vocabulary) -> tuple[Path, str]:
     """The one label CSV among ``headers`` and its format.
 
     Raises:
@@ -534,7 +539,7 @@ def _pick_csv(root: Path, headers: dict[Path, list[str]], forced: str) -> tuple[
             f"({', '.join(f'{p.name}: {f}' for p, f in fits.items())}); keep one, or pass its "
             f"folder's CSV explicitly")
     if not fits:
-        raise _no_match(root, headers, forced)
+        raise _no_match(root, headers, forced, vocab)
     (path, fmt), = fits.items()
     return path, fmt
 
@@ -572,6 +577,9 @@ def read_labels(root: Path | str, labels: str = AUTO, vocab: Vocabulary | None =
     if labels not in (AUTO, *FORMATS):
         raise LesionLabError(f"unknown --labels {labels!r}; expected one of "
                              f"{[AUTO, *FORMATS]}")
+    if csv_path is None and not root.is_dir():
+        raise LesionLabError(f"data folder not found: {root}" if not root.exists()
+                             else f"not a data folder but a file: {root}")
     csvs = [Path(csv_path)] if csv_path is not None else sorted(root.glob("*.csv"))
     headers = {p: _columns(p) for p in csvs} if labels != "imagefolder" else {}
     if labels == "imagefolder" or (labels == AUTO and not any(
@@ -579,7 +587,7 @@ def read_labels(root: Path | str, labels: str = AUTO, vocab: Vocabulary | None =
         frame = finish(read_imagefolder(root, vocab), vocab, strict=strict, where=_where(root),
                        dx_column=DX_COLUMN["imagefolder"])
         return LabelTable(frame, "imagefolder", root)
-    path, fmt = _pick_csv(root, headers, labels)
+    path, fmt = _pick_csv(root, headers, labels, vocab)
     return LabelTable(read_label_csv(path, fmt, vocab, strict=strict,
                                      metadata=_companion(headers, path)), fmt, path)
 

@@ -34,8 +34,9 @@ from lesionlab.cli import (command_parser, config_from_args, data_folder, device
                            option, run_main, save_config)
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
-from lesionlab.errors import LesionLabError
+from lesionlab.errors import LesionLabError, all_problems
 from lesionlab.fingerprint import read_train_digests, train_overlap
+from lesionlab.images import decode_error
 from models import classmap
 from models.bundle import ModelCard, load_card, score_text
 from models.folder import load_model_folder
@@ -262,16 +263,35 @@ def build_parser() -> argparse.ArgumentParser:
     return command_parser("python -m models.evaluate", __doc__, EvaluateConfig)
 
 
+def _every_bad_image(exc: LesionLabError, dataset: Dataset) -> LesionLabError:
+    """``exc`` itself, or, where it is about one unreadable image, one error naming all of
+    the dataset's unreadable images (each decoded once more: only on this failure path)."""
+    if not str(exc).startswith(("corrupt or unreadable image", "empty file", "image not found",
+                                "not an image")):
+        return exc
+    paths = dataset.frame["path"].tolist()
+    errors = [e for e in map(decode_error, paths) if e]
+    return all_problems(errors, len(paths)) if errors else exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Score the model and print (and optionally save) the table."""
+    """Score the model and print (and optionally save) the table.
+
+    Raises:
+        LesionLabError: bad labels, model or option; unreadable images (all of them named
+            in one line, see :func:`_every_bad_image`).
+    """
     args = config_from_args(EvaluateConfig, build_parser().parse_args(argv))
     args.model = default_model_folder(args.model)
     dataset, overlap = leave_out_training_images(
         args.model, load_external_labels(args.data, **label_options(args)),
         args.keep_train_overlap)
     print(overlap_line(overlap))
-    result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
-                            args.seed, args.device, args.tta)
+    try:
+        result = evaluate_model(args.model, dataset, args.by, args.workdir, args.n_boot,
+                                args.seed, args.device, args.tta)
+    except LesionLabError as exc:  # a bad image: name every bad one, not only the first
+        raise _every_bad_image(exc, dataset) from None
     result["train_overlap"] = overlap
     print_scores(result)
     if args.out is not None:  # what scored it, and what made the model

@@ -74,6 +74,22 @@ def test_evaluate_cli_json_and_bad_column(models, two_sources: Path, tmp_path: P
         evaluate_model(models["head"], load_external_labels(two_sources), by="centre")
 
 
+def test_evaluate_names_every_unreadable_image_in_one_line(models, two_sources: Path,
+                                                           tmp_path: Path, capsys) -> None:
+    data = tmp_path / "ext"
+    shutil.copytree(two_sources, data)
+    images = sorted(data.rglob("*.jpg"))
+    images[3].write_bytes(b"")
+    images[7].write_text("not an image")
+    images[11].write_bytes(images[12].read_bytes()[:200])
+    proc = run_module(capsys, "models.evaluate", "--model", str(models["finetune"]), "--data",
+                      str(data), "--n-boot", "0", "--keep-train-overlap")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 3 of 87 images cannot be read (fix or remove them): ")
+    assert all(images[i].name in last for i in (3, 7, 11))
+
+
 def test_d4_tta_override_changes_a_networks_probabilities_not_a_heads(models,
                                                                        two_sources: Path) -> None:
     from models.evaluate import model_proba

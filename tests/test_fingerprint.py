@@ -70,6 +70,30 @@ def test_cache_is_reused_and_refreshed_by_size_and_mtime(tmp_path: Path, monkeyp
     assert edited["sha256"][1] != first["sha256"][1]
 
 
+def test_every_unreadable_image_is_named_in_one_run_and_good_hashes_are_kept(
+        tmp_path: Path) -> None:
+    good = [tmp_path / f"ok{i}.jpg" for i in range(3)]
+    for src, dst in zip(IMAGES, good):
+        shutil.copy(src, dst)
+    bad = [tmp_path / "empty.jpg", tmp_path / "text.jpg", tmp_path / "cut.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    bad[2].write_bytes(IMAGES[3].read_bytes()[:300])
+    cache = cache_path(tmp_path / "work", tmp_path)
+    paths = [str(p) for p in good + bad]
+    with pytest.raises(LesionLabError) as err:
+        fingerprint_paths(paths, cache, progress=False)
+    msg = str(err.value)
+    assert msg.startswith("3 of 6 images cannot be read (fix or remove them): ")
+    assert len(msg.splitlines()) == 1 and all(p.name in msg for p in bad)
+    assert sorted(pd.read_csv(cache)["path"]) == sorted(map(str, good))  # not lost
+    with pytest.raises(LesionLabError, match=r"^corrupt or unreadable image: .*text.jpg"):
+        fingerprint_paths(paths[:3] + paths[4:5], cache, progress=False)  # one: as it is
+    with pytest.raises(LesionLabError, match=r"^2 of 3 images cannot be read .*image not "
+                                             r"found: .*gone1.jpg; image not found: .*gone2"):
+        fingerprint_paths([paths[0], str(tmp_path / "gone1.jpg"), str(tmp_path / "gone2.jpg")])
+
+
 def test_pairs_and_merged_groups() -> None:
     assert exact_pairs(["a", "b", "a", "c", "a"]).tolist() == [[0, 2], [0, 4], [2, 4]]
     assert exact_pairs(["a", "b"], ["b", "x", "a"]).tolist() == [[0, 2], [1, 0]]

@@ -16,7 +16,7 @@ from PIL import Image
 from lesionlab import images
 from lesionlab.data import load_external_labels, load_rgb
 from lesionlab.errors import LesionLabError, flush_warnings, warning_counts
-from tests.conftest import FIXTURE, ROOT
+from tests.conftest import FIXTURE, ROOT, needs_shared
 
 CASES = ROOT.parent / "shared" / "cases"
 EXIF = CASES / "exif"
@@ -25,8 +25,7 @@ FIXTURE_IMAGES = sorted((FIXTURE / "images").glob("*.jpg"))
 
 
 def _needs(folder: Path) -> None:
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not present")
+    needs_shared(folder, "the real-world cases folder")
 
 
 def _bands(tmp_path: Path, w: int, h: int) -> Path:
@@ -187,6 +186,33 @@ def test_every_case_format_decodes_to_rgb8_of_its_size() -> None:
     for path in files:
         arr = np.asarray(images.read_image(path, 4 / 3))
         assert arr.dtype == np.uint8 and arr.shape == (150, 200, 3), path.name
+
+
+def test_every_case_format_holds_the_reference_lesions_pixels() -> None:
+    """Each case is ISIC_0029454 (in the fixture) saved another way; each must read as that
+    image's pixels, exactly where the format is lossless (measured: TIFF and RGBA PNG equal
+    the JPEG's decode; CMYK JPEG within 6 levels, mean 0.59; the WebPs mean 2.55)."""
+    _needs(FORMATS)
+    ref_img = Image.open(FIXTURE / "images" / "ISIC_0029454.jpg").convert("RGB")
+    ref = np.asarray(images.read_image(FIXTURE / "images" / "ISIC_0029454.jpg", 4 / 3), int)
+
+    def read(name: str) -> np.ndarray:
+        return np.asarray(images.read_image(FORMATS / name, 4 / 3), int)
+
+    for name in ("lesion.tif", "rgba.png"):  # lossless copies (RGBA: alpha dropped)
+        np.testing.assert_array_equal(read(name), ref, err_msg=name)
+    cmyk = np.abs(read("cmyk.jpg") - ref)
+    assert cmyk.max() <= 8 and cmyk.mean() < 1.0  # CMYK JPEG round trip, not another colour
+    webp = read("lesion.webp")
+    np.testing.assert_array_equal(webp, read("ISIC_0029454.webp"))
+    assert 1.0 < np.abs(webp - ref).mean() < 4.0  # lossy, but this image
+    luma = np.asarray(ref_img.convert("L"), int)  # ITU-R 601-2 luma, Pillow's grey
+    gray8 = read("gray8.png")
+    np.testing.assert_array_equal(gray8, np.stack([luma] * 3, -1))
+    np.testing.assert_array_equal(read("gray16.png"), gray8)  # 16-bit scaled to 8, exactly
+    assert np.abs(read("gray.jpg") - gray8).max() <= 6  # the grey JPEG's own loss
+    web = np.asarray(ref_img.convert("P").convert("RGB"), int)  # Pillow's dithered web palette
+    np.testing.assert_array_equal(read("palette.png"), web)
 
 
 def test_grey_transparent_and_palette_cases_get_a_counted_warning_each() -> None:

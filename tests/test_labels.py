@@ -219,6 +219,31 @@ def test_detection_forcing_and_the_no_match_error(data_copy: Path, images_only: 
         assert f"{name} ({fmt.what}): " + (", ".join(fmt.needs) or "no CSV") in msg
 
 
+def test_a_missing_folder_a_header_only_csv_and_odd_folders_stop_in_one_line(
+        images_only: Path, tmp_path: Path, capsys) -> None:
+    from tests.conftest import run_module
+
+    # models.evaluate on a folder that does not exist: one line, exit 2 (was a traceback)
+    res = run_module(capsys, "models.evaluate", "--data", str(tmp_path / "nope"), "--n-boot",
+                     "10")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == f"error: data folder not found: {tmp_path / 'nope'}"
+    with pytest.raises(LesionLabError, match="not a data folder but a file"):
+        read_labels(FIXTURE / "HAM10000_metadata.csv")
+    # a header-only label CSV: no labelled row, an error, not an empty result
+    (images_only / "HAM10000_metadata.csv").write_text("image_id,lesion_id,dx\n")
+    with pytest.raises(LesionLabError, match=r"HAM10000_metadata.csv: no labelled row"):
+        read_labels(images_only)
+    # a class-per-folder tree with one folder that is no class: the folder is named
+    (images_only / "HAM10000_metadata.csv").unlink()
+    for name in ("mel", "weird_class"):
+        (images_only / name).mkdir()
+    with pytest.raises(LesionLabError) as err:
+        read_labels(images_only)
+    assert "its sub-folders ['images', 'weird_class'] are not class names" in str(err.value)
+
+
 def test_unknown_site_stops_training_with_counts_and_warns_in_evaluation(data_copy: Path,
                                                                           caplog) -> None:
     meta = META.copy()
