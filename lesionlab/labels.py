@@ -436,11 +436,18 @@ def read_imagefolder(root: Path, vocab: Vocabulary) -> pd.DataFrame:
         LesionLabError: no sub-folder, or one image id in two class folders.
     """
     suffixes = image_suffixes()
-    rows = []
+    rows, other = [], []
     for folder in _subdirs(root):
         for dirpath, _, names in os.walk(folder, followlinks=True):
             rows += [(os.path.splitext(n)[0], folder.name, str(Path(dirpath) / n))
                      for n in sorted(names) if os.path.splitext(n)[1].lower() in suffixes]
+            other += [str(Path(dirpath) / n) for n in sorted(names)
+                      if os.path.splitext(n)[1].lower() not in suffixes
+                      and not n.startswith(".")]  # hidden files (.DS_Store) are no data
+    if other:
+        warn_once(f"{root}: {len(other)} file(s) in the class folders are not images (no "
+                  f"image extension) and are left out, e.g. {other[:EXAMPLES]}",
+                  key="non-image files in class folders")
     if not rows:
         raise NoLabelFile(f"{root}: no images in class folders (ImageFolder layout: "
                           f"{root}/<class>/<image>)")

@@ -149,6 +149,15 @@ def test_imagefolder_tree_with_class_spellings(tmp_path: Path) -> None:
     frame = ds.frame.set_index("image_id").loc[META["image_id"]]
     assert frame["dx"].tolist() == META["dx"].tolist() and ds.classes == CLASSES
     assert all(Path(p).parent.name == names[d] for p, d in zip(frame["path"], frame["dx"]))
+    # a non-image file among the images is left out with a counted warning, never silently
+    from lesionlab.errors import flush_warnings, warning_counts
+
+    flush_warnings()
+    (tmp_path / "tree" / "Melanoma" / "notes.txt").write_text("scanned 2024")
+    (tmp_path / "tree" / "nevus" / ".DS_Store").write_bytes(b"\0")  # hidden: no data
+    assert len(load_dataset(tmp_path / "tree").frame) == len(META)
+    assert warning_counts()["non-image files in class folders"] == 1
+    flush_warnings()
     (tmp_path / "tree" / "keratoacanthoma").mkdir()
     shutil.copy(FIXTURE / "images" / f"{META['image_id'][0]}.jpg",
                 tmp_path / "tree" / "keratoacanthoma" / "extra.jpg")
