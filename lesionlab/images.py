@@ -298,6 +298,12 @@ def read_image(path: Path | str, aspect: float | None = None, *,
     return rgb if aspect is None else crop_to_aspect(rgb, aspect, path)
 
 
+# How every image-reading error of this module begins (models.evaluate names all bad images
+# of a set when one of these reaches it).
+UNREADABLE_PREFIXES = ("corrupt or unreadable image", "empty file", "image not found",
+                       "not an image")
+
+
 def decode_error(path: Path | str) -> str | None:
     """The one-line error :func:`read_image` raises for ``path``, or None where it reads: for
     naming every bad image of a set once one failed (a full decode of each)."""
