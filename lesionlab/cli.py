@@ -569,7 +569,7 @@ def one_line(exc: LesionLabError) -> str:
     """The user-facing line of an error, also when a DataLoader worker wrapped it."""
     msg = str(exc).strip()
     if "Original Traceback" in msg:  # torch re-raises worker errors with the traceback text
-        msg = msg.splitlines()[-1].split("LesionLabError: ", 1)[-1]
+        msg = msg.splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]
     return msg
 
 

@@ -28,6 +28,17 @@ class LesionLabError(Exception):
     """A user-facing error: bad data, bad option, missing artifact. CLIs print it on one line."""
 
 
+class ImageError(LesionLabError):
+    """One image file that cannot be used: missing, empty, a folder, corrupt or undecodable,
+    of unsupported pixel values, too large or too small; the message names the file.
+
+    A command that meets one can name every such image of its set at once
+    (:func:`all_problems`). The type survives a DataLoader worker: torch re-raises a worker's
+    exception as ``type(exc)(message)``, whose message then starts with "Caught ImageError in
+    DataLoader worker process", so callers test the type, never the message's start.
+    """
+
+
 def all_problems(errors: list[str], total: int, what: str = "images",
                  examples: int = 3) -> LesionLabError:
     """One error for several bad inputs found in one run, so a user fixes them all at once:

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from lesionlab.errors import LesionLabError, warn_once
+from lesionlab.errors import ImageError, LesionLabError, warn_once
 
 # Decoded-pixel limit against decompression bombs: 100 MP is 4x the largest ISIC originals.
 MAX_IMAGE_PIXELS = 100_000_000
@@ -148,7 +148,7 @@ def _refuse_empty(path: Path | str) -> None:
     except OSError:
         return  # missing or unreadable: the open below says which
     if empty:
-        raise LesionLabError(f"empty file: {path} (0 bytes, no image)")
+        raise ImageError(f"empty file: {path} (0 bytes, no image)")
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
@@ -156,7 +156,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
     EXIF orientation of 5-8 (a quarter turn) swaps them.
 
     Raises:
-        LesionLabError: a missing, empty or unreadable file, or a folder.
+        ImageError: a missing, empty or unreadable file, or a folder.
     """
     _refuse_empty(path)
     try:
@@ -166,11 +166,11 @@ def image_size(path: Path | str) -> tuple[int, int]:
                 w, h = img.size
                 turned = img.getexif().get(_ORIENTATION_TAG) in (5, 6, 7, 8)
     except FileNotFoundError:
-        raise LesionLabError(f"image not found: {path}") from None
+        raise ImageError(f"image not found: {path}") from None
     except IsADirectoryError:
-        raise LesionLabError(f"not an image but a folder: {path}") from None
+        raise ImageError(f"not an image but a folder: {path}") from None
     except (*_READ_ERRORS, Image.DecompressionBombError) as exc:
-        raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
+        raise ImageError(f"corrupt or unreadable image: {path} ({exc})") from None
     return (h, w) if turned else (w, h)
 
 
@@ -270,7 +270,7 @@ def read_image(path: Path | str, aspect: float | None = None, *,
         A PIL ``RGB`` image, (width, height) = the upright image's, or its crop.
 
     Raises:
-        LesionLabError: a missing, empty, unreadable, unsupported, too large or too small
+        ImageError: a missing, empty, unreadable, unsupported, too large or too small
             image, or a folder.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -281,27 +281,21 @@ def read_image(path: Path | str, aspect: float | None = None, *,
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > limit:
-                    raise LesionLabError(
+                    raise ImageError(
                         f"image too large: {path} is {w}x{h} pixels (limit "
                         f"{limit:,}); downscale it first")
                 img.load()
                 rgb = _to_rgb8(ImageOps.exif_transpose(img), path)
     except FileNotFoundError:
-        raise LesionLabError(f"image not found: {path}") from None
+        raise ImageError(f"image not found: {path}") from None
     except IsADirectoryError:
-        raise LesionLabError(f"not an image but a folder: {path}") from None
+        raise ImageError(f"not an image but a folder: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise LesionLabError(f"image too large: {path} ({exc})") from None
+        raise ImageError(f"image too large: {path} ({exc})") from None
     except _READ_ERRORS as exc:
-        raise LesionLabError(f"corrupt or unreadable image: {path} ({exc})") from None
+        raise ImageError(f"corrupt or unreadable image: {path} ({exc})") from None
     check_min_side(rgb, path)
     return rgb if aspect is None else crop_to_aspect(rgb, aspect, path)
-
-
-# How every image-reading error of this module begins (models.evaluate names all bad images
-# of a set when one of these reaches it).
-UNREADABLE_PREFIXES = ("corrupt or unreadable image", "empty file", "image not found",
-                       "not an image")
 
 
 def decode_error(path: Path | str) -> str | None:
@@ -309,7 +303,7 @@ def decode_error(path: Path | str) -> str | None:
     naming every bad image of a set once one failed (a full decode of each)."""
     try:
         read_image(path)
-    except LesionLabError as exc:
+    except ImageError as exc:
         return str(exc)
     return None
 
@@ -318,10 +312,10 @@ def check_min_side(img: Image.Image, path: Path | str) -> None:
     """Refuse an image whose short side is under :data:`MIN_SIDE` pixels.
 
     Raises:
-        LesionLabError: one line naming the file, its size and the minimum.
+        ImageError: one line naming the file, its size and the minimum.
     """
     if min(img.size) < MIN_SIDE:
-        raise LesionLabError(
+        raise ImageError(
             f"image too small: {path} is {img.width}x{img.height} pixels; lesionlab needs at "
             f"least {MIN_SIDE} px on the short side")
 
@@ -373,17 +367,17 @@ def _to_rgb8(img: Image.Image, path: Path | str) -> Image.Image:
     transparent and palette images get a counted warning (:func:`_warn_lossy_mode`).
 
     Raises:
-        LesionLabError: 32-bit integer values outside 0..65535, or a floating-point image.
+        ImageError: 32-bit integer values outside 0..65535, or a floating-point image.
     """
     if img.mode != "F":
         _warn_lossy_mode(img, path)
     if img.mode in HIGH_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64)
         if arr.min() < 0 or arr.max() > 65535:
-            raise LesionLabError(f"unsupported pixel values in {path} (mode {img.mode}, range "
+            raise ImageError(f"unsupported pixel values in {path} (mode {img.mode}, range "
                                  f"{arr.min():g}..{arr.max():g}); save it as 8-bit RGB")
         grey = np.round(arr / 257.0).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if img.mode == "F":
-        raise LesionLabError(f"unsupported floating-point image {path}; save it as 8-bit RGB")
+        raise ImageError(f"unsupported floating-point image {path}; save it as 8-bit RGB")
     return img.convert("RGB")

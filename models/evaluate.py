@@ -34,9 +34,9 @@ from lesionlab.cli import (command_parser, config_from_args, data_folder, device
                            option, run_main, save_config)
 from lesionlab.provenance import provenance
 from lesionlab.data import CLASSES, Dataset, load_external_labels
-from lesionlab.errors import LesionLabError, all_problems
+from lesionlab.errors import ImageError, LesionLabError, all_problems
 from lesionlab.fingerprint import read_train_digests, train_overlap
-from lesionlab.images import UNREADABLE_PREFIXES, decode_error
+from lesionlab.images import decode_error
 from models import classmap
 from models.bundle import ModelCard, load_card, score_text
 from models.folder import load_model_folder
@@ -264,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _every_bad_image(exc: LesionLabError, dataset: Dataset) -> LesionLabError:
-    """``exc`` itself, or, where it is about one unreadable image, one error naming all of
-    the dataset's unreadable images (each decoded once more: only on this failure path)."""
-    if not str(exc).startswith(UNREADABLE_PREFIXES):
+    """``exc`` itself, or, where it is an :class:`~lesionlab.errors.ImageError` (one image
+    that cannot be used, raised here or in a DataLoader worker), one error naming all of the
+    dataset's unusable images (each decoded once more: only on this failure path)."""
+    if not isinstance(exc, ImageError):
         return exc
     paths = dataset.frame["path"].tolist()
     errors = [e for e in map(decode_error, paths) if e]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lesionlab import images
 from lesionlab.data import load_external_labels, load_rgb
-from lesionlab.errors import LesionLabError, flush_warnings, warning_counts
+from lesionlab.errors import ImageError, LesionLabError, flush_warnings, warning_counts
 from tests.conftest import FIXTURE, ROOT, needs_shared
 
 CASES = ROOT.parent / "shared" / "cases"
@@ -126,7 +126,7 @@ def test_too_small_images_are_refused_naming_the_file(tmp_path: Path, w: int, h:
     path = tmp_path / f"tiny_{w}x{h}.png"
     Image.new("RGB", (w, h), (120, 60, 40)).save(path)
     for read in (load_rgb, lambda p: images.read_image(p, 4 / 3)):
-        with pytest.raises(LesionLabError, match=rf"image too small: .*tiny_{w}x{h}\.png is "
+        with pytest.raises(ImageError, match=rf"image too small: .*tiny_{w}x{h}\.png is "
                                                  rf"{w}x{h} pixels.* {images.MIN_SIDE} px"):
             read(path)
 
@@ -135,13 +135,43 @@ def test_a_folder_or_an_empty_file_is_named_so_not_a_corrupt_image(tmp_path: Pat
     folder = tmp_path / "ISIC_0000000.jpg"  # a folder with an image's name
     folder.mkdir()
     for read in (images.read_image, images.image_size):
-        with pytest.raises(LesionLabError, match=r"not an image but a folder: .*ISIC_0000000"):
+        with pytest.raises(ImageError, match=r"not an image but a folder: .*ISIC_0000000"):
             read(folder)
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     for read in (images.read_image, images.image_size):
-        with pytest.raises(LesionLabError, match=r"empty file: .*empty\.jpg \(0 bytes"):
+        with pytest.raises(ImageError, match=r"empty file: .*empty\.jpg \(0 bytes"):
             read(empty)
+
+
+class _ReadsOne:
+    """A one-item map-style dataset that reads ``path`` (module level: workers pickle it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(images.read_image(self.path))
+
+
+def test_an_image_error_keeps_its_type_and_line_through_a_dataloader_worker(
+        tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from lesionlab.cli import one_line
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(FIXTURE_IMAGES[0].read_bytes()[:200])  # a truncated JPEG
+    with pytest.raises(ImageError,
+                       match=r"^corrupt or unreadable image: .*broken\.jpg") as direct:
+        images.read_image(bad)
+    with pytest.raises(ImageError) as wrapped:
+        next(iter(DataLoader(_ReadsOne(bad), num_workers=1)))
+    assert str(wrapped.value).startswith("Caught ImageError in DataLoader worker process 0")
+    assert one_line(wrapped.value) == str(direct.value)
 
 
 def test_a_1x1_image_is_an_error_line_in_predict(trained_models, tmp_path: Path) -> None:
