@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ham_small"
 FULL = ROOT.parent / "shared" / "data" / "ham10000"
-MAX_TEST_WORKERS = 4  # each worker holds torch, timm and the fixtures' models (~2 GB at peak)
+MAX_TEST_WORKERS = 4  # each worker holds its own torch, timm and session fixtures' models
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -22,7 +22,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     EPYC ran it in 328 s against 429 s (README, "Run the tests"). ``-n 0``: one process."""
     import os
 
-    return max(1, min(MAX_TEST_WORKERS, len(os.sched_getaffinity(0))))
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)  # the cores this process may use (Linux), else all
+    return max(1, min(MAX_TEST_WORKERS, cores))
 
 
 @pytest.fixture

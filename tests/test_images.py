@@ -127,7 +127,7 @@ def test_too_small_images_are_refused_naming_the_file(tmp_path: Path, w: int, h:
     Image.new("RGB", (w, h), (120, 60, 40)).save(path)
     for read in (load_rgb, lambda p: images.read_image(p, 4 / 3)):
         with pytest.raises(ImageError, match=rf"image too small: .*tiny_{w}x{h}\.png is "
-                                                 rf"{w}x{h} pixels.* {images.MIN_SIDE} px"):
+                                             rf"{w}x{h} pixels.* {images.MIN_SIDE} px"):
             read(path)
 
 
